@@ -1,0 +1,40 @@
+"""qgnn-deploy: integer inference for Pauta-quantized DPGN few-shot classifiers (QGNN-IC).
+
+Importing the package is cheap: it initialises no CUDA and compiles nothing. The C++
+extension, Triton and onnxruntime load lazily when a backend or exporter needs them.
+
+Public API (mirrored by the ``qgnn-deploy`` command line)::
+
+    build_model, save_checkpoint, load_checkpoint, fold, load_int_model,
+    export_onnx, count_bit_flops
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "ModelConfig": "qgnn_deploy.config",
+    "preset_config": "qgnn_deploy.config",
+    "PRESETS": "qgnn_deploy.config",
+    "build_model": "qgnn_deploy.models",
+    "QGNNModel": "qgnn_deploy.models",
+    "save_checkpoint": "qgnn_deploy.checkpoint",
+    "load_checkpoint": "qgnn_deploy.checkpoint",
+    "load_official_dpgn": "qgnn_deploy.checkpoint",
+    "fold": "qgnn_deploy.fold",
+    "IntModel": "qgnn_deploy.intmodel",
+    "load_int_model": "qgnn_deploy.artifact",
+    "save_int_model": "qgnn_deploy.artifact",
+    "export_onnx": "qgnn_deploy.export",
+    "count_bit_flops": "qgnn_deploy.report",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'qgnn_deploy' has no attribute {name!r}")

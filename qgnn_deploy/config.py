@@ -1,0 +1,132 @@
+"""Model configuration and presets.
+
+``ModelConfig`` fixes the architecture (ResNet-12 + DPGN) and the quantization
+bit-widths. ``bits`` is the default for every quantizable layer; ``layer_bits``
+overrides it per layer (mixed precision) by the layer's qualified name in the
+model, e.g. ``"backbone.layer2.0.conv2"`` or ``"gnn.point_sim_generation_0.point_sim_transform.0"``,
+or ``"gnn.distribution2point_generation_3.aggregation"`` for a graph aggregation.
+A bit-width of 32 means the layer runs in floating point.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, Tuple
+
+from .errors import ConfigError
+
+SUPPORTED_BITS = (2, 3, 4, 8, 32)
+QUANT_BITS = (2, 3, 4, 8)
+SUPPORTED_IMAGE_SIZES = (32, 84)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and quantization of a QGNN-IC model.
+
+    Attributes:
+        way, shot: N-way K-shot episode; the graph has ``way*shot`` support nodes and
+            one query per class, ``N = way*shot + way`` nodes.
+        image_size: 32 (CIFAR-FS) or 84 (miniImageNet, CUB).
+        widths: ResNet-12 block widths.
+        emb_dim: embedding size (point-graph node features).
+        generations: number of DPGN generations.
+        dropout: Dropout2d rate in every generation but the last (as DPGN).
+        bits: default bit-width of weights and input activations of quantized layers.
+        layer_bits: per-layer overrides ``{qualified_name: bits}``.
+        weight_granularity: ``"tensor"`` (the paper) or ``"channel"`` (per output channel).
+        leaky_slope_backbone: LeakyReLU slope inside the residual blocks (0.2).
+    """
+
+    way: int = 5
+    shot: int = 1
+    image_size: int = 32
+    widths: Tuple[int, int, int, int] = (64, 128, 256, 512)
+    emb_dim: int = 128
+    generations: int = 6
+    dropout: float = 0.1
+    bits: int = 32
+    layer_bits: Dict[str, int] = field(default_factory=dict)
+    weight_granularity: str = "tensor"
+    leaky_slope_backbone: float = 0.2
+
+    @property
+    def num_supports(self) -> int:
+        return self.way * self.shot
+
+    @property
+    def num_nodes(self) -> int:
+        return self.way * self.shot + self.way
+
+    def validate(self) -> "ModelConfig":
+        if self.way < 2:
+            raise ConfigError(f"way must be >= 2, got {self.way}")
+        if self.shot < 1:
+            raise ConfigError(f"shot must be >= 1, got {self.shot}")
+        if self.image_size not in SUPPORTED_IMAGE_SIZES:
+            raise ConfigError(
+                f"image_size must be one of {SUPPORTED_IMAGE_SIZES}, got {self.image_size}")
+        if len(self.widths) != 4 or any(int(w) < 1 for w in self.widths):
+            raise ConfigError(f"widths must be 4 positive ints, got {self.widths}")
+        if self.emb_dim < 1 or self.generations < 1:
+            raise ConfigError("emb_dim and generations must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        check_bits(self.bits, "bits")
+        for name, b in self.layer_bits.items():
+            check_bits(b, f"layer_bits[{name!r}]")
+        if self.weight_granularity not in ("tensor", "channel"):
+            raise ConfigError(
+                f"weight_granularity must be 'tensor' or 'channel', got {self.weight_granularity!r}")
+        return self
+
+    def bits_for(self, name: str) -> int:
+        return int(self.layer_bits.get(name, self.bits))
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes).validate()
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["widths"] = list(self.widths)
+        d["layer_bits"] = dict(self.layer_bits)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"model config must be a dict, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config keys: {unknown}")
+        d = dict(d)
+        if "widths" in d:
+            d["widths"] = tuple(int(w) for w in d["widths"])
+        if "layer_bits" in d:
+            d["layer_bits"] = {str(k): int(v) for k, v in dict(d["layer_bits"]).items()}
+        try:
+            return cls(**d).validate()
+        except TypeError as e:
+            raise ConfigError(f"invalid model config: {e}") from None
+
+
+def check_bits(bits: Any, what: str = "bits") -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+        raise ConfigError(f"{what} must be one of {SUPPORTED_BITS}, got {bits!r}")
+    return bits
+
+
+PRESETS: Dict[str, ModelConfig] = {
+    # Small widths for tests and the demo: seconds per training step on 2 CPU cores.
+    "tiny": ModelConfig(widths=(16, 32, 64, 128), emb_dim=32, generations=2, dropout=0.1),
+    # The paper's model: ResNet-12, CIFAR-FS, 5-way 1-shot, 6 generations.
+    "resnet12-cifarfs": ModelConfig(),
+}
+
+
+def preset_config(name: str, bits: int = 32, **overrides: Any) -> ModelConfig:
+    """The configuration of preset ``name`` at ``bits`` (32 = FP model)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name].replace(bits=check_bits(bits), **overrides)

@@ -1,0 +1,108 @@
+"""Quantization-aware layers: FP or PQ-quantized conv, linear and graph aggregation.
+
+Each quantized layer keeps its float weight (the QAT master copy) and two Pauta
+quantizers: ``weight_quant`` on the weight and ``act_quant`` on its input. With
+``bits == 32`` the layer is exactly its torch parent, so state-dict keys stay those
+of the official DPGN code (``weight``, ``bias``) and FP checkpoints load directly.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quant.pauta import PautaQuantizer
+
+
+def _quantizers(module: nn.Module, bits: int, out_channels: int, per_channel: bool) -> None:
+    module.bits = bits
+    if bits < 32:
+        module.weight_quant = PautaQuantizer(bits, out_channels if per_channel else None)
+        module.act_quant = PautaQuantizer(bits)
+    else:
+        module.weight_quant = None
+        module.act_quant = None
+
+
+class QConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with PQ on weight and input activation when ``bits < 32``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int = 0, bias: bool = False, bits: int = 32, per_channel: bool = False):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                         bias=bias)
+        _quantizers(self, bits, out_channels, per_channel)
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits < 32
+
+    def fp_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The full-precision product ``W * A`` (AQD's ``A_f``)."""
+        return self._conv_forward(x, self.weight, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.quantized:
+            return self._conv_forward(x, self.weight, self.bias)
+        return self._conv_forward(self.act_quant(x), self.weight_quant(self.weight), self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", bits={self.bits}"
+
+
+class QLinear(nn.Linear):
+    """``nn.Linear`` with PQ on weight and input activation when ``bits < 32``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 32,
+                 per_channel: bool = False):
+        super().__init__(in_features, out_features, bias=bias)
+        _quantizers(self, bits, out_features, per_channel)
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits < 32
+
+    def fp_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.quantized:
+            return F.linear(x, self.weight, self.bias)
+        return F.linear(self.act_quant(x), self.weight_quant(self.weight), self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", bits={self.bits}"
+
+
+class QAggregation(nn.Module):
+    """The graph aggregation ``A @ V`` (batched), with PQ on both operands.
+
+    ``A``: [T, N, N] normalised adjacency, ``V``: [T, N, D] node features.
+    """
+
+    def __init__(self, bits: int = 32):
+        super().__init__()
+        self.bits = bits
+        if bits < 32:
+            self.adj_quant: Optional[PautaQuantizer] = PautaQuantizer(bits)
+            self.node_quant: Optional[PautaQuantizer] = PautaQuantizer(bits)
+        else:
+            self.adj_quant = None
+            self.node_quant = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits < 32
+
+    def fp_forward(self, adj: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(adj, nodes)
+
+    def forward(self, adj: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+        if not self.quantized:
+            return torch.bmm(adj, nodes)
+        return torch.bmm(self.adj_quant(adj), self.node_quant(nodes))
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"

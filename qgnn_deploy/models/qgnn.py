@@ -1,0 +1,140 @@
+"""The QGNN-IC model: ResNet-12 backbone + DPGN, FP or PQ-quantized, one episode batch at a time."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import ConfigError, InputError
+from .dpgn import DPGN
+from .layers import QAggregation, QConv2d, QLinear
+from .resnet12 import ResNet12
+
+#: Layers the paper keeps FP32 whatever the bit-width (name patterns).
+FP32_LAYER_NOTE = "the first backbone conv and the last conv of each edge MLP stay FP32 (paper)"
+
+
+@dataclass
+class EpisodeOutput:
+    """logits [T, Q, way]: query rows of the last point graph x support one-hot labels.
+    point_edges / node_similarities / distribution_edges: per generation, [T, N, N]."""
+
+    logits: torch.Tensor
+    point_edges: List[torch.Tensor]
+    node_similarities: List[torch.Tensor]
+    distribution_edges: List[torch.Tensor]
+
+
+def label_edges(labels: torch.Tensor) -> torch.Tensor:
+    """[T, N] labels -> [T, N, N] float, 1 where the labels agree."""
+    return (labels.unsqueeze(-1) == labels.unsqueeze(-2)).float()
+
+
+def initial_graph(support_labels: torch.Tensor, num_queries: int):
+    """DPGN's initial distribution nodes and point / distribution edges.
+
+    Args: support_labels int64 [T, NS].
+    Returns: distribution_node [T, N, NS], point_edge [T, N, N], distribution_edge [T, N, N].
+    """
+    t, ns = support_labels.shape
+    n = ns + num_queries
+    dist_node = torch.cat([label_edges(support_labels),
+                           torch.full((t, num_queries, ns), 1.0 / ns)], dim=1)
+    edge = torch.zeros(t, n, n)
+    edge[:, :ns, :ns] = label_edges(support_labels)
+    edge[:, ns:, :ns] = 1.0 / ns
+    edge[:, :ns, ns:] = 1.0 / ns
+    edge[:, ns:, ns:] = torch.eye(num_queries)
+    return dist_node, edge, edge.clone()
+
+
+def check_episode(images: torch.Tensor, support_labels: torch.Tensor, config: ModelConfig) -> None:
+    """Raise :class:`InputError` unless the batch is a valid episode for ``config``."""
+    n, s = config.num_nodes, config.image_size
+    if not isinstance(images, torch.Tensor) or images.dim() != 5:
+        raise InputError(f"images must be a 5-D tensor [tasks, {n}, 3, {s}, {s}], got "
+                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+    if not images.is_floating_point():
+        raise InputError(f"images must be floating point, got {images.dtype}")
+    if images.shape[1] != n:
+        raise InputError(f"an episode of {config.way}-way {config.shot}-shot has {n} images per task "
+                         f"({config.num_supports} support + {config.way} query), got {images.shape[1]}")
+    if tuple(images.shape[2:]) != (3, s, s):
+        raise InputError(f"images must be 3x{s}x{s} for this model, got {tuple(images.shape[2:])}")
+    if not bool(torch.isfinite(images).all()):
+        raise InputError("images contain NaN or Inf values")
+    if support_labels.dtype not in (torch.int64, torch.int32) or tuple(support_labels.shape) != (
+            images.shape[0], config.num_supports):
+        raise InputError(f"support_labels must be int64 [{images.shape[0]}, {config.num_supports}], "
+                         f"got {support_labels.dtype} {tuple(support_labels.shape)}")
+    if support_labels.numel() and (int(support_labels.min()) < 0 or int(support_labels.max()) >= config.way):
+        raise InputError(f"support labels must lie in [0, {config.way})")
+
+
+class QGNNModel(nn.Module):
+    """Backbone + DPGN. ``forward(images, support_labels) -> EpisodeOutput``.
+
+    images: float32 [T, N, 3, S, S], N = way*shot supports then ``way`` queries;
+    support_labels: int64 [T, way*shot] in [0, way).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config.validate()
+        per_channel = config.weight_granularity == "channel"
+        bits_for = config.bits_for
+        self.backbone = ResNet12(config.widths, config.emb_dim, config.image_size, bits_for,
+                                 per_channel, config.leaky_slope_backbone)
+        self.gnn = DPGN(config.emb_dim, config.num_supports, config.generations, config.dropout,
+                        bits_for, per_channel)
+        self._check_layer_names(config)
+
+    def _check_layer_names(self, config: ModelConfig) -> None:
+        names = set(quantizable_layers(self))
+        unknown = sorted(set(config.layer_bits) - names)
+        if unknown:
+            raise ConfigError(f"layer_bits names unknown layers {unknown}; quantizable layers "
+                              f"look like {sorted(names)[:3]} ... ({FP32_LAYER_NOTE})")
+
+    def embed(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """[T, N, 3, S, S] -> (last [T, N, E], second [T, N, E])."""
+        t, n = images.shape[:2]
+        last, second = self.backbone(images.reshape(t * n, *images.shape[2:]))
+        return last.view(t, n, -1), second.view(t, n, -1)
+
+    def forward(self, images: torch.Tensor, support_labels: torch.Tensor) -> EpisodeOutput:
+        check_episode(images, support_labels, self.config)
+        support_labels = support_labels.long()
+        last, second = self.embed(images)
+        dist_node, point_edge, dist_edge = initial_graph(support_labels, self.config.way)
+        dev = images.device
+        point_sims, node_sims, dist_sims = self.gnn(second, last, dist_node.to(dev),
+                                                    dist_edge.to(dev), point_edge.to(dev))
+        return EpisodeOutput(episode_logits(point_sims[-1], support_labels, self.config.way),
+                             point_sims, node_sims, dist_sims)
+
+
+def episode_logits(point_edge: torch.Tensor, support_labels: torch.Tensor, way: int) -> torch.Tensor:
+    """Query x support rows of the point graph times the support one-hot labels: [T, Q, way]."""
+    ns = support_labels.shape[1]
+    onehot = F.one_hot(support_labels.long(), way).to(point_edge.dtype)
+    return torch.bmm(point_edge[:, ns:, :ns], onehot)
+
+
+def quantizable_layers(model: nn.Module):
+    """``{qualified name: layer}`` of every conv / linear / aggregation that PQ may quantize
+    (FP32-by-design layers excluded)."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (QConv2d, QLinear, QAggregation)):
+            out[name] = m
+    return out
+
+
+def build_model(config: ModelConfig) -> QGNNModel:
+    """A fresh QGNN-IC model for ``config`` (FP when ``config.bits == 32`` and no overrides)."""
+    return QGNNModel(config)

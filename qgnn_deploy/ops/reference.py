@@ -1,0 +1,321 @@
+"""The reference integer engine: the specification every backend must reproduce.
+
+Plain PyTorch integer arithmetic (int32 accumulation, no float matmul on dequantized
+values), written to be read. The C++ (``cpu_*``), Triton (``triton_*``) and ONNX paths
+are tested against these functions: integer intermediates exactly (atol=0), fp32
+outputs to the parity of DESIGN.md section 3.
+
+Semantics (DESIGN.md section 3). A quantized layer with weight codes ``qw`` (per output
+channel offset ``lw[o]``, step ``sw[o]``; per-tensor weights repeat one value) and input
+codes ``qa`` (offset ``la``, step ``sa``, per tensor) computes::
+
+    ACC[p,o] = sum_k qw[o,k] * qa[p,k]            int32, exact
+    AS[p]    = sum_k qa[p,k]                       int32
+    WS[p,o]  = sum_k qw[o,k] over the taps of p that fall inside the input
+    CNT[p]   = number of those taps                (WS, CNT vary only at padded borders)
+    y = (sw*sa)*ACC + (sw*la)*WS + (lw*sa)*AS + (lw*la)*CNT          fp32, in this order
+    y = y * post_scale[o] + post_shift[o]           folded BatchNorm and bias
+    y = y + residual                                if given
+    y = max(y, 0) + slope * min(y, 0)               LeakyReLU, if slope is given
+    out = clamp(rne((y - out_l) / out_s), 0, 2^out_bits - 1) as uint8, if out_s is given
+
+Zero padding is zero in the real domain: padded taps add nothing to ACC, AS, WS or CNT.
+Rounding is round-half-to-even everywhere (``torch.round``), the same as onnxruntime.
+
+Tensor layouts: activations NHWC (conv) or [M, K] rows (linear), codes uint8.
+Weights: packed rows (``ops.packing``) of K = kh*kw*C_in codes in (kh, kw, C_in) order.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..errors import KernelArgumentError
+from ..quant.pauta import pauta_codes
+from .packing import PACKABLE_BITS, packed_row_bytes, unpack_codes
+
+Tensor = torch.Tensor
+
+
+# ----------------------------------------------------------------------------- checks
+
+def check_codes(x: Tensor, name: str, dims: int, bits: Optional[int] = None) -> None:
+    """uint8, contiguous, ``dims``-D; codes within ``bits`` when given."""
+    if not isinstance(x, torch.Tensor):
+        raise KernelArgumentError(f"{name} must be a tensor, got {type(x).__name__}")
+    if x.dtype != torch.uint8:
+        raise KernelArgumentError(f"{name} must be uint8 codes, got {x.dtype}")
+    if x.dim() != dims:
+        raise KernelArgumentError(f"{name} must be {dims}-D, got shape {tuple(x.shape)}")
+    if bits is not None:
+        if bits not in PACKABLE_BITS:
+            raise KernelArgumentError(f"{name}: bits must be one of {PACKABLE_BITS}, got {bits!r}")
+        if x.numel() and bits < 8 and int(x.max()) >= 2 ** bits:
+            raise KernelArgumentError(f"{name} holds codes >= 2^{bits} (max {int(x.max())})")
+
+
+def check_vector(v: Optional[Tensor], name: str, n: int, optional: bool = False) -> None:
+    if v is None:
+        if optional:
+            return
+        raise KernelArgumentError(f"{name} is required")
+    if not isinstance(v, torch.Tensor) or v.dtype != torch.float32 or v.shape != (n,):
+        got = f"{v.dtype} {tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
+        raise KernelArgumentError(f"{name} must be float32 of shape ({n},), got {got}")
+
+
+def check_scalar(x, name: str, positive: bool = False) -> float:
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        raise KernelArgumentError(f"{name} must be a number, got {x!r}") from None
+    if f != f or f in (float("inf"), float("-inf")):
+        raise KernelArgumentError(f"{name} must be finite, got {f}")
+    if positive and not f > 0:
+        raise KernelArgumentError(f"{name} must be > 0, got {f}")
+    return f
+
+
+def check_packed(w_packed: Tensor, out_features: Optional[int], k: int, bits: int) -> int:
+    check_codes(w_packed, "w_packed", 2)
+    if bits not in PACKABLE_BITS:
+        raise KernelArgumentError(f"w_bits must be one of {PACKABLE_BITS}, got {bits!r}")
+    if w_packed.shape[1] != packed_row_bytes(k, bits):
+        raise KernelArgumentError(
+            f"w_packed rows are {w_packed.shape[1]} bytes, but K={k} codes of {bits} bits "
+            f"need {packed_row_bytes(k, bits)}")
+    if out_features is not None and w_packed.shape[0] != out_features:
+        raise KernelArgumentError(f"w_packed has {w_packed.shape[0]} rows, expected {out_features}")
+    return w_packed.shape[0]
+
+
+def check_epilogue(o: int, out_rows_shape, w_scale, w_offset, a_scale, a_offset, post_scale,
+                   post_shift, residual, slope, out_l, out_s, out_bits) -> None:
+    check_vector(w_scale, "w_scale", o)
+    check_vector(w_offset, "w_offset", o)
+    check_scalar(a_scale, "a_scale", positive=True)
+    check_scalar(a_offset, "a_offset")
+    check_vector(post_scale, "post_scale", o, optional=True)
+    check_vector(post_shift, "post_shift", o, optional=True)
+    if residual is not None:
+        if residual.dtype != torch.float32 or tuple(residual.shape) != tuple(out_rows_shape):
+            raise KernelArgumentError(
+                f"residual must be float32 of shape {tuple(out_rows_shape)}, "
+                f"got {residual.dtype} {tuple(residual.shape)}")
+    if slope is not None:
+        check_scalar(slope, "slope")
+    if (out_s is None) != (out_bits is None) or (out_s is None) != (out_l is None):
+        raise KernelArgumentError("out_l, out_s and out_bits must be given together")
+    if out_s is not None:
+        check_scalar(out_s, "out_s", positive=True)
+        check_scalar(out_l, "out_l")
+        if out_bits not in PACKABLE_BITS:
+            raise KernelArgumentError(f"out_bits must be one of {PACKABLE_BITS}, got {out_bits!r}")
+
+
+# ------------------------------------------------------------------- integer parts
+
+def ref_quantize(x: Tensor, l: float, s: float, bits: int) -> Tensor:
+    """fp32 ``x`` -> uint8 codes ``clamp(rne((x - l) / s), 0, 2^bits - 1)``.
+
+    Raises on NaN/Inf input (a NaN has no code; see ``errors.InputError`` upstream).
+    """
+    if x.dtype != torch.float32:
+        raise KernelArgumentError(f"quantize expects float32, got {x.dtype}")
+    if bits not in PACKABLE_BITS:
+        raise KernelArgumentError(f"bits must be one of {PACKABLE_BITS}, got {bits!r}")
+    check_scalar(s, "s", positive=True)
+    check_scalar(l, "l")
+    if not bool(torch.isfinite(x).all()):
+        raise KernelArgumentError("quantize got NaN or Inf values")
+    return pauta_codes(x, torch.tensor(l, dtype=torch.float32), torch.tensor(s, dtype=torch.float32), bits)
+
+
+def ref_linear_acc(x: Tensor, w_codes: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Integer parts of a linear layer.
+
+    Args: x uint8 [M, K]; w_codes uint8 [O, K].
+    Returns: ACC int32 [M, O], AS int32 [M], WS int32 [O].
+    """
+    xi = x.to(torch.int32)
+    wi = w_codes.to(torch.int32)
+    return xi @ wi.t(), xi.sum(1, dtype=torch.int32), wi.sum(1, dtype=torch.int32)
+
+
+def conv_out_size(h: int, k: int, stride: int, pad: int) -> int:
+    return (h + 2 * pad - k) // stride + 1
+
+
+def im2col_nhwc(x: Tensor, kh: int, kw: int, stride: int, pad: int) -> Tuple[Tensor, Tensor]:
+    """Patches of an NHWC tensor in (kh, kw, C) order, zero outside the input.
+
+    Returns: patches [B, Ho, Wo, kh*kw*C] (x's dtype) and the valid-tap mask
+    int32 [Ho, Wo, kh*kw] (1 where the tap lies inside the input).
+    """
+    b, h, w, c = x.shape
+    ho, wo = conv_out_size(h, kh, stride, pad), conv_out_size(w, kw, stride, pad)
+    xp = torch.zeros(b, h + 2 * pad, w + 2 * pad, c, dtype=x.dtype)
+    xp[:, pad:pad + h, pad:pad + w] = x
+    ones = torch.zeros(h + 2 * pad, w + 2 * pad, dtype=torch.int32)
+    ones[pad:pad + h, pad:pad + w] = 1
+    taps, valid = [], []
+    for i in range(kh):
+        for j in range(kw):
+            hs = slice(i, i + stride * (ho - 1) + 1, stride)
+            ws = slice(j, j + stride * (wo - 1) + 1, stride)
+            taps.append(xp[:, hs, ws])
+            valid.append(ones[hs, ws])
+    patches = torch.stack(taps, 3).reshape(b, ho, wo, kh * kw * c)
+    return patches, torch.stack(valid, -1)
+
+
+def ref_conv2d_acc(x: Tensor, w_codes: Tensor, kh: int, kw: int, stride: int, pad: int):
+    """Integer parts of a conv layer (implicit zero padding in the real domain).
+
+    Args: x uint8 NHWC [B, H, W, C]; w_codes uint8 [O, kh*kw*C] in (kh, kw, C) order.
+    Returns: ACC int32 [B, Ho, Wo, O], AS int32 [B, Ho, Wo], WS int32 [Ho, Wo, O],
+    CNT int32 [Ho, Wo].
+    """
+    o = w_codes.shape[0]
+    c = x.shape[3]
+    patches, valid = im2col_nhwc(x, kh, kw, stride, pad)
+    b, ho, wo, k = patches.shape
+    acc, as_, _ = ref_linear_acc(patches.reshape(-1, k), w_codes)
+    tap_sums = w_codes.to(torch.int32).view(o, kh * kw, c).sum(2)  # [O, taps]
+    ws = valid.reshape(-1, kh * kw) @ tap_sums.t()                  # [Ho*Wo, O]
+    cnt = valid.sum(-1, dtype=torch.int32) * c
+    return (acc.view(b, ho, wo, o), as_.view(b, ho, wo), ws.view(ho, wo, o).to(torch.int32),
+            cnt.to(torch.int32))
+
+
+def ref_bmm_acc(a: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Integer parts of the graph aggregation ``A @ V`` per task.
+
+    Args: a uint8 [T, N, N]; v uint8 [T, N, D].
+    Returns: ACC int32 [T, N, D], AS int32 [T, N] (row sums of a), VS int32 [T, D].
+    """
+    ai, vi = a.to(torch.int32), v.to(torch.int32)
+    return torch.bmm(ai, vi), ai.sum(2, dtype=torch.int32), vi.sum(1, dtype=torch.int32)
+
+
+# ------------------------------------------------------------------------ epilogue
+
+def ref_epilogue(acc: Tensor, as_: Tensor, ws: Tensor, cnt: Tensor, w_scale: Tensor,
+                 w_offset: Tensor, a_scale: float, a_offset: float,
+                 post_scale: Optional[Tensor] = None, post_shift: Optional[Tensor] = None,
+                 residual: Optional[Tensor] = None, slope: Optional[float] = None,
+                 out_l: Optional[float] = None, out_s: Optional[float] = None,
+                 out_bits: Optional[int] = None) -> Tensor:
+    """The fp32 epilogue of DESIGN.md section 3, broadcast over the last dim (channels).
+
+    acc [..., O]; as_ [...] ; ws broadcastable to [..., O]; cnt broadcastable to [...].
+    """
+    sa, la = torch.tensor(float(a_scale)), torch.tensor(float(a_offset))
+    y = ((w_scale * sa) * acc.float()
+         + (w_scale * la) * ws.float()
+         + (w_offset * sa) * as_.float().unsqueeze(-1)
+         + (w_offset * la) * cnt.float().unsqueeze(-1))
+    if post_scale is not None:
+        y = y * post_scale
+    if post_shift is not None:
+        y = y + post_shift
+    if residual is not None:
+        y = y + residual
+    if slope is not None:
+        y = torch.where(y >= 0, y, y * float(slope))
+    if out_s is not None:
+        return pauta_codes(y, torch.tensor(float(out_l)), torch.tensor(float(out_s)), out_bits)
+    return y
+
+
+# --------------------------------------------------------------------------- ops
+
+def ref_qlinear(x: Tensor, w_packed: Tensor, w_bits: int, a_bits: int, w_scale: Tensor,
+                w_offset: Tensor, a_scale: float, a_offset: float,
+                post_scale: Optional[Tensor] = None, post_shift: Optional[Tensor] = None,
+                residual: Optional[Tensor] = None, slope: Optional[float] = None,
+                out_l: Optional[float] = None, out_s: Optional[float] = None,
+                out_bits: Optional[int] = None) -> Tensor:
+    """Quantized linear / 1x1 conv over rows.
+
+    Args:
+        x: uint8 [M, K] activation codes (< 2^a_bits).
+        w_packed: uint8 [O, ceil(K/8)*w_bits], canonical packing.
+        w_scale, w_offset: float32 [O] weight step and offset.
+        a_scale, a_offset: the input quantizer's step and offset.
+        post_scale, post_shift: float32 [O] folded BN/bias, optional.
+        residual: float32 [M, O], optional.
+        slope: LeakyReLU negative slope, optional.
+        out_l, out_s, out_bits: re-quantize the output to codes, optional.
+    Returns: float32 [M, O], or uint8 [M, O] codes when ``out_s`` is given.
+    """
+    check_codes(x, "x", 2, a_bits)
+    m, k = x.shape
+    o = check_packed(w_packed, None, k, w_bits)
+    check_epilogue(o, (m, o), w_scale, w_offset, a_scale, a_offset, post_scale, post_shift,
+                   residual, slope, out_l, out_s, out_bits)
+    w_codes = unpack_codes(w_packed, w_bits, k)
+    acc, as_, ws = ref_linear_acc(x, w_codes)
+    cnt = torch.full((m,), k, dtype=torch.int32)
+    return ref_epilogue(acc, as_, ws, cnt, w_scale, w_offset, a_scale, a_offset, post_scale,
+                        post_shift, residual, slope, out_l, out_s, out_bits)
+
+
+def ref_qconv2d(x: Tensor, w_packed: Tensor, w_bits: int, a_bits: int, kernel_size: int,
+                stride: int, padding: int, w_scale: Tensor, w_offset: Tensor, a_scale: float,
+                a_offset: float, post_scale: Optional[Tensor] = None,
+                post_shift: Optional[Tensor] = None, residual: Optional[Tensor] = None,
+                slope: Optional[float] = None, out_l: Optional[float] = None,
+                out_s: Optional[float] = None, out_bits: Optional[int] = None) -> Tensor:
+    """Quantized conv2d, square kernel, NHWC.
+
+    Args:
+        x: uint8 [B, H, W, C] activation codes.
+        w_packed: uint8 [O, ceil(k*k*C/8)*w_bits], codes in (kh, kw, C) order.
+        kernel_size, stride, padding: ints (zero padding, real-domain zero).
+        Others as :func:`ref_qlinear`; residual is float32 [B, Ho, Wo, O].
+    Returns: float32 [B, Ho, Wo, O], or uint8 codes when ``out_s`` is given.
+    """
+    check_codes(x, "x", 4, a_bits)
+    if kernel_size < 1 or stride < 1 or padding < 0:
+        raise KernelArgumentError(
+            f"bad conv geometry kernel_size={kernel_size} stride={stride} padding={padding}")
+    b, h, w, c = x.shape
+    k = kernel_size * kernel_size * c
+    o = check_packed(w_packed, None, k, w_bits)
+    ho, wo = conv_out_size(h, kernel_size, stride, padding), conv_out_size(w, kernel_size, stride, padding)
+    if ho < 1 or wo < 1:
+        raise KernelArgumentError(f"input {h}x{w} too small for kernel {kernel_size} pad {padding}")
+    check_epilogue(o, (b, ho, wo, o), w_scale, w_offset, a_scale, a_offset, post_scale,
+                   post_shift, residual, slope, out_l, out_s, out_bits)
+    w_codes = unpack_codes(w_packed, w_bits, k)
+    acc, as_, ws, cnt = ref_conv2d_acc(x, w_codes, kernel_size, kernel_size, stride, padding)
+    return ref_epilogue(acc, as_, ws, cnt.unsqueeze(0), w_scale, w_offset, a_scale, a_offset,
+                        post_scale, post_shift, residual, slope, out_l, out_s, out_bits)
+
+
+def ref_qbmm(a: Tensor, v: Tensor, a_bits: int, v_bits: int, a_scale: float, a_offset: float,
+             v_scale: float, v_offset: float) -> Tensor:
+    """Quantized graph aggregation ``A @ V`` per task, both operands activations.
+
+    Args:
+        a: uint8 [T, N, N] codes of the normalised adjacency (offset a_offset, step a_scale).
+        v: uint8 [T, N, D] codes of the node features (offset v_offset, step v_scale).
+    Returns: float32 [T, N, D] =
+        (sa*sv)*ACC + (sa*lv)*AS[t,i] + (la*sv)*VS[t,d] + (la*lv)*N, in this order.
+    """
+    check_codes(a, "a", 3, a_bits)
+    check_codes(v, "v", 3, v_bits)
+    t, n, n2 = a.shape
+    if n != n2 or v.shape[0] != t or v.shape[1] != n:
+        raise KernelArgumentError(
+            f"aggregation needs a [T, N, N] and v [T, N, D], got {tuple(a.shape)} and {tuple(v.shape)}")
+    sa, la = check_scalar(a_scale, "a_scale", True), check_scalar(a_offset, "a_offset")
+    sv, lv = check_scalar(v_scale, "v_scale", True), check_scalar(v_offset, "v_offset")
+    acc, as_, vs = ref_bmm_acc(a, v)
+    f = lambda z: torch.tensor(z, dtype=torch.float32)  # noqa: E731  (fp32 products, as kernels do)
+    return ((f(sa) * f(sv)) * acc.float()
+            + (f(sa) * f(lv)) * as_.float().unsqueeze(-1)
+            + (f(la) * f(sv)) * vs.float().unsqueeze(1)
+            + (f(la) * f(lv)) * float(n))
