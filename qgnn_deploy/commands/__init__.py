@@ -1,0 +1,1 @@
+"""One module per ``qgnn-deploy`` subcommand: ``add_arguments(parser)`` and ``run(args)``."""

@@ -1,0 +1,100 @@
+"""Resolve a command's SOURCE: a checkpoint, a .qgnn artifact, or ``--preset P --bits B``.
+
+A preset with bits means the embedded trained checkpoint where one ships
+(``qgnn_deploy/assets/<preset>-w<bits>.pt``), else a freshly built model whose
+quantizers are calibrated on synthetic episodes under a fixed seed (said on stderr).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+from .errors import ConfigError
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+CALIBRATION_SEED = 0
+CALIBRATION_TASKS = 8
+
+
+@dataclass
+class Source:
+    """What a SOURCE names. ``kind`` is ``"checkpoint"``, ``"artifact"`` or ``"preset"``."""
+
+    kind: str
+    path: Optional[str] = None
+    preset: Optional[str] = None
+    bits: Optional[int] = None
+
+    @property
+    def label(self) -> str:
+        return self.path if self.path else f"--preset {self.preset} --bits {self.bits}"
+
+
+def embedded_checkpoint(preset: str, bits: int) -> Optional[str]:
+    path = os.path.join(ASSETS, f"{preset}-w{bits}.pt")
+    return path if os.path.isfile(path) else None
+
+
+def parse_source(args) -> Source:
+    """From argparse args with ``source``, ``preset``, ``bits`` (see cli.add_source_arguments)."""
+    path, preset, bits = getattr(args, "source", None), getattr(args, "preset", None), getattr(args, "bits", None)
+    if path and preset:
+        raise ConfigError("give either a SOURCE file or --preset/--bits, not both")
+    if preset:
+        from .config import check_bits, preset_config
+        preset_config(preset)  # validates the name
+        return Source("preset", preset=preset, bits=check_bits(32 if bits is None else bits, "--bits"))
+    if not path:
+        raise ConfigError("no SOURCE: give a checkpoint, a .qgnn file, or --preset P --bits B")
+    if bits is not None:
+        raise ConfigError("--bits only goes with --preset (a file carries its own bit-widths)")
+    if not os.path.exists(path):
+        raise ConfigError(f"SOURCE {path!r} does not exist")
+    kind = "artifact" if path.endswith(".qgnn") else "checkpoint"
+    return Source(kind, path=path)
+
+
+def load_float_model(src: Source, quiet: bool = False):
+    """The (fake-quant or FP) :class:`QGNNModel` a checkpoint or preset names, in eval mode."""
+    from .checkpoint import load_checkpoint
+    if src.kind == "artifact":
+        raise ConfigError(f"{src.path!r} is an integer model; this needs a checkpoint or a preset")
+    if src.kind == "checkpoint":
+        return load_checkpoint(src.path).eval()
+    emb = embedded_checkpoint(src.preset, src.bits)
+    if emb:
+        return load_checkpoint(emb).eval()
+    return calibrated_model(src.preset, src.bits, quiet=quiet)
+
+
+def calibrated_model(preset: str, bits: int, quiet: bool = False, seed: int = CALIBRATION_SEED):
+    """A fresh model of ``preset`` at ``bits`` whose PQ ranges are set by one forward pass
+    over synthetic episodes (fixed seed), in eval mode."""
+    import torch
+    from .config import preset_config
+    from .data import calibration_episodes
+    from .models import build_model
+    config = preset_config(preset, bits)
+    torch.manual_seed(seed)
+    model = build_model(config)
+    images, labels = calibration_episodes(config, tasks=CALIBRATION_TASKS, seed=seed)
+    if not quiet:
+        print(f"note: no trained checkpoint ships for --preset {preset} --bits {bits}; using a fresh "
+              f"model calibrated on {CALIBRATION_TASKS} synthetic episodes (seed {seed})", file=sys.stderr)
+    # BN statistics from the calibration batch (cumulative average, no dropout), PQ ranges
+    # from the same pass.
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+        elif isinstance(m, torch.nn.modules.dropout._DropoutNd):
+            m.eval()
+    with torch.no_grad():
+        model(images, labels)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = 0.1
+    return model.eval()
