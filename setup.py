@@ -45,7 +45,7 @@ install_requires = [
     "onnxscript>=0.2",
     "tqdm>=4.60",
     "matplotlib>=3.7",
-    'triton>=3.2; platform_system == "Linux" and platform_machine == "x86_64"',
+    'triton==3.9.0; platform_system == "Linux" and platform_machine == "x86_64"',
 ]
 
 setup(

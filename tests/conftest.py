@@ -5,6 +5,10 @@ import pytest
 import torch
 
 os.environ.setdefault("QGNN_TEST", "1")
+# Triton reads TRITON_INTERPRET when it is first imported: without a GPU every Triton
+# kernel test runs in the interpreter, so set it before any test module imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)
