@@ -61,6 +61,8 @@ setup(
         "qgnn_deploy.backends",
         "qgnn_deploy.data",
         "qgnn_deploy.training",
+        "qgnn_deploy.commands",
+        "qgnn_deploy.benchmarks",
         "qgnn_deploy.kernels",
         "qgnn_deploy.export",
     ],
