@@ -1,0 +1,196 @@
+"""ONNX export of QGNN-IC models (installs as ``qgnn_deploy.export``).
+
+``export_onnx(model, path, **options)`` writes the *whole episode* -- backbone, graph
+generations, edge updates, aggregation and prediction -- as one ONNX graph that stock
+onnxruntime runs (no custom op library)::
+
+    images float32 [tasks, N, 3, S, S], support_labels int64 [tasks, way*shot]
+        -> logits float32 [tasks, way, way]            (``tasks`` is a dynamic axis)
+
+Route: direct graph building with ``onnx.helper`` (not the dynamo exporter with a
+``custom_translation_table``). Why:
+
+* the integer layers need initializers of exact ONNX element types (UINT4 at opset 21,
+  UINT2 at opset 25, 3-bit codes in UINT8) and constants precomputed per layer (the
+  border terms WS/CNT of DESIGN.md section 3, the fp32 epilogue products in the
+  reference's order). The custom ops carry weights as *packed* uint8 tensors; a
+  translation function would have to unpack bit streams inside the graph or rely on
+  constant folding, and onnxscript offers no say over the stored width;
+* ``QGNNModel.forward`` validates its input with data-dependent checks and builds the
+  initial graph from labels: tracing needs workarounds, and the result's node names and
+  layout are the exporter's, not ours; here every node is named ``<layer>/<op>``;
+* the IR version, opset, metadata and the dynamic ``tasks`` axis are set explicitly
+  in one place, and anything we cannot express raises :class:`ExportError` naming the
+  layer before a file is written.
+
+The episode structure is written once (:mod:`.episode`) over two layer emitters:
+:mod:`.float_layers` (FP32 model) and :mod:`.int_layers` (integer model, two forms:
+``"integer"`` -- ConvInteger / MatMulInteger with int32 accumulators and the contract's
+fp32 epilogue, exact for real-valued and snapped offsets -- and ``"qdq"`` -- QCDQ
+activations and DequantizeLinear weights around float Conv / MatMul, the standard
+QDQ form for snapped offsets). See :func:`export_onnx`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+from qgnn_deploy.errors import ConfigError, ExportError
+
+WEIGHT_FORMATS = ("native", "uint8")
+FORMS = ("auto", "integer", "qdq")
+DEFAULT_OPSET = 21
+
+
+@dataclass
+class ExportOptions:
+    """Options of :func:`export_onnx`.
+
+    form: integer layers as ``"integer"`` (ConvInteger/MatMulInteger + fp32 epilogue,
+        exact for any offsets), ``"qdq"`` (QCDQ + float conv; snapped offsets only), or
+        ``"auto"`` (``"integer"``).
+    weights_format: ``"native"``: weight codes at their true width where ONNX has the
+        type (UINT4 for 4-bit at opset >= 21, UINT2 for 2-bit at opset >= 25; 3-bit in
+        UINT8); ``"uint8"``: every code in a UINT8 container.
+    opset: ONNX opset (21 default; 25 when ``weights_format="native"`` and a layer has
+        2-bit weights, unless given).
+    zero_point: how to fold a fake-quant :class:`QGNNModel` first (``"exact"`` or
+        ``"snap"``); ignored for FP32 models and integer models.
+    """
+
+    form: str = "auto"
+    weights_format: str = "native"
+    opset: Optional[int] = None
+    zero_point: str = "exact"
+
+    def validate(self) -> "ExportOptions":
+        if self.form not in FORMS:
+            raise ConfigError(f"form must be one of {FORMS}, got {self.form!r}")
+        if self.weights_format not in WEIGHT_FORMATS:
+            raise ConfigError(f"weights_format must be one of {WEIGHT_FORMATS}, got {self.weights_format!r}")
+        if self.zero_point not in ("exact", "snap"):
+            raise ConfigError(f"zero_point must be 'exact' or 'snap', got {self.zero_point!r}")
+        from .builder import IR_FOR_OPSET
+        if self.opset is not None and self.opset not in IR_FOR_OPSET:
+            raise ConfigError(f"opset must be one of {sorted(IR_FOR_OPSET)} "
+                              f"(onnxruntime 1.31 runs opset <= 26), got {self.opset!r}")
+        return self
+
+
+def _is_int_model(model) -> bool:
+    try:
+        from qgnn_deploy.intmodel import IntModel
+    except ImportError:
+        return False
+    return isinstance(model, IntModel)
+
+
+def _is_quantized(model) -> bool:
+    return any(getattr(m, "bits", 32) < 32 for m in model.modules())
+
+
+def build_onnx(model, **options: Any):
+    """The ONNX ``ModelProto`` of ``model`` (see :func:`export_onnx`); nothing is written.
+
+    Returns ``(model_proto, info)``; ``info`` holds what the export chose (kind, form,
+    opset, weights_format, per-layer bits)."""
+    import onnx
+
+    from qgnn_deploy import __version__
+    from qgnn_deploy.models import QGNNModel
+
+    from .builder import GraphBuilder
+    from .episode import EpisodeGraph
+
+    opts = ExportOptions(**options).validate()
+    if isinstance(model, QGNNModel) and _is_quantized(model):
+        model = _fold(model, opts.zero_point)
+    g = GraphBuilder("qgnn_episode")
+    if isinstance(model, QGNNModel):
+        from .float_layers import FloatLayers
+        config = model.config
+        layers = FloatLayers(g, model)
+        kind, form, bits = "fp32", "float", {}
+        opset = opts.opset or DEFAULT_OPSET
+    elif _is_int_model(model):
+        from .int_layers import IntLayers, choose_opset
+        config = model.config
+        opset = opts.opset or choose_opset(model, opts.weights_format, opts.form)
+        layers = IntLayers(g, model, form=opts.form, weights_format=opts.weights_format,
+                           opset=opset)
+        kind, form, bits = "integer", layers.form, layers.layer_bits()
+    else:
+        raise ExportError(f"cannot export a {type(model).__name__}: expected a QGNNModel "
+                          "(FP32 or fake-quant) or an IntModel")
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        EpisodeGraph(g, config, layers, getattr(model, "generations", None)).build()
+    finally:
+        model.train(was_training)
+    info = {"kind": kind, "form": form, "opset": opset,
+            "weights_format": opts.weights_format if kind == "integer" else "fp32",
+            "layer_bits": bits, "code_tensors": dict(getattr(layers, "code_tensors", {}))}
+    meta = {"qgnn_deploy.version": __version__, "qgnn_deploy.kind": kind,
+            "qgnn_deploy.form": form, "qgnn_deploy.weights_format": info["weights_format"],
+            "qgnn_deploy.config": config.to_dict(), "qgnn_deploy.layer_bits": bits,
+            "qgnn_deploy.zero_point": getattr(model, "zero_point", None) or "n/a"}
+    proto = g.model(opset, meta, doc=f"qgnn-deploy {__version__} {kind} export ({form})")
+    try:
+        onnx.checker.check_model(proto, full_check=False)
+    except onnx.checker.ValidationError as e:  # our bug, but never write a broken file
+        raise ExportError(f"the exported graph fails onnx.checker: {str(e).splitlines()[0]}") from None
+    return proto, info
+
+
+def _fold(model, zero_point: str):
+    try:
+        from qgnn_deploy.fold import fold
+    except ImportError as e:
+        raise ExportError(f"exporting a fake-quant model needs the fold ({e}); export an FP32 "
+                          "model or a .qgnn integer model") from None
+    return fold(model, zero_point=zero_point)
+
+
+def export_onnx(model, path: str, **options: Any) -> Dict[str, Any]:
+    """Export ``model`` to the ONNX file ``path`` (written atomically).
+
+    Args:
+        model: an FP32 :class:`~qgnn_deploy.models.QGNNModel` (exported as float), a
+            fake-quant one (folded with ``zero_point`` first), or an
+            :class:`~qgnn_deploy.intmodel.IntModel` (integer export).
+        path: output file.
+        **options: fields of :class:`ExportOptions` (``form``, ``weights_format``,
+            ``opset``, ``zero_point``).
+    Returns: a dict with ``path``, ``bytes`` and what the export chose (``kind``,
+        ``form``, ``opset``, ``ir_version``, ``weights_format``, ``layer_bits``).
+    Raises: :class:`ExportError` naming the layer for anything ONNX cannot express;
+        no file is written then.
+    """
+    proto, info = build_onnx(model, **options)
+    data = proto.SerializeToString()
+    tmp = f"{path}.tmp-{os.getpid()}"
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+    info.update(path=path, bytes=len(data), ir_version=proto.ir_version)
+    return info
+
+
+def read_metadata(path: str) -> Dict[str, Any]:
+    """The ``qgnn_deploy.*`` metadata of an exported file, JSON values decoded."""
+    import onnx
+    m = onnx.load(path, load_external_data=False)
+    out = {}
+    for p in m.metadata_props:
+        try:
+            out[p.key] = json.loads(p.value)
+        except ValueError:
+            out[p.key] = p.value
+    return out
+
+
+__all__ = ["export_onnx", "build_onnx", "ExportOptions", "read_metadata", "WEIGHT_FORMATS", "FORMS"]

@@ -1,0 +1,391 @@
+"""Integer layers of an :class:`~qgnn_deploy.intmodel.IntModel` as standard ONNX ops.
+
+Two forms (``IntLayers(form=...)``):
+
+``"integer"`` (default; exact for real-valued *and* snapped offsets)
+    codes   = Clip(QuantizeLinear(x - l, s, 0))                         uint8
+    offsets split as in ``ref_zero_split``: l = -z s + d (integer z, small fp32 d)
+    ACC'    = ConvInteger / MatMulInteger(codes, weight codes, za, zw)  int32, exact
+              = sum over valid taps (qa - za)(qw - zw) (ConvInteger pads with za);
+              per-channel zw is subtracted as zw * AS' in int32 (onnxruntime's
+              ConvInteger takes a per-tensor weight zero point only)
+    AS'     = ConvInteger / MatMulInteger(codes, ones, za)              int32
+    y = ((c1*ACC' + t2) + c3*AS') + t4                                  fp32, the reference's order
+    with c1 = sw*sa, c3 = dw*sa and the constants t2 = (sw*da)*WS', t4 = (dw*da)*CNT
+    precomputed per output position (border terms of DESIGN.md section 3), then
+    *post_scale, +post_shift, +residual, LeakyRelu. This is the centred identity of
+    :func:`qgnn_deploy.ops.reference.ref_epilogue`, every fp32 operation in the same
+    order, so the export reproduces the reference engine's codes bit for bit
+    (QuantizeLinear divides and rounds half-to-even exactly as ``torch.round(x / s)``;
+    checked in the tests).
+
+``"qdq"`` (snapped offsets only, ``l = -z s``)
+    QuantizeLinear(x, s, z) -> Clip to the n-bit range -> DequantizeLinear  (QCDQ)
+    DequantizeLinear(weight codes at their true width, sw per channel, zw)
+    float Conv / MatMul, then the same fp32 epilogue.
+    The standard QDQ form other runtimes consume. onnxruntime fuses QCDQ into
+    QLinearConv only when a QuantizeLinear follows the Conv; in this model BatchNorm,
+    the residual add and LeakyReLU sit between each conv and the next quantizer, so it
+    runs these convs in float (measured: see the ``bench`` numbers in the report).
+    Agrees with the reference engine within fp32 rounding (rare ties).
+
+Weights: unpacked from the canonical packing at export time, stored as UINT4 (4-bit,
+opset >= 21) / UINT2 (2-bit, opset >= 25) initializers with ``weights_format="native"``
+(a Cast to UINT8 feeds ConvInteger, which takes 8-bit types only; onnxruntime folds it
+at load), 3- and 8-bit codes in UINT8 containers.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+from onnx import TensorProto, helper
+
+from qgnn_deploy.errors import ExportError
+from qgnn_deploy.ops.packing import unpack_codes
+from qgnn_deploy.ops.reference import ref_conv2d_acc, ref_zero_split
+
+from .builder import FLOAT, INT32, UINT8, GraphBuilder
+
+#: ONNX element types able to store n-bit codes natively, and the opset they need
+NATIVE_TYPES = {4: (TensorProto.UINT4, 21), 2: (TensorProto.UINT2, 25)}
+SNAP_TOL = 1e-5  # relative: an offset counts as snapped when |l + z s| <= tol * s
+
+
+def choose_opset(model, weights_format: str, form: str = "integer") -> int:
+    """21, or 25 when native storage needs UINT2 (a 2-bit weight layer, integer form)."""
+    if weights_format == "native" and form != "qdq" and any(getattr(m, "w_bits", 32) == 2 and hasattr(m, "w_packed")
+                                          for _, m in model.named_layers()):
+        return 25
+    return 21
+
+
+def _pack_subbyte(codes: np.ndarray, bits: int) -> bytes:
+    """ONNX raw layout of UINT4 / UINT2: consecutive elements from the low bits up."""
+    per = 8 // bits
+    flat = codes.reshape(-1).astype(np.uint8)
+    pad = (-flat.size) % per
+    if pad:
+        flat = np.concatenate([flat, np.zeros(pad, np.uint8)])
+    groups = flat.reshape(-1, per).astype(np.uint16)
+    out = np.zeros(groups.shape[0], np.uint16)
+    for i in range(per):
+        out |= groups[:, i] << (bits * i)
+    return out.astype(np.uint8).tobytes()
+
+
+def _f32(x) -> torch.Tensor:
+    return torch.tensor(float(x), dtype=torch.float32)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+class IntLayers:
+    """Emits the layers of an IntModel, by the float model's qualified names."""
+
+    def __init__(self, g: GraphBuilder, model, form: str = "auto", weights_format: str = "native",
+                 opset: int = 21):
+        self.g, self.model = g, model
+        self.form = "integer" if form == "auto" else form
+        self.weights_format, self.opset = weights_format, opset
+        self.layers = dict(model.named_layers())
+        self._qcache: Dict[Tuple, str] = {}
+        self.exact_codes = False
+        #: layer name (":adj"/":nodes" for aggregations) -> uint8 code tensor in the graph
+        self.code_tensors: Dict[str, str] = {}
+        if self.form == "qdq":
+            for name, m in model.integer_layers().items():
+                self._check_snapped(name, m)
+
+    # ------------------------------------------------------------ bookkeeping
+    def layer(self, name: str):
+        if name not in self.layers:
+            raise ExportError(f"layer {name!r}: not in the integer model")
+        return self.layers[name]
+
+    def layer_bits(self) -> Dict[str, Dict[str, int]]:
+        out = {}
+        for name, m in self.layers.items():
+            if hasattr(m, "v_bits"):
+                out[name] = {"a_bits": m.a_bits, "v_bits": m.v_bits}
+            else:
+                out[name] = {"w_bits": m.w_bits, "a_bits": m.a_bits}
+        return out
+
+    def _check_snapped(self, name: str, m) -> None:
+        pairs = []
+        if hasattr(m, "v_bits"):
+            pairs = [(m.a_offset, m.a_scale, m.a_bits), (m.v_offset, m.v_scale, m.v_bits)]
+        else:
+            pairs = [(m.a_offset, m.a_scale, m.a_bits)]
+            pairs += list(zip(m.w_offset.tolist(), m.w_scale.tolist(), [m.w_bits] * len(m.w_scale)))
+        for l, s, bits in pairs:
+            z = round(-l / s)
+            if abs(l + z * s) > SNAP_TOL * s or not 0 <= z <= 255:
+                raise ExportError(
+                    f"layer {name!r}: offset {l:.6g} (step {s:.6g}) is not on the integer grid "
+                    f"(zero point {-l / s:.4f}); the 'qdq' form needs a model folded with "
+                    "zero_point='snap' -- use form='integer' for real-valued offsets")
+
+    # ---------------------------------------------------------------- weights
+    def weight_codes(self, name: str, m) -> np.ndarray:
+        """Unpacked codes uint8: conv [O, C, kh, kw]; linear [O, K] in the NCHW flatten order."""
+        k = m.reduction
+        codes = unpack_codes(m.w_packed.cpu(), m.w_bits, k)
+        if m.kind == "conv2d":
+            kk = m.kernel_size
+            codes = codes.view(m.out_channels, kk, kk, m.in_channels).permute(0, 3, 1, 2)
+        elif getattr(m, "input_hwc", None):
+            h, w, c = m.input_hwc
+            # the fold ordered K as an NHWC flatten; this graph flattens NCHW
+            codes = codes.view(m.out_features, h, w, c).permute(0, 3, 1, 2).reshape(m.out_features, k)
+        return np.ascontiguousarray(_np(codes))
+
+    def weight_initializer(self, name: str, codes: np.ndarray, bits: int, suffix: str = "weight_codes") -> Tuple[str, int]:
+        """Store ``codes`` at their true width when allowed; returns (name, elem_type)."""
+        tname = f"{name}.{suffix}"
+        native = NATIVE_TYPES.get(bits)
+        # onnxruntime 1.31 fuses DequantizeLinear(uint2) + MatMul into an invalid
+        # MatMulIntegerToFloat: in the qdq form 2-bit codes stay in UINT8 containers
+        if self.form == "qdq" and bits == 2:
+            native = None
+        if self.weights_format == "native" and native and self.opset >= native[1]:
+            dtype = native[0]
+            self.g.raw_initializer(helper.make_tensor(tname, dtype, list(codes.shape),
+                                                      _pack_subbyte(codes, bits), raw=True))
+            return tname, dtype
+        return self.g.const(codes.astype(np.uint8), tname), UINT8
+
+    def uint8_weight(self, name: str, codes: np.ndarray, bits: int) -> str:
+        """Weight codes as a UINT8 tensor (Cast from the stored width; folded by onnxruntime)."""
+        tname, dtype = self.weight_initializer(name, codes, bits)
+        if dtype == UINT8:
+            return tname
+        return self.g.op("Cast", [tname], "weight_u8", to=UINT8)
+
+    # ----------------------------------------------------------- activations
+    def quantize(self, x: str, l: float, s: float, bits: int) -> str:
+        """fp32 x -> uint8 codes ``clamp(rne((x - l) / s), 0, 2^bits - 1)`` (cached per input)."""
+        key = (x, float(l), float(s), int(bits))
+        if key in self._qcache:
+            return self._qcache[key]
+        g = self.g
+        d = g.op("Sub", [x, g.f32(_np(_f32(l)))], "minus_offset")
+        q = g.op("QuantizeLinear", [d, g.f32(_np(_f32(s))), g.const(np.uint8(0))], "quantize")
+        if bits < 8:
+            q = g.op("Clip", [q, g.const(np.uint8(0)), g.const(np.uint8(2 ** bits - 1))], "clip")
+        self._qcache[key] = q
+        return q
+
+    def qcdq(self, x: str, l: float, s: float, bits: int, record: Optional[str] = None) -> str:
+        """fp32 x -> QuantizeLinear(u8, zero point z) -> Clip -> DequantizeLinear (snapped l)."""
+        key = ("qcdq", x, float(l), float(s), int(bits))
+        if key in self._qcache:
+            if record:
+                self.code_tensors[record] = self._qcache[key + ("codes",)]
+            return self._qcache[key]
+        g = self.g
+        sc, zp = g.f32(_np(_f32(s))), g.const(np.uint8(round(-l / s)))
+        if self.exact_codes:
+            # codes as the reference computes them, rne((x - l) / s); the DQ zero point
+            # z = -l/s then restores the value
+            q = self.quantize(x, l, s, bits)
+        else:
+            q = g.op("QuantizeLinear", [x, sc, zp], "quantize")
+            if bits < 8:
+                q = g.op("Clip", [q, g.const(np.uint8(0)), g.const(np.uint8(2 ** bits - 1))], "clip")
+        out = g.op("DequantizeLinear", [q, sc, zp], "dequantize")
+        self._qcache[key] = out
+        self._qcache[key + ("codes",)] = q
+        if record:
+            self.code_tensors[record] = q
+        return out
+
+    def dq_weight(self, name: str, m, codes: np.ndarray, axis: int) -> str:
+        """DequantizeLinear of the stored codes with per-output-channel step and zero point."""
+        tname, dtype = self.weight_initializer(name, codes, m.w_bits)
+        zp = np.rint(-_np(m.w_offset) / _np(m.w_scale)).astype(np.uint8)
+        if dtype == UINT8:
+            zname = self.g.const(zp, f"{name}.weight_zero_point")
+        else:
+            zname = self.g.raw_initializer(helper.make_tensor(
+                f"{name}.weight_zero_point", dtype, [zp.size], _pack_subbyte(zp, m.w_bits), raw=True))
+        return self.g.op("DequantizeLinear", [tname, self.g.f32(_np(m.w_scale), f"{name}.weight_scale"), zname],
+                         "dequantize_weight", axis=axis)
+
+    # -------------------------------------------------------------- epilogue
+    def epilogue(self, y: str, m, channel_shape: Tuple[int, ...], residual: Optional[str]) -> str:
+        g = self.g
+        if m.post_scale is not None:
+            y = g.op("Mul", [y, g.f32(_np(m.post_scale).reshape(channel_shape), f"{m.name}.post_scale")], "post_scale")
+        if m.post_shift is not None:
+            y = g.op("Add", [y, g.f32(_np(m.post_shift).reshape(channel_shape), f"{m.name}.post_shift")], "post_shift")
+        if residual is not None:
+            y = g.op("Add", [y, residual], "residual")
+        if m.slope is not None:
+            y = g.op("LeakyRelu", [y], "lrelu", alpha=float(m.slope))
+        return y
+
+    def centred_acc(self, op: str, q: str, w_u8: str, ones: str, m, channel_shape, **attrs) -> Tuple[str, str]:
+        """Exact int32 ``ACC' = sum (qa - za)(qw - zw)`` and ``AS' = sum (qa - za)`` over the
+        valid taps (ConvInteger pads with the activation zero point, so padded taps add 0).
+
+        onnxruntime's ConvInteger takes a per-tensor weight zero point only: per-channel
+        ones are subtracted as ``zw * AS'`` in int32 (exact)."""
+        g = self.g
+        _, za = self.zero_split_act(m)
+        zw, _ = self.zero_split_w(m)
+        za_t = g.const(np.uint8(int(za)), f"{m.name}.act_zero_point")
+        as_ = g.op(op, [q, ones, za_t], "act_sum", **attrs)
+        if bool((zw == zw[0]).all()):
+            acc = g.op(op, [q, w_u8, za_t, g.const(np.uint8(int(zw[0])), f"{m.name}.weight_zero_point")],
+                       "acc", **attrs)
+        else:
+            acc = g.op(op, [q, w_u8, za_t], "acc_raw", **attrs)
+            zw_t = g.const(_np(zw).astype(np.int32).reshape(channel_shape), f"{m.name}.weight_zero_point")
+            acc = g.op("Sub", [acc, g.op("Mul", [as_, zw_t], "zw_x_asum")], "acc")
+        return acc, as_
+
+    def zero_split_act(self, m):
+        """(remainder d fp32, zero point z int32) of the activation offset (ref_zero_split)."""
+        z, d = ref_zero_split(_f32(m.a_offset), _f32(m.a_scale))
+        return d, z
+
+    def zero_split_w(self, m):
+        z, d = ref_zero_split(m.w_offset, m.w_scale)
+        return z, d
+
+    def offset_terms(self, acc: str, as_: str, m, ws: torch.Tensor, cnt: torch.Tensor,
+                     channel_shape, to_layout) -> str:
+        """((c1*ACC' + t2) + c3*AS') + t4, the centred identity of ``ref_epilogue``:
+        c1 = sw*sa, c3 = dw*sa, t2 = (sw*da)*WS', t4 = (dw*da)*CNT, with
+        WS' = WS - zw*CNT (constants; ``ws``/``cnt`` broadcast to [..., O])."""
+        g = self.g
+        sw, sa = m.w_scale.float(), _f32(m.a_scale)
+        da, za = self.zero_split_act(m)
+        zw, dw = self.zero_split_w(m)
+        wsp = (ws.long() - zw.long() * cnt.long()).to(torch.int32)
+        t2 = to_layout((sw * da) * wsp.float())
+        t4 = to_layout((dw * da) * cnt.float())
+        y = g.op("Mul", [g.op("Cast", [acc], "acc_f32", to=FLOAT),
+                         g.f32(_np(sw * sa).reshape(channel_shape), f"{m.name}.c_acc")], "scale_acc")
+        y = g.op("Add", [y, g.f32(t2, f"{m.name}.t_wsum")], "add_wsum")
+        t3 = g.op("Mul", [g.op("Cast", [as_], "asum_f32", to=FLOAT),
+                          g.f32(_np(dw * sa).reshape(channel_shape), f"{m.name}.c_asum")], "scale_asum")
+        y = g.op("Add", [y, t3], "add_asum")
+        return g.op("Add", [y, g.f32(t4, f"{m.name}.t_count")], "add_count")
+
+    # ------------------------------------------------------------------ layers
+    def conv(self, name: str, x: str, bn: Optional[str] = None, slope: Optional[float] = None,
+             residual: Optional[str] = None, hw: Optional[Tuple[int, int]] = None) -> str:
+        """x float NCHW [B, C, H, W] -> float NCHW [B, O, Ho, Wo] (epilogue included)."""
+        m = self.layer(name)
+        if residual is not None and not getattr(m, "residual", False):
+            raise ExportError(f"layer {name!r}: the graph adds a residual but the layer does not")
+        if m.kind == "conv2d_fp32":
+            return self._float_conv(m, x, residual)
+        if m.kind != "conv2d":
+            raise ExportError(f"layer {name!r}: expected a conv layer, found {type(m).__name__}")
+        g = self.g
+        k, st, pad = m.kernel_size, m.stride, m.padding
+        attrs = dict(kernel_shape=[k, k], strides=[st, st], pads=[pad] * 4)
+        codes = self.weight_codes(name, m)
+        cshape = (-1, 1, 1)
+        if self.form == "qdq":
+            xd = self.qcdq(x, m.a_offset, m.a_scale, m.a_bits, record=name)
+            y = g.op("Conv", [xd, self.dq_weight(name, m, codes, axis=0)], "conv", **attrs)
+            return self.epilogue(y, m, cshape, residual)
+        q = self.code_tensors[name] = self.quantize(x, m.a_offset, m.a_scale, m.a_bits)
+        ones = g.const(np.ones((1, m.in_channels, k, k), np.uint8), f"{name}.ones")
+        acc, as_ = self.centred_acc("ConvInteger", q, self.uint8_weight(name, codes, m.w_bits), ones,
+                                    m, cshape, **attrs)
+        if pad == 0 and st == 1:
+            hw = (k, k)  # every tap is valid: the terms are the same at every position
+        elif hw is None:
+            raise ExportError(f"layer {name!r}: padded conv needs its input size to precompute "
+                              "the border terms")
+        w_codes = torch.from_numpy(codes).permute(0, 2, 3, 1).reshape(m.out_channels, -1)
+        zero = torch.zeros(1, hw[0], hw[1], m.in_channels, dtype=torch.uint8)
+        _, _, ws, cnt = ref_conv2d_acc(zero, w_codes, k, k, st, pad)      # [Ho,Wo,O], [Ho,Wo]
+        if pad == 0 and st == 1:
+            ws, cnt = ws[:1, :1], cnt[:1, :1]
+        to_nchw = lambda t: np.ascontiguousarray(_np(t.permute(2, 0, 1)))  # noqa: E731
+        y = self.offset_terms(acc, as_, m, ws, cnt.unsqueeze(-1).expand_as(ws), cshape, to_nchw)
+        return self.epilogue(y, m, cshape, residual)
+
+    def _float_conv(self, m, x: str, residual: Optional[str]) -> str:
+        g = self.g
+        ins = [x, g.f32(_np(m.weight), f"{m.name}.weight")]
+        if m.bias is not None:
+            ins.append(g.f32(_np(m.bias), f"{m.name}.bias"))
+        k = m.kernel_size
+        y = g.op("Conv", ins, "conv", kernel_shape=[k, k], strides=[m.stride] * 2,
+                 pads=[m.padding] * 4)
+        return self.epilogue(y, m, (-1, 1, 1), residual)
+
+    def linear(self, name: str, x: str, bn: Optional[str] = None, slope: Optional[float] = None,
+               residual: Optional[str] = None) -> str:
+        """x float [..., K] -> float [..., O] (epilogue included)."""
+        m = self.layer(name)
+        g = self.g
+        if m.kind == "linear_fp32":
+            w = _np(m.weight)
+            if getattr(m, "input_hwc", None):
+                h, wd, c = m.input_hwc
+                w = w.reshape(-1, h, wd, c).transpose(0, 3, 1, 2).reshape(w.shape[0], -1)
+            y = g.op("MatMul", [x, g.f32(np.ascontiguousarray(w.T), f"{name}.weight_t")], "matmul")
+            if m.bias is not None:
+                y = g.op("Add", [y, g.f32(_np(m.bias), f"{name}.bias")], "bias")
+            return self.epilogue(y, m, (-1,), residual)
+        if m.kind != "linear":
+            raise ExportError(f"layer {name!r}: expected a linear layer, found {type(m).__name__}")
+        codes_t = np.ascontiguousarray(self.weight_codes(name, m).T)  # [K, O]
+        if self.form == "qdq":
+            xd = self.qcdq(x, m.a_offset, m.a_scale, m.a_bits, record=name)
+            y = g.op("MatMul", [xd, self.dq_weight(name, m, codes_t, axis=1)], "matmul")
+            return self.epilogue(y, m, (-1,), residual)
+        q = self.code_tensors[name] = self.quantize(x, m.a_offset, m.a_scale, m.a_bits)
+        ones = g.const(np.ones((m.in_features, 1), np.uint8), f"{name}.ones")
+        acc, as_ = self.centred_acc("MatMulInteger", q, self.uint8_weight(name, codes_t, m.w_bits), ones,
+                                    m, (-1,))
+        ws = torch.from_numpy(codes_t).to(torch.int32).sum(0)            # [O]
+        cnt = torch.full_like(ws, m.in_features)
+        y = self.offset_terms(acc, as_, m, ws, cnt, (-1,), lambda t: np.ascontiguousarray(_np(t)))
+        return self.epilogue(y, m, (-1,), residual)
+
+    def bmm(self, name: str, adj: str, nodes: str) -> str:
+        """adj [T, N, N] @ nodes [T, N, D], both quantized -> fp32 [T, N, D]."""
+        m = self.layer(name)
+        g = self.g
+        if m.kind == "bmm_fp32":
+            return g.op("MatMul", [adj, nodes], "aggregate")
+        if self.form == "qdq":
+            a = self.qcdq(adj, m.a_offset, m.a_scale, m.a_bits, record=f"{name}:adj")
+            v = self.qcdq(nodes, m.v_offset, m.v_scale, m.v_bits, record=f"{name}:nodes")
+            return g.op("MatMul", [a, v], "aggregate")
+        qa = self.code_tensors[f"{name}:adj"] = self.quantize(adj, m.a_offset, m.a_scale, m.a_bits)
+        qv = self.code_tensors[f"{name}:nodes"] = self.quantize(nodes, m.v_offset, m.v_scale, m.v_bits)
+        sa, la, sv, lv = _f32(m.a_scale), _f32(m.a_offset), _f32(m.v_scale), _f32(m.v_offset)
+        za, da = ref_zero_split(la, sa)
+        zv, dv = ref_zero_split(lv, sv)
+        n = self.model.config.num_nodes
+        za_t = g.const(np.uint8(int(za)), f"{name}.adj_zero_point")
+        zv_t = g.const(np.uint8(int(zv)), f"{name}.nodes_zero_point")
+        acc = g.op("MatMulInteger", [qa, qv, za_t, zv_t], "aggregate_integer")   # sum (qa-za)(qv-zv)
+        as_ = g.op("ReduceSum", [g.op("Cast", [qa], "adj_i32", to=INT32), g.i64([2], "axes/2")],
+                   "adj_row_sum", keepdims=1)                              # [T, N, 1]
+        as_ = g.op("Sub", [as_, g.const(np.int32(int(za) * n))], "adj_row_sum_c")
+        vs = g.op("ReduceSum", [g.op("Cast", [qv], "nodes_i32", to=INT32), g.i64([1], "axes/1")],
+                  "nodes_col_sum", keepdims=1)                             # [T, 1, D]
+        vs = g.op("Sub", [vs, g.const(np.int32(int(zv) * n))], "nodes_col_sum_c")
+
+        def term(t: str, c: torch.Tensor, hint: str) -> str:
+            return g.op("Mul", [g.op("Cast", [t], f"{hint}_f32", to=FLOAT),
+                                g.f32(_np(c), f"{name}.c_{hint}")], f"scale_{hint}")
+        y = g.op("Add", [term(acc, sa * sv, "acc"), term(as_, sa * dv, "adj_sum")], "add_adj_sum")
+        y = g.op("Add", [y, term(vs, da * sv, "node_sum")], "add_node_sum")
+        cnt = torch.tensor(n, dtype=torch.int32)
+        return g.op("Add", [y, g.f32(_np((da * dv) * cnt.float()), f"{name}.t_count")], "add_count")

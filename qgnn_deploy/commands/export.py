@@ -1,0 +1,142 @@
+"""``qgnn-deploy export``: write the whole episode as ONNX that stock onnxruntime runs.
+
+Examples::
+
+    qgnn-deploy export model.qgnn --out model.onnx --check --json
+    qgnn-deploy export --preset tiny --bits 4 --zero-point snap --form qdq --out w4.onnx
+    qgnn-deploy export fp.pt --out fp32.onnx                # an FP32 checkpoint
+    qgnn-deploy export w4.pt --fp32 --out baseline.onnx      # a QAT model's float weights
+
+A ``.qgnn`` artifact exports as is; a fake-quant checkpoint / preset is folded first
+(``--zero-point``); an FP32 model exports as float. ``--check`` runs the export in
+onnxruntime next to the reference engine on sample episodes and prints the parity
+figures (``--json``: one JSON object on stdout; notes go to stderr). The exit status
+is 1 when the check fails its bars (DESIGN.md section 3).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..cli import add_source_arguments
+    add_source_arguments(p)
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--form", default="auto", choices=["auto", "integer", "qdq"],
+                   help="integer layers as ConvInteger/MatMulInteger + exact epilogue "
+                        "('integer', = auto) or QCDQ + float conv ('qdq', snapped offsets only)")
+    p.add_argument("--weights-format", default="native", choices=["native", "uint8"],
+                   help="'native': 4-bit weights as UINT4 (opset 21), 2-bit as UINT2 (opset 25), "
+                        "3-bit in UINT8; 'uint8': every code in a UINT8 container")
+    p.add_argument("--opset", type=int, help="ONNX opset (default 21, or 25 for UINT2 weights)")
+    p.add_argument("--zero-point", default="exact", choices=["exact", "snap"],
+                   help="how a fake-quant checkpoint is folded before export")
+    p.add_argument("--fp32", action="store_true",
+                   help="export the float model (a fake-quant model's float weights) instead")
+    p.add_argument("--check", action="store_true",
+                   help="compare the export in onnxruntime with the reference engine")
+    p.add_argument("--episodes", type=int, default=20, help="episodes for --check")
+    p.add_argument("--seed", type=int, default=0, help="episode seed for --check")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads for --check")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+
+def _load(args):
+    """(model to export, IntModel for --check or None)."""
+    from ..sources import load_float_model, parse_source
+    src = parse_source(args)
+    if src.kind == "artifact":
+        if args.fp32:
+            from ..errors import ConfigError
+            raise ConfigError("--fp32 needs a checkpoint or a preset, not a .qgnn integer model")
+        from ..artifact import load_int_model
+        im = load_int_model(src.path)
+        return im, im, src
+    model = load_float_model(src, quiet=args.json)
+    from ..backends.onnx import float_counterpart
+    quantized = any(getattr(m, "bits", 32) < 32 for m in model.modules())
+    if args.fp32 or not quantized:
+        return float_counterpart(model), None, src
+    from ..fold import fold
+    im = fold(model, zero_point=args.zero_point)
+    return im, im, src
+
+
+def run(args) -> int:
+    from ..backends.onnx import export_module
+    from ..errors import ConfigError
+    exp = export_module()
+    if args.check and args.episodes < 1:
+        raise ConfigError("--episodes must be >= 1")
+    model, int_model, src = _load(args)
+    opts = dict(form=args.form, weights_format=args.weights_format, opset=args.opset,
+                zero_point=args.zero_point)
+    proto, info = exp.build_onnx(model, **opts)
+    import os
+    data = proto.SerializeToString()
+    tmp = f"{args.out}.tmp-{os.getpid()}"
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, args.out)
+    code_tensors = info.pop("code_tensors", {})
+    result = {"source": src.label, "out": args.out, "bytes": len(data),
+              "ir_version": proto.ir_version, **info}
+    result["layer_bits"] = len(info.get("layer_bits") or {})  # count; the file has the table
+    status = 0
+    if args.check:
+        if int_model is None:
+            result["check"] = _check_float(model, proto, args)
+        else:
+            from ..data import episode_batches
+            batches = episode_batches(int_model.config, args.episodes, seed=args.seed)
+            from qgnn_deploy.export.check import check_parity  # export_module() made it importable
+            chk = check_parity(int_model, proto, code_tensors, batches, threads=args.threads)
+            result["check"] = chk
+        status = 0 if result["check"]["passed"] else 1
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        print(f"wrote {args.out}: {result['bytes']} bytes, {result['kind']} ({result['form']}), "
+              f"opset {result['opset']}, IR {result['ir_version']}")
+        if args.check:
+            c = result["check"]
+            print(f"check vs {'torch FP32' if int_model is None else 'the reference engine'}: "
+                  f"{c['episodes']} episodes, agreement {c['agreement']:.4f}, "
+                  f"max |logit diff| {c['max_logit_diff']:.3g}"
+                  + (f", code mismatches {c['code_mismatches']}/{c['code_elements']}"
+                     if 'code_mismatches' in c else "")
+                  + (" -- PASSED" if c["passed"] else " -- FAILED"))
+    if status:
+        print("error: the export does not meet the parity bars", file=sys.stderr)
+    return status
+
+
+def _check_float(model, proto, args):
+    """FP32 export vs torch FP32 (bar: max |logit diff| <= 1e-4)."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from ..data import episode_batches
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if args.threads:
+        so.intra_op_num_threads = args.threads
+    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    episodes = queries = same = 0
+    max_diff = 0.0
+    for images, labels, _ in episode_batches(model.config, args.episodes, seed=args.seed):
+        with torch.no_grad():
+            ref = model(images, labels).logits.numpy()
+        got = sess.run(["logits"], {"images": images.numpy(), "support_labels": labels.numpy()})[0]
+        episodes += ref.shape[0]
+        queries += ref.shape[0] * ref.shape[1]
+        same += int((got.argmax(-1) == ref.argmax(-1)).sum())
+        max_diff = max(max_diff, float(np.abs(got - ref).max()))
+    agreement = same / max(queries, 1)
+    return {"reference": "torch-fp32", "episodes": episodes, "queries": queries,
+            "agreement": agreement, "identical_predictions": same == queries,
+            "max_logit_diff": max_diff, "passed": bool(max_diff <= 1e-4)}

@@ -1,0 +1,347 @@
+"""ONNX export: integer building blocks vs the reference ops, whole-episode parity
+(FP32 vs torch, integer vs the reference engine), storage widths, metadata, errors,
+the onnx backend session and the ``export`` command."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+ort = pytest.importorskip("onnxruntime")
+
+from qgnn_deploy.backends.onnx import OnnxSession, export_module  # noqa: E402
+from qgnn_deploy.errors import ExportError  # noqa: E402
+from qgnn_deploy.intmodel import IntAggregation, IntConv2d, IntLinear  # noqa: E402
+from qgnn_deploy.ops.packing import pack_codes  # noqa: E402
+from qgnn_deploy.ops.reference import ref_qbmm, ref_qconv2d, ref_qlinear, ref_quantize  # noqa: E402
+
+E = export_module()
+from qgnn_deploy.export.builder import FLOAT, GraphBuilder  # noqa: E402
+from qgnn_deploy.export.int_layers import IntLayers  # noqa: E402
+
+
+def _session(proto):
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+class _Layers:
+    """The minimal IntModel surface IntLayers needs, for one layer."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def named_layers(self):
+        return [(self.layer.name, self.layer)]
+
+    def integer_layers(self):
+        return {self.layer.name: self.layer}
+
+
+def _weights(o, k, bits, snap, g):
+    codes = torch.randint(0, 2 ** bits, (o, k), dtype=torch.uint8, generator=g)
+    ws = torch.rand(o, generator=g) * 0.1 + 0.01
+    if snap:
+        wo = -torch.randint(0, 2 ** bits, (o,), generator=g).float() * ws
+    else:
+        wo = -torch.rand(o, generator=g) * ws * (2 ** bits - 1)
+    return codes, ws, wo
+
+
+def _act(bits, snap):
+    sa = 0.0473
+    return sa, (-3.0 * sa if snap else -2.37 * sa)
+
+
+def _common(codes, bits, ws, wo, sa, la, post=True, slope=0.2, o=None, g=None):
+    o = codes.shape[0]
+    return dict(w_packed=pack_codes(codes, bits), w_bits=bits, a_bits=bits, w_scale=ws, w_offset=wo,
+                a_scale=sa, a_offset=la,
+                post_scale=torch.rand(o, generator=g) + 0.5 if post else None,
+                post_shift=torch.randn(o, generator=g) * 0.1 if post else None,
+                slope=slope, out_quant=None, w_granularity="channel")
+
+
+# ------------------------------------------------------------------ building blocks
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("geom", [(3, 1, 1), (1, 1, 0), (3, 2, 1)])
+def test_qconv2d_integer_form_is_exact(bits, geom):
+    """ConvInteger + border terms reproduce ref_qconv2d bit for bit (real offsets)."""
+    k, stride, pad = geom
+    g = torch.Generator().manual_seed(bits * 10 + k)
+    b, c, o, h = 2, 5, 7, 6
+    codes, ws, wo = _weights(o, k * k * c, bits, False, g)
+    sa, la = _act(bits, False)
+    layer = IntConv2d("blk.conv", c, o, k, stride, pad, residual=True,
+                      **_common(codes, bits, ws, wo, sa, la, g=g))
+    x = torch.randn(b, h, h, c, generator=g) * 0.3
+    ho = (h + 2 * pad - k) // stride + 1
+    res = torch.randn(b, ho, ho, o, generator=g)
+    qa = ref_quantize(x, la, sa, bits)
+    ref = ref_qconv2d(qa, layer.w_packed, bits, bits, k, stride, pad, ws, wo, sa, la,
+                      layer.post_scale, layer.post_shift, res, 0.2)
+    gb = GraphBuilder()
+    L = IntLayers(gb, _Layers(layer), form="integer", opset=25)
+    xin = gb.add_input("x", FLOAT, [b, c, h, h])
+    rin = gb.add_input("r", FLOAT, [b, o, ho, ho])
+    gb.add_output(L.conv("blk.conv", xin, residual=rin, hw=(h, h)), "y", FLOAT, [b, o, ho, ho])
+    proto = gb.model(25, {})
+    onnx.checker.check_model(proto)
+    out = _session(proto).run(None, {"x": x.permute(0, 3, 1, 2).numpy(),
+                                     "r": res.permute(0, 3, 1, 2).numpy()})[0]
+    np.testing.assert_array_equal(out.transpose(0, 2, 3, 1), ref.numpy())
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_qconv2d_qdq_form_snapped(bits):
+    g = torch.Generator().manual_seed(bits)
+    b, c, o, h = 2, 6, 8, 5
+    codes, ws, wo = _weights(o, 9 * c, bits, True, g)
+    sa, la = _act(bits, True)
+    layer = IntConv2d("c", c, o, 3, 1, 1, **_common(codes, bits, ws, wo, sa, la, g=g))
+    x = torch.randn(b, h, h, c, generator=g) * 0.3
+    ref = ref_qconv2d(ref_quantize(x, la, sa, bits), layer.w_packed, bits, bits, 3, 1, 1, ws, wo,
+                      sa, la, layer.post_scale, layer.post_shift, None, 0.2)
+    gb = GraphBuilder()
+    L = IntLayers(gb, _Layers(layer), form="qdq", opset=21)
+    xin = gb.add_input("x", FLOAT, [b, c, h, h])
+    gb.add_output(L.conv("c", xin, hw=(h, h)), "y", FLOAT, [b, o, h, h])
+    proto = gb.model(21, {})
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"QuantizeLinear", "Clip", "DequantizeLinear", "Conv"} <= ops
+    out = _session(proto).run(None, {"x": x.permute(0, 3, 1, 2).numpy()})[0]
+    np.testing.assert_allclose(out.transpose(0, 2, 3, 1), ref.numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_qdq_form_rejects_real_offsets_naming_the_layer():
+    g = torch.Generator().manual_seed(0)
+    codes, ws, wo = _weights(4, 9, 4, False, g)
+    layer = IntConv2d("backbone.layer1.0.conv2", 1, 4, 3, 1, 1,
+                      **_common(codes, 4, ws, wo, *_act(4, False), g=g))
+    with pytest.raises(ExportError, match="backbone.layer1.0.conv2"):
+        IntLayers(GraphBuilder(), _Layers(layer), form="qdq")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_qlinear_integer_form_is_exact(bits):
+    g = torch.Generator().manual_seed(bits)
+    m, k, o = 9, 13, 6
+    codes, ws, wo = _weights(o, k, bits, False, g)
+    sa, la = _act(bits, False)
+    layer = IntLinear("lin", k, o, **_common(codes, bits, ws, wo, sa, la, slope=0.01, g=g))
+    x = torch.randn(m, k, generator=g)
+    ref = ref_qlinear(ref_quantize(x, la, sa, bits), layer.w_packed, bits, bits, ws, wo, sa, la,
+                      layer.post_scale, layer.post_shift, None, 0.01)
+    gb = GraphBuilder()
+    L = IntLayers(gb, _Layers(layer), form="integer", opset=25)
+    gb.add_output(L.linear("lin", gb.add_input("x", FLOAT, [m, k])), "y", FLOAT, [m, o])
+    out = _session(gb.model(25, {})).run(None, {"x": x.numpy()})[0]
+    np.testing.assert_array_equal(out, ref.numpy())
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_qbmm_integer_form_is_exact(bits):
+    g = torch.Generator().manual_seed(bits)
+    t, n, d = 3, 10, 7
+    adj = torch.rand(t, n, n, generator=g)
+    v = torch.randn(t, n, d, generator=g)
+    agg = IntAggregation("agg", bits, bits, 0.011, -0.013, 0.21, -0.77)
+    ref = ref_qbmm(ref_quantize(adj, -0.013, 0.011, bits), ref_quantize(v, -0.77, 0.21, bits),
+                   bits, bits, 0.011, -0.013, 0.21, -0.77)
+
+    class _M(_Layers):
+        config = type("C", (), {"num_nodes": n})()
+    gb = GraphBuilder()
+    L = IntLayers(gb, _M(agg), form="integer")
+    y = L.bmm("agg", gb.add_input("a", FLOAT, [t, n, n]), gb.add_input("v", FLOAT, [t, n, d]))
+    gb.add_output(y, "y", FLOAT, [t, n, d])
+    out = _session(gb.model(21, {})).run(None, {"a": adj.numpy(), "v": v.numpy()})[0]
+    np.testing.assert_array_equal(out, ref.numpy())
+
+
+def test_quantize_matches_reference_including_ties():
+    s, l = 0.25, -0.5
+    x = torch.cat([torch.arange(-40, 40, dtype=torch.float32) * 0.125,  # many exact ties
+                   torch.randn(5000)])
+    gb = GraphBuilder()
+    L = IntLayers(gb, _Layers(IntAggregation("a", 4, 4, 1.0, 0.0, 1.0, 0.0)))
+    q = L.quantize(gb.add_input("x", FLOAT, [x.numel()]), l, s, 4)
+    gb.add_output(q, "q", onnx.TensorProto.UINT8, [x.numel()])
+    out = _session(gb.model(21, {})).run(None, {"x": x.numpy()})[0]
+    np.testing.assert_array_equal(out, ref_quantize(x, l, s, 4).numpy())
+
+
+# ------------------------------------------------------------------ whole episode
+
+def _episode(config, tasks, seed=1):
+    from qgnn_deploy.data import calibration_episodes
+    return calibration_episodes(config, tasks=tasks, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def fp_tiny():
+    from qgnn_deploy.config import preset_config
+    from qgnn_deploy.models import build_model
+    torch.manual_seed(0)
+    model = build_model(preset_config("tiny", 32))
+    for m in model.modules():  # non-trivial BN statistics
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def test_fp32_export_matches_torch_with_dynamic_tasks(fp_tiny, tmp_path):
+    path = str(tmp_path / "fp.onnx")
+    info = E.export_onnx(fp_tiny, path)
+    proto = onnx.load(path)
+    onnx.checker.check_model(proto)
+    assert proto.ir_version == 10 and proto.opset_import[0].version == 21
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "tasks"
+    assert info["kind"] == "fp32" and info["bytes"] == os.path.getsize(path)
+    sess = _session(proto)
+    for tasks in (1, 3):
+        images, labels = _episode(fp_tiny.config, tasks)
+        with torch.no_grad():
+            ref = fp_tiny(images, labels).logits.numpy()
+        out = sess.run(None, {"images": images.numpy(), "support_labels": labels.numpy()})[0]
+        assert out.shape == (tasks, 5, 5)
+        assert np.abs(out - ref).max() <= 1e-4
+
+
+def _folded(bits, zero_point, preset="tiny"):
+    from qgnn_deploy.fold import fold
+    from qgnn_deploy.sources import calibrated_model
+    im = fold(calibrated_model(preset, bits, quiet=True), zero_point=zero_point)
+    im.backend = "reference"
+    return im
+
+
+@pytest.fixture(scope="module")
+def int_tiny4():
+    return _folded(4, "exact")
+
+
+def _check(im, tasks=1, **opts):
+    from qgnn_deploy.export.check import check_parity
+    proto, info = E.build_onnx(im, **opts)
+    onnx.checker.check_model(proto)
+    batches = [_episode(im.config, tasks, seed=3)]
+    return check_parity(im, proto, info["code_tensors"], batches, threads=1), proto, info
+
+
+def test_integer_export_tiny_4bit_exact_is_bit_exact(int_tiny4):
+    res, proto, info = _check(int_tiny4)
+    assert res["passed"], res
+    assert res["code_mismatches"] == 0 and res["code_elements"] > 0
+    assert res["max_logit_diff"] <= 1e-6
+    meta = {p.key: p.value for p in proto.metadata_props}
+    from qgnn_deploy import __version__
+    assert meta["qgnn_deploy.version"] == __version__
+    bits = json.loads(meta["qgnn_deploy.layer_bits"])
+    assert bits["backbone.layer1.0.conv2"] == {"w_bits": 4, "a_bits": 4}
+    assert bits["backbone.conv1"] == {"w_bits": 32, "a_bits": 32}
+    # 4-bit weights stored as UINT4 at opset 21
+    types = {t.name: t.data_type for t in proto.graph.initializer}
+    assert types["backbone.layer1.0.conv2.weight_codes"] == onnx.TensorProto.UINT4
+    assert {"ConvInteger", "MatMulInteger"} <= {n.op_type for n in proto.graph.node}
+
+
+def test_weights_format_uint8_and_size(int_tiny4):
+    native, _ = E.build_onnx(int_tiny4)
+    wide, _ = E.build_onnx(int_tiny4, weights_format="uint8")
+    types = {t.name: t.data_type for t in wide.graph.initializer}
+    assert types["backbone.layer1.0.conv2.weight_codes"] == onnx.TensorProto.UINT8
+    assert len(native.SerializeToString()) < len(wide.SerializeToString())
+
+
+def test_integer_export_tiny_2bit_snap_qdq_uint2():
+    im = _folded(2, "snap")
+    res, proto, info = _check(im)
+    assert res["passed"], res
+    assert info["opset"] == 25 and proto.ir_version == 13
+    types = {t.name: t.data_type for t in proto.graph.initializer}
+    assert types["backbone.layer1.0.conv2.weight_codes"] == onnx.TensorProto.UINT2
+    res_q, proto_q, info_q = _check(im, form="qdq")
+    assert res_q["passed"], res_q
+    assert info_q["form"] == "qdq" and "ConvInteger" not in {n.op_type for n in proto_q.graph.node}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("zero_point", ["exact", "snap"])
+def test_integer_export_tiny_matrix(bits, zero_point):
+    im = _folded(bits, zero_point)
+    res, _, _ = _check(im, tasks=5)
+    assert res["passed"], res
+    assert res["code_mismatches"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("zero_point", ["exact", "snap"])
+def test_integer_export_resnet12_matrix(bits, zero_point):
+    im = _folded(bits, zero_point, preset="resnet12-cifarfs")
+    res, _, _ = _check(im, tasks=2)
+    assert res["passed"], res
+
+
+# ------------------------------------------------------------------ errors
+
+def test_inexpressible_layer_raises_naming_it(fp_tiny, tmp_path):
+    import copy
+    model = copy.deepcopy(fp_tiny)
+    model.backbone.layer2[0].conv2.dilation = (2, 2)
+    path = tmp_path / "bad.onnx"
+    with pytest.raises(ExportError, match="backbone.layer2.0.conv2"):
+        E.export_onnx(model, str(path))
+    assert not path.exists()
+
+
+def test_unknown_model_type_raises(tmp_path):
+    with pytest.raises(ExportError):
+        E.export_onnx(torch.nn.Linear(2, 2), str(tmp_path / "x.onnx"))
+
+
+# ------------------------------------------------------------------ backend + CLI
+
+def test_onnx_session_caches_and_runs(int_tiny4, tmp_path):
+    s1 = OnnxSession(int_tiny4, threads=1, cache_dir=str(tmp_path))
+    s2 = OnnxSession(int_tiny4, threads=1, cache_dir=str(tmp_path))
+    assert s1.path == s2.path and not s1.info["cached"] and s2.info["cached"]
+    images, labels = _episode(int_tiny4.config, 2)
+    out = s2(images, labels)
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 5, 5)
+    ref = int_tiny4(images, labels).logits
+    assert (out - ref).abs().max() <= 1e-3
+    from qgnn_deploy.errors import InputError
+    with pytest.raises(InputError):
+        s2(images[:, :3], labels)
+
+
+def test_onnx_session_from_float(fp_tiny, tmp_path):
+    s = OnnxSession.from_float(fp_tiny, threads=1, cache_dir=str(tmp_path))
+    assert s.metadata["qgnn_deploy.kind"] == "fp32" and s.bytes > 0
+    images, labels = _episode(fp_tiny.config, 1)
+    with torch.no_grad():
+        ref = fp_tiny(images, labels).logits
+    assert (s(images, labels) - ref).abs().max() <= 1e-4
+
+
+def test_export_command_json_check(tmp_path, capsys):
+    from qgnn_deploy.cli import main
+    out = tmp_path / "m.onnx"
+    rc = main(["export", "--preset", "tiny", "--bits", "3", "--out", str(out), "--check",
+               "--episodes", "2", "--threads", "1", "--json"])
+    captured = capsys.readouterr()
+    res = json.loads(captured.out)
+    assert rc == 0 and out.exists()
+    assert res["kind"] == "integer" and res["check"]["passed"]
+    assert res["check"]["episodes"] == 2 and res["bytes"] == out.stat().st_size
