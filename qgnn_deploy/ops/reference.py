@@ -13,7 +13,11 @@ codes ``qa`` (offset ``la``, step ``sa``, per tensor) computes::
     AS[p]    = sum_k qa[p,k]                       int32
     WS[p,o]  = sum_k qw[o,k] over the taps of p that fall inside the input
     CNT[p]   = number of those taps                (WS, CNT vary only at padded borders)
-    y = (sw*sa)*ACC + (sw*la)*WS + (lw*sa)*AS + (lw*la)*CNT          fp32, in this order
+    y = (sw*sa)*ACC + (sw*la)*WS + (lw*sa)*AS + (lw*la)*CNT          (exact identity)
+      evaluated centred to avoid cancellation (ref_zero_split / ref_epilogue):
+      zw, dw = split(lw, sw); za, da = split(la, sa)    z = clamp(rne(-l/s), 0, 255), d = l + s*z
+      ACC' = ACC - zw*AS - za*WS + zw*za*CNT;  WS' = WS - zw*CNT;  AS' = AS - za*CNT   (int32)
+      y = (sw*sa)*ACC' + (sw*da)*WS' + (dw*sa)*AS' + (dw*da)*CNT    fp32, in this order
     y = y * post_scale[o] + post_shift[o]           folded BatchNorm and bias
     y = y + residual                                if given
     y = max(y, 0) + slope * min(y, 0)               LeakyReLU, if slope is given
@@ -182,7 +186,7 @@ def ref_conv2d_acc(x: Tensor, w_codes: Tensor, kh: int, kw: int, stride: int, pa
     patches, valid = im2col_nhwc(x, kh, kw, stride, pad)
     b, ho, wo, k = patches.shape
     acc, as_, _ = ref_linear_acc(patches.reshape(-1, k), w_codes)
-    tap_sums = w_codes.to(torch.int32).view(o, kh * kw, c).sum(2)  # [O, taps]
+    tap_sums = w_codes.to(torch.int32).view(o, kh * kw, c).sum(2, dtype=torch.int32)  # [O, taps]
     ws = valid.reshape(-1, kh * kw) @ tap_sums.t()                  # [Ho*Wo, O]
     cnt = valid.sum(-1, dtype=torch.int32) * c
     return (acc.view(b, ho, wo, o), as_.view(b, ho, wo), ws.view(ho, wo, o).to(torch.int32),
@@ -201,6 +205,41 @@ def ref_bmm_acc(a: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
 
 # ------------------------------------------------------------------------ epilogue
 
+ZERO_POINT_MAX = 255  # centring zero points are clamped to [0, 255]: int32-safe for K <= 8000
+
+
+def ref_zero_split(offset: Tensor, scale: Tensor) -> Tuple[Tensor, Tensor]:
+    """Split real offsets into an integer zero point and a small fp32 remainder.
+
+    ``z = clamp(rne(-offset / scale), 0, 255)`` (fp32 division), ``d = offset + scale * z``
+    (fp32 product, then fp32 sum), so that ``offset + scale * q == scale * (q - z) + d``
+    with ``|d| <= scale / 2`` whenever the range contains 0. Shapes: any (elementwise).
+    Returns: z int32, d float32.
+    """
+    offset, scale = offset.float(), scale.float()
+    z = torch.round(-offset / scale).clamp_(0, ZERO_POINT_MAX)
+    return z.to(torch.int32), offset + scale * z
+
+
+def ref_centered_parts(acc: Tensor, as_: Tensor, ws: Tensor, cnt: Tensor, zw: Tensor,
+                       za: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Integer parts of the centred identity (all int32, exact).
+
+    ``ACC' = ACC - zw*AS - za*WS + zw*za*CNT`` (= sum over valid taps of (qw-zw)(qa-za)),
+    ``WS' = WS - zw*CNT``, ``AS' = AS - za*CNT``. acc [..., O]; as_/cnt broadcastable to
+    [..., 1]; ws/zw broadcastable to [..., O]; za scalar.
+    """
+    i64 = torch.int64
+    acc, as_, ws, cnt = acc.to(i64), as_.to(i64), ws.to(i64), cnt.to(i64)
+    zw, za = zw.to(i64), za.to(i64)
+    accp = acc - zw * as_ - za * ws + (zw * za) * cnt
+    wsp = ws - zw * cnt
+    asp = as_ - za * cnt
+    if accp.numel() and int(accp.abs().max()) >= 2 ** 31:  # pragma: no cover - K beyond ~8000
+        raise KernelArgumentError("centred accumulator exceeds int32 (reduction too long)")
+    return accp.to(torch.int32), wsp.to(torch.int32), asp.to(torch.int32)
+
+
 def ref_epilogue(acc: Tensor, as_: Tensor, ws: Tensor, cnt: Tensor, w_scale: Tensor,
                  w_offset: Tensor, a_scale: float, a_offset: float,
                  post_scale: Optional[Tensor] = None, post_shift: Optional[Tensor] = None,
@@ -210,12 +249,31 @@ def ref_epilogue(acc: Tensor, as_: Tensor, ws: Tensor, cnt: Tensor, w_scale: Ten
     """The fp32 epilogue of DESIGN.md section 3, broadcast over the last dim (channels).
 
     acc [..., O]; as_ [...] ; ws broadcastable to [..., O]; cnt broadcastable to [...].
+
+    The identity ``sw*sa*ACC + sw*la*WS + lw*sa*AS + lw*la*CNT`` is evaluated in its
+    *centred* form: offsets split by :func:`ref_zero_split` into integer zero points
+    (zw [O], za) and remainders (dw [O], da); the zero points move into exact integer
+    parts (:func:`ref_centered_parts`) and the fp32 part is::
+
+        y = (sw*sa)*ACC' + (sw*da)*WS' + (dw*sa)*AS' + (dw*da)*CNT     fp32, in this order
+
+    Mathematically identical to the plain identity, but its terms no longer cancel, so
+    the fp32 error is that of one product of the result's size (~1e-7 relative) instead
+    of the size of the largest offset term (measured 13x larger at 4 bits). That matters:
+    each fp32 discrepancy near a rounding boundary flips a code of the next layer, and
+    flips cascade through the network (2-bit tiny model: max logit diff vs fake-quant
+    3e-8 centred vs 3e-2 plain). Under zero_point="snap", da and dw are ~0 and this is
+    the standard asymmetric scheme ``s_w s_a sum (qw - zw)(qa - za)``.
     """
+    sw = w_scale.float()
     sa, la = torch.tensor(float(a_scale)), torch.tensor(float(a_offset))
-    y = ((w_scale * sa) * acc.float()
-         + (w_scale * la) * ws.float()
-         + (w_offset * sa) * as_.float().unsqueeze(-1)
-         + (w_offset * la) * cnt.float().unsqueeze(-1))
+    zw, dw = ref_zero_split(w_offset, sw)
+    za, da = ref_zero_split(la, sa)
+    accp, wsp, asp = ref_centered_parts(acc, as_.unsqueeze(-1), ws, cnt.unsqueeze(-1), zw, za)
+    y = ((sw * sa) * accp.float()
+         + (sw * da) * wsp.float()
+         + (dw * sa) * asp.float()
+         + (dw * da) * cnt.float().unsqueeze(-1))
     if post_scale is not None:
         y = y * post_scale
     if post_shift is not None:
@@ -302,8 +360,12 @@ def ref_qbmm(a: Tensor, v: Tensor, a_bits: int, v_bits: int, a_scale: float, a_o
     Args:
         a: uint8 [T, N, N] codes of the normalised adjacency (offset a_offset, step a_scale).
         v: uint8 [T, N, D] codes of the node features (offset v_offset, step v_scale).
-    Returns: float32 [T, N, D] =
-        (sa*sv)*ACC + (sa*lv)*AS[t,i] + (la*sv)*VS[t,d] + (la*lv)*N, in this order.
+    Returns: float32 [T, N, D], the identity
+        (sa*sv)*ACC + (sa*lv)*AS[t,i] + (la*sv)*VS[t,d] + (la*lv)*N
+    evaluated centred (see :func:`ref_epilogue`): (za, da) = ref_zero_split(la, sa),
+    (zv, dv) = ref_zero_split(lv, sv), then in int32 ACC' = ACC - zv*AS - za*VS + za*zv*N,
+    AS' = AS - za*N, VS' = VS - zv*N, and in fp32, in this order,
+        (sa*sv)*ACC' + (sa*dv)*AS'[t,i] + (da*sv)*VS'[t,d] + (da*dv)*N.
     """
     check_codes(a, "a", 3, a_bits)
     check_codes(v, "v", 3, v_bits)
@@ -314,8 +376,16 @@ def ref_qbmm(a: Tensor, v: Tensor, a_bits: int, v_bits: int, a_scale: float, a_o
     sa, la = check_scalar(a_scale, "a_scale", True), check_scalar(a_offset, "a_offset")
     sv, lv = check_scalar(v_scale, "v_scale", True), check_scalar(v_offset, "v_offset")
     acc, as_, vs = ref_bmm_acc(a, v)
-    f = lambda z: torch.tensor(z, dtype=torch.float32)  # noqa: E731  (fp32 products, as kernels do)
-    return ((f(sa) * f(sv)) * acc.float()
-            + (f(sa) * f(lv)) * as_.float().unsqueeze(-1)
-            + (f(la) * f(sv)) * vs.float().unsqueeze(1)
-            + (f(la) * f(lv)) * float(n))
+    f = lambda z: torch.tensor(z, dtype=torch.float32)  # noqa: E731  (fp32 values, as kernels use)
+    za, da = ref_zero_split(f(la), f(sa))
+    zv, dv = ref_zero_split(f(lv), f(sv))
+    # centred identity (see ref_epilogue): roles a -> "weight" rows, v -> "activation" columns
+    cnt = torch.tensor(n, dtype=torch.int32)
+    accp = (acc.long() - za.long() * vs.long().unsqueeze(1) - zv.long() * as_.long().unsqueeze(-1)
+            + za.long() * zv.long() * n).to(torch.int32)
+    asp = (as_.long() - za.long() * n).to(torch.int32)   # sum_j (qa - za)  [T, N]
+    vsp = (vs.long() - zv.long() * n).to(torch.int32)    # sum_j (qv - zv)  [T, D]
+    return ((f(sa) * f(sv)) * accp.float()
+            + (f(sa) * dv) * asp.float().unsqueeze(-1)
+            + (da * f(sv)) * vsp.float().unsqueeze(1)
+            + (da * dv) * cnt.float())

@@ -1,0 +1,111 @@
+"""``qgnn-deploy run SOURCE --backend B``: few-shot accuracy of a model on one engine.
+
+Backends: ``reference`` / ``cpu`` / ``triton`` (the IntModel on that op backend),
+``onnx`` (the exported graph in onnxruntime), ``torch`` (the float / fake-quant
+model; needs a checkpoint or preset). A checkpoint or preset SOURCE is folded in
+memory (exact offsets). For every backend but ``reference`` the reference engine also
+runs on the same episodes and ``agreement_with_reference`` /
+``max_logit_diff_vs_reference`` are reported.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..cli import add_source_arguments
+    add_source_arguments(p)
+    p.add_argument("--backend", choices=("reference", "cpu", "triton", "onnx", "torch"),
+                   default="reference", help="engine to run (default: reference)")
+    p.add_argument("--episodes", type=int, default=100, help="evaluation episodes (default 100)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch, cpu, onnx)")
+    p.add_argument("--seed", type=int, default=0, help="episode seed")
+    p.add_argument("--dataset", default="synthetic", help="evaluation data set (default synthetic)")
+    p.add_argument("--data-dir", default=None, help="data directory for real data sets")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def _predictor(backend: str, int_model, float_model, threads):
+    """``predict(images, support) -> logits`` for ``backend``."""
+    import torch
+
+    from ..errors import ConfigError
+    if backend == "torch":
+        if float_model is None:
+            raise ConfigError("--backend torch runs the float / fake-quant model: give a checkpoint "
+                              "or --preset, not a .qgnn file")
+        from ..evaluate import model_predict
+        return model_predict(float_model.eval())
+    if backend == "onnx":
+        from ..backends.onnx import OnnxSession
+        sess = OnnxSession(int_model, threads=threads)
+        return lambda images, support: sess(images, support)
+    from ..backends import backend_module
+    backend_module(backend)  # BackendUnavailableError with the fix, before any work
+    if backend == "cpu" and threads:
+        mod = backend_module("cpu")
+        if hasattr(mod, "set_num_threads"):
+            mod.set_num_threads(threads)
+    int_model.backend = backend
+    device = torch.device("cuda") if backend == "triton" else torch.device("cpu")
+    model = int_model.to(device)
+
+    def predict(images, support):
+        return model(images.to(device), support.to(device)).logits.cpu()
+    return predict
+
+
+def run(args) -> int:
+    import copy
+
+    import torch
+
+    from ..artifact import load_int_model
+    from ..errors import ConfigError
+    from ..evaluate import evaluate
+    from ..fold import compare_engines, fold
+    from ..sources import load_float_model, parse_source
+
+    if args.episodes < 1:
+        raise ConfigError(f"--episodes must be >= 1, got {args.episodes}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    src = parse_source(args)
+    float_model = None
+    if src.kind == "artifact":
+        int_model = load_int_model(src.path)
+    else:
+        float_model = load_float_model(src)
+        int_model = fold(float_model)
+    config = int_model.config
+    kw = dict(episodes=args.episodes, seed=args.seed, dataset=args.dataset, data_dir=args.data_dir,
+              return_logits=True)
+    predict = _predictor(args.backend, copy.deepcopy(int_model) if args.backend != "reference" else int_model,
+                         float_model, args.threads)
+    if float_model is not None and args.backend == "torch" and int_model.generations != config.generations:
+        raise ConfigError("pruned generations are not supported with --backend torch")
+    res = evaluate(predict, config, desc=args.backend, **kw)
+    out = {"backend": args.backend, "source": src.label, "episodes": res["episodes"],
+           "queries": res["queries"], "accuracy": res["accuracy"], "ci95": res["ci95"],
+           "seconds": res["seconds"], "threads": torch.get_num_threads(),
+           "generations": int_model.generations, "zero_point": int_model.zero_point}
+    if args.backend != "reference":
+        int_model.backend = "reference"
+        ref = evaluate(lambda i, s: int_model(i, s).logits, config, desc="reference", **kw)
+        cmp = compare_engines(ref["logits"], res["logits"])
+        out.update(agreement_with_reference=cmp["agreement"],
+                   max_logit_diff_vs_reference=cmp["max_logit_diff"],
+                   reference_accuracy=ref["accuracy"])
+    if args.json:
+        print(json.dumps(out))
+    else:
+        line = (f"{args.backend}: accuracy {out['accuracy']:.4f} +- {out['ci95']:.4f} on "
+                f"{out['episodes']} episodes ({out['seconds']:.1f} s)")
+        if "agreement_with_reference" in out:
+            line += (f"; vs reference: agreement {out['agreement_with_reference']:.4f}, max |logit "
+                     f"diff| {out['max_logit_diff_vs_reference']:.3g}")
+        print(line)
+    return 0
