@@ -1,0 +1,192 @@
+"""Concurrency and determinism (issue 9, part 5).
+
+One loaded IntModel used from several Python threads at once gives bit-identical
+answers to sequential use (cpu and reference backends); results are bit-identical
+across runs, across torch.set_num_threads 1 vs 2 and across the C++ kernels' own
+thread count; the per-thread backend selection (a context variable) does not leak.
+"""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+pytest.importorskip("qgnn_deploy.fold")
+pytest.importorskip("qgnn_deploy.artifact")
+
+
+def _tiny_model(bits=4):
+    from qgnn_deploy.config import preset_config
+    from qgnn_deploy.data import calibration_episodes
+    from qgnn_deploy.models import build_model
+    torch.manual_seed(0)
+    cfg = preset_config("tiny", bits)
+    m = build_model(cfg)
+    images, labels = calibration_episodes(cfg, tasks=1, seed=0)
+    m.train()
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.modules.dropout._DropoutNd):
+            mod.eval()
+    with torch.no_grad():
+        m(images, labels)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    from qgnn_deploy.artifact import save_int_model
+    from qgnn_deploy.fold import fold
+    m = _tiny_model()
+    p = str(tmp_path_factory.mktemp("conc") / "m.qgnn")
+    save_int_model(fold(m), p)
+    return p, m.config
+
+
+def _episodes(config, n, tasks=1):
+    from qgnn_deploy.data import calibration_episodes
+    return [calibration_episodes(config, tasks=tasks, seed=100 + i) for i in range(n)]
+
+
+def _need(backend):
+    from qgnn_deploy.backends import is_backend_available
+    if not is_backend_available(backend):
+        pytest.skip(f"{backend} backend unavailable")
+
+
+def _run_threads(fn, items, threads):
+    barrier = threading.Barrier(threads)
+
+    def go(item):
+        barrier.wait(timeout=60)  # start together: maximal overlap
+        return fn(item)
+
+    with ThreadPoolExecutor(threads) as ex:
+        return list(ex.map(go, items))
+
+
+@pytest.mark.parametrize("backend,threads,rounds", [("cpu", 4, 2), ("reference", 2, 1)])
+def test_threads_match_sequential(artifact, backend, threads, rounds):
+    """A *freshly loaded* model (empty weight caches) hit by several threads at once."""
+    _need(backend)
+    from qgnn_deploy.artifact import load_int_model
+    path, config = artifact
+    eps = _episodes(config, threads)
+    im = load_int_model(path, backend=backend)
+    concurrent = _run_threads(lambda e: im(*e).logits, eps * rounds, threads)
+    seq_model = load_int_model(path, backend=backend)
+    sequential = [seq_model(*e).logits for e in eps]
+    for i, out in enumerate(concurrent):
+        assert torch.equal(out, sequential[i % threads]), f"thread result {i} differs from sequential"
+
+
+def test_mixed_backends_per_thread(artifact):
+    """Threads selecting different backends with use_backend on one shared model
+    (backend=None) each get their own backend's answer."""
+    _need("cpu")
+    from qgnn_deploy.artifact import load_int_model
+    from qgnn_deploy.backends import use_backend
+    path, config = artifact
+    (e,) = _episodes(config, 1)
+    im = load_int_model(path, backend=None)
+    with use_backend("cpu"):
+        want_cpu = im(*e).logits
+    with use_backend("reference"):
+        want_ref = im(*e).logits
+
+    def job(name):
+        with use_backend(name):
+            return name, im(*e).logits
+
+    for name, out in _run_threads(job, ["cpu", "reference", "cpu"], 3):  # one reference pass
+        assert torch.equal(out, want_cpu if name == "cpu" else want_ref)
+
+
+def test_failing_thread_does_not_disturb_others(artifact):
+    _need("cpu")
+    from qgnn_deploy.artifact import load_int_model
+    from qgnn_deploy.errors import InputError
+    path, config = artifact
+    eps = _episodes(config, 2)
+    im = load_int_model(path, backend="cpu")
+    want = [im(*e).logits for e in eps]
+    bad = eps[0][0].clone()
+    bad[0, 0, 0, 0, 0] = float("nan")
+
+    def job(i):
+        if i % 2:
+            with pytest.raises(InputError):
+                im(bad, eps[0][1])
+            return None
+        return im(*eps[(i // 2) % 2]).logits
+
+    outs = _run_threads(job, list(range(4)), 4)
+    assert torch.equal(outs[0], want[0]) and torch.equal(outs[2], want[1])
+
+
+def test_bit_identical_across_runs_and_thread_counts(artifact):
+    _need("cpu")
+    from qgnn_deploy.artifact import load_int_model
+    from qgnn_deploy.backends import cpu
+    path, config = artifact
+    (e,) = _episodes(config, 1, tasks=3)
+    im = load_int_model(path, backend="cpu")
+    saved = torch.get_num_threads()
+    results = {}
+    try:
+        for torch_threads in (1, 2):
+            torch.set_num_threads(torch_threads)
+            for kernel_threads in (None, 1, 2, 3):
+                cpu.set_num_threads(kernel_threads)
+                for run in range(2):
+                    results[(torch_threads, kernel_threads, run)] = im(*e).logits
+    finally:
+        cpu.set_num_threads(None)
+        torch.set_num_threads(saved)
+    first = next(iter(results.values()))
+    for key, out in results.items():
+        assert torch.equal(out, first), f"result differs at torch/kernel threads/run {key}"
+    # a second load of the same file gives the same bits
+    assert torch.equal(load_int_model(path, backend="cpu")(*e).logits, first)
+
+
+def test_kernel_thread_counts_bit_identical_on_large_ops():
+    """Big enough that the C++ kernels really split the work (M tiles, K blocks)."""
+    try:
+        from qgnn_deploy.backends import cpu
+    except ImportError:
+        pytest.skip("cpu backend missing")
+    if not cpu.is_available():
+        pytest.skip("C++ extension not built")
+    from qgnn_deploy.ops.packing import pack_codes
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 16, (8, 16, 16, 64), generator=g).to(torch.uint8)
+    wp = pack_codes(torch.randint(0, 16, (96, 9 * 64), generator=g).to(torch.uint8), 4)
+    epi = dict(w_scale=torch.rand(96, generator=g) * 0.1 + 0.01, w_offset=torch.rand(96, generator=g) - 0.5,
+               a_scale=0.05, a_offset=-0.3, post_scale=torch.rand(96, generator=g) + 0.5,
+               post_shift=torch.randn(96, generator=g), slope=0.2)
+    a = torch.randint(0, 256, (40, 30, 30), generator=g).to(torch.uint8)
+    v = torch.randint(0, 16, (40, 30, 128), generator=g).to(torch.uint8)
+    outs = []
+    try:
+        for n in (1, 2, 3, 7):
+            cpu.set_num_threads(n)
+            outs.append((cpu.cpu_qconv2d(x, wp, 4, 4, 3, 1, 1, **epi),
+                         cpu.cpu_qconv2d(x, wp, 4, 4, 3, 1, 1, **epi, out_l=-1.0, out_s=0.1, out_bits=4),
+                         cpu.cpu_qbmm(a, v, 8, 4, 0.01, -0.1, 0.05, 0.2),
+                         cpu.cpu_quantize(torch.randn(1000, 33, generator=torch.Generator().manual_seed(1)),
+                                          -1.0, 0.1, 4)))
+    finally:
+        cpu.set_num_threads(None)
+    for o in outs[1:]:
+        for a_, b_ in zip(outs[0], o):
+            assert torch.equal(a_, b_)
+    # concurrent calls into the extension from Python threads (GIL released inside)
+    cpu.set_num_threads(2)
+    try:
+        conc = _run_threads(lambda _: cpu.cpu_qconv2d(x, wp, 4, 4, 3, 1, 1, **epi), range(4), 4)
+    finally:
+        cpu.set_num_threads(None)
+    for c in conc:
+        assert torch.equal(c, outs[0][0])
