@@ -154,6 +154,16 @@ def _expect(tensors: Dict[str, torch.Tensor], attr: str, shape: Tuple[int, ...],
     return t
 
 
+def _input_hwc(rec: Dict[str, Any], features: int, where: str) -> Optional[List[int]]:
+    """A linear layer's (h, w, C) input shape (NHWC flatten order), checked against K."""
+    hwc = rec.get("input_hwc")
+    if hwc is not None and (not isinstance(hwc, list) or len(hwc) != 3
+                            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in hwc)
+                            or hwc[0] * hwc[1] * hwc[2] != features):
+        raise ArtifactError(f"{where}: input_hwc {hwc!r} does not match in_features={features}")
+    return hwc
+
+
 def _layer_from_record(rec: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> nn.Module:
     from .intmodel import (FloatAggregation, FloatConv2d, FloatLinear, IntAggregation, IntConv2d,
                            IntLinear)
@@ -199,11 +209,7 @@ def _layer_from_record(rec: Dict[str, Any], tensors: Dict[str, torch.Tensor]) ->
             slope=_opt_number(rec, "slope", where), out_quant=oq, w_granularity=gran)
         if kind == "conv2d":
             return IntConv2d(name, cin, o, k, st, pad, residual=bool(rec.get("residual", False)), **common)
-        hwc = rec.get("input_hwc")
-        if hwc is not None and (not isinstance(hwc, list) or len(hwc) != 3
-                                or hwc[0] * hwc[1] * hwc[2] != red):
-            raise ArtifactError(f"{where}: input_hwc {hwc!r} does not match in_features={red}")
-        return IntLinear(name, red, o, input_hwc=hwc, **common)
+        return IntLinear(name, red, o, input_hwc=_input_hwc(rec, red, where), **common)
     if kind == "bmm":
         return IntAggregation(name, _bits(rec, "a_bits", where), _bits(rec, "v_bits", where),
                               _scale(rec, "a_scale", where), _need(rec, "a_offset", float, where),
@@ -217,13 +223,14 @@ def _layer_from_record(rec: Dict[str, Any], tensors: Dict[str, torch.Tensor]) ->
         vec = {a: _expect(tensors, a, (o,), where, optional=True) for a in ("bias", "post_scale", "post_shift")}
         slope = _opt_number(rec, "slope", where)
         if kind == "conv2d_fp32":
-            if w.shape[2] != w.shape[3]:
-                raise ArtifactError(f"{where}: FP32 conv kernels must be square")
-            return FloatConv2d(name, w, vec["bias"], _need(rec, "stride", int, where),
-                               _need(rec, "padding", int, where), vec["post_scale"],
+            stride, padding = _need(rec, "stride", int, where), _need(rec, "padding", int, where)
+            if w.shape[2] != w.shape[3] or stride < 1 or padding < 0:
+                raise ArtifactError(f"{where}: bad FP32 conv geometry (kernel {list(w.shape[2:])}, "
+                                    f"stride {stride}, padding {padding})")
+            return FloatConv2d(name, w, vec["bias"], stride, padding, vec["post_scale"],
                                vec["post_shift"], slope, bool(rec.get("residual", False)))
         return FloatLinear(name, w, vec["bias"], vec["post_scale"], vec["post_shift"], slope,
-                           rec.get("input_hwc"))
+                           _input_hwc(rec, w.shape[1], where))
     if kind == "bmm_fp32":
         return FloatAggregation(name)
     raise ArtifactError(f"{where}: unknown layer kind {kind!r}")
@@ -353,11 +360,20 @@ def _read(path: str) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
     if not isinstance(layers, list):
         raise ArtifactError(f"{path!r}: header has no layer list")
     declared: Dict[str, Tuple[str, List[int]]] = {}
+    names = set()
     for rec in layers:
         if not isinstance(rec, dict) or not isinstance(rec.get("name"), str) or not isinstance(rec.get("tensors"), dict):
             raise ArtifactError(f"{path!r}: malformed layer record {str(rec)[:80]}")
+        if rec["name"] in names:
+            raise ArtifactError(f"{path!r}: layer {rec['name']!r} appears twice in the header")
+        names.add(rec["name"])
         for attr, spec in rec["tensors"].items():
-            declared[f"{rec['name']}.{attr}"] = (spec[0], list(spec[1])) if isinstance(spec, list) and len(spec) == 2 else ("?", [])
+            if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str)
+                    and isinstance(spec[1], list)
+                    and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in spec[1])):
+                raise ArtifactError(f"{path!r}: layer {rec['name']!r} declares tensor {attr!r} as "
+                                    f"{str(spec)[:60]}; expected [dtype, [non-negative dims]]")
+            declared[f"{rec['name']}.{attr}"] = (spec[0], list(spec[1]))
     stored = {k: (v["dtype"], list(v["shape"])) for k, v in st_header.items() if k != "__metadata__"}
     missing, extra = sorted(set(declared) - set(stored)), sorted(set(stored) - set(declared))
     if missing or extra:

@@ -50,7 +50,7 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
         raise CheckpointError(
-            f"cannot read checkpoint {path!r}: {type(e).__name__}: {str(e).splitlines()[0][:300]} "
+            f"cannot read checkpoint {path!r}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]} "
             "(checkpoints are loaded with weights_only=True; a truncated or non-torch file fails here)"
         ) from None
     if not isinstance(obj, dict):

@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+        # SUPPRESS: an unset subcommand flag must not overwrite `qgnn-deploy --debug CMD`
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks on errors")
         mod = _command_module(name)
         if mod is not None:
             mod.add_arguments(p)

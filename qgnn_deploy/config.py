@@ -101,14 +101,15 @@ class ModelConfig:
         if unknown:
             raise ConfigError(f"unknown model config keys: {unknown}")
         d = dict(d)
-        if "widths" in d:
-            d["widths"] = tuple(int(w) for w in d["widths"])
-        if "layer_bits" in d:
-            d["layer_bits"] = {str(k): int(v) for k, v in dict(d["layer_bits"]).items()}
         try:
-            return cls(**d).validate()
-        except TypeError as e:
+            if "widths" in d:
+                d["widths"] = tuple(int(w) for w in d["widths"])
+            if "layer_bits" in d:
+                d["layer_bits"] = {str(k): int(v) for k, v in dict(d["layer_bits"]).items()}
+            config = cls(**d)
+        except (TypeError, ValueError) as e:
             raise ConfigError(f"invalid model config: {e}") from None
+        return config.validate()
 
 
 def check_bits(bits: Any, what: str = "bits") -> int:

@@ -92,9 +92,6 @@ def test_debug_after_subcommand_shows_traceback(bad_files):
     assert "Traceback" in r.stderr and "CheckpointError" in r.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="cli.build_parser: the subparser's own --debug (default False) "
-                   "overwrites the top-level one, so `qgnn-deploy --debug report X` shows no traceback; "
-                   "give the subparser flag default=argparse.SUPPRESS")
 def test_debug_before_subcommand_shows_traceback(bad_files):
     if not _available("report"):
         pytest.skip("report command not available")

@@ -212,8 +212,6 @@ def test_pack_unpack_all_implementations_agree(o, k, bits, seed):
     assert torch.equal(unpack_codes(ref, bits, k), codes)
 
 
-@pytest.mark.xfail(strict=True, reason="ops/packing.unpack_codes: O=0 rows raise a raw RuntimeError from "
-                   "view(o, -1, bits) (ambiguous -1 on 0 elements); use view(o, packed.shape[1] // bits, bits)")
 def test_unpack_zero_rows():
     packed = pack_codes(torch.zeros(0, 5, dtype=torch.uint8), 4)
     assert unpack_codes(packed, 4, 5).shape == (0, 5)

@@ -132,9 +132,6 @@ def test_non_finite_weight_quantizer_rejected_by_cpu(special, what):
         cpu.cpu_qlinear(x, wp, 4, 4, **{**epi, what: v})
 
 
-@pytest.mark.xfail(strict=True, reason="ops/reference.check_vector does not require finite values: a NaN "
-                   "w_scale surfaces as 'centred accumulator exceeds int32 (reduction too long)', which "
-                   "names neither the argument nor the cause; check torch.isfinite (and w_scale > 0) there")
 def test_reference_nan_w_scale_message_names_it():
     x, wp, epi = _linear_args()
     v = epi["w_scale"].clone()
@@ -143,9 +140,6 @@ def test_reference_nan_w_scale_message_names_it():
         R.ref_qlinear(x, wp, 4, 4, **{**epi, "w_scale": v})
 
 
-@pytest.mark.xfail(strict=True, reason="ops/reference.check_scalar accepts finite doubles that overflow "
-                   "fp32 (a_scale=1e39 -> inf outputs) while the cpu binding rejects them "
-                   "('overflows float32'); reject |x| > float32 max in check_scalar")
 def test_reference_rejects_scalar_overflowing_fp32():
     x, wp, epi = _linear_args()
     with pytest.raises(KernelArgumentError):

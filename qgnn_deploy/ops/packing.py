@@ -81,9 +81,9 @@ def unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
         raise KernelArgumentError(
             f"packed rows of {packed.shape[1]} bytes do not hold K={k} codes of {bits} bits "
             f"(expected {packed_row_bytes(k, bits)} bytes)")
-    groups = packed.to(torch.int64).view(o, -1, bits)
+    groups = packed.to(torch.int64).view(o, packed.shape[1] // bits, bits)
     byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
     word = (groups << byte_shifts).sum(-1)  # [O, K8/8]
     shifts = torch.arange(8, dtype=torch.int64) * bits
     codes = (word.unsqueeze(-1) >> shifts) & (2 ** bits - 1)
-    return codes.reshape(o, -1)[:, :k].to(torch.uint8)
+    return codes.reshape(o, packed.shape[1] // bits * 8)[:, :k].to(torch.uint8)

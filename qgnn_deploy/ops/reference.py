@@ -40,6 +40,7 @@ from ..quant.pauta import pauta_codes
 from .packing import PACKABLE_BITS, packed_row_bytes, unpack_codes
 
 Tensor = torch.Tensor
+FP32_MAX = float(torch.finfo(torch.float32).max)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -59,7 +60,8 @@ def check_codes(x: Tensor, name: str, dims: int, bits: Optional[int] = None) -> 
             raise KernelArgumentError(f"{name} holds codes >= 2^{bits} (max {int(x.max())})")
 
 
-def check_vector(v: Optional[Tensor], name: str, n: int, optional: bool = False) -> None:
+def check_vector(v: Optional[Tensor], name: str, n: int, optional: bool = False,
+                 positive: bool = False) -> None:
     if v is None:
         if optional:
             return
@@ -67,6 +69,10 @@ def check_vector(v: Optional[Tensor], name: str, n: int, optional: bool = False)
     if not isinstance(v, torch.Tensor) or v.dtype != torch.float32 or v.shape != (n,):
         got = f"{v.dtype} {tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
         raise KernelArgumentError(f"{name} must be float32 of shape ({n},), got {got}")
+    if not bool(torch.isfinite(v).all()):
+        raise KernelArgumentError(f"{name} holds NaN or Inf values")
+    if positive and not bool((v > 0).all()):
+        raise KernelArgumentError(f"{name} must be > 0 everywhere")
 
 
 def check_scalar(x, name: str, positive: bool = False) -> float:
@@ -74,8 +80,8 @@ def check_scalar(x, name: str, positive: bool = False) -> float:
         f = float(x)
     except (TypeError, ValueError):
         raise KernelArgumentError(f"{name} must be a number, got {x!r}") from None
-    if f != f or f in (float("inf"), float("-inf")):
-        raise KernelArgumentError(f"{name} must be finite, got {f}")
+    if f != f or abs(f) > FP32_MAX:  # beyond fp32 it would become Inf inside the kernels
+        raise KernelArgumentError(f"{name} must be a finite float32 value, got {f}")
     if positive and not f > 0:
         raise KernelArgumentError(f"{name} must be > 0, got {f}")
     return f
@@ -96,7 +102,7 @@ def check_packed(w_packed: Tensor, out_features: Optional[int], k: int, bits: in
 
 def check_epilogue(o: int, out_rows_shape, w_scale, w_offset, a_scale, a_offset, post_scale,
                    post_shift, residual, slope, out_l, out_s, out_bits) -> None:
-    check_vector(w_scale, "w_scale", o)
+    check_vector(w_scale, "w_scale", o, positive=True)
     check_vector(w_offset, "w_offset", o)
     check_scalar(a_scale, "a_scale", positive=True)
     check_scalar(a_offset, "a_offset")
