@@ -395,6 +395,7 @@ def load_int_model(path: str, backend: Optional[str] = None):
     """Load a .qgnn file as an :class:`~qgnn_deploy.intmodel.IntModel` (or raise ArtifactError)."""
     from .config import ModelConfig
     from .intmodel import IntModel
+    from .ops.bounds import check_int_model
     header, tensors = _read(path)
     try:
         config = ModelConfig.from_dict(header.get("config"))
@@ -409,6 +410,7 @@ def load_int_model(path: str, backend: Optional[str] = None):
             raise ArtifactError(f"generations must be an integer, got {gens!r}")
         model = IntModel(config, layers, generations=gens, zero_point=header.get("zero_point"),
                          backend=backend)
+        check_int_model(model)  # int32 accumulators cannot overflow for any layer it holds
     except ArtifactError as e:
         raise ArtifactError(f"{path!r}: {e}") from None
     except QGNNError as e:
