@@ -7,7 +7,8 @@ One file per kernel family:
 - ``qgemv``    the small-M path (``tl.sum``, split-K) for M <= 8
 - ``qbmm``     batched graph aggregation ``A @ V``, several tasks per program
 - ``quantize`` fp32 -> codes
-- ``_common``  weight-tile unpacking, exact rounding, the fused fp32 epilogue
+- ``_common``  weight-tile unpacking, exact rounding, the int32 corrections and the fused
+               (centred) fp32 epilogue
 - ``layout``   load-time repacking of canonical packed weights (bit-layout diagrams there)
 - ``autotune`` explicit configs keyed on shapes, pruned for shared memory
 
@@ -17,6 +18,7 @@ is first imported: set ``TRITON_INTERPRET=1`` before that to run them on CPU ten
 The Python launchers with the reference-op signatures live in
 ``qgnn_deploy.backends.triton``.
 """
+from ._common import MAX_REDUCTION
 from .autotune import INTERPRETED, STDLIB_INTERPRETED, interpreter_meta, tuned
 from .layout import K_ALIGN, TritonWeight, repack
 from .qbmm import qbmm_kernel
@@ -25,6 +27,6 @@ from .qgemm import qgemm_kernel
 from .qgemv import qgemv_finish_kernel, qgemv_kernel
 from .quantize import quantize_kernel
 
-__all__ = ["INTERPRETED", "STDLIB_INTERPRETED", "K_ALIGN", "TritonWeight", "interpreter_meta", "qbmm_kernel",
-           "qconv_kernel", "qgemm_kernel", "qgemv_finish_kernel", "qgemv_kernel",
+__all__ = ["INTERPRETED", "STDLIB_INTERPRETED", "K_ALIGN", "MAX_REDUCTION", "TritonWeight",
+           "interpreter_meta", "qbmm_kernel", "qconv_kernel", "qgemm_kernel", "qgemv_finish_kernel", "qgemv_kernel",
            "quantize_kernel", "repack", "tuned"]

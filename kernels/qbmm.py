@@ -1,14 +1,20 @@
 """Batched quantized graph aggregation ``A @ V`` per task (both operands activation codes).
 
     a uint8 [T, N, N], v uint8 [T, N, D]  ->  out fp32 [T, N, D]
-    out = (sa*sv)*ACC + (sa*lv)*AS[t,i] + (la*sv)*VS[t,d] + (la*lv)*N     (this order)
+    centred, as ``ref_qbmm``: (za, da) = split(la, sa), (zv, dv) = split(lv, sv) on the host,
+    ACC' = ACC - zv*AS - za*VS + za*zv*N, AS' = AS - za*N, VS' = VS - zv*N   (int32, exact)
+    out = (sa*sv)*ACC' + (sa*dv)*AS'[t,i] + (da*sv)*VS'[t,d] + (da*dv)*N     (fp32, this order)
 
 N is small (10 for 1-shot, 30 for 5-shot, up to ~100), so one program handles
 TASKS_PER_PROG whole tasks in sequence for one (row block, column block): a single
 ``tl.dot`` per task when N fits BLOCK_J, launch cost amortised over many tasks.
 Codes of <= 7 bits enter the int8 dot as they are; 8-bit codes are shifted by 128 and
-corrected with the row / column sums (``_common``):
-    ACC = ACC' + SV*AS[i] + SA*VS[d] - SA*SV*N
+corrected with the row / column sums (``_common.unshift``), D the shifted dot:
+    ACC = D + SA*(VS[d] - SV*N) + SV*AS[i]
+Overflow: codes and zero points lie in [0, 255], so every int32 intermediate here
+(D, sum a*(v - SV), ACC, za*VS, ACC - za*VS = sum (a - za)*v, zv*AS', ACC') is bounded
+by N*255*255 in magnitude: exact for N <= _common.MAX_REDUCTION (33025; the launcher
+checks).
 """
 import triton
 import triton.language as tl
@@ -16,14 +22,16 @@ import triton.language as tl
 
 @triton.jit
 def qbmm_kernel(a_ptr, v_ptr, out_ptr, as_out_ptr, vs_out_ptr, T, N, D, c_acc, c_as, c_vs, c_n,
+                za, zv,
                 A_SHIFT: tl.constexpr, V_SHIFT: tl.constexpr, OUT_MODE: tl.constexpr,
                 TASKS_PER_PROG: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
                 BLOCK_D: tl.constexpr):
     """Grid (cdiv(T, TASKS_PER_PROG), cdiv(N, BLOCK_I), cdiv(D, BLOCK_D)). OUT_MODE 0 stores
     int32 ACC [T, N, D], AS [T, N], VS [T, D]; 1 stores the fp32 result.
 
-    c_acc = sa*sv, c_as = sa*lv, c_vs = la*sv, c_n = (la*lv)*N: fp32 values computed by the
-    host (scalar*scalar products would run in float64 under the interpreter)."""
+    c_acc = sa*sv, c_as = sa*dv, c_vs = da*sv, c_n = (da*dv)*N: fp32 values computed by the
+    host exactly as ``ref_qbmm`` does (scalar*scalar products would run in float64 under
+    the interpreter); za, zv: the integer zero points of a and v (in [0, 255])."""
     pid_t = tl.program_id(0)
     pid_i = tl.program_id(1)
     pid_d = tl.program_id(2)
@@ -52,7 +60,7 @@ def qbmm_kernel(a_ptr, v_ptr, out_ptr, as_out_ptr, vs_out_ptr, T, N, D, c_acc, c
             v8 = tl.where(vmask, v - V_SHIFT, 0).to(tl.int8)
             acc = tl.dot(a8, v8, acc, out_dtype=tl.int32)
         if A_SHIFT != 0 or V_SHIFT != 0:
-            acc = acc + V_SHIFT * as_[:, None] + A_SHIFT * vs[None, :] - (A_SHIFT * V_SHIFT) * N
+            acc = acc + A_SHIFT * (vs[None, :] - V_SHIFT * N) + V_SHIFT * as_[:, None]
         mask = mask_i[:, None] & mask_d[None, :]
         offs = t * N * D + ri[:, None] * D + rd[None, :]
         if OUT_MODE == 0:
@@ -60,8 +68,12 @@ def qbmm_kernel(a_ptr, v_ptr, out_ptr, as_out_ptr, vs_out_ptr, T, N, D, c_acc, c
             tl.store(as_out_ptr + t * N + ri, as_, mask=mask_i & ((ri * 0 + pid_d) == 0))
             tl.store(vs_out_ptr + t * D + rd, vs, mask=mask_d & ((rd * 0 + pid_i) == 0))
         else:
-            y = c_acc * acc.to(tl.float32)
-            y = y + c_as * as_.to(tl.float32)[:, None]
-            y = y + c_vs * vs.to(tl.float32)[None, :]
+            # centred integer parts: ACC' = (ACC - za*VS) - zv*AS'
+            asp = as_ - za * N          # sum_j (a - za)   [BLOCK_I]
+            vsp = vs - zv * N           # sum_j (v - zv)   [BLOCK_D]
+            accp = (acc - za * vs[None, :]) - zv * asp[:, None]
+            y = c_acc * accp.to(tl.float32)
+            y = y + c_as * asp.to(tl.float32)[:, None]
+            y = y + c_vs * vsp.to(tl.float32)[None, :]
             y = y + c_n
             tl.store(out_ptr + offs, y, mask=mask)

@@ -16,13 +16,13 @@ multiple of 32, so the shift table is loop-invariant). Epilogue as in ``qgemm``.
 import triton
 import triton.language as tl
 
-from ._common import epilogue_store, shift_table, unpack_tile
+from ._common import epilogue_store, shift_table, unpack_tile, unshift
 
 
 @triton.jit
-def qconv_kernel(x_ptr, w_ptr, wh_ptr, tsum_ptr, wscale_ptr, woff_ptr, ps_ptr, psh_ptr,
+def qconv_kernel(x_ptr, w_ptr, wh_ptr, tsum_ptr, coef_ptr, zw_ptr, ps_ptr, psh_ptr,
                  res_ptr, out_ptr, as_out_ptr, ws_out_ptr, cnt_out_ptr,
-                 M, O, H, W, C, CP, HO, WO, sa, la, slope, out_l, out_s,
+                 M, O, H, W, C, CP, HO, WO, za, slope, out_l, out_s,
                  KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
                  BITS: tl.constexpr, A_SHIFT: tl.constexpr, W_SHIFT: tl.constexpr,
                  HAS_PS: tl.constexpr, HAS_PSH: tl.constexpr, HAS_RES: tl.constexpr,
@@ -81,7 +81,7 @@ def qconv_kernel(x_ptr, w_ptr, wh_ptr, tsum_ptr, wscale_ptr, woff_ptr, ps_ptr, p
             acc = tl.dot(a8, (q - W_SHIFT).to(tl.int8), acc, out_dtype=tl.int32)
 
     if A_SHIFT != 0 or W_SHIFT != 0:
-        acc = acc + A_SHIFT * ws + W_SHIFT * as_[:, None] - (A_SHIFT * W_SHIFT) * cnt[:, None]
+        acc = unshift(acc, as_[:, None], ws, cnt[:, None], A_SHIFT, W_SHIFT)
     if OUT_MODE == 0:
         mask = mask_m[:, None] & mask_n[None, :]
         offs = rm[:, None] * O + rn[None, :]
@@ -90,6 +90,6 @@ def qconv_kernel(x_ptr, w_ptr, wh_ptr, tsum_ptr, wscale_ptr, woff_ptr, ps_ptr, p
         tl.store(as_out_ptr + rm, as_, mask=mask_m & ((rm * 0 + pid_n) == 0))
         tl.store(cnt_out_ptr + rm, cnt, mask=mask_m & ((rm * 0 + pid_n) == 0))
     else:
-        epilogue_store(acc, as_, ws, cnt, rm, rn, mask_m, mask_n, O, wscale_ptr, woff_ptr, sa, la,
+        epilogue_store(acc, as_, ws, cnt, rm, rn, mask_m, mask_n, O, coef_ptr, zw_ptr, za,
                        ps_ptr, psh_ptr, res_ptr, slope, out_l, out_s, out_ptr,
                        HAS_PS, HAS_PSH, HAS_RES, HAS_SLOPE, OUT_MODE, QMAX)

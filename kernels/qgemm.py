@@ -7,19 +7,19 @@ Per program: a [BLOCK_M, BLOCK_N] output tile. The K loop loads an activation ti
 read once per 32/bits K rows; repeats hit L1), unpacks them in registers with the
 per-K-row shift table computed once before the loop, and accumulates
 ``tl.dot(int8, int8) -> int32``. AS (activation row sums) comes from the same tiles;
-WS (weight row sums) and CNT = K are load-time constants. Then the fused fp32
-epilogue (``_common.epilogue_store``).
+WS (weight row sums) and CNT = K are load-time constants. Then the exact int32
+centring and the fused fp32 epilogue (``_common.epilogue_store``).
 """
 import triton
 import triton.language as tl
 
-from ._common import epilogue_store, shift_table, unpack_tile
+from ._common import epilogue_store, shift_table, unpack_tile, unshift
 
 
 @triton.jit
-def qgemm_kernel(x_ptr, w_ptr, wh_ptr, wsum_ptr, wscale_ptr, woff_ptr, ps_ptr, psh_ptr,
+def qgemm_kernel(x_ptr, w_ptr, wh_ptr, wsum_ptr, coef_ptr, zw_ptr, ps_ptr, psh_ptr,
                  res_ptr, out_ptr, as_out_ptr,
-                 M, O, K, KP, stride_xm, sa, la, slope, out_l, out_s,
+                 M, O, K, KP, stride_xm, za, slope, out_l, out_s,
                  BITS: tl.constexpr, A_SHIFT: tl.constexpr, W_SHIFT: tl.constexpr,
                  HAS_PS: tl.constexpr, HAS_PSH: tl.constexpr, HAS_RES: tl.constexpr,
                  HAS_SLOPE: tl.constexpr, OUT_MODE: tl.constexpr, QMAX: tl.constexpr,
@@ -64,12 +64,12 @@ def qgemm_kernel(x_ptr, w_ptr, wh_ptr, wsum_ptr, wscale_ptr, woff_ptr, ps_ptr, p
     ws = tl.load(wsum_ptr + rn, mask=mask_n, other=0)[None, :]
     cnt = tl.zeros((BLOCK_M,), dtype=tl.int32) + K
     if A_SHIFT != 0 or W_SHIFT != 0:
-        acc = acc + A_SHIFT * ws + W_SHIFT * as_[:, None] - (A_SHIFT * W_SHIFT) * cnt[:, None]
+        acc = unshift(acc, as_[:, None], ws, cnt[:, None], A_SHIFT, W_SHIFT)
     if OUT_MODE == 0:
         mask = mask_m[:, None] & mask_n[None, :]
         tl.store(out_ptr + rm[:, None] * O + rn[None, :], acc, mask=mask)
         tl.store(as_out_ptr + rm, as_, mask=mask_m & ((rm * 0 + pid_n) == 0))  # vector form for the interpreter
     else:
-        epilogue_store(acc, as_, ws, cnt, rm, rn, mask_m, mask_n, O, wscale_ptr, woff_ptr, sa, la,
+        epilogue_store(acc, as_, ws, cnt, rm, rn, mask_m, mask_n, O, coef_ptr, zw_ptr, za,
                        ps_ptr, psh_ptr, res_ptr, slope, out_l, out_s, out_ptr,
                        HAS_PS, HAS_PSH, HAS_RES, HAS_SLOPE, OUT_MODE, QMAX)

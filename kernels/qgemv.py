@@ -11,13 +11,13 @@ SPLIT_K == 1 the epilogue is fused into the first kernel.
 import triton
 import triton.language as tl
 
-from ._common import epilogue_store, shift_table, unpack_tile
+from ._common import epilogue_store, shift_table, unpack_tile, unshift
 
 
 @triton.jit
-def qgemv_kernel(x_ptr, w_ptr, wh_ptr, wsum_ptr, wscale_ptr, woff_ptr, ps_ptr, psh_ptr,
+def qgemv_kernel(x_ptr, w_ptr, wh_ptr, wsum_ptr, coef_ptr, zw_ptr, ps_ptr, psh_ptr,
                  res_ptr, out_ptr, as_out_ptr, part_ptr, part_as_ptr,
-                 M, O, K, KP, stride_xm, K_PER_SPLIT, sa, la, slope, out_l, out_s,
+                 M, O, K, KP, stride_xm, K_PER_SPLIT, za, slope, out_l, out_s,
                  BITS: tl.constexpr, A_SHIFT: tl.constexpr, W_SHIFT: tl.constexpr,
                  HAS_PS: tl.constexpr, HAS_PSH: tl.constexpr, HAS_RES: tl.constexpr,
                  HAS_SLOPE: tl.constexpr, OUT_MODE: tl.constexpr, QMAX: tl.constexpr,
@@ -56,14 +56,14 @@ def qgemv_kernel(x_ptr, w_ptr, wh_ptr, wsum_ptr, wscale_ptr, woff_ptr, ps_ptr, p
         tl.store(part_ptr + (pid_k * M + rm[:, None]) * O + rn[None, :], acc, mask=mask)
         tl.store(part_as_ptr + pid_k * M + rm, as_, mask=mask_m & ((rm * 0 + pid_n) == 0))
     else:
-        _finish(acc, as_, rm, rn, mask_m, mask_n, O, K, wsum_ptr, wscale_ptr, woff_ptr, ps_ptr,
-                psh_ptr, res_ptr, out_ptr, as_out_ptr, pid_n, sa, la, slope, out_l, out_s,
+        _finish(acc, as_, rm, rn, mask_m, mask_n, O, K, wsum_ptr, coef_ptr, zw_ptr, ps_ptr,
+                psh_ptr, res_ptr, out_ptr, as_out_ptr, pid_n, za, slope, out_l, out_s,
                 A_SHIFT, W_SHIFT, HAS_PS, HAS_PSH, HAS_RES, HAS_SLOPE, OUT_MODE, QMAX)
 
 
 @triton.jit
-def qgemv_finish_kernel(part_ptr, part_as_ptr, wsum_ptr, wscale_ptr, woff_ptr, ps_ptr, psh_ptr,
-                        res_ptr, out_ptr, as_out_ptr, M, O, K, sa, la, slope, out_l, out_s,
+def qgemv_finish_kernel(part_ptr, part_as_ptr, wsum_ptr, coef_ptr, zw_ptr, ps_ptr, psh_ptr,
+                        res_ptr, out_ptr, as_out_ptr, M, O, K, za, slope, out_l, out_s,
                         A_SHIFT: tl.constexpr, W_SHIFT: tl.constexpr,
                         HAS_PS: tl.constexpr, HAS_PSH: tl.constexpr, HAS_RES: tl.constexpr,
                         HAS_SLOPE: tl.constexpr, OUT_MODE: tl.constexpr, QMAX: tl.constexpr,
@@ -80,26 +80,26 @@ def qgemv_finish_kernel(part_ptr, part_as_ptr, wsum_ptr, wscale_ptr, woff_ptr, p
     for s in range(SPLIT_K):
         acc += tl.load(part_ptr + (s * M + rm[:, None]) * O + rn[None, :], mask=mask, other=0)
         as_ += tl.load(part_as_ptr + s * M + rm, mask=mask_m, other=0)
-    _finish(acc, as_, rm, rn, mask_m, mask_n, O, K, wsum_ptr, wscale_ptr, woff_ptr, ps_ptr,
-            psh_ptr, res_ptr, out_ptr, as_out_ptr, pid_n, sa, la, slope, out_l, out_s,
+    _finish(acc, as_, rm, rn, mask_m, mask_n, O, K, wsum_ptr, coef_ptr, zw_ptr, ps_ptr,
+            psh_ptr, res_ptr, out_ptr, as_out_ptr, pid_n, za, slope, out_l, out_s,
             A_SHIFT, W_SHIFT, HAS_PS, HAS_PSH, HAS_RES, HAS_SLOPE, OUT_MODE, QMAX)
 
 
 @triton.jit
-def _finish(acc, as_, rm, rn, mask_m, mask_n, O, K, wsum_ptr, wscale_ptr, woff_ptr, ps_ptr,
-            psh_ptr, res_ptr, out_ptr, as_out_ptr, pid_n, sa, la, slope, out_l, out_s,
+def _finish(acc, as_, rm, rn, mask_m, mask_n, O, K, wsum_ptr, coef_ptr, zw_ptr, ps_ptr,
+            psh_ptr, res_ptr, out_ptr, as_out_ptr, pid_n, za, slope, out_l, out_s,
             A_SHIFT: tl.constexpr, W_SHIFT: tl.constexpr,
             HAS_PS: tl.constexpr, HAS_PSH: tl.constexpr, HAS_RES: tl.constexpr,
             HAS_SLOPE: tl.constexpr, OUT_MODE: tl.constexpr, QMAX: tl.constexpr):
     ws = tl.load(wsum_ptr + rn, mask=mask_n, other=0)[None, :]
     cnt = tl.zeros_like(as_) + K
     if A_SHIFT != 0 or W_SHIFT != 0:
-        acc = acc + A_SHIFT * ws + W_SHIFT * as_[:, None] - (A_SHIFT * W_SHIFT) * cnt[:, None]
+        acc = unshift(acc, as_[:, None], ws, cnt[:, None], A_SHIFT, W_SHIFT)
     if OUT_MODE == 0:
         mask = mask_m[:, None] & mask_n[None, :]
         tl.store(out_ptr + rm[:, None] * O + rn[None, :], acc, mask=mask)
         tl.store(as_out_ptr + rm, as_, mask=mask_m & ((rm * 0 + pid_n) == 0))
     else:
-        epilogue_store(acc, as_, ws, cnt, rm, rn, mask_m, mask_n, O, wscale_ptr, woff_ptr, sa, la,
+        epilogue_store(acc, as_, ws, cnt, rm, rn, mask_m, mask_n, O, coef_ptr, zw_ptr, za,
                        ps_ptr, psh_ptr, res_ptr, slope, out_l, out_s, out_ptr,
                        HAS_PS, HAS_PSH, HAS_RES, HAS_SLOPE, OUT_MODE, QMAX)

@@ -163,6 +163,47 @@ def test_cpu_tensors_without_interpreter_raise():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=env)
 
 
+_SM90_COMPILE = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from qgnn_deploy.backends import triton as tb
+kp = tb.kernels()
+assert not kp.INTERPRETED
+PTR = {"x_ptr": "*u8", "a_ptr": "*u8", "v_ptr": "*u8", "coef_ptr": "*fp32", "ps_ptr": "*fp32",
+       "psh_ptr": "*fp32", "res_ptr": "*fp32"}
+FP = {"slope", "out_l", "out_s", "c_acc", "c_as", "c_vs", "c_n"}
+def build(fn, consts, out, **opts):
+    sig = {a: "constexpr" if a in consts else PTR.get(a, out if a == "out_ptr" else "*i32")
+           if a.endswith("_ptr") else "fp32" if a in FP else "i32" for a in fn.arg_names}
+    k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options=dict(enable_fp_fusion=False, num_warps=4, **opts))
+    assert k.asm["cubin"] and ".target sm_90" in k.asm["ptx"]
+    assert "fma.rn.f32" not in k.asm["ptx"], fn.__name__ + ": fp32 FMA in the epilogue"
+ep = dict(HAS_PS=True, HAS_PSH=True, HAS_RES=True, HAS_SLOPE=True)
+build(kp.qgemm_kernel, dict(BITS=3, A_SHIFT=128, W_SHIFT=0, OUT_MODE=2, QMAX=15.0, **ep,
+      BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8), "*u8", num_stages=3)
+build(kp.qbmm_kernel, dict(A_SHIFT=128, V_SHIFT=0, OUT_MODE=1, TASKS_PER_PROG=4, BLOCK_I=16,
+      BLOCK_J=32, BLOCK_D=64), "*fp32")
+print("ok")
+"""
+
+
+def test_kernels_compile_for_sm90_without_gpu():
+    """The compiled (GPU) path: the fused-epilogue GEMM (shared with conv / small-M) and the
+    aggregation lower to sm_90 cubins (ptxas from the triton wheel; no GPU needed) with no
+    fp32 FMA (enable_fp_fusion=False)."""
+    from triton.backends import backends
+    if "nvidia" not in backends:
+        pytest.skip("triton has no nvidia backend here")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    r = subprocess.run([sys.executable, "-c", _SM90_COMPILE], cwd=ROOT, env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
 # --------------------------------------------------------------------- layout
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

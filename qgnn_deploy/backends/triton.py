@@ -5,6 +5,14 @@ Every ``triton_*`` op takes exactly the arguments of its ``ref_*`` twin in
 identical and fp32 results follow the reference's operation order (kernels are
 launched with FMA contraction off and IEEE division, so they match bit for bit).
 
+Epilogue (the reference's centred form, ``ref_epilogue`` / ``ref_qbmm``): the per-channel
+constants -- zero points and remainders from ``ref_zero_split`` and the fp32 products
+sw*sa, sw*da, dw*sa, dw*da -- are computed here with the reference's own torch ops
+(cached per scale / offset tensor); the kernels apply the exact int32 corrections
+(``kernels/_common.centred_parts``) and the four-term fp32 sum in the reference's order.
+Reductions longer than ``kernels.MAX_REDUCTION`` (33025) are refused: beyond that the
+int32 parts could overflow.
+
 Where it runs: CUDA tensors on a GPU; CPU tensors when ``TRITON_INTERPRET=1`` was set
 before the kernels were first imported (Triton's numpy interpreter: slow, for tests
 and small inputs). Anything else raises :class:`BackendUnavailableError` naming the fix.
@@ -33,7 +41,7 @@ import torch
 from ..errors import BackendUnavailableError, KernelArgumentError
 from ..ops.packing import PACKABLE_BITS
 from ..ops.reference import (check_codes, check_epilogue, check_packed, check_scalar,
-                             conv_out_size)
+                             conv_out_size, ref_zero_split)
 
 Tensor = torch.Tensor
 
@@ -192,15 +200,77 @@ def _launch(name: str, kernel, grid, args: tuple, const: dict) -> None:
         k.tuned(name)[grid](*args, **const, enable_fp_fusion=False)
 
 
+def _check_reduction(k: int) -> None:
+    limit = kernels().MAX_REDUCTION
+    if k > limit:
+        raise KernelArgumentError(
+            f"reduction length {k} exceeds {limit}: the centred int32 accumulator could "
+            "overflow (reduction too long)")
+
+
+def _f32(x: float) -> Tensor:
+    return torch.tensor(float(x), dtype=torch.float32)
+
+
+def _act_split(scale: float, offset: float) -> Tuple[Tensor, int, Tensor]:
+    """fp32 step, integer zero point and fp32 remainder of a per-tensor quantizer, by
+    ``ref_zero_split`` on CPU scalars exactly as the reference computes them."""
+    s = _f32(scale)
+    z, dd = ref_zero_split(_f32(offset), s)
+    return s, int(z), dd
+
+
+_CCACHE: dict = {}
+_CCACHE_MAX = 512
+
+
+def _centred_consts(w_scale: Tensor, w_offset: Tensor, a_scale: float, a_offset: float):
+    """The centred epilogue's per-channel constants, as ``ref_epilogue`` computes them.
+
+    Returns (coef fp32 [4, O] = (sw*sa, sw*da, dw*sa, dw*da), zw int32 [O], za int), on
+    w_scale's device. Cached per (w_scale, w_offset) tensor objects and activation scalars.
+    """
+    key = (id(w_scale), w_scale._version, id(w_offset), w_offset._version, w_scale.data_ptr(),
+           w_offset.data_ptr(), float(a_scale), float(a_offset), str(w_scale.device))
+    hit = _CCACHE.get(key)
+    if hit is not None and hit[0]() is w_scale and hit[1]() is w_offset:
+        return hit[2]
+    sw = w_scale.float()
+    sa, za, da = _act_split(a_scale, a_offset)
+    zw, dw = ref_zero_split(w_offset, sw)
+    # fp32 x fp32 products of fp32 values: identical whether torch rounds from fp32 or
+    # from the (exact) double product, so Python-float scalars are safe on any device
+    saf, daf = float(sa), float(da)
+    coef = torch.stack([sw * saf, sw * daf, dw * saf, dw * daf]).contiguous()
+    val = (coef, zw.to(torch.int32).contiguous(), za)
+    with _LOCK:
+        if len(_CCACHE) >= _CCACHE_MAX:
+            _CCACHE.pop(next(iter(_CCACHE)))
+        _CCACHE[key] = (weakref.ref(w_scale), weakref.ref(w_offset), val)
+    weakref.finalize(w_scale, _CCACHE.pop, key, None)
+    return val
+
+
 def _epilogue_args(o, w_scale, w_offset, a_scale, a_offset, post_scale, post_shift, residual,
                    slope, out_l, out_s, out_bits):
+    """Returns (flags, vecs, scal): vecs = (coef, zw, post_scale, post_shift, residual),
+    scal = (za, slope, out_l, out_s), as the kernels take them."""
     flags = dict(HAS_PS=post_scale is not None, HAS_PSH=post_shift is not None,
                  HAS_RES=residual is not None, HAS_SLOPE=slope is not None,
                  OUT_MODE=2 if out_s is not None else 1,
                  QMAX=float(2 ** out_bits - 1) if out_bits is not None else 0.0)
-    scal = (float(a_scale), float(a_offset), float(slope) if slope is not None else 0.0,
+    coef, zw, za = _centred_consts(w_scale, w_offset, a_scale, a_offset)
+    vecs = (coef, zw, _contig(post_scale), _contig(post_shift), _contig(residual))
+    scal = (za, float(slope) if slope is not None else 0.0,
             float(out_l) if out_l is not None else 0.0, float(out_s) if out_s is not None else 1.0)
-    return flags, scal
+    return flags, vecs, scal
+
+
+def _raw_args(tw):
+    """Dummy epilogue operands for the raw (OUT_MODE 0) launches: never read."""
+    return ((tw.row_sums.float(), tw.row_sums, None, None, None), (0, 0.0, 0.0, 1.0),
+            dict(HAS_PS=False, HAS_PSH=False, HAS_RES=False, HAS_SLOPE=False, OUT_MODE=0,
+                 QMAX=0.0))
 
 
 def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -218,19 +288,19 @@ def _linear_core(x: Tensor, tw, a_bits: int, mode: int, vecs: tuple, scal: tuple
     odt = {0: torch.int32, 1: torch.float32, 2: torch.uint8}[mode]
     out = torch.empty((m, o), dtype=odt, device=dev)
     as_out = torch.empty((m,), dtype=torch.int32, device=dev) if mode == 0 else tw.row_sums
-    wscale, woff, ps, psh, res = vecs
-    dummy = wscale
-    sa, la, slope, out_l, out_s = scal
+    coef, zw, ps, psh, res = vecs
+    dummy = coef
+    za, slope, out_l, out_s = scal
     a_shift, w_shift = _shift(a_bits), _shift(tw.bits)
     small = m <= SMALL_M if path == "auto" else path == "small"
     if m == 0 or o == 0:
         return out, as_out
-    common = (wscale, woff, ps if ps is not None else dummy, psh if psh is not None else dummy,
+    common = (coef, zw, ps if ps is not None else dummy, psh if psh is not None else dummy,
               res if res is not None else dummy)
     const = dict(BITS=tw.bits, A_SHIFT=a_shift, W_SHIFT=w_shift, **flags)
     if not small:
         args = (x, tw.words, tw.words_hi, tw.row_sums) + common + (
-            out, as_out, m, o, kdim, tw.kp, x.stride(0), sa, la, slope, out_l, out_s)
+            out, as_out, m, o, kdim, tw.kp, x.stride(0), za, slope, out_l, out_s)
         _launch("qgemm", kp.qgemm_kernel,
                 lambda META: (triton_cdiv(m, META["BLOCK_M"]) * triton_cdiv(o, META["BLOCK_N"]),),
                 args, const)
@@ -251,13 +321,13 @@ def _linear_core(x: Tensor, tw, a_bits: int, mode: int, vecs: tuple, scal: tuple
     launch_opts = {} if kp.INTERPRETED else dict(num_warps=4, enable_fp_fusion=False)
     kp.qgemv_kernel[(n_tiles, split_k)](
         x, tw.words, tw.words_hi, tw.row_sums, *common, out, as_out, part, part_as,
-        m, o, kdim, tw.kp, x.stride(0), k_per, sa, la, slope, out_l, out_s,
+        m, o, kdim, tw.kp, x.stride(0), k_per, za, slope, out_l, out_s,
         SPLIT_K=split_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **const, **launch_opts)
     if split_k > 1:
         const.pop("BITS")
         kp.qgemv_finish_kernel[(n_tiles,)](
             part, part_as, tw.row_sums, *common, out, as_out, m, o, kdim,
-            sa, la, slope, out_l, out_s, SPLIT_K=split_k, BLOCK_M=bm, BLOCK_N=bn,
+            za, slope, out_l, out_s, SPLIT_K=split_k, BLOCK_M=bm, BLOCK_N=bn,
             **const, **launch_opts)
     return out, as_out
 
@@ -305,10 +375,8 @@ def triton_linear_acc(x: Tensor, w_packed, w_bits: int, a_bits: int = 8, path: s
     _check_device(x)
     tw = _weight_arg(w_packed, w_bits, x.shape[1], 1)
     x = x.contiguous()
-    acc, as_ = _linear_core(x, tw, a_bits, 0, (tw.row_sums.float(),) * 2 + (None,) * 3,
-                            (1.0, 0.0, 0.0, 0.0, 1.0),
-                            dict(HAS_PS=False, HAS_PSH=False, HAS_RES=False, HAS_SLOPE=False,
-                                 OUT_MODE=0, QMAX=0.0), path, split_k)
+    vecs, scal, flags = _raw_args(tw)
+    acc, as_ = _linear_core(x, tw, a_bits, 0, vecs, scal, flags, path, split_k)
     return acc, as_, tw.row_sums.clone()
 
 
@@ -335,11 +403,10 @@ def _qlinear(x, w_packed, w_bits, a_bits, w_scale, w_offset, a_scale, a_offset, 
     o = tw.out_features
     check_epilogue(o, (m, o), w_scale, w_offset, a_scale, a_offset, post_scale, post_shift,
                    residual, slope, out_l, out_s, out_bits)
+    _check_reduction(k)
     _check_device(x, tw.words, w_scale, w_offset, post_scale, post_shift, residual)
-    flags, scal = _epilogue_args(o, w_scale, w_offset, a_scale, a_offset, post_scale, post_shift,
-                                 residual, slope, out_l, out_s, out_bits)
-    vecs = (_contig(w_scale), _contig(w_offset), _contig(post_scale), _contig(post_shift),
-            _contig(residual))
+    flags, vecs, scal = _epilogue_args(o, w_scale, w_offset, a_scale, a_offset, post_scale,
+                                       post_shift, residual, slope, out_l, out_s, out_bits)
     out, _ = _linear_core(x.contiguous(), tw, a_bits, flags["OUT_MODE"], vecs, scal, flags,
                           path, split_k)
     return out
@@ -359,9 +426,9 @@ def _conv_core(x: Tensor, tw, a_bits: int, ksize: int, stride: int, pad: int, mo
     ws_out = torch.empty((m, o), dtype=torch.int32, device=dev) if raw else tw.row_sums
     cnt_out = torch.empty((m,), dtype=torch.int32, device=dev) if raw else tw.row_sums
     if m and o:
-        wscale, woff, ps, psh, res = vecs
-        dummy = wscale
-        args = (x, tw.words, tw.words_hi, tw.tap_sums, wscale, woff,
+        coef, zw, ps, psh, res = vecs
+        dummy = coef
+        args = (x, tw.words, tw.words_hi, tw.tap_sums, coef, zw,
                 ps if ps is not None else dummy, psh if psh is not None else dummy,
                 res if res is not None else dummy, out, as_out, ws_out, cnt_out,
                 m, o, h, w, c, tw.cp, ho, wo) + scal
@@ -398,10 +465,9 @@ def triton_conv2d_acc(x: Tensor, w_packed, w_bits: int, kernel_size: int, stride
     _check_device(x)
     c = x.shape[3]
     tw = _weight_arg(w_packed, w_bits, kernel_size * kernel_size * c, kernel_size * kernel_size)
+    vecs, scal, flags = _raw_args(tw)
     acc, as_, ws, cnt, (b, ho, wo) = _conv_core(
-        x.contiguous(), tw, a_bits, kernel_size, stride, padding, 0,
-        (tw.row_sums.float(),) * 2 + (None,) * 3, (1.0, 0.0, 0.0, 0.0, 1.0),
-        dict(HAS_PS=False, HAS_PSH=False, HAS_RES=False, HAS_SLOPE=False, OUT_MODE=0, QMAX=0.0))
+        x.contiguous(), tw, a_bits, kernel_size, stride, padding, 0, vecs, scal, flags)
     o = tw.out_features
     return (acc, as_.view(b, ho, wo), ws.view(b, ho, wo, o)[0].clone(),
             cnt.view(b, ho, wo)[0].clone())
@@ -426,11 +492,10 @@ def triton_qconv2d(x: Tensor, w_packed, w_bits: int, a_bits: int, kernel_size: i
     ho, wo = conv_out_size(h, kernel_size, stride, padding), conv_out_size(w, kernel_size, stride, padding)
     check_epilogue(o, (b, ho, wo, o), w_scale, w_offset, a_scale, a_offset, post_scale,
                    post_shift, residual, slope, out_l, out_s, out_bits)
+    _check_reduction(taps * c)
     _check_device(x, tw.words, w_scale, w_offset, post_scale, post_shift, residual)
-    flags, scal = _epilogue_args(o, w_scale, w_offset, a_scale, a_offset, post_scale, post_shift,
-                                 residual, slope, out_l, out_s, out_bits)
-    vecs = (_contig(w_scale), _contig(w_offset), _contig(post_scale), _contig(post_shift),
-            _contig(residual))
+    flags, vecs, scal = _epilogue_args(o, w_scale, w_offset, a_scale, a_offset, post_scale,
+                                       post_shift, residual, slope, out_l, out_s, out_bits)
     out, *_ = _conv_core(x.contiguous(), tw, a_bits, kernel_size, stride, padding,
                          flags["OUT_MODE"], vecs, scal, flags)
     return out
@@ -476,7 +541,8 @@ def triton_bmm_acc(a: Tensor, v: Tensor, a_bits: int = 8, v_bits: int = 8):
     VS int32 [T, D].
     """
     _check_bmm(a, v, a_bits, v_bits)
-    return _bmm_core(a.contiguous(), v.contiguous(), a_bits, v_bits, 0, (1.0, 0.0, 0.0, 0.0))
+    return _bmm_core(a.contiguous(), v.contiguous(), a_bits, v_bits, 0,
+                     (1.0, 0.0, 0.0, 0.0, 0, 0))
 
 
 def triton_qbmm(a: Tensor, v: Tensor, a_bits: int, v_bits: int, a_scale: float, a_offset: float,
@@ -486,11 +552,14 @@ def triton_qbmm(a: Tensor, v: Tensor, a_bits: int, v_bits: int, a_scale: float, 
     _check_bmm(a, v, a_bits, v_bits)
     sa, la = check_scalar(a_scale, "a_scale", True), check_scalar(a_offset, "a_offset")
     sv, lv = check_scalar(v_scale, "v_scale", True), check_scalar(v_offset, "v_offset")
-    f = lambda z: torch.tensor(z, dtype=torch.float32)  # noqa: E731
     n = a.shape[1]
-    # the reference's fp32 coefficient products, computed once here
-    coef = (float(f(sa) * f(sv)), float(f(sa) * f(lv)), float(f(la) * f(sv)),
-            float((f(la) * f(lv)) * float(n)))
+    _check_reduction(n)
+    # the reference's zero-point split and fp32 coefficient products (ref_qbmm), here once
+    sa_t, za, da = _act_split(sa, la)
+    sv_t, zv, dv = _act_split(sv, lv)
+    cnt = torch.tensor(n, dtype=torch.int32).float()
+    coef = (float(sa_t * sv_t), float(sa_t * dv), float(da * sv_t), float((da * dv) * cnt),
+            za, zv)
     out, _, _ = _bmm_core(a.contiguous(), v.contiguous(), a_bits, v_bits, 1, coef)
     return out
 
