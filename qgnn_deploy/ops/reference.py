@@ -211,7 +211,7 @@ def ref_bmm_acc(a: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
 
 # ------------------------------------------------------------------------ epilogue
 
-ZERO_POINT_MAX = 255  # centring zero points are clamped to [0, 255]: int32-safe for K <= 8000
+ZERO_POINT_MAX = 255  # centring zero points are clamped to [0, 255]: int32-safe for K <= 33,025 (ops/bounds.py)
 
 
 def ref_zero_split(offset: Tensor, scale: Tensor) -> Tuple[Tensor, Tensor]:
@@ -241,7 +241,7 @@ def ref_centered_parts(acc: Tensor, as_: Tensor, ws: Tensor, cnt: Tensor, zw: Te
     accp = acc - zw * as_ - za * ws + (zw * za) * cnt
     wsp = ws - zw * cnt
     asp = as_ - za * cnt
-    if accp.numel() and int(accp.abs().max()) >= 2 ** 31:  # pragma: no cover - K beyond ~8000
+    if accp.numel() and int(accp.abs().max()) >= 2 ** 31:  # pragma: no cover - K beyond 33,025
         raise KernelArgumentError("centred accumulator exceeds int32 (reduction too long)")
     return accp.to(torch.int32), wsp.to(torch.int32), asp.to(torch.int32)
 
