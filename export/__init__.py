@@ -24,11 +24,12 @@ Route: direct graph building with ``onnx.helper`` (not the dynamo exporter with 
   layer before a file is written.
 
 The episode structure is written once (:mod:`.episode`) over two layer emitters:
-:mod:`.float_layers` (FP32 model) and :mod:`.int_layers` (integer model, two forms:
-``"integer"`` -- ConvInteger / MatMulInteger with int32 accumulators and the contract's
-fp32 epilogue, exact for real-valued and snapped offsets -- and ``"qdq"`` -- QCDQ
-activations and DequantizeLinear weights around float Conv / MatMul, the standard
-QDQ form for snapped offsets). See :func:`export_onnx`.
+:mod:`.float_layers` (FP32 model, NCHW) and :mod:`.int_layers` (integer model, three
+forms: ``"integer"`` -- channels-last activations, every conv a MatMulInteger with int32
+accumulators and the contract's fp32 epilogue, exact for real-valued and snapped
+offsets --, ``"fast"`` -- the same with merged epilogue constants on snapped layers --
+and ``"qdq"`` -- QCDQ activations and DequantizeLinear weights around float Conv /
+MatMul, NCHW, the standard QDQ form for snapped offsets). See :func:`export_onnx`.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from typing import Any, Dict, Optional
 from qgnn_deploy.errors import ConfigError, ExportError
 
 WEIGHT_FORMATS = ("native", "uint8")
-FORMS = ("auto", "integer", "qdq")
+FORMS = ("auto", "integer", "fast", "qdq")
 DEFAULT_OPSET = 21
 
 
@@ -48,9 +49,10 @@ DEFAULT_OPSET = 21
 class ExportOptions:
     """Options of :func:`export_onnx`.
 
-    form: integer layers as ``"integer"`` (ConvInteger/MatMulInteger + fp32 epilogue,
-        exact for any offsets), ``"qdq"`` (QCDQ + float conv; snapped offsets only), or
-        ``"auto"`` (``"integer"``).
+    form: integer layers as ``"integer"`` (channels-last MatMulInteger + the contract's
+        fp32 epilogue, exact for any offsets), ``"fast"`` (the same, epilogue constants
+        merged on snapped layers: codes identical up to fp32 ties), ``"qdq"`` (QCDQ +
+        float conv; snapped offsets only), or ``"auto"`` (``"integer"``).
     weights_format: ``"native"``: weight codes at their true width where ONNX has the
         type (UINT4 for 4-bit at opset >= 21, UINT2 for 2-bit at opset >= 25; 3-bit in
         UINT8); ``"uint8"``: every code in a UINT8 container.
@@ -113,6 +115,7 @@ def build_onnx(model, **options: Any):
         config = model.config
         layers = FloatLayers(g, model)
         kind, form, bits = "fp32", "float", {}
+        layout = "nchw"
         opset = opts.opset or DEFAULT_OPSET
     elif _is_int_model(model):
         from .int_layers import IntLayers, choose_opset
@@ -121,6 +124,7 @@ def build_onnx(model, **options: Any):
         layers = IntLayers(g, model, form=opts.form, weights_format=opts.weights_format,
                            opset=opset)
         kind, form, bits = "integer", layers.form, layers.layer_bits()
+        layout = layers.layout
     else:
         raise ExportError(f"cannot export a {type(model).__name__}: expected a QGNNModel "
                           "(FP32 or fake-quant) or an IntModel")
@@ -136,7 +140,8 @@ def build_onnx(model, **options: Any):
     meta = {"qgnn_deploy.version": __version__, "qgnn_deploy.kind": kind,
             "qgnn_deploy.form": form, "qgnn_deploy.weights_format": info["weights_format"],
             "qgnn_deploy.config": config.to_dict(), "qgnn_deploy.layer_bits": bits,
-            "qgnn_deploy.zero_point": getattr(model, "zero_point", None) or "n/a"}
+            "qgnn_deploy.zero_point": getattr(model, "zero_point", None) or "n/a",
+            "qgnn_deploy.layout": layout}
     proto = g.model(opset, meta, doc=f"qgnn-deploy {__version__} {kind} export ({form})")
     try:
         onnx.checker.check_model(proto, full_check=False)

@@ -54,9 +54,12 @@ def _reference_codes(int_model) -> Tuple[Dict[str, torch.Tensor], list]:
     return codes, handles
 
 
-def _align(name: str, layer, onnx_codes: np.ndarray, ref: torch.Tensor) -> Tuple[np.ndarray, np.ndarray]:
+def _align(name: str, layer, onnx_codes: np.ndarray, ref: torch.Tensor,
+           layout: str = "nchw") -> Tuple[np.ndarray, np.ndarray]:
     r = ref.cpu().numpy()
-    if getattr(layer, "kind", "") == "conv2d":
+    if layout == "nhwc":                                          # the reference's own layout
+        o = onnx_codes
+    elif getattr(layer, "kind", "") == "conv2d":
         o = onnx_codes.transpose(0, 2, 3, 1)                      # NCHW -> NHWC
     elif getattr(layer, "input_hwc", None):
         h, w, c = layer.input_hwc                                 # reference: NHWC flatten
@@ -84,6 +87,7 @@ def check_parity(int_model, proto: onnx.ModelProto, code_tensors: Dict[str, str]
     sess = ort.InferenceSession(_with_code_outputs(proto, code_tensors), so,
                                 providers=["CPUExecutionProvider"])
     out_names = [o.name for o in sess.get_outputs()]
+    layout = {p.key: p.value for p in proto.metadata_props}.get("qgnn_deploy.layout", "nchw")
     layers = dict(int_model.named_layers())
     prev_backend = int_model.backend
     int_model.backend = "reference"
@@ -107,7 +111,7 @@ def check_parity(int_model, proto: onnx.ModelProto, code_tensors: Dict[str, str]
             for key, tensor in code_tensors.items():
                 if key not in ref_codes:
                     continue
-                o, r = _align(key, layers.get(key.split(":")[0]), res[tensor], ref_codes[key])
+                o, r = _align(key, layers.get(key.split(":")[0]), res[tensor], ref_codes[key], layout)
                 if o.size != r.size:
                     raise AssertionError(f"{key}: {o.size} codes in the export vs {r.size}")
                 d = np.abs(o.astype(np.int16) - r.astype(np.int16))

@@ -1,23 +1,28 @@
 """Integer layers of an :class:`~qgnn_deploy.intmodel.IntModel` as standard ONNX ops.
 
-Two forms (``IntLayers(form=...)``):
+Forms (``IntLayers(form=...)``):
 
-``"integer"`` (default; exact for real-valued *and* snapped offsets)
+``"integer"`` (default; exact for real-valued *and* snapped offsets), channels-last
+    Activations stay NHWC ([rows, channels]) between layers, so every conv and linear is
+    one MatMulInteger (3x3 convs: Pad with the activation zero point + one Gather im2col
+    by a precomputed index; 1x1: the rows themselves):
     codes   = Clip(QuantizeLinear(x - l, s, 0))                         uint8
     offsets split as in ``ref_zero_split``: l = -z s + d (integer z, small fp32 d)
-    ACC'    = ConvInteger / MatMulInteger(codes, weight codes, za, zw)  int32, exact
-              = sum over valid taps (qa - za)(qw - zw) (ConvInteger pads with za);
-              per-channel zw is subtracted as zw * AS' in int32 (onnxruntime's
-              ConvInteger takes a per-tensor weight zero point only)
-    AS'     = ConvInteger / MatMulInteger(codes, ones, za)              int32
-    y = ((c1*ACC' + t2) + c3*AS') + t4                                  fp32, the reference's order
-    with c1 = sw*sa, c3 = dw*sa and the constants t2 = (sw*da)*WS', t4 = (dw*da)*CNT
-    precomputed per output position (border terms of DESIGN.md section 3), then
-    *post_scale, +post_shift, +residual, LeakyRelu. This is the centred identity of
-    :func:`qgnn_deploy.ops.reference.ref_epilogue`, every fp32 operation in the same
-    order, so the export reproduces the reference engine's codes bit for bit
-    (QuantizeLinear divides and rounds half-to-even exactly as ``torch.round(x / s)``;
-    checked in the tests).
+    ACC'    = MatMulInteger(codes, qw - zw, za)    int32, exact = sum over valid taps
+              (qa - za)(qw - zw); weights centred to INT8 at load (onnxruntime's u8 x s8
+              VNNI/AVX2 GEMM, ~2.5x its u8 x u8 one); per-channel zw costs nothing
+    AS'     = MatMulInteger(codes, ones, za)   only when a weight remainder dw != 0
+    y = ((c1*ACC' + t2) + c3*AS') + t4      fp32, the reference's order; terms whose
+              constant is exactly 0 (snapped offsets) are left out
+    then y*post_scale + post_shift as one BatchNormalization (mean 0, var 1, eps 0:
+    bit-identical to Mul then Add), +residual, LeakyRelu. MaxPool runs on the uint8
+    codes of the next quantizer (quantizing is monotone, so it commutes with max
+    exactly). Reproduces the reference engine's codes bit for bit (tests).
+
+``"fast"``: ``"integer"`` with, on snapped layers (da = dw = 0), the epilogue constants
+    merged (``Cast(ACC') * (c1 post_scale) + post_shift`` as one BatchNormalization) and
+    snapped quantizers as ``QuantizeLinear(y, s, z)`` (no Sub). Codes may differ from the
+    reference on fp32 rounding ties (measured 0 of 9.3M on resnet12 4-bit, see --check).
 
 ``"qdq"`` (snapped offsets only, ``l = -z s``)
     QuantizeLinear(x, s, z) -> Clip to the n-bit range -> DequantizeLinear  (QCDQ)
@@ -31,8 +36,8 @@ Two forms (``IntLayers(form=...)``):
 
 Weights: unpacked from the canonical packing at export time, stored as UINT4 (4-bit,
 opset >= 21) / UINT2 (2-bit, opset >= 25) initializers with ``weights_format="native"``
-(a Cast to UINT8 feeds ConvInteger, which takes 8-bit types only; onnxruntime folds it
-at load), 3- and 8-bit codes in UINT8 containers.
+(Cast/Sub/Cast to centred INT8 feed MatMulInteger, which takes 8-bit types only;
+onnxruntime folds them at load), 3- and 8-bit codes in UINT8 containers.
 """
 from __future__ import annotations
 
@@ -46,7 +51,7 @@ from qgnn_deploy.errors import ExportError
 from qgnn_deploy.ops.packing import unpack_codes
 from qgnn_deploy.ops.reference import ref_conv2d_acc, ref_zero_split
 
-from .builder import FLOAT, INT32, UINT8, GraphBuilder
+from .builder import FLOAT, INT8, INT32, UINT8, GraphBuilder
 
 #: ONNX element types able to store n-bit codes natively, and the opset they need
 NATIVE_TYPES = {4: (TensorProto.UINT4, 21), 2: (TensorProto.UINT2, 25)}
@@ -90,9 +95,24 @@ class IntLayers:
                  opset: int = 21):
         self.g, self.model = g, model
         self.form = "integer" if form == "auto" else form
+        #: "fast": the integer form with the fp32 epilogue constants merged (one scale and
+        #: one shift per output: c1*post_scale, t*post_scale + post_shift) and snapped
+        #: quantizers as QuantizeLinear(y, s, z) -- fewer memory passes, codes identical
+        #: up to fp32 rounding ties (measured by ``--check``)
+        self.merged = self.form == "fast"
+        self._residual: Optional[str] = None
+        self._merge_now = False
+        #: activation layout between layers: the integer form keeps NHWC (rows of
+        #: channels) so every conv is a MatMulInteger; the qdq form stays NCHW
+        self.layout = "nhwc" if self.form in ("integer", "fast") else "nchw"
         self.weights_format, self.opset = weights_format, opset
         self.layers = dict(model.named_layers())
         self._qcache: Dict[Tuple, str] = {}
+        #: lazy tensors: name -> (source, emit(tensor, is_codes) -> tensor) for layout ops
+        #: that commute with the (monotone, elementwise) quantizer: a quantizer of a lazy
+        #: tensor quantizes the source and applies the op to the uint8 codes
+        self._lazy: Dict[str, Tuple[str, object]] = {}
+        self._materialized: Dict[str, str] = {}
         self.exact_codes = False
         #: layer name (":adj"/":nodes" for aggregations) -> uint8 code tensor in the graph
         self.code_tensors: Dict[str, str] = {}
@@ -138,7 +158,7 @@ class IntLayers:
         if m.kind == "conv2d":
             kk = m.kernel_size
             codes = codes.view(m.out_channels, kk, kk, m.in_channels).permute(0, 3, 1, 2)
-        elif getattr(m, "input_hwc", None):
+        elif getattr(m, "input_hwc", None) and self.layout != "nhwc":
             h, w, c = m.input_hwc
             # the fold ordered K as an NHWC flatten; this graph flattens NCHW
             codes = codes.view(m.out_features, h, w, c).permute(0, 3, 1, 2).reshape(m.out_features, k)
@@ -173,8 +193,18 @@ class IntLayers:
         if key in self._qcache:
             return self._qcache[key]
         g = self.g
-        d = g.op("Sub", [x, g.f32(_np(_f32(l)))], "minus_offset")
-        q = g.op("QuantizeLinear", [d, g.f32(_np(_f32(s))), g.const(np.uint8(0))], "quantize")
+        if x in self._lazy:
+            src, emit = self._lazy[x]
+            q = emit(self.quantize(src, l, s, bits), True)
+            self._qcache[key] = q
+            return q
+        z, dl = ref_zero_split(_f32(l), _f32(s))
+        if self.merged and float(dl) == 0.0:
+            # snapped offset l = -z s: rne(x / s) + z instead of rne((x - l) / s)
+            q = g.op("QuantizeLinear", [x, g.f32(_np(_f32(s))), g.const(np.uint8(int(z)))], "quantize")
+        else:
+            d = g.op("Sub", [x, g.f32(_np(_f32(l)))], "minus_offset")
+            q = g.op("QuantizeLinear", [d, g.f32(_np(_f32(s))), g.const(np.uint8(0))], "quantize")
         if bits < 8:
             q = g.op("Clip", [q, g.const(np.uint8(0)), g.const(np.uint8(2 ** bits - 1))], "clip")
         self._qcache[key] = q
@@ -219,6 +249,23 @@ class IntLayers:
     # -------------------------------------------------------------- epilogue
     def epilogue(self, y: str, m, channel_shape: Tuple[int, ...], residual: Optional[str]) -> str:
         g = self.g
+        if self.layout == "nhwc" and channel_shape == (-1,) and m.post_scale is not None and m.post_shift is not None:
+            # y * post_scale + post_shift in one pass: BatchNormalization with mean 0, var 1,
+            # epsilon 0 computes exactly that (1/sqrt(1) == 1; bit-identical to Mul then Add,
+            # checked by the tests); BatchNormalization wants channels on axis 1: [rows, O]
+            o = int(m.post_scale.numel())
+            rows = g.op("Reshape", [y, g.i64([-1, o])], "rows")
+            bn = g.op("BatchNormalization", [rows, g.f32(_np(m.post_scale), f"{m.name}.post_scale"),
+                                             g.f32(_np(m.post_shift), f"{m.name}.post_shift"),
+                                             g.f32(np.zeros(o, np.float32), f"const/zeros_{o}"),
+                                             g.f32(np.ones(o, np.float32), f"const/ones_{o}")],
+                      "post_affine", epsilon=0.0)
+            y = g.op("Reshape", [bn, g.op("Shape", [y], "shape")], "unrows")
+            if residual is not None:
+                y = g.op("Add", [y, residual], "residual")
+            if m.slope is not None:
+                y = g.op("LeakyRelu", [y], "lrelu", alpha=float(m.slope))
+            return y
         if m.post_scale is not None:
             y = g.op("Mul", [y, g.f32(_np(m.post_scale).reshape(channel_shape), f"{m.name}.post_scale")], "post_scale")
         if m.post_shift is not None:
@@ -278,17 +325,226 @@ class IntLayers:
         y = g.op("Add", [y, t3], "add_asum")
         return g.op("Add", [y, g.f32(t4, f"{m.name}.t_count")], "add_count")
 
+
+    # --------------------------------------------------- integer form (NHWC rows)
+    def mmi_weight(self, name: str, m, codes_ko: np.ndarray) -> Tuple[str, Optional[str]]:
+        """The B operand [K, O] of MatMulInteger and its zero point (None: centred).
+
+        Preferred: the *centred* codes ``qw - zw`` as INT8 (exact; per-channel zero points
+        disappear and onnxruntime runs its u8 x s8 dot-product GEMM -- VNNI / AVX2 --,
+        2-3x faster than u8 x u8). The graph stores the codes at their true width and
+        computes ``Cast(int8)(Cast(int32)(codes) - zw)``, which onnxruntime folds at load.
+        u8 x s8 GEMMs without VNNI add pairs of products in int16 (vpmaddubsw saturates),
+        so this form is used only when ``2 * (2^a_bits - 1) * max|qw - zw| <= 32767``;
+        otherwise uint8 codes with a per-column zero point (u8 x u8, exact)."""
+        g = self.g
+        zw = _np(self.zero_split_w(m)[0]).astype(np.int32)
+        cen = codes_ko.astype(np.int32) - zw[None, :]
+        tname, dtype = self.weight_initializer(name, codes_ko, m.w_bits)
+        amax = 2 ** m.a_bits - 1
+        if cen.size and cen.min() >= -128 and cen.max() <= 127 and 2 * amax * int(np.abs(cen).max()) <= 32767:
+            w = g.op("Cast", [tname], "weight_i32", to=INT32)
+            w = g.op("Sub", [w, g.const(zw, f"{name}.weight_zero_point")], "weight_centred")
+            return g.op("Cast", [w], "weight_i8", to=INT8), None
+        w = tname if dtype == UINT8 else g.op("Cast", [tname], "weight_u8", to=UINT8)
+        return w, g.const(zw.astype(np.uint8), f"{name}.weight_zero_point")
+
+    def integer_gemm(self, a: str, m, codes_ko: np.ndarray) -> Tuple[str, Optional[str]]:
+        """``ACC' = sum (qa - za)(qw - zw)`` [..., O] int32 (MatMulInteger, exact) and
+        ``AS' = sum (qa - za)`` [..., 1] (only when a weight offset remainder dw != 0)."""
+        g = self.g
+        za = int(self.zero_split_act(m)[1])
+        za_t = g.const(np.uint8(za), f"{m.name}.act_zero_point")
+        w, zw_t = self.mmi_weight(m.name, m, codes_ko)
+        acc = g.op("MatMulInteger", [a, w, za_t] + ([zw_t] if zw_t else []), "acc")
+        as_ = None
+        if bool((self.zero_split_w(m)[1] != 0).any()):
+            ones = g.const(np.ones((codes_ko.shape[0], 1), np.int8), f"{m.name}.ones")
+            as_ = g.op("MatMulInteger", [a, ones, za_t], "act_sum")
+        return acc, as_
+
+    def affine(self, acc: str, as_: Optional[str], m, ws: torch.Tensor, cnt: torch.Tensor) -> str:
+        """``((c1*ACC' + t2) + c3*AS') + t4`` in ref_epilogue's order (c1 = sw*sa,
+        t2 = (sw*da)*WS', c3 = dw*sa, t4 = (dw*da)*CNT), over channels-last tensors.
+        ``ws`` [..., O] and ``cnt`` [..., 1] are the (border-dependent) WS and CNT. Terms
+        whose constant is exactly zero (snapped offsets: da = dw = 0) are left out:
+        adding +0.0 changes nothing but the sign of a zero, which no later op or
+        quantizer tells apart."""
+        g = self.g
+        sw, sa = m.w_scale.float(), _f32(m.a_scale)
+        da, _ = self.zero_split_act(m)
+        zw, dw = self.zero_split_w(m)
+        wsp = (ws.long() - zw.long() * cnt.long()).to(torch.int32)
+        if self._merge_now:
+            return self._merged_affine(acc, as_, m, sw * sa, (sw * da) * wsp.float(), dw * sa,
+                                       (dw * da) * cnt.float())
+        y = g.op("Mul", [g.op("Cast", [acc], "acc_f32", to=FLOAT), g.f32(_np(sw * sa), f"{m.name}.c_acc")],
+                 "scale_acc")
+        t2 = (sw * da) * wsp.float()
+        if bool((t2 != 0).any()):
+            y = g.op("Add", [y, g.f32(_np(t2), f"{m.name}.t_wsum")], "add_wsum")
+        if as_ is not None:
+            t3 = g.op("Mul", [g.op("Cast", [as_], "asum_f32", to=FLOAT), g.f32(_np(dw * sa), f"{m.name}.c_asum")],
+                      "scale_asum")
+            y = g.op("Add", [y, t3], "add_asum")
+        t4 = (dw * da) * cnt.float()
+        if bool((t4 != 0).any()):
+            y = g.op("Add", [y, g.f32(_np(t4), f"{m.name}.t_count")], "add_count")
+        return y
+
+    def finish(self, acc: str, as_: Optional[str], m, ws, cnt, residual: Optional[str]) -> str:
+        """Accumulators -> the layer's fp32 output (channels last), epilogue included."""
+        # the merged epilogue only for snapped layers (da = dw = 0: y = c1*ACC'); with real
+        # offsets merging the border terms into the shift measurably flips codes
+        snapped = as_ is None and float(self.zero_split_act(m)[0]) == 0.0
+        if not (self.merged and snapped):
+            return self.epilogue(self.affine(acc, as_, m, ws, cnt), m, (-1,), residual)
+        self._residual, self._merge_now = residual, True
+        try:
+            return self.affine(acc, as_, m, ws, cnt)
+        finally:
+            self._residual, self._merge_now = None, False
+
+    def _merged_affine(self, acc: str, as_: Optional[str], m, c1, t2, c3, t4) -> str:
+        """The "fast" form: ``y = ACC' * (c1 ps) [+ AS' * (c3 ps)] + ((t2 + t4) ps + shift)``,
+        the post affine (folded BN) merged in; per-channel constants run as one
+        BatchNormalization (mean 0, var 1, epsilon 0: x * scale + bias in one pass)."""
+        g = self.g
+        ps = m.post_scale.float() if m.post_scale is not None else torch.ones_like(c1)
+        sh = m.post_shift.float() if m.post_shift is not None else torch.zeros_like(c1)
+        shift = (t2 + t4) * ps + sh                                           # [..., O]
+        scale = c1 * ps
+        y = g.op("Cast", [acc], "acc_f32", to=FLOAT)
+        o = int(c1.numel())
+        if as_ is None and shift.dim() == 1:
+            rows = g.op("Reshape", [y, g.i64([-1, o])], "rows")
+            bn = g.op("BatchNormalization", [rows, g.f32(_np(scale), f"{m.name}.scale"), g.f32(_np(shift), f"{m.name}.shift"),
+                                             g.f32(np.zeros(o, np.float32), f"const/zeros_{o}"),
+                                             g.f32(np.ones(o, np.float32), f"const/ones_{o}")],
+                      "affine", epsilon=0.0)
+            y = g.op("Reshape", [bn, g.op("Shape", [y], "shape")], "unrows")
+        else:
+            y = g.op("Mul", [y, g.f32(_np(scale), f"{m.name}.scale")], "scale")
+            if as_ is not None:
+                y = g.op("Add", [y, g.op("Mul", [g.op("Cast", [as_], "asum_f32", to=FLOAT),
+                                                 g.f32(_np(c3 * ps), f"{m.name}.c_asum")], "scale_asum")], "add_asum")
+            y = g.op("Add", [y, g.f32(_np(shift), f"{m.name}.shift")], "shift")
+        if self._residual is not None:
+            y = g.op("Add", [y, self._residual], "residual")
+        if m.slope is not None:
+            y = g.op("LeakyRelu", [y], "lrelu", alpha=float(m.slope))
+        return y
+
+    def im2col(self, q: str, m, hw: Tuple[int, int], za: int) -> Tuple[str, int, int]:
+        """NHWC codes [B, H, W, C] -> patches [B, Ho, Wo, k*k*C] in (kh, kw, C) order:
+        Pad with the activation zero point (padded taps add 0 to ACC' and AS'), then one
+        Gather of whole C-rows by a precomputed index."""
+        g = self.g
+        k, st, pad, c = m.kernel_size, m.stride, m.padding, m.in_channels
+        h, w = hw
+        ho, wo = (h + 2 * pad - k) // st + 1, (w + 2 * pad - k) // st + 1
+        if pad:
+            q = g.op("Pad", [q, g.i64([0, pad, pad, 0, 0, pad, pad, 0]),
+                             g.const(np.uint8(za), f"{m.name}.act_zero_point")], "pad", mode="constant")
+        hp, wp = h + 2 * pad, w + 2 * pad
+        flat = g.op("Reshape", [q, g.i64([0, hp * wp, c])], "rows")
+        oy, ox = np.meshgrid(np.arange(ho), np.arange(wo), indexing="ij")
+        ki, kj = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
+        idx = (oy.reshape(-1, 1) * st + ki.reshape(1, -1)) * wp + (ox.reshape(-1, 1) * st + kj.reshape(1, -1))
+        col = g.op("Gather", [flat, g.i64(idx, f"{m.name}.im2col_index")], "im2col", axis=1)
+        return g.op("Reshape", [col, g.i64([0, ho, wo, k * k * c])], "patches"), ho, wo
+
+    def _conv_nhwc(self, m, x: str, residual: Optional[str], hw) -> str:
+        """x NHWC fp32 [B, H, W, C] -> NHWC fp32 [B, Ho, Wo, O]: MatMulInteger on rows."""
+        g = self.g
+        k, st, pad = m.kernel_size, m.stride, m.padding
+        q = self.code_tensors[m.name] = self.quantize(x, m.a_offset, m.a_scale, m.a_bits)
+        za = int(self.zero_split_act(m)[1])
+        codes = _np(unpack_codes(m.w_packed.cpu(), m.w_bits, m.reduction))   # [O, K] (kh, kw, C)
+        codes_ko = np.ascontiguousarray(codes.T)
+        if k == 1 and pad == 0:
+            if st != 1:
+                q = g.op("Slice", [q, g.i64([0, 0]), g.i64([2 ** 31 - 1] * 2), g.i64([1, 2]), g.i64([st, st])],
+                         "stride")
+            acc, as_ = self.integer_gemm(q, m, codes_ko)
+            ws = torch.from_numpy(codes_ko).to(torch.int32).sum(0)            # [O]
+            cnt = torch.tensor([m.in_channels], dtype=torch.int32)
+            return self.finish(acc, as_, m, ws, cnt, residual)
+        if hw is None:
+            raise ExportError(f"layer {m.name!r}: padded conv needs its input size to precompute "
+                              "the border terms")
+        patches, _, _ = self.im2col(q, m, hw, za)
+        acc, as_ = self.integer_gemm(patches, m, codes_ko)
+        zero = torch.zeros(1, hw[0], hw[1], m.in_channels, dtype=torch.uint8)
+        _, _, ws, cnt = ref_conv2d_acc(zero, torch.from_numpy(codes), k, k, st, pad)  # [Ho,Wo,O], [Ho,Wo]
+        return self.finish(acc, as_, m, ws, cnt.unsqueeze(-1), residual)
+
+    def lazy(self, src: str, emit, hint: str) -> str:
+        name = self.g.fresh(f"{hint}_lazy")
+        self._lazy[name] = (src, emit)
+        return name
+
+    def from_nchw(self, y_nchw: str) -> str:
+        """An NHWC view of an NCHW fp32 tensor, built lazily: a quantizer of it quantizes
+        the NCHW tensor and transposes the uint8 codes (4x less data than the fp32)."""
+        return self.lazy(y_nchw, lambda t, codes: self.g.op("Transpose", [t], "to_nhwc", perm=[0, 2, 3, 1]),
+                         "nhwc")
+
+    def flatten(self, x: str) -> str:
+        """Flatten(axis=1) of an NHWC tensor (the (h, w, C) order the fold uses), lazily."""
+        return self.lazy(x, lambda t, codes: self.g.op("Flatten", [t], "flatten", axis=1), "flatten")
+
+    def maxpool(self, x: str, kernel: int, stride: int, pad: int, hw: Tuple[int, int]) -> str:
+        """MaxPool of an NHWC fp32 tensor, built lazily: quantizing commutes with max
+        (the quantizer is monotone, ``q(max x) == max q(x)`` exactly), so a quantizer of the
+        pooled tensor pools the uint8 codes instead (4x less data); only a float consumer
+        (the GAP of the last block) pools in fp32."""
+        g = self.g
+
+        def emit(t: str, codes: bool) -> str:
+            low = g.const(np.uint8(0), "const/code_zero") if codes else g.f32(-np.inf, "const/minus_inf")
+            return self._pool(t, kernel, stride, pad, hw, low)
+        return self.lazy(x, emit, "maxpool")
+
+    def _pool(self, x: str, kernel: int, stride: int, pad: int, hw, low: str) -> str:
+        """Separable max pooling of NHWC ``x``: along W then along H (strided Slices + Max);
+        ``low`` pads (-inf for fp32, code 0 for codes)."""
+        g = self.g
+        h, w = hw
+        ho, wo = (h + 2 * pad - kernel) // stride + 1, (w + 2 * pad - kernel) // stride + 1
+        if pad:
+            x = g.op("Pad", [x, g.i64([0, pad, pad, 0, 0, pad, pad, 0]), low], "pool_pad", mode="constant")
+        for axis, n_out in ((2, wo), (1, ho)):
+            taps = [g.op("Slice", [x, g.i64([i]), g.i64([i + stride * (n_out - 1) + 1]), g.i64([axis]),
+                                   g.i64([stride])], "pool_tap") for i in range(kernel)]
+            x = g.op("Max", taps, "pool_max") if len(taps) > 1 else taps[0]
+        return x
+
+    def materialize(self, x: str) -> str:
+        """The fp32 tensor behind a (possibly lazy) name."""
+        if x not in self._lazy:
+            return x
+        if x not in self._materialized:
+            src, emit = self._lazy[x]
+            self._materialized[x] = emit(self.materialize(src), False)
+        return self._materialized[x]
+
     # ------------------------------------------------------------------ layers
     def conv(self, name: str, x: str, bn: Optional[str] = None, slope: Optional[float] = None,
-             residual: Optional[str] = None, hw: Optional[Tuple[int, int]] = None) -> str:
-        """x float NCHW [B, C, H, W] -> float NCHW [B, O, Ho, Wo] (epilogue included)."""
+             residual: Optional[str] = None, hw: Optional[Tuple[int, int]] = None,
+             nchw_input: bool = False) -> str:
+        """x float [B, C, H, W] -> float [B, O, Ho, Wo] (epilogue included), in ``self.layout``
+        (NHWC: [B, H, W, C] -> [B, Ho, Wo, O]); ``nchw_input``: x is NCHW even in the NHWC
+        layout (the stem, fed by the images)."""
         m = self.layer(name)
         if residual is not None and not getattr(m, "residual", False):
             raise ExportError(f"layer {name!r}: the graph adds a residual but the layer does not")
         if m.kind == "conv2d_fp32":
-            return self._float_conv(m, x, residual)
+            return self._float_conv(m, x, residual, nchw_input)
         if m.kind != "conv2d":
             raise ExportError(f"layer {name!r}: expected a conv layer, found {type(m).__name__}")
+        if self.layout == "nhwc":
+            return self._conv_nhwc(m, x, residual, hw)
         g = self.g
         k, st, pad = m.kernel_size, m.stride, m.padding
         attrs = dict(kernel_shape=[k, k], strides=[st, st], pads=[pad] * 4)
@@ -316,15 +572,29 @@ class IntLayers:
         y = self.offset_terms(acc, as_, m, ws, cnt.unsqueeze(-1).expand_as(ws), cshape, to_nchw)
         return self.epilogue(y, m, cshape, residual)
 
-    def _float_conv(self, m, x: str, residual: Optional[str]) -> str:
+    def _float_conv(self, m, x: str, residual: Optional[str], nchw_input: bool = False) -> str:
         g = self.g
+        k = m.kernel_size
+        if self.layout == "nhwc" and not nchw_input and k == 1 and m.padding == 0 and m.stride == 1:
+            # a 1x1 conv on channels-last rows is a MatMul
+            w = np.ascontiguousarray(_np(m.weight).reshape(m.out_channels, -1).T)
+            y = g.op("MatMul", [self.materialize(x), g.f32(w, f"{m.name}.weight_t")], "matmul")
+            if m.bias is not None:
+                y = g.op("Add", [y, g.f32(_np(m.bias), f"{m.name}.bias")], "bias")
+            return self.epilogue(y, m, (-1,), residual)
+        if self.layout == "nhwc" and not nchw_input:
+            x = g.op("Transpose", [self.materialize(x)], "to_nchw", perm=[0, 3, 1, 2])
         ins = [x, g.f32(_np(m.weight), f"{m.name}.weight")]
         if m.bias is not None:
             ins.append(g.f32(_np(m.bias), f"{m.name}.bias"))
-        k = m.kernel_size
         y = g.op("Conv", ins, "conv", kernel_shape=[k, k], strides=[m.stride] * 2,
                  pads=[m.padding] * 4)
-        return self.epilogue(y, m, (-1, 1, 1), residual)
+        if self.layout != "nhwc":
+            return self.epilogue(y, m, (-1, 1, 1), residual)
+        if residual is not None:
+            raise ExportError(f"layer {m.name!r}: an FP32 conv with a residual is not supported "
+                              "in the NHWC integer form")
+        return self.from_nchw(self.epilogue(y, m, (-1, 1, 1), None))
 
     def linear(self, name: str, x: str, bn: Optional[str] = None, slope: Optional[float] = None,
                residual: Optional[str] = None) -> str:
@@ -333,10 +603,11 @@ class IntLayers:
         g = self.g
         if m.kind == "linear_fp32":
             w = _np(m.weight)
-            if getattr(m, "input_hwc", None):
+            if getattr(m, "input_hwc", None) and self.layout != "nhwc":
                 h, wd, c = m.input_hwc
                 w = w.reshape(-1, h, wd, c).transpose(0, 3, 1, 2).reshape(w.shape[0], -1)
-            y = g.op("MatMul", [x, g.f32(np.ascontiguousarray(w.T), f"{name}.weight_t")], "matmul")
+            y = g.op("MatMul", [self.materialize(x), g.f32(np.ascontiguousarray(w.T), f"{name}.weight_t")],
+                     "matmul")
             if m.bias is not None:
                 y = g.op("Add", [y, g.f32(_np(m.bias), f"{name}.bias")], "bias")
             return self.epilogue(y, m, (-1,), residual)
@@ -348,13 +619,10 @@ class IntLayers:
             y = g.op("MatMul", [xd, self.dq_weight(name, m, codes_t, axis=1)], "matmul")
             return self.epilogue(y, m, (-1,), residual)
         q = self.code_tensors[name] = self.quantize(x, m.a_offset, m.a_scale, m.a_bits)
-        ones = g.const(np.ones((m.in_features, 1), np.uint8), f"{name}.ones")
-        acc, as_ = self.centred_acc("MatMulInteger", q, self.uint8_weight(name, codes_t, m.w_bits), ones,
-                                    m, (-1,))
+        acc, as_ = self.integer_gemm(q, m, codes_t)
         ws = torch.from_numpy(codes_t).to(torch.int32).sum(0)            # [O]
-        cnt = torch.full_like(ws, m.in_features)
-        y = self.offset_terms(acc, as_, m, ws, cnt, (-1,), lambda t: np.ascontiguousarray(_np(t)))
-        return self.epilogue(y, m, (-1,), residual)
+        cnt = torch.tensor([m.in_features], dtype=torch.int32)
+        return self.finish(acc, as_, m, ws, cnt, residual)
 
     def bmm(self, name: str, adj: str, nodes: str) -> str:
         """adj [T, N, N] @ nodes [T, N, D], both quantized -> fp32 [T, N, D]."""

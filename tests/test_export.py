@@ -89,14 +89,39 @@ def test_qconv2d_integer_form_is_exact(bits, geom):
                       layer.post_scale, layer.post_shift, res, 0.2)
     gb = GraphBuilder()
     L = IntLayers(gb, _Layers(layer), form="integer", opset=25)
-    xin = gb.add_input("x", FLOAT, [b, c, h, h])
-    rin = gb.add_input("r", FLOAT, [b, o, ho, ho])
-    gb.add_output(L.conv("blk.conv", xin, residual=rin, hw=(h, h)), "y", FLOAT, [b, o, ho, ho])
+    assert L.layout == "nhwc"                      # the integer form runs channels-last
+    xin = gb.add_input("x", FLOAT, [b, h, h, c])
+    rin = gb.add_input("r", FLOAT, [b, ho, ho, o])
+    gb.add_output(L.conv("blk.conv", xin, residual=rin, hw=(h, h)), "y", FLOAT, [b, ho, ho, o])
     proto = gb.model(25, {})
     onnx.checker.check_model(proto)
-    out = _session(proto).run(None, {"x": x.permute(0, 3, 1, 2).numpy(),
-                                     "r": res.permute(0, 3, 1, 2).numpy()})[0]
-    np.testing.assert_array_equal(out.transpose(0, 2, 3, 1), ref.numpy())
+    assert "MatMulInteger" in {n.op_type for n in proto.graph.node}
+    out = _session(proto).run(None, {"x": x.numpy(), "r": res.numpy()})[0]
+    np.testing.assert_array_equal(out, ref.numpy())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qconv2d_fast_form_snapped(bits):
+    """The fast form (merged epilogue constants, QuantizeLinear with the zero point) on a
+    snapped 3x3 conv: fp32 outputs within rounding, next-layer codes identical but for ties;
+    8 bits also exercises the u8 x u8 fallback (centred int8 weights would saturate)."""
+    g = torch.Generator().manual_seed(bits + 100)
+    b, c, o, h = 2, 6, 8, 5
+    codes, ws, wo = _weights(o, 9 * c, bits, True, g)
+    sa, la = _act(bits, True)
+    layer = IntConv2d("c", c, o, 3, 1, 1, **_common(codes, bits, ws, wo, sa, la, g=g))
+    x = torch.randn(b, h, h, c, generator=g) * 0.3
+    ref = ref_qconv2d(ref_quantize(x, la, sa, bits), layer.w_packed, bits, bits, 3, 1, 1, ws, wo,
+                      sa, la, layer.post_scale, layer.post_shift, None, 0.2)
+    gb = GraphBuilder()
+    L = IntLayers(gb, _Layers(layer), form="fast", opset=21)
+    y = L.conv("c", gb.add_input("x", FLOAT, [b, h, h, c]), hw=(h, h))
+    gb.add_output(y, "y", FLOAT, [b, h, h, o])
+    gb.add_output(L.quantize(y, -0.5, 0.125, 4), "q", onnx.TensorProto.UINT8, [b, h, h, o])
+    out, q = _session(gb.model(21, {})).run(None, {"x": x.numpy()})
+    np.testing.assert_allclose(out, ref.numpy(), atol=1e-5, rtol=1e-5)
+    flips = (q != ref_quantize(ref, -0.5, 0.125, 4).numpy())
+    assert flips.mean() <= 0.01
 
 
 @pytest.mark.parametrize("bits", [2, 4])
@@ -251,7 +276,8 @@ def test_integer_export_tiny_4bit_exact_is_bit_exact(int_tiny4):
     # 4-bit weights stored as UINT4 at opset 21
     types = {t.name: t.data_type for t in proto.graph.initializer}
     assert types["backbone.layer1.0.conv2.weight_codes"] == onnx.TensorProto.UINT4
-    assert {"ConvInteger", "MatMulInteger"} <= {n.op_type for n in proto.graph.node}
+    ops = {n.op_type for n in proto.graph.node}
+    assert "MatMulInteger" in ops and "ConvInteger" not in ops      # NHWC rows: GEMMs only
 
 
 def test_weights_format_uint8_and_size(int_tiny4):
@@ -269,6 +295,8 @@ def test_integer_export_tiny_2bit_snap_qdq_uint2():
     assert info["opset"] == 25 and proto.ir_version == 13
     types = {t.name: t.data_type for t in proto.graph.initializer}
     assert types["backbone.layer1.0.conv2.weight_codes"] == onnx.TensorProto.UINT2
+    res_f, _, info_f = _check(im, form="fast")
+    assert res_f["passed"] and info_f["form"] == "fast", res_f
     res_q, proto_q, info_q = _check(im, form="qdq")
     assert res_q["passed"], res_q
     assert info_q["form"] == "qdq" and "ConvInteger" not in {n.op_type for n in proto_q.graph.node}
@@ -289,8 +317,9 @@ def test_integer_export_tiny_matrix(bits, zero_point):
 @pytest.mark.parametrize("zero_point", ["exact", "snap"])
 def test_integer_export_resnet12_matrix(bits, zero_point):
     im = _folded(bits, zero_point, preset="resnet12-cifarfs")
-    res, _, _ = _check(im, tasks=2)
-    assert res["passed"], res
+    for form in ("integer", "fast"):
+        res, _, _ = _check(im, tasks=2, form=form)
+        assert res["passed"], (form, res)
 
 
 # ------------------------------------------------------------------ errors
