@@ -1,0 +1,374 @@
+// pybind11 binding of the packed-int CPU kernels (module qgnn_deploy._C).
+//
+// Thin on purpose: every argument is checked here (dtype, rank, shape, C-contiguity,
+// alignment, bits, geometry) before a pointer reaches a kernel, and failures raise
+// qgnn_deploy._C.KernelArgumentError (a ValueError; the Python wrapper re-raises it as
+// qgnn_deploy.errors.KernelArgumentError). Kernels run without the GIL.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "qgnn_cpu.h"
+
+namespace py = pybind11;
+using qgnn::ArgError;
+
+namespace {
+
+constexpr int64_t kMaxDim = int64_t(1) << 30;
+
+std::string shape_str(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+template <typename T>
+const char* dtype_name() {
+  return std::is_same<T, uint8_t>::value ? "uint8" : std::is_same<T, float>::value ? "float32" : "int32";
+}
+
+// dtype, rank, C-contiguity and element alignment of an input/output array
+template <typename T>
+void check_array(const py::array& a, const char* name, int ndim) {
+  if (!a.dtype().is(py::dtype::of<T>()))
+    throw ArgError(std::string(name) + " must be " + dtype_name<T>() + ", got " +
+                   std::string(py::str(a.dtype())));
+  if (a.ndim() != ndim)
+    throw ArgError(std::string(name) + " must be " + std::to_string(ndim) + "-D, got shape " + shape_str(a));
+  if (!(a.flags() & py::array::c_style))
+    throw ArgError(std::string(name) + " must be C-contiguous (call .contiguous() first)");
+  if (reinterpret_cast<uintptr_t>(a.data()) % alignof(T))
+    throw ArgError(std::string(name) + " data pointer is not aligned to " + std::to_string(alignof(T)) + " bytes");
+  for (py::ssize_t i = 0; i < a.ndim(); ++i)
+    if (a.shape(i) >= kMaxDim) throw ArgError(std::string(name) + " is too large");
+}
+
+void check_bits(int bits, const char* name) {
+  if (bits != 2 && bits != 3 && bits != 4 && bits != 8)
+    throw ArgError(std::string(name) + " must be one of (2, 3, 4, 8), got " + std::to_string(bits));
+}
+
+float finite(double v, const char* name, bool positive = false) {
+  if (!std::isfinite(v)) throw ArgError(std::string(name) + " must be finite");
+  if (positive && !(v > 0)) throw ArgError(std::string(name) + " must be > 0");
+  const float f = static_cast<float>(v);
+  if (!std::isfinite(f)) throw ArgError(std::string(name) + " overflows float32");
+  return f;
+}
+
+const float* opt_vector(const std::optional<py::array>& v, const char* name, int n) {
+  if (!v) return nullptr;
+  check_array<float>(*v, name, 1);
+  if (v->shape(0) != n) throw ArgError(std::string(name) + " must have shape (" + std::to_string(n) + ",), got " + shape_str(*v));
+  return static_cast<const float*>(v->data());
+}
+
+// Everything of the epilogue that does not depend on the op's geometry.
+struct EpiHolder {
+  qgnn::Epi e;
+  std::vector<float> c1, c2, c3, c4;
+  std::vector<int32_t> zw;
+  py::array out;
+  py::array_t<int32_t> acc, as;
+};
+
+void setup_epi(EpiHolder& h, int O, int64_t M, const std::vector<py::ssize_t>& out_shape, const py::array& w_scale,
+               const py::array& w_offset, double a_scale, double a_offset, const std::optional<py::array>& post_scale,
+               const std::optional<py::array>& post_shift, const std::optional<py::array>& residual,
+               std::optional<double> slope, std::optional<double> out_l, std::optional<double> out_s,
+               std::optional<int> out_bits, bool want_acc) {
+  const float* ws = opt_vector(w_scale, "w_scale", O);
+  const float* wo = opt_vector(w_offset, "w_offset", O);
+  const float sa = finite(a_scale, "a_scale", true), la = finite(a_offset, "a_offset");
+  const int Op = (O + 63) / 64 * 64;
+  h.c1.assign(Op, 0.f);
+  h.c2.assign(Op, 0.f);
+  h.c3.assign(Op, 0.f);
+  h.c4.assign(Op, 0.f);
+  h.zw.assign(Op, 0);
+  // centred identity of ref_epilogue: offsets split into zero points and fp32 remainders
+  int32_t za;
+  float da;
+  qgnn::zero_split(la, sa, &za, &da);
+  for (int o = 0; o < O; ++o) {
+    if (!std::isfinite(ws[o]) || !std::isfinite(wo[o]) || !(ws[o] > 0.f))
+      throw ArgError("w_scale must be finite and > 0, w_offset finite");
+    float dw;
+    qgnn::zero_split(wo[o], ws[o], &h.zw[o], &dw);
+    h.c1[o] = ws[o] * sa;  // fp32 products, as ref_epilogue forms them
+    h.c2[o] = ws[o] * da;
+    h.c3[o] = dw * sa;
+    h.c4[o] = dw * da;
+  }
+  h.e.zw = h.zw.data();
+  h.e.za = za;
+  qgnn::Epi& e = h.e;
+  e.c1 = h.c1.data();
+  e.c2 = h.c2.data();
+  e.c3 = h.c3.data();
+  e.c4 = h.c4.data();
+  e.post_scale = opt_vector(post_scale, "post_scale", O);
+  e.post_shift = opt_vector(post_shift, "post_shift", O);
+  if (residual) {
+    check_array<float>(*residual, "residual", static_cast<int>(out_shape.size()));
+    for (size_t i = 0; i < out_shape.size(); ++i)
+      if (residual->shape(i) != out_shape[i]) throw ArgError("residual shape " + shape_str(*residual) + " does not match the output");
+    e.residual = static_cast<const float*>(residual->data());
+  }
+  if (slope) {
+    e.has_slope = true;
+    e.slope = finite(*slope, "slope");
+  }
+  if (out_s.has_value() != out_l.has_value() || out_s.has_value() != out_bits.has_value())
+    throw ArgError("out_l, out_s and out_bits must be given together");
+  if (out_s) {
+    check_bits(*out_bits, "out_bits");
+    e.quant = true;
+    e.out_l = finite(*out_l, "out_l");
+    e.out_s = finite(*out_s, "out_s", true);
+    e.qmax = static_cast<float>((1 << *out_bits) - 1);
+    py::array_t<uint8_t> out(out_shape);
+    e.out_q = out.mutable_data();
+    h.out = out;
+  } else {
+    py::array_t<float> out(out_shape);
+    e.out_f = out.mutable_data();
+    h.out = out;
+  }
+  if (want_acc) {
+    h.acc = py::array_t<int32_t>(std::vector<py::ssize_t>{static_cast<py::ssize_t>(M), O});
+    h.as = py::array_t<int32_t>(std::vector<py::ssize_t>{static_cast<py::ssize_t>(M)});
+    e.acc_out = h.acc.mutable_data();
+    e.as_out = h.as.mutable_data();
+  }
+}
+
+int check_threads(int n) {
+  if (n < 1 || n > 1024) throw ArgError("nthreads must be in 1..1024");
+  return n;
+}
+
+void raise_bad_codes(int bad, const char* name, int bits) {
+  if (bad) throw ArgError(std::string(name) + " holds codes >= 2^" + std::to_string(bits));
+}
+
+std::shared_ptr<qgnn::PackedW> make_packed(const py::array& packed, int bits, int K, int taps) {
+  check_bits(bits, "w_bits");
+  check_array<uint8_t>(packed, "w_packed", 2);
+  if (K <= 0 || taps <= 0 || K % taps) throw ArgError("K must be a positive multiple of taps");
+  const int64_t rb = int64_t(K + 7) / 8 * bits;
+  if (packed.shape(1) != rb)
+    throw ArgError("w_packed rows are " + std::to_string(packed.shape(1)) + " bytes, but K=" + std::to_string(K) +
+                   " codes of " + std::to_string(bits) + " bits need " + std::to_string(rb));
+  if (packed.shape(0) < 1) throw ArgError("w_packed has no rows");
+  auto w = std::make_shared<qgnn::PackedW>();
+  const uint8_t* p = static_cast<const uint8_t*>(packed.data());
+  const int O = static_cast<int>(packed.shape(0));
+  {
+    py::gil_scoped_release nogil;
+    qgnn::prepack(p, O, K, bits, taps, w.get());
+  }
+  return w;
+}
+
+py::object finish(EpiHolder& h, bool want_acc) {
+  if (want_acc) return py::make_tuple(h.out, h.acc, h.as);
+  return h.out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "qgnn-deploy packed-int CPU kernels (AVX-512 VNNI / AVX2 / scalar, chosen at run time)";
+  static py::exception<ArgError> exc(m, "KernelArgumentError", PyExc_ValueError);
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const ArgError& e) {
+      PyErr_SetString(exc.ptr(), e.what());
+    }
+  });
+
+  m.def("detected_isa", [] { return std::string(qgnn::isa_name(qgnn::detected_isa())); });
+  m.def("active_isa", [] { return std::string(qgnn::isa_name(qgnn::active_isa())); });
+  m.def("force_isa", [](const std::string& s) {
+    if (s.empty() || s == "auto") qgnn::force_isa(-1);
+    else if (s == "scalar") qgnn::force_isa(0);
+    else if (s == "avx2") qgnn::force_isa(1);
+    else if (s == "avx512vnni") qgnn::force_isa(2);
+    else throw ArgError("isa must be auto, scalar, avx2 or avx512vnni, got '" + s + "'");
+  });
+
+  py::class_<qgnn::PackedW, std::shared_ptr<qgnn::PackedW>>(m, "PackedWeights",
+      "Weights repacked for the CPU kernels (64-column blocks of 4-code int32 lanes).")
+      .def(py::init(&make_packed), py::arg("w_packed"), py::arg("bits"), py::arg("k"), py::arg("taps") = 1)
+      .def_property_readonly("out_features", [](const qgnn::PackedW& w) { return w.O; })
+      .def_property_readonly("k", [](const qgnn::PackedW& w) { return w.K; })
+      .def_property_readonly("bits", [](const qgnn::PackedW& w) { return w.bits; })
+      .def_property_readonly("taps", [](const qgnn::PackedW& w) { return w.taps; })
+      .def_property_readonly("nbytes", [](const qgnn::PackedW& w) { return w.data.size(); });
+
+  m.def("pack", [](const py::array& codes, int bits) {
+    check_bits(bits, "bits");
+    check_array<uint8_t>(codes, "codes", 2);
+    const int O = static_cast<int>(codes.shape(0)), K = static_cast<int>(codes.shape(1));
+    const uint8_t* c = static_cast<const uint8_t*>(codes.data());
+    const uint32_t lim = bits == 8 ? 256u : (1u << bits);
+    for (int64_t i = 0; i < int64_t(O) * K; ++i)
+      if (c[i] >= lim) throw ArgError("codes exceed the " + std::to_string(bits) + "-bit range");
+    const int rb = (K + 7) / 8 * bits;
+    py::array_t<uint8_t> out(std::vector<py::ssize_t>{O, rb});
+    for (int o = 0; o < O; ++o) qgnn::pack_row(c + int64_t(o) * K, K, bits, out.mutable_data() + int64_t(o) * rb);
+    return out;
+  }, py::arg("codes"), py::arg("bits"));
+
+  m.def("unpack", [](const py::array& packed, int bits, int K) {
+    check_bits(bits, "bits");
+    check_array<uint8_t>(packed, "packed", 2);
+    const int rb = (K + 7) / 8 * bits;
+    if (K < 0 || packed.shape(1) != rb) throw ArgError("packed rows do not hold K codes of this width");
+    const int O = static_cast<int>(packed.shape(0));
+    py::array_t<uint8_t> out(std::vector<py::ssize_t>{O, K});
+    const uint8_t* p = static_cast<const uint8_t*>(packed.data());
+    for (int o = 0; o < O; ++o) qgnn::unpack_row(p + int64_t(o) * rb, K, bits, out.mutable_data() + int64_t(o) * K);
+    return out;
+  }, py::arg("packed"), py::arg("bits"), py::arg("k"));
+
+  m.def("quantize", [](const py::array& x, double l, double s, int bits, int nthreads) {
+    check_bits(bits, "bits");
+    if (!x.dtype().is(py::dtype::of<float>())) throw ArgError("quantize expects float32, got " + std::string(py::str(x.dtype())));
+    if (!(x.flags() & py::array::c_style)) throw ArgError("x must be C-contiguous (call .contiguous() first)");
+    if (reinterpret_cast<uintptr_t>(x.data()) % 4) throw ArgError("x data pointer is not aligned to 4 bytes");
+    const float lf = finite(l, "l"), sf = finite(s, "s", true);
+    check_threads(nthreads);
+    std::vector<py::ssize_t> shape(x.shape(), x.shape() + x.ndim());
+    py::array_t<uint8_t> out(shape);
+    const int64_t n = x.size();
+    const float* xp = static_cast<const float*>(x.data());
+    uint8_t* op = out.mutable_data();
+    int64_t bad;
+    {
+      py::gil_scoped_release nogil;
+      bad = qgnn::quantize(xp, n, lf, sf, bits, op, nthreads);
+    }
+    if (bad) throw ArgError("quantize got NaN or Inf values");
+    return out;
+  }, py::arg("x"), py::arg("l"), py::arg("s"), py::arg("bits"), py::arg("nthreads") = 1);
+
+  m.def("qlinear", [](const py::array& x, const qgnn::PackedW& w, int a_bits, const py::array& w_scale,
+                      const py::array& w_offset, double a_scale, double a_offset, std::optional<py::array> post_scale,
+                      std::optional<py::array> post_shift, std::optional<py::array> residual,
+                      std::optional<double> slope, std::optional<double> out_l, std::optional<double> out_s,
+                      std::optional<int> out_bits, int nthreads, bool want_acc) {
+    check_bits(a_bits, "a_bits");
+    check_array<uint8_t>(x, "x", 2);
+    check_threads(nthreads);
+    if (x.shape(1) != w.K || w.taps != 1)
+      throw ArgError("x has K=" + std::to_string(x.shape(1)) + " but the weights hold K=" + std::to_string(w.K));
+    const int64_t M = x.shape(0);
+    EpiHolder h;
+    setup_epi(h, w.O, M, {static_cast<py::ssize_t>(M), w.O}, w_scale, w_offset, a_scale, a_offset, post_scale, post_shift,
+              residual, slope, out_l, out_s, out_bits, want_acc);
+    int bad = 0;
+    if (M > 0) {
+      py::gil_scoped_release nogil;
+      qgnn::qlinear(static_cast<const uint8_t*>(x.data()), static_cast<int>(M), w, a_bits, h.e, nthreads, &bad);
+    }
+    raise_bad_codes(bad, "x", a_bits);
+    return finish(h, want_acc);
+  }, py::arg("x"), py::arg("w"), py::arg("a_bits"), py::arg("w_scale"), py::arg("w_offset"), py::arg("a_scale"),
+     py::arg("a_offset"), py::arg("post_scale") = py::none(), py::arg("post_shift") = py::none(),
+     py::arg("residual") = py::none(), py::arg("slope") = py::none(), py::arg("out_l") = py::none(),
+     py::arg("out_s") = py::none(), py::arg("out_bits") = py::none(), py::arg("nthreads") = 1,
+     py::arg("want_acc") = false);
+
+  m.def("qconv2d", [](const py::array& x, const qgnn::PackedW& w, int a_bits, int ks, int stride, int pad,
+                      const py::array& w_scale, const py::array& w_offset, double a_scale, double a_offset,
+                      std::optional<py::array> post_scale, std::optional<py::array> post_shift,
+                      std::optional<py::array> residual, std::optional<double> slope, std::optional<double> out_l,
+                      std::optional<double> out_s, std::optional<int> out_bits, int nthreads, bool want_acc) {
+    check_bits(a_bits, "a_bits");
+    check_array<uint8_t>(x, "x", 4);
+    check_threads(nthreads);
+    if (ks < 1 || ks > 15 || stride < 1 || stride > 16 || pad < 0 || pad >= ks)
+      throw ArgError("bad conv geometry kernel_size=" + std::to_string(ks) + " stride=" + std::to_string(stride) +
+                     " padding=" + std::to_string(pad));
+    const int B = static_cast<int>(x.shape(0)), H = static_cast<int>(x.shape(1));
+    const int W = static_cast<int>(x.shape(2)), C = static_cast<int>(x.shape(3));
+    if (int64_t(ks) * ks * C != w.K || w.taps != ks * ks)
+      throw ArgError("weights hold K=" + std::to_string(w.K) + " for " + std::to_string(w.taps) + " taps, but x has C=" +
+                     std::to_string(C) + " and kernel_size=" + std::to_string(ks));
+    const int Ho = (H + 2 * pad - ks) / stride + 1, Wo = (W + 2 * pad - ks) / stride + 1;
+    if (H + 2 * pad < ks || W + 2 * pad < ks || Ho < 1 || Wo < 1)
+      throw ArgError("input " + std::to_string(H) + "x" + std::to_string(W) + " too small for the kernel");
+    const int64_t M = int64_t(B) * Ho * Wo;
+    if (M >= kMaxDim) throw ArgError("conv output too large");
+    EpiHolder h;
+    setup_epi(h, w.O, M, {B, Ho, Wo, w.O}, w_scale, w_offset, a_scale, a_offset, post_scale, post_shift, residual,
+              slope, out_l, out_s, out_bits, want_acc);
+    int bad = 0;
+    if (M > 0) {
+      py::gil_scoped_release nogil;
+      qgnn::qconv2d(static_cast<const uint8_t*>(x.data()), B, H, W, C, ks, stride, pad, w, a_bits, h.e, nthreads, &bad);
+    }
+    raise_bad_codes(bad, "x", a_bits);
+    return finish(h, want_acc);
+  }, py::arg("x"), py::arg("w"), py::arg("a_bits"), py::arg("kernel_size"), py::arg("stride"), py::arg("padding"),
+     py::arg("w_scale"), py::arg("w_offset"), py::arg("a_scale"), py::arg("a_offset"),
+     py::arg("post_scale") = py::none(), py::arg("post_shift") = py::none(), py::arg("residual") = py::none(),
+     py::arg("slope") = py::none(), py::arg("out_l") = py::none(), py::arg("out_s") = py::none(),
+     py::arg("out_bits") = py::none(), py::arg("nthreads") = 1, py::arg("want_acc") = false);
+
+  m.def("qbmm", [](const py::array& a, const py::array& v, int a_bits, int v_bits, double a_scale, double a_offset,
+                   double v_scale, double v_offset, int nthreads, bool want_acc) -> py::object {
+    check_bits(a_bits, "a_bits");
+    check_bits(v_bits, "v_bits");
+    check_array<uint8_t>(a, "a", 3);
+    check_array<uint8_t>(v, "v", 3);
+    check_threads(nthreads);
+    const int T = static_cast<int>(a.shape(0)), N = static_cast<int>(a.shape(1));
+    if (a.shape(2) != N || v.shape(0) != T || v.shape(1) != N)
+      throw ArgError("aggregation needs a [T, N, N] and v [T, N, D], got " + shape_str(a) + " and " + shape_str(v));
+    const int D = static_cast<int>(v.shape(2));
+    const float sa = finite(a_scale, "a_scale", true), la = finite(a_offset, "a_offset");
+    const float sv = finite(v_scale, "v_scale", true), lv = finite(v_offset, "v_offset");
+    py::array_t<float> out(std::vector<py::ssize_t>{T, N, D});
+    py::array_t<int32_t> acc, as, vs;
+    int32_t *accp = nullptr, *asp = nullptr, *vsp = nullptr;
+    if (want_acc) {
+      acc = py::array_t<int32_t>(std::vector<py::ssize_t>{T, N, D});
+      as = py::array_t<int32_t>(std::vector<py::ssize_t>{T, N});
+      vs = py::array_t<int32_t>(std::vector<py::ssize_t>{T, D});
+      accp = acc.mutable_data();
+      asp = as.mutable_data();
+      vsp = vs.mutable_data();
+    }
+    int bad = 0;
+    if (int64_t(T) * N * D > 0) {
+      const uint8_t* ap = static_cast<const uint8_t*>(a.data());
+      const uint8_t* vp = static_cast<const uint8_t*>(v.data());
+      float* op = out.mutable_data();
+      py::gil_scoped_release nogil;
+      qgnn::qbmm(ap, vp, T, N, D, a_bits, v_bits, sa, la, sv, lv, op, accp, asp, vsp, nthreads, &bad);
+    } else if (want_acc && T * N > 0) {
+      std::fill(asp, asp + int64_t(T) * N, 0);  // D == 0: row sums still defined
+      const uint8_t* ap = static_cast<const uint8_t*>(a.data());
+      for (int64_t i = 0; i < int64_t(T) * N; ++i)
+        for (int j = 0; j < N; ++j) asp[i] += ap[i * N + j];
+    }
+    if (bad == 1) raise_bad_codes(1, "a", a_bits);
+    if (bad == 2) raise_bad_codes(1, "v", v_bits);
+    if (want_acc) return py::make_tuple(out, acc, as, vs);
+    return out;
+  }, py::arg("a"), py::arg("v"), py::arg("a_bits"), py::arg("v_bits"), py::arg("a_scale"), py::arg("a_offset"),
+     py::arg("v_scale"), py::arg("v_offset"), py::arg("nthreads") = 1, py::arg("want_acc") = false);
+}

@@ -1,0 +1,550 @@
+// Drivers of the packed-int CPU ops: weight repacking, activation panel packing
+// (implicit-GEMM im2col for NHWC conv), border WS/CNT tables, threading over M-tiles,
+// and the portable scalar tile. ISA tiles live in qgemm_avx512.cpp / qgemm_avx2.cpp.
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+
+#include "qgnn_cpu.h"
+#include "thread_pool.h"
+
+namespace qgnn {
+
+// ------------------------------------------------------------- canonical packing
+// Row = LSB-first bit stream: code k occupies bits [bits*k, bits*k + bits) (ops/packing.py).
+void unpack_row(const uint8_t* row, int K, int bits, uint8_t* codes) {
+  if (bits == 8) {
+    std::memcpy(codes, row, static_cast<size_t>(K));
+    return;
+  }
+  const uint32_t mask = (1u << bits) - 1u;
+  for (int k = 0; k < K; ++k) {
+    const int64_t bit = static_cast<int64_t>(k) * bits;
+    const int byte = static_cast<int>(bit >> 3), sh = static_cast<int>(bit & 7);
+    // a code spans at most 2 bytes (bits <= 4 fits, 3-bit may straddle)
+    uint32_t v = row[byte];
+    if (sh + bits > 8) v |= static_cast<uint32_t>(row[byte + 1]) << 8;
+    codes[k] = static_cast<uint8_t>((v >> sh) & mask);
+  }
+}
+
+void pack_row(const uint8_t* codes, int K, int bits, uint8_t* row) {
+  const int nbytes = (K + 7) / 8 * bits;
+  std::memset(row, 0, static_cast<size_t>(nbytes));
+  if (bits == 8) {
+    std::memcpy(row, codes, static_cast<size_t>(K));
+    return;
+  }
+  for (int k = 0; k < K; ++k) {
+    const int64_t bit = static_cast<int64_t>(k) * bits;
+    const int byte = static_cast<int>(bit >> 3), sh = static_cast<int>(bit & 7);
+    const uint32_t v = static_cast<uint32_t>(codes[k]) << sh;
+    row[byte] |= static_cast<uint8_t>(v & 0xFF);
+    if (sh + bits > 8) row[byte + 1] |= static_cast<uint8_t>(v >> 8);
+  }
+}
+
+void prepack(const uint8_t* packed, int O, int K, int bits, int taps, PackedW* w) {
+  if (O <= 0 || K <= 0) throw ArgError("prepack: O and K must be positive");
+  if (taps <= 0 || K % taps) throw ArgError("prepack: K must be a multiple of the kernel taps");
+  const int rowbytes = (K + 7) / 8 * bits;
+  w->O = O;
+  w->K = K;
+  w->bits = bits;
+  w->taps = taps;
+  w->Kp = (K + 3) / 4 * 4;
+  w->Op = (O + 63) / 64 * 64;
+  w->bias = bits == 8 ? 128 : 0;
+  w->data.assign(static_cast<size_t>(w->Op) * w->Kp, 0);
+  w->wsum.assign(O, 0);
+  w->tapsum.assign(static_cast<size_t>(O) * taps, 0);
+  const int C = K / taps;
+  std::vector<uint8_t> codes(K);
+  for (int o = 0; o < O; ++o) {
+    unpack_row(packed + static_cast<size_t>(o) * rowbytes, K, bits, codes.data());
+    const int ob = o / 64, c = o % 64;
+    int8_t* blk = w->data.data() + static_cast<size_t>(ob) * w->Kp * 64;
+    int32_t s = 0;
+    for (int k = 0; k < K; ++k) {
+      blk[(k / 4) * 256 + c * 4 + (k % 4)] = static_cast<int8_t>(static_cast<int>(codes[k]) - w->bias);
+      s += codes[k];
+      w->tapsum[static_cast<size_t>(o) * taps + k / C] += codes[k];
+    }
+    // zero codes in K padding must stay zero *after* the bias: value 0 - bias would count
+    if (w->bias)
+      for (int k = K; k < w->Kp; ++k) blk[(k / 4) * 256 + c * 4 + (k % 4)] = 0;
+    w->wsum[o] = s;
+  }
+  // padded columns o >= O: zeros (never stored)
+}
+
+int32_t rowsum_u8(const uint8_t* p, int n, uint8_t* orv) {
+  int32_t s = 0;
+  uint8_t o = *orv;
+  for (int i = 0; i < n; ++i) {
+    s += p[i];
+    o |= p[i];
+  }
+  *orv = o;
+  return s;
+}
+
+// ------------------------------------------------------------- scalar tile
+namespace {
+
+inline int32_t wrap(int64_t v) { return static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint64_t>(v))); }
+
+inline float epi_value(const Epi& e, int32_t acc, int32_t as, int pat, int o, int64_t m) {
+  const int32_t wsp = e.ws_tab[static_cast<int64_t>(pat) * e.O + o];
+  const int32_t cnt = e.cnt_tab[pat];
+  const int32_t accp = wrap(int64_t(acc) + int64_t(e.nzw[o]) * as - e.zws_tab[static_cast<int64_t>(pat) * e.O + o]);
+  const int32_t asp = wrap(int64_t(as) - int64_t(e.za) * cnt);
+  float y = e.c1[o] * static_cast<float>(accp);
+  if (e.as_first) {
+    y = y + e.c3[o] * static_cast<float>(asp);
+    y = y + e.c2[o] * static_cast<float>(wsp);
+  } else {
+    y = y + e.c2[o] * static_cast<float>(wsp);
+    y = y + e.c3[o] * static_cast<float>(asp);
+  }
+  y = y + e.c4[o] * static_cast<float>(cnt);
+  if (e.post_scale) y = y * e.post_scale[o];
+  if (e.post_shift) y = y + e.post_shift[o];
+  if (e.residual) y = y + e.residual[m * e.O + o];
+  if (e.has_slope) y = y >= 0.f ? y : y * e.slope;
+  return y;
+}
+
+inline uint8_t quant_value(float y, float l, float s, float qmax) {
+  float u = std::nearbyint((y - l) / s);
+  if (!(u >= 0.f)) u = 0.f;  // NaN and negatives -> 0
+  if (u > qmax) u = qmax;
+  return static_cast<uint8_t>(u);
+}
+
+}  // namespace
+
+// Exported for the ISA tiles' ragged edges: one output element.
+void epi_store_scalar(const Epi& e, int64_t m, int o, int32_t acc, int32_t as) {
+  const int pat = e.pid ? e.pid[m % e.P] : 0;
+  if (e.acc_out) e.acc_out[m * e.O + o] = wrap(int64_t(acc) + int64_t(e.wbias) * as);
+  const float y = epi_value(e, acc, as, pat, o, m);
+  if (e.quant)
+    e.out_q[m * e.O + o] = quant_value(y, e.out_l, e.out_s, e.qmax);
+  else
+    e.out_f[m * e.O + o] = y;
+}
+
+void zero_split(float offset, float scale, int32_t* z, float* d) {
+  float q = std::nearbyint(-offset / scale);
+  q = q < 0.f ? 0.f : q > 255.f ? 255.f : q;
+  *z = static_cast<int32_t>(q);
+  *d = offset + scale * q;
+}
+
+void centre(Epi& e, const int32_t* ws_raw, const int32_t* cnt, int npat, CentredTables& t) {
+  const int O = e.O, Op = (O + 63) / 64 * 64;
+  t.wsp.resize(static_cast<size_t>(npat) * O);
+  t.zws.resize(static_cast<size_t>(npat) * O);
+  t.nzw.assign(Op, 0);
+  t.cnt.assign(cnt, cnt + npat);
+  t.t2.resize(static_cast<size_t>(npat) * O);
+  t.t4.resize(static_cast<size_t>(npat) * O);
+  for (int o = 0; o < O; ++o) t.nzw[o] = e.wbias - e.zw[o];
+  for (int q = 0; q < npat; ++q)
+    for (int o = 0; o < O; ++o) {
+      const size_t i = static_cast<size_t>(q) * O + o;
+      t.wsp[i] = wrap(int64_t(ws_raw[i]) - int64_t(e.zw[o]) * cnt[q]);
+      t.zws[i] = wrap(int64_t(e.za) * t.wsp[i]);
+      t.t2[i] = e.c2[o] * static_cast<float>(t.wsp[i]);
+      t.t4[i] = e.c4[o] * static_cast<float>(cnt[q]);
+    }
+  e.ws_tab = t.wsp.data();
+  e.zws_tab = t.zws.data();
+  e.nzw = t.nzw.data();
+  e.cnt_tab = t.cnt.data();
+  e.t2_tab = t.t2.data();
+  e.t4_tab = t.t4.data();
+  e.inv_out_s = 1.f / e.out_s;
+}
+
+void tile_scalar(const TileArgs& t) {
+  const Epi& e = *t.e;
+  for (int ob = 0; ob < t.nblk; ++ob) {
+    const int8_t* wb = t.wdata + static_cast<size_t>(ob) * t.Kp * 64;
+    const int ncol = std::min(64, t.O - ob * 64);
+    for (int r = 0; r < t.rows; ++r) {
+      const int64_t m = t.m0 + r;
+      if (e.as_out && ob == 0) e.as_out[m] = t.as[r];
+      for (int c = 0; c < ncol; ++c) {
+        int32_t acc = 0;
+        int k = 0;
+        for (int tap = 0; tap < t.taps; ++tap) {
+          const uint8_t* a = t.ptrs[static_cast<size_t>(r) * t.taps + tap];
+          for (int i = 0; i < 4 * t.c4n; ++i, ++k)
+            acc += static_cast<int32_t>(a[i]) * wb[(k / 4) * 256 + c * 4 + (k % 4)];
+        }
+        epi_store_scalar(e, m, ob * 64 + c, acc, t.as[r]);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------- drivers
+void rowsums_avx512(const uint8_t* x, int64_t rows, int n, int32_t* out, uint8_t* orv);
+void pack_v_avx512(const uint8_t* v, int N, int D, int Kp, int bias, int8_t* wd, int32_t* vs, uint8_t* orv);
+
+namespace {
+
+using TileFn = void (*)(const TileArgs&);
+
+TileFn pick_tile(const PackedW& w, int a_bits, bool* split) {
+  *split = false;
+  switch (active_isa()) {
+    case Isa::Avx512Vnni:
+#if defined(__x86_64__)
+      return tile_avx512;
+#endif
+    case Isa::Avx2:
+#if defined(__x86_64__)
+      // vpmaddubsw saturates int16 when a pair sum can exceed 32767
+      *split = 2 * ((1 << a_bits) - 1) * (w.bias ? 128 : (1 << w.bits) - 1) > 32767;
+      return tile_avx2;
+#endif
+    default:
+      return tile_scalar;
+  }
+}
+
+struct AlignedBuf {
+  uint8_t* p = nullptr;
+  explicit AlignedBuf(size_t n) { p = static_cast<uint8_t*>(std::aligned_alloc(64, (n + 63) / 64 * 64 + 64)); }
+  ~AlignedBuf() { std::free(p); }
+};
+
+int pick_threads(int requested, double macs) {
+  if (requested <= 1) return 1;
+  return macs < 2.0e6 ? 1 : requested;  // tiny ops: fork/join costs more than it saves
+}
+
+// Rows per M-tile: a multiple of 24 (the ISA tiles' row groups), the packed panel
+// ~<= 192 KiB so it stays in L2 next to a weight block, and enough tiles to balance.
+int pick_mb(int64_t M, int Kp, int nthreads) {
+  int mb = static_cast<int>(std::max<int64_t>(24, std::min<int64_t>(480, (192 * 1024) / std::max(Kp, 1))));
+  mb = mb / 24 * 24;
+  while (mb > 24 && (M + mb - 1) / mb < 4 * nthreads) mb -= 24;
+  return mb;
+}
+
+}  // namespace
+
+void qlinear(const uint8_t* x, int M, const PackedW& w, int a_bits, Epi& e, int nthreads,
+             int* bad_code) {
+  const int K = w.K, Kp = w.Kp;
+  const int32_t cnt = K;
+  e.pid = nullptr;
+  e.P = 1;
+  e.O = w.O;
+  e.wbias = w.bias;
+  CentredTables ct;
+  centre(e, w.wsum.data(), &cnt, 1, ct);
+  bool split;
+  TileFn tile = pick_tile(w, a_bits, &split);
+  const int nt = pick_threads(nthreads, double(M) * Kp * w.Op);
+  const int mb = pick_mb(M, Kp, nt);
+  const int ntiles = (M + mb - 1) / mb;
+  const bool direct = (K == Kp);  // rows already a multiple of 4 codes: read in place
+  std::vector<std::unique_ptr<AlignedBuf>> panels;
+  std::vector<std::vector<int32_t>> ass(nt, std::vector<int32_t>(mb));
+  std::vector<std::vector<const uint8_t*>> ptrs(nt, std::vector<const uint8_t*>(mb));
+  std::vector<uint8_t> orvs(nt, 0);
+  for (int i = 0; i < nt; ++i) panels.emplace_back(new AlignedBuf(direct ? 64 : static_cast<size_t>(mb) * Kp));
+  parallel_for(nt, ntiles, [&](int64_t ti, int tid) {
+    int32_t* as = ass[tid].data();
+    const uint8_t** pr = ptrs[tid].data();
+    uint8_t& orv = orvs[tid];
+    const int m0 = static_cast<int>(ti) * mb, rows = std::min(mb, M - m0);
+    for (int r = 0; r < rows; ++r) {
+      const uint8_t* src = x + static_cast<size_t>(m0 + r) * K;
+      if (!direct) {
+        uint8_t* dst = panels[tid]->p + static_cast<size_t>(r) * Kp;
+        std::memcpy(dst, src, K);
+        std::memset(dst + K, 0, Kp - K);
+        src = dst;
+      }
+      pr[r] = src;
+      as[r] = rowsum_u8(src, K, &orv);
+    }
+    TileArgs t{pr, 1, Kp / 4, rows, m0, w.data.data(), Kp, w.Op / 64, w.O, as, nullptr, &e, split};
+    tile(t);
+  });
+  uint8_t orv_all = 0;
+  for (uint8_t v : orvs) orv_all |= v;
+  *bad_code = a_bits < 8 && (orv_all >> a_bits) != 0;
+}
+
+void qconv2d(const uint8_t* x, int B, int H, int W, int C, int ks, int stride, int pad,
+             const PackedW& w, int a_bits, Epi& e, int nthreads, int* bad_code) {
+  const int Ho = (H + 2 * pad - ks) / stride + 1, Wo = (W + 2 * pad - ks) / stride + 1;
+  const int P = Ho * Wo, K = ks * ks * C, Kp = w.Kp, taps = ks * ks;
+  const int64_t M = static_cast<int64_t>(B) * P;
+  const int64_t npix = static_cast<int64_t>(B) * H * W;
+  // border patterns: which taps of position p fall inside the input
+  std::vector<int32_t> pid(P);
+  std::map<std::vector<uint8_t>, int> pats;
+  std::vector<std::vector<uint8_t>> masks;
+  for (int p = 0; p < P; ++p) {
+    const int oh = p / Wo, ow = p % Wo;
+    std::vector<uint8_t> msk(taps);
+    for (int i = 0; i < ks; ++i)
+      for (int j = 0; j < ks; ++j) {
+        const int ih = oh * stride - pad + i, iw = ow * stride - pad + j;
+        msk[i * ks + j] = ih >= 0 && ih < H && iw >= 0 && iw < W;
+      }
+    auto it = pats.find(msk);
+    if (it == pats.end()) {
+      it = pats.emplace(msk, static_cast<int>(masks.size())).first;
+      masks.push_back(msk);
+    }
+    pid[p] = it->second;
+  }
+  const int npat = static_cast<int>(masks.size());
+  std::vector<int32_t> ws_tab(static_cast<size_t>(npat) * w.O), cnt_tab(npat);
+  for (int q = 0; q < npat; ++q) {
+    int nv = 0;
+    for (int tp = 0; tp < taps; ++tp) nv += masks[q][tp];
+    cnt_tab[q] = nv * C;
+    for (int o = 0; o < w.O; ++o) {
+      int32_t s = 0;
+      for (int tp = 0; tp < taps; ++tp)
+        if (masks[q][tp]) s += w.tapsum[static_cast<size_t>(o) * taps + tp];
+      ws_tab[static_cast<size_t>(q) * w.O + o] = s;
+    }
+  }
+  e.pid = pid.data();
+  e.P = P;
+  e.O = w.O;
+  e.wbias = w.bias;
+  CentredTables ct;
+  centre(e, ws_tab.data(), cnt_tab.data(), npat, ct);
+  bool split;
+  TileFn tile = pick_tile(w, a_bits, &split);
+  const int nt = pick_threads(nthreads, double(M) * Kp * w.Op);
+  // per-pixel code sums (AS of a row = sum over its valid taps) and the code-range check,
+  // one pass over the input instead of one per tap
+  std::vector<int32_t> psum(npix);
+  const int64_t pchunk = 4096, npch = (npix + pchunk - 1) / pchunk;
+  std::vector<uint8_t> porv(npch, 0);
+  parallel_for(npix * C > (1 << 20) ? nt : 1, npch, [&](int64_t ci, int) {
+    const int64_t p0 = ci * pchunk, p1 = std::min(npix, p0 + pchunk);
+    uint8_t o = 0;
+#if defined(__x86_64__)
+    if (active_isa() == Isa::Avx512Vnni) {
+      rowsums_avx512(x + p0 * C, p1 - p0, C, psum.data() + p0, &o);
+      porv[ci] = o;
+      return;
+    }
+#endif
+    for (int64_t q = p0; q < p1; ++q) psum[q] = rowsum_u8(x + q * C, C, &o);
+    porv[ci] = o;
+  });
+  uint8_t orv_all = 0;
+  for (uint8_t v : porv) orv_all |= v;
+  *bad_code = a_bits < 8 && (orv_all >> a_bits) != 0;
+  if (*bad_code) return;
+
+  const int mb = pick_mb(M, Kp, nt);
+  const int64_t ntiles = (M + mb - 1) / mb;
+  // C % 4 == 0: the kernels read each tap's C codes in place; else gather (im2col) rows
+  const bool direct = C % 4 == 0;
+  AlignedBuf zeros(static_cast<size_t>(C) + 64);
+  std::memset(zeros.p, 0, static_cast<size_t>(C) + 64);
+  std::vector<std::unique_ptr<AlignedBuf>> panels;
+  std::vector<std::vector<int32_t>> ass(nt, std::vector<int32_t>(mb)), rpats(nt, std::vector<int32_t>(mb));
+  std::vector<std::vector<const uint8_t*>> ptrs(nt, std::vector<const uint8_t*>(static_cast<size_t>(mb) * (direct ? taps : 1)));
+  for (int i = 0; i < nt; ++i) panels.emplace_back(new AlignedBuf(direct ? 64 : static_cast<size_t>(mb) * Kp));
+  parallel_for(nt, ntiles, [&](int64_t ti, int tid) {
+    int32_t* as = ass[tid].data();
+    const uint8_t** pr = ptrs[tid].data();
+    const int64_t m0 = ti * mb;
+    const int rows = static_cast<int>(std::min<int64_t>(mb, M - m0));
+    int32_t* rp = rpats[tid].data();
+    // (b, oh, ow) of the tile's first row, then stepped: no divisions per row
+    int64_t b = m0 / P;
+    int oh = static_cast<int>(m0 % P) / Wo, ow = static_cast<int>(m0 % P) % Wo;
+    for (int r = 0; r < rows; ++r) {
+      if (r) {
+        if (++ow == Wo) {
+          ow = 0;
+          if (++oh == Ho) {
+            oh = 0;
+            ++b;
+          }
+        }
+      }
+      uint8_t* dst = direct ? nullptr : panels[tid]->p + static_cast<size_t>(r) * Kp;
+      const uint8_t** prow = pr + static_cast<size_t>(r) * taps;
+      int32_t s = 0;
+      const int ih0 = oh * stride - pad, iw0 = ow * stride - pad;
+      const int64_t rowbase = b * H;
+      for (int i = 0; i < ks; ++i) {
+        const int ih = ih0 + i;
+        const bool hin = ih >= 0 && ih < H;
+        for (int j = 0; j < ks; ++j) {
+          const int iw = iw0 + j;
+          const int tp = i * ks + j;
+          const bool in = hin && iw >= 0 && iw < W;
+          // taps outside the input read code 0: real-domain zero is handled by WS/CNT
+          const uint8_t* src = zeros.p;
+          if (in) {
+            const int64_t q = (rowbase + ih) * W + iw;
+            src = x + q * C;
+            s += psum[q];
+          }
+          if (direct)
+            prow[tp] = src;
+          else
+            std::memcpy(dst + static_cast<size_t>(tp) * C, src, C);
+        }
+      }
+      if (!direct) {
+        std::memset(dst + K, 0, Kp - K);
+        pr[r] = dst;
+      }
+      as[r] = s;
+      rp[r] = pid[static_cast<size_t>(oh) * Wo + ow];
+    }
+    TileArgs t{pr, direct ? taps : 1, direct ? C / 4 : Kp / 4, rows, static_cast<int>(m0), w.data.data(), Kp, w.Op / 64, w.O, as, rp, &e, split};
+    tile(t);
+  });
+}
+
+void qbmm(const uint8_t* a, const uint8_t* v, int T, int N, int D, int a_bits, int v_bits,
+          float sa, float la, float sv, float lv, float* out, int32_t* acc_out, int32_t* as_out,
+          int32_t* vs_out, int nthreads, int* bad_code) {
+  // per task: rows = A rows (activation role), columns = V columns (weight role)
+  const int Kp = (N + 3) / 4 * 4, Op = (D + 63) / 64 * 64;
+  const int bias = v_bits == 8 ? 128 : 0;
+  // centred identity of ref_qbmm: a is the row operand (za, da), v the column one (zv, dv)
+  int32_t za, zv;
+  float da, dv;
+  zero_split(la, sa, &za, &da);
+  zero_split(lv, sv, &zv, &dv);
+  std::vector<float> c1(Op, sa * sv), c3(Op, sa * dv), c2(Op, da * sv), c4(Op, da * dv);
+  std::vector<int32_t> zvs(Op, zv);
+  const int nt = pick_threads(nthreads, double(T) * N * Kp * Op);
+  PackedW dummy;
+  dummy.bits = v_bits;
+  dummy.bias = bias;
+  bool split;
+  TileFn tile = pick_tile(dummy, a_bits, &split);
+  std::vector<std::unique_ptr<AlignedBuf>> panels, wbufs;
+  std::vector<std::vector<int32_t>> ass(nt, std::vector<int32_t>(N)), vss(nt, std::vector<int32_t>(D));
+  std::vector<std::vector<const uint8_t*>> ptrs(nt, std::vector<const uint8_t*>(N));
+  std::vector<uint8_t> oras(nt, 0), orvs(nt, 0);
+  std::vector<CentredTables> cts(nt);
+  const bool avx512 = active_isa() == Isa::Avx512Vnni;  // reused across a thread's tasks (no per-task malloc)
+  for (int i = 0; i < nt; ++i) {
+    panels.emplace_back(new AlignedBuf(static_cast<size_t>(N) * Kp));
+    wbufs.emplace_back(new AlignedBuf(static_cast<size_t>(Op) * Kp));
+  }
+  const int32_t cnt = N;
+  parallel_for(nt, T, [&](int64_t t, int tid) {
+    std::vector<int32_t>& as = ass[tid];
+    std::vector<int32_t>& vs = vss[tid];
+    uint8_t& ora_t = oras[tid];
+    uint8_t& orv_t = orvs[tid];
+    const uint8_t** pr = ptrs[tid].data();
+    const uint8_t* at = a + static_cast<size_t>(t) * N * N;
+    const uint8_t* vt = v + static_cast<size_t>(t) * N * D;
+    for (int i = 0; i < N; ++i) {
+      uint8_t* dst = panels[tid]->p + static_cast<size_t>(i) * Kp;
+      std::memcpy(dst, at + static_cast<size_t>(i) * N, N);
+      std::memset(dst + N, 0, Kp - N);
+      as[i] = rowsum_u8(dst, N, &ora_t);
+      pr[i] = dst;
+    }
+    // V^T into the weight layout: data[ob][k4][c][j] = v[4*k4 + j][64*ob + c] - bias
+    int8_t* wd = reinterpret_cast<int8_t*>(wbufs[tid]->p);
+    std::memset(wd, 0, static_cast<size_t>(Op) * Kp);
+    std::fill(vs.begin(), vs.end(), 0);
+#if defined(__x86_64__)
+    if (avx512) {
+      pack_v_avx512(vt, N, D, Kp, bias, wd, vs.data(), &orv_t);
+    } else
+#endif
+    for (int k = 0; k < N; ++k) {
+      const uint8_t* row = vt + static_cast<size_t>(k) * D;
+      int8_t* wk = wd + (k / 4) * 256 + (k % 4);
+      for (int d0 = 0; d0 < D; d0 += 64) {
+        int8_t* wblk = wk + static_cast<size_t>(d0 / 64) * Kp * 64;
+        const int dn = std::min(64, D - d0);
+        for (int c = 0; c < dn; ++c) {
+          const uint8_t val = row[d0 + c];
+          wblk[c * 4] = static_cast<int8_t>(static_cast<int>(val) - bias);
+          vs[d0 + c] += val;
+          orv_t |= val;
+        }
+      }
+    }
+    Epi e;
+    e.c1 = c1.data();
+    e.c2 = c2.data();
+    e.c3 = c3.data();
+    e.c4 = c4.data();
+    e.out_f = out + static_cast<size_t>(t) * N * D;
+    e.O = D;
+    e.as_first = true;
+    e.wbias = bias;
+    e.zw = zvs.data();
+    e.za = za;
+    centre(e, vs.data(), &cnt, 1, cts[tid]);
+    e.acc_out = acc_out ? acc_out + static_cast<size_t>(t) * N * D : nullptr;
+    e.as_out = as_out ? as_out + static_cast<size_t>(t) * N : nullptr;
+    if (vs_out) std::copy(vs.begin(), vs.end(), vs_out + static_cast<size_t>(t) * D);
+    TileArgs ta{pr, 1, Kp / 4, N, 0, wd, Kp, Op / 64, D, as.data(), nullptr, &e, split};
+    tile(ta);
+  });
+  uint8_t ora = 0, orv = 0;
+  for (int i = 0; i < nt; ++i) {
+    ora |= oras[i];
+    orv |= orvs[i];
+  }
+  *bad_code = (a_bits < 8 && (ora >> a_bits) != 0) ? 1 : (v_bits < 8 && (orv >> v_bits) != 0) ? 2 : 0;
+}
+
+// ------------------------------------------------------------- quantize
+int64_t quantize_avx512(const float* x, int64_t n, float l, float s, float qmax, uint8_t* out);
+
+int64_t quantize(const float* x, int64_t n, float l, float s, int bits, uint8_t* out, int nthreads) {
+  const float qmax = static_cast<float>((1 << bits) - 1);
+  const bool simd = active_isa() == Isa::Avx512Vnni;
+  const int64_t chunk = 1 << 16;
+  const int64_t nch = (n + chunk - 1) / chunk;
+  const int nt = n < (1 << 18) ? 1 : std::max(1, nthreads);
+  std::vector<int64_t> bads(nch, 0);
+  parallel_for(nt, nch, [&](int64_t c, int) {
+    const int64_t i0 = c * chunk, i1 = std::min(n, i0 + chunk);
+#if defined(__x86_64__)
+    if (simd) {
+      bads[c] = quantize_avx512(x + i0, i1 - i0, l, s, qmax, out + i0);
+      return;
+    }
+#endif
+    int64_t b = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+      if (!std::isfinite(x[i])) ++b;
+      out[i] = quant_value(x[i], l, s, qmax);
+    }
+    bads[c] = b;
+  });
+  int64_t bad = 0;
+  for (int64_t b : bads) bad += b;
+  return bad;
+}
+
+}  // namespace qgnn

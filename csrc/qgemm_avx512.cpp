@@ -1,0 +1,267 @@
+// AVX-512 VNNI tile: vpdpbusd (uint8 activation codes x int8 weight codes, 4 products
+// summed into each int32 lane, exact) on a 6-row x 64-column register tile, and the fp32
+// epilogue on the same registers before the store. Compiled for AVX-512 by a target
+// pragma opened *after* every include, so no inline/template code shared with other
+// translation units is emitted with AVX-512 instructions; chosen at run time only.
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "qgnn_cpu.h"
+
+namespace qgnn {
+void epi_store_scalar(const Epi& e, int64_t m, int o, int32_t acc, int32_t as);
+}
+
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positives in the
+#pragma GCC diagnostic ignored "-Wuninitialized"        // intrinsic headers (undefined vectors)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,bmi2,fma")
+
+namespace qgnn {
+namespace {
+
+constexpr int MR = 6;
+
+inline int32_t load32(const uint8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// Epilogue on 16 columns [o, o+16) of row m (mask = columns < O); order as ref_epilogue.
+// Epilogue on 16 columns [o, o+16) of row m (mask = columns < O); order as ref_epilogue.
+// t2row/t4row: the per-(border pattern, column) terms c2*WS' and c4*CNT, precomputed
+// with the same fp32 products.
+// F: compile-time epilogue flags (kPS | kSH | ...), or -1 to read them from e at run time.
+constexpr int kPS = 1, kSH = 2, kRES = 4, kSLOPE = 8, kQUANT = 16, kASFIRST = 32, kACC = 64;
+constexpr int kConvBnLrelu = kPS | kSH | kSLOPE | kQUANT;  // the model's main conv epilogue
+
+inline int epi_flags(const Epi& e) {
+  return (e.post_scale ? kPS : 0) | (e.post_shift ? kSH : 0) | (e.residual ? kRES : 0) | (e.has_slope ? kSLOPE : 0) |
+         (e.quant ? kQUANT : 0) | (e.as_first ? kASFIRST : 0) | (e.acc_out ? kACC : 0);
+}
+
+template <int F>
+inline void epi16(const Epi& e, int64_t m, int o, __mmask16 mk, __m512i acc, int32_t as, const float* t2row,
+                  const int32_t* zwsrow, const float* t4row, float asp) {
+  const int64_t base = m * e.O + o;
+  const __m512i asv = _mm512_set1_epi32(as);
+#define HAS(flag, rt) (F < 0 ? (rt) : (F & (flag)) != 0)
+  if (HAS(kACC, e.acc_out != nullptr))
+    _mm512_mask_storeu_epi32(e.acc_out + base, mk, _mm512_add_epi32(acc, _mm512_set1_epi32(e.wbias * as)));
+  // ACC' = ACC + (wbias - zw)*AS - za*WS'   (int32, wrapping like the reference's int32)
+  acc = _mm512_add_epi32(acc, _mm512_mullo_epi32(_mm512_maskz_loadu_epi32(mk, e.nzw + o), asv));
+  acc = _mm512_sub_epi32(acc, _mm512_maskz_loadu_epi32(mk, zwsrow + o));
+  const __m512 t3 = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, e.c3 + o), _mm512_set1_ps(asp));
+  const __m512 t2 = _mm512_maskz_loadu_ps(mk, t2row + o);
+  __m512 y = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, e.c1 + o), _mm512_cvtepi32_ps(acc));
+  if (HAS(kASFIRST, e.as_first)) {
+    y = _mm512_add_ps(_mm512_add_ps(y, t3), t2);
+  } else {
+    y = _mm512_add_ps(_mm512_add_ps(y, t2), t3);
+  }
+  y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mk, t4row + o));
+  if (HAS(kPS, e.post_scale != nullptr)) y = _mm512_mul_ps(y, _mm512_maskz_loadu_ps(mk, e.post_scale + o));
+  if (HAS(kSH, e.post_shift != nullptr)) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mk, e.post_shift + o));
+  if (HAS(kRES, e.residual != nullptr)) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mk, e.residual + base));
+  if (HAS(kSLOPE, e.has_slope)) {
+    // y >= 0 ? y : y * slope  (NaN compares false and is multiplied, as torch.where does)
+    const __mmask16 neg = _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_NGE_UQ);
+    y = _mm512_mask_mul_ps(y, neg, y, _mm512_set1_ps(e.slope));
+  }
+  if (HAS(kQUANT, e.quant)) {
+    // rne((y - l) / s) via the reciprocal: relative error <= 2^-23, i.e. < 1e-4 absolute
+    // for |u| < 512, so the rounding can only differ within 1e-4 of a half-integer; those
+    // lanes (rare) take the exact IEEE division. For |u| >= 512 the final clamp to
+    // [0, qmax <= 255] decides whatever the rounding, so no range test is needed.
+    const __m512 num = _mm512_sub_ps(y, _mm512_set1_ps(e.out_l));
+    const __m512 ua = _mm512_mul_ps(num, _mm512_set1_ps(e.inv_out_s));
+    __m512 u = _mm512_roundscale_ps(ua, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 dist = _mm512_abs_ps(_mm512_sub_ps(ua, u));
+    const __mmask16 near = _mm512_cmp_ps_mask(dist, _mm512_set1_ps(0.4999f), _CMP_GT_OQ);
+    if (near) {
+      const __m512 ue = _mm512_div_ps(num, _mm512_set1_ps(e.out_s));
+      u = _mm512_mask_roundscale_ps(u, near, ue, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    // NaN: roundscale keeps it, max(NaN, 0) returns the second operand (0)
+    u = _mm512_max_ps(u, _mm512_setzero_ps());
+    u = _mm512_min_ps(u, _mm512_set1_ps(e.qmax));
+    _mm_mask_storeu_epi8(e.out_q + base, mk, _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(u)));
+  } else {
+    _mm512_mask_storeu_ps(e.out_f + base, mk, y);
+  }
+#undef HAS
+}
+
+template <int R, int F>
+inline void block(const TileArgs& t, const int8_t* wb, int r0, int o0, const __mmask16* mk) {
+  __m512i acc[R][4];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_si512();
+  }
+  const uint8_t* const* P = t.ptrs + static_cast<size_t>(r0) * t.taps;
+  const int8_t* w = wb;
+  for (int tap = 0; tap < t.taps; ++tap) {
+    const uint8_t* p[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) p[r] = P[r * t.taps + tap];
+    for (int c4 = 0; c4 < t.c4n; ++c4, w += 256) {
+      const __m512i w0 = _mm512_loadu_si512(w), w1 = _mm512_loadu_si512(w + 64);
+      const __m512i w2 = _mm512_loadu_si512(w + 128), w3 = _mm512_loadu_si512(w + 192);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m512i av = _mm512_set1_epi32(load32(p[r] + 4 * c4));
+        acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], av, w0);
+        acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], av, w1);
+        acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], av, w2);
+        acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], av, w3);
+      }
+    }
+  }
+  alignas(64) int32_t buf[R][64];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) _mm512_store_si512(&buf[r][16 * j], acc[r][j]);
+  }
+  const Epi& e = *t.e;
+  for (int r = 0; r < R; ++r) {
+    const int64_t m = static_cast<int64_t>(t.m0) + r0 + r;
+    const int pat = t.rpat ? t.rpat[r0 + r] : 0;
+    const int64_t prow = static_cast<int64_t>(pat) * e.O;
+    const int32_t cnti = e.cnt_tab[pat];
+    const int32_t as = t.as[r0 + r];
+    const float asp = static_cast<float>(static_cast<int32_t>(static_cast<uint32_t>(as) - static_cast<uint32_t>(e.za) * static_cast<uint32_t>(cnti)));
+    for (int j = 0; j < 4; ++j)
+      if (mk[j]) epi16<F>(e, m, o0 + 16 * j, mk[j], _mm512_load_si512(&buf[r][16 * j]), as, e.t2_tab + prow, e.zws_tab + prow, e.t4_tab + prow, asp);
+  }
+}
+
+template <int F>
+void run_rows(const TileArgs& t, const int8_t* wb, int o0, const __mmask16* mk) {
+  int r0 = 0;
+  for (; r0 + MR <= t.rows; r0 += MR) block<MR, F>(t, wb, r0, o0, mk);
+  switch (t.rows - r0) {
+    case 5: block<5, F>(t, wb, r0, o0, mk); break;
+    case 4: block<4, F>(t, wb, r0, o0, mk); break;
+    case 3: block<3, F>(t, wb, r0, o0, mk); break;
+    case 2: block<2, F>(t, wb, r0, o0, mk); break;
+    case 1: block<1, F>(t, wb, r0, o0, mk); break;
+    default: break;
+  }
+}
+
+}  // namespace
+
+void tile_avx512(const TileArgs& t) {
+  const Epi& e = *t.e;
+  if (e.as_out)
+    for (int r = 0; r < t.rows; ++r) e.as_out[t.m0 + r] = t.as[r];
+  for (int ob = 0; ob < t.nblk; ++ob) {
+    const int8_t* wb = t.wdata + static_cast<size_t>(ob) * t.Kp * 64;
+    const int o0 = ob * 64;
+    __mmask16 mk[4];
+    for (int j = 0; j < 4; ++j) {
+      const int n = t.O - o0 - 16 * j;
+      mk[j] = n >= 16 ? 0xFFFF : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1u);
+    }
+    if (epi_flags(e) == kConvBnLrelu)
+      run_rows<kConvBnLrelu>(t, wb, o0, mk);
+    else
+      run_rows<-1>(t, wb, o0, mk);
+  }
+}
+
+// Sums and OR of n-byte rows (pixels): vpsadbw against zero adds 8 bytes per 64-bit lane.
+void rowsums_avx512(const uint8_t* x, int64_t rows, int n, int32_t* out, uint8_t* orv) {
+  __m512i o = _mm512_setzero_si512();
+  const __m512i z = _mm512_setzero_si512();
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* p = x + r * n;
+    __m512i s = _mm512_setzero_si512();
+    int i = 0;
+    for (; i + 64 <= n; i += 64) {
+      const __m512i v = _mm512_loadu_si512(p + i);
+      s = _mm512_add_epi64(s, _mm512_sad_epu8(v, z));
+      o = _mm512_or_si512(o, v);
+    }
+    if (i < n) {
+      const __m512i v = _mm512_maskz_loadu_epi8(_bzhi_u64(~0ull, n - i), p + i);
+      s = _mm512_add_epi64(s, _mm512_sad_epu8(v, z));
+      o = _mm512_or_si512(o, v);
+    }
+    out[r] = static_cast<int32_t>(_mm512_reduce_add_epi64(s));
+  }
+  // OR of all 64 byte lanes
+  __m256i h = _mm256_or_si256(_mm512_castsi512_si256(o), _mm512_extracti64x4_epi64(o, 1));
+  __m128i q = _mm_or_si128(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+  q = _mm_or_si128(q, _mm_srli_si128(q, 8));
+  q = _mm_or_si128(q, _mm_srli_si128(q, 4));
+  q = _mm_or_si128(q, _mm_srli_si128(q, 2));
+  q = _mm_or_si128(q, _mm_srli_si128(q, 1));
+  *orv |= static_cast<uint8_t>(_mm_cvtsi128_si32(q));
+}
+
+// V [N, D] (one task) -> weight layout, 4 rows interleaved per int32 lane:
+//   wd[ob][k4][c] (int32) = v[4k4][64ob+c] | v[4k4+1][..] << 8 | v[4k4+2][..] << 16 | v[4k4+3][..] << 24
+// (bytes minus `bias`, done as xor 0x80 when bias = 128), plus column sums VS and the OR.
+// wd must be zeroed beforehand for the padding (rows >= N, columns >= D).
+void pack_v_avx512(const uint8_t* v, int N, int D, int Kp, int bias, int8_t* wd, int32_t* vs, uint8_t* orv) {
+  const __m512i flip = _mm512_set1_epi32(bias ? 0x80808080u : 0);
+  __m512i o = _mm512_setzero_si512();
+  for (int d0 = 0; d0 < D; d0 += 16) {
+    const int dn = D - d0 < 16 ? D - d0 : 16;
+    const __mmask16 mk = static_cast<__mmask16>((1u << dn) - 1u);
+    __m512i colsum = _mm512_setzero_si512();
+    int8_t* blk = wd + static_cast<size_t>(d0 / 64) * Kp * 64 + (d0 % 64) * 4;
+    for (int k4 = 0; k4 * 4 < N; ++k4) {
+      __m512i lane = _mm512_setzero_si512();
+      for (int j = 0; j < 4 && 4 * k4 + j < N; ++j) {
+        const __m128i b = _mm_maskz_loadu_epi8(mk, v + static_cast<size_t>(4 * k4 + j) * D + d0);
+        const __m512i x = _mm512_cvtepu8_epi32(b);
+        colsum = _mm512_add_epi32(colsum, x);
+        lane = _mm512_or_si512(lane, _mm512_slli_epi32(x, 8 * j));
+      }
+      // rows beyond N stay 0 (not 0 - bias): flip only the valid bytes
+      const __m512i vmask = _mm512_set1_epi32(static_cast<int>(N - 4 * k4 >= 4 ? 0xFFFFFFFFu : (1u << (8 * (N - 4 * k4))) - 1u));
+      o = _mm512_or_si512(o, lane);
+      lane = _mm512_xor_si512(lane, _mm512_and_si512(flip, vmask));
+      _mm512_mask_storeu_epi32(blk + static_cast<size_t>(k4) * 256, mk, lane);
+    }
+    _mm512_mask_storeu_epi32(vs + d0, mk, colsum);
+  }
+  __m256i h = _mm256_or_si256(_mm512_castsi512_si256(o), _mm512_extracti64x4_epi64(o, 1));
+  __m128i q = _mm_or_si128(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+  q = _mm_or_si128(q, _mm_srli_si128(q, 8));
+  q = _mm_or_si128(q, _mm_srli_si128(q, 4));
+  q = _mm_or_si128(q, _mm_srli_si128(q, 2));
+  q = _mm_or_si128(q, _mm_srli_si128(q, 1));
+  *orv |= static_cast<uint8_t>(_mm_cvtsi128_si32(q));
+}
+
+int64_t quantize_avx512(const float* x, int64_t n, float l, float s, float qmax, uint8_t* out) {
+  const __m512 vl = _mm512_set1_ps(l), vs = _mm512_set1_ps(s), vq = _mm512_set1_ps(qmax);
+  const __m512 inf = _mm512_set1_ps(__builtin_inff());
+  int64_t bad = 0;
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mk = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1u);
+    const __m512 xv = _mm512_maskz_loadu_ps(mk, x + i);
+    // |x| < inf is false for NaN and +-Inf
+    const __mmask16 fin = _mm512_cmp_ps_mask(_mm512_abs_ps(xv), inf, _CMP_LT_OQ);
+    bad += __builtin_popcount(static_cast<unsigned>(mk & ~fin));
+    __m512 u = _mm512_div_ps(_mm512_sub_ps(xv, vl), vs);
+    u = _mm512_roundscale_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    u = _mm512_min_ps(_mm512_max_ps(u, _mm512_setzero_ps()), vq);
+    _mm_mask_storeu_epi8(out + i, mk, _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(u)));
+  }
+  return bad;
+}
+
+}  // namespace qgnn
+
+#pragma GCC pop_options
+#endif  // __x86_64__

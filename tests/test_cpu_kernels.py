@@ -1,0 +1,329 @@
+"""The cpu backend (C++ packed-int kernels) against the reference integer engine.
+
+Integer parts (ACC, AS, VS) must be identical (atol=0); fp32 outputs bit-identical (the
+epilogue follows the reference order under -ffp-contract=off); output codes identical
+except fp32 ties (<= 0.1% of elements, by 1). Every dispatch path is forced in turn.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qgnn_deploy.errors import KernelArgumentError
+from qgnn_deploy.ops import reference as R
+from qgnn_deploy.ops.packing import pack_codes, unpack_codes
+
+cpu = pytest.importorskip("qgnn_deploy.backends.cpu")
+if not cpu.is_available():  # pragma: no cover
+    pytest.skip("qgnn_deploy._C not built (pip install -e .)", allow_module_level=True)
+
+ISAS = ["scalar", "avx2", "avx512vnni"]
+BITS = [2, 3, 4]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    cpu.force_isa(request.param)
+    if cpu.active_isa() != request.param:
+        cpu.force_isa(None)
+        pytest.skip(f"CPU lacks {request.param}")
+    yield request.param
+    cpu.force_isa(None)
+
+
+@pytest.fixture(params=[1, 2], ids=["t1", "t2"])
+def threads(request):
+    cpu.set_num_threads(request.param)
+    yield request.param
+    cpu.set_num_threads(None)
+
+
+def codes(shape, bits):
+    return torch.randint(0, 2 ** bits, shape, dtype=torch.uint8)
+
+
+def epilogue_kwargs(o, out_shape, full=True):
+    if not full:
+        return {}
+    return dict(post_scale=torch.rand(o) + 0.5, post_shift=torch.randn(o), residual=torch.randn(out_shape),
+                slope=0.1)
+
+
+def assert_codes_close(got, want):
+    assert got.dtype == want.dtype == torch.uint8 and got.shape == want.shape
+    diff = (got.int() - want.int()).abs()
+    assert int(diff.max()) <= 1
+    assert int((diff > 0).sum()) <= max(1, want.numel() // 1000)
+
+
+def wparams(o):
+    return torch.rand(o) * 0.05 + 0.005, torch.randn(o) * 0.2
+
+
+# ------------------------------------------------------------------ packing
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("k", [1, 7, 8, 9, 33, 70])
+def test_pack_unpack_match_canonical(bits, k):
+    c = codes((5, k), bits)
+    p = pack_codes(c, bits)
+    assert torch.equal(cpu.cpu_pack(c, bits), p)
+    assert torch.equal(cpu.cpu_unpack(p, bits, k), c)
+
+
+# ------------------------------------------------------------------ quantize
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_quantize_exact(isa, bits):
+    x = torch.randn(3, 1001) * 2
+    x[0, :7] = torch.tensor([0.0, -0.0, 0.125, 0.375, -1.0, 1e30, -1e30])  # ties, saturation
+    l, s = -1.0, 0.25
+    assert torch.equal(cpu.cpu_quantize(x, l, s, bits), R.ref_quantize(x, l, s, bits))
+
+
+def test_quantize_rejects_nan_and_bad_args():
+    x = torch.randn(100)
+    x[3] = float("nan")
+    with pytest.raises(KernelArgumentError):
+        cpu.cpu_quantize(x, 0.0, 0.1, 4)
+    with pytest.raises(KernelArgumentError):
+        cpu.cpu_quantize(torch.randn(10).double(), 0.0, 0.1, 4)
+    with pytest.raises(KernelArgumentError):
+        cpu.cpu_quantize(torch.randn(10), 0.0, 0.0, 4)
+    with pytest.raises(KernelArgumentError):
+        cpu.cpu_quantize(torch.randn(10), 0.0, 0.1, 5)
+
+
+# ------------------------------------------------------------------ linear
+
+@pytest.mark.parametrize("wb,ab", [(2, 2), (3, 3), (4, 4), (2, 4), (4, 8), (8, 8)])
+@pytest.mark.parametrize("m,k,o", [(1, 5, 3), (37, 70, 75), (13, 64, 130)])
+def test_qlinear_exact(isa, threads, wb, ab, m, k, o):
+    x, wc = codes((m, k), ab), codes((o, k), wb)
+    wp = pack_codes(wc, wb)
+    ws, wo = wparams(o)
+    acc, as_ = cpu.cpu_linear_acc(x, wp, wb, ab)
+    racc, ras, _ = R.ref_linear_acc(x, wc)
+    assert torch.equal(acc, racc) and torch.equal(as_, ras)
+    args = (x, wp, wb, ab, ws, wo, 0.037, -0.41)
+    kw = epilogue_kwargs(o, (m, o))
+    assert torch.equal(cpu.cpu_qlinear(*args, **kw), R.ref_qlinear(*args, **kw))
+    assert torch.equal(cpu.cpu_qlinear(*args), R.ref_qlinear(*args))
+    q = dict(out_l=-0.9, out_s=0.15, out_bits=ab)
+    assert_codes_close(cpu.cpu_qlinear(*args, **kw, **q), R.ref_qlinear(*args, **kw, **q))
+    kw.pop("residual")  # the conv + BN + LeakyReLU + re-quantize combination (specialised)
+    assert_codes_close(cpu.cpu_qlinear(*args, **kw, **q), R.ref_qlinear(*args, **kw, **q))
+
+
+# ------------------------------------------------------------------ conv
+
+CONV_GEOMS = [(3, 1, 1), (1, 1, 0), (3, 2, 1), (1, 2, 0), (3, 1, 0), (3, 2, 0)]
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("ks,stride,pad", CONV_GEOMS)
+def test_qconv2d_exact(isa, threads, bits, ks, stride, pad):
+    b, h, w, c, o = 2, 7, 6, 13, 70  # odd C, K not a multiple of 4/8, O not of 64
+    x, wc = codes((b, h, w, c), bits), codes((o, ks * ks * c), bits)
+    wp = pack_codes(wc, bits)
+    ws, wo = wparams(o)
+    acc, as_ = cpu.cpu_conv2d_acc(x, wp, bits, ks, stride, pad, bits)
+    racc, ras, _, _ = R.ref_conv2d_acc(x, wc, ks, ks, stride, pad)
+    assert torch.equal(acc, racc) and torch.equal(as_, ras)
+    ho, wo_ = R.conv_out_size(h, ks, stride, pad), R.conv_out_size(w, ks, stride, pad)
+    args = (x, wp, bits, bits, ks, stride, pad, ws, wo, 0.05, -0.3)
+    kw = epilogue_kwargs(o, (b, ho, wo_, o))
+    assert torch.equal(cpu.cpu_qconv2d(*args, **kw), R.ref_qconv2d(*args, **kw))
+    q = dict(out_l=-1.3, out_s=0.2, out_bits=4)
+    assert_codes_close(cpu.cpu_qconv2d(*args, **kw, **q), R.ref_qconv2d(*args, **kw, **q))
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_qconv2d_model_shapes_batch1(bits):
+    # the model's two conv kinds at a ResNet-12 width, batch 1, auto dispatch, 2 threads
+    cpu.set_num_threads(2)
+    try:
+        for ks, pad in [(3, 1), (1, 0)]:
+            x, wc = codes((1, 8, 8, 64), bits), codes((64, ks * ks * 64), bits)
+            wp = pack_codes(wc, bits)
+            ws, wo = wparams(64)
+            args = (x, wp, bits, bits, ks, 1, pad, ws, wo, 0.02, 0.1)
+            kw = dict(post_scale=torch.rand(64), post_shift=torch.randn(64), slope=0.1,
+                      out_l=-0.5, out_s=0.05, out_bits=bits)
+            assert_codes_close(cpu.cpu_qconv2d(*args, **kw), R.ref_qconv2d(*args, **kw))
+            assert torch.equal(cpu.cpu_qconv2d(*args), R.ref_qconv2d(*args))
+    finally:
+        cpu.set_num_threads(None)
+
+
+def test_qconv2d_w2a2_large_k_all_paths():
+    # K = 9*256 exercises the long reduction (LUT kernel's u8/u16 flush points)
+    x, wc = codes((2, 5, 5, 256), 2), codes((96, 9 * 256), 2)
+    x[0] = 3
+    wc[:5] = 3  # saturated rows and columns
+    wp = pack_codes(wc, 2)
+    racc, ras, _, _ = R.ref_conv2d_acc(x, wc, 3, 3, 1, 1)
+    for isa in ISAS:
+        cpu.force_isa(isa)
+        try:
+            acc, as_ = cpu.cpu_conv2d_acc(x, wp, 2, 3, 1, 1, 2)
+            assert torch.equal(acc, racc) and torch.equal(as_, ras), isa
+        finally:
+            cpu.force_isa(None)
+
+
+def test_prepacked_weights_and_cache_invalidation():
+    x, wc = codes((9, 40), 4), codes((20, 40), 4)
+    wp = pack_codes(wc, 4)
+    ws, wo = wparams(20)
+    want = R.ref_qlinear(x, wp, 4, 4, ws, wo, 0.1, 0.0)
+    pre = cpu.cpu_prepack(wp, 4, 40)
+    assert torch.equal(cpu.cpu_qlinear(x, pre, 4, 4, ws, wo, 0.1, 0.0), want)
+    assert torch.equal(cpu.cpu_qlinear(x, wp, 4, 4, ws, wo, 0.1, 0.0), want)
+    wp.copy_(pack_codes(codes((20, 40), 4), 4))  # in-place edit bumps _version: repack
+    assert torch.equal(cpu.cpu_qlinear(x, wp, 4, 4, ws, wo, 0.1, 0.0), R.ref_qlinear(x, wp, 4, 4, ws, wo, 0.1, 0.0))
+    with pytest.raises(KernelArgumentError):
+        cpu.cpu_qlinear(x, pre, 2, 4, ws, wo, 0.1, 0.0)  # prepacked for other bits
+
+
+# ------------------------------------------------------------------ aggregation
+
+@pytest.mark.parametrize("ab,vb", [(2, 2), (3, 3), (4, 4), (4, 2), (8, 8)])
+@pytest.mark.parametrize("t,n,d", [(3, 5, 7), (40, 10, 64), (2, 30, 129), (1, 100, 65)])
+def test_qbmm_exact(isa, ab, vb, t, n, d):
+    if isa == "scalar" and n * n * d * t > 200_000:
+        pytest.skip("scalar path covered by the smaller shapes")
+    a, v = codes((t, n, n), ab), codes((t, n, d), vb)
+    acc, as_, vs = cpu.cpu_bmm_acc(a, v, ab, vb)
+    racc, ras, rvs = R.ref_bmm_acc(a, v)
+    assert torch.equal(acc, racc) and torch.equal(as_, ras) and torch.equal(vs, rvs)
+    args = (a, v, ab, vb, 0.013, 0.002, 0.31, -0.7)
+    assert torch.equal(cpu.cpu_qbmm(*args), R.ref_qbmm(*args))
+
+
+def test_qbmm_threads_large_batch():
+    cpu.set_num_threads(2)
+    try:
+        a, v = codes((40, 30, 30), 4), codes((40, 30, 128), 4)
+        args = (a, v, 4, 4, 0.01, 0.0, 0.1, -0.2)
+        assert torch.equal(cpu.cpu_qbmm(*args), R.ref_qbmm(*args))
+    finally:
+        cpu.set_num_threads(None)
+
+
+# ------------------------------------------------------------------ bad input: exceptions, never a crash
+
+def _lin_args(**over):
+    x, wc = codes((4, 16), 4), codes((8, 16), 4)
+    d = dict(x=x, w_packed=pack_codes(wc, 4), w_bits=4, a_bits=4, w_scale=torch.ones(8),
+             w_offset=torch.zeros(8), a_scale=0.1, a_offset=0.0)
+    d.update(over)
+    return d
+
+
+@pytest.mark.parametrize("over", [
+    dict(x=torch.zeros(4, 16, dtype=torch.int8)),              # wrong dtype
+    dict(x=torch.zeros(4, 16)),                                # float activations
+    dict(x=torch.zeros(4, 17, dtype=torch.uint8)),             # K mismatch
+    dict(x=torch.zeros(4, 4, 16, dtype=torch.uint8)),          # rank
+    dict(x=torch.full((4, 16), 16, dtype=torch.uint8)),        # codes out of range
+    dict(w_bits=5), dict(w_bits=1), dict(a_bits=6),            # bits outside 2/3/4/8
+    dict(w_packed=torch.zeros(8, 7, dtype=torch.uint8)),       # packed row length
+    dict(w_packed=torch.zeros(8, 8, dtype=torch.int16)),
+    dict(w_scale=torch.ones(7)), dict(w_offset=torch.ones(8, dtype=torch.float64)),
+    dict(a_scale=0.0), dict(a_scale=float("nan")), dict(a_offset="x"),
+    dict(residual=torch.zeros(4, 9)), dict(post_scale=torch.ones(3)),
+    dict(out_s=0.1),                                          # out_l/out_bits missing
+    dict(out_s=0.1, out_l=0.0, out_bits=7),
+])
+def test_qlinear_bad_args_raise(over):
+    with pytest.raises(KernelArgumentError):
+        cpu.cpu_qlinear(**_lin_args(**over))
+
+
+def test_conv_and_bmm_bad_args_raise():
+    x, wc = codes((1, 4, 4, 8), 4), codes((8, 72), 4)
+    wp = pack_codes(wc, 4)
+    one, zero = torch.ones(8), torch.zeros(8)
+    bad = [
+        dict(x=codes((1, 4, 4, 7), 4)),                # C does not match the weights
+        dict(kernel_size=0), dict(stride=0), dict(padding=-1),
+        dict(x=codes((1, 1, 1, 8), 4), padding=0),     # input smaller than the kernel
+        dict(residual=torch.zeros(1, 4, 4, 7)),
+    ]
+    for over in bad:
+        kw = dict(x=x, w_packed=wp, w_bits=4, a_bits=4, kernel_size=3, stride=1, padding=1,
+                  w_scale=one, w_offset=zero, a_scale=0.1, a_offset=0.0)
+        kw.update(over)
+        with pytest.raises(KernelArgumentError):
+            cpu.cpu_qconv2d(**kw)
+    a, v = codes((2, 5, 5), 4), codes((2, 5, 3), 4)
+    for args in [(a, codes((2, 6, 3), 4)), (codes((2, 5, 4), 4), v), (a.float(), v),
+                 (a, torch.full((2, 5, 3), 200, dtype=torch.uint8))]:
+        with pytest.raises(KernelArgumentError):
+            cpu.cpu_qbmm(*args, 4, 4, 0.1, 0.0, 0.1, 0.0)
+    with pytest.raises(KernelArgumentError):
+        cpu.cpu_qbmm(a, v, 9, 4, 0.1, 0.0, 0.1, 0.0)
+    with pytest.raises(KernelArgumentError):
+        cpu.force_isa("sse9")
+
+
+def test_binding_level_errors_are_value_errors():
+    # the raw extension raises its own ValueError subclass, never crashes
+    ext = cpu._ext()
+    with pytest.raises(ValueError):
+        ext.PackedWeights(torch.zeros(4, 3, dtype=torch.uint8).numpy(), 4, 8)
+    with pytest.raises(ValueError):
+        ext.PackedWeights(torch.zeros(4, 8, dtype=torch.uint8).numpy(), 4, 16, 3)
+    pw = ext.PackedWeights(torch.zeros(4, 8, dtype=torch.uint8).numpy(), 4, 16)
+    with pytest.raises(ValueError):
+        ext.qlinear(torch.zeros(4, 16, dtype=torch.uint8).numpy()[:, ::2], pw, 4, torch.ones(4).numpy(),
+                    torch.zeros(4).numpy(), 0.1, 0.0)
+    with pytest.raises(ValueError):
+        ext.qlinear(torch.zeros(4, 16, dtype=torch.uint8).numpy(), pw, 4, torch.ones(4).numpy(),
+                    torch.zeros(4).numpy(), 0.1, 0.0, nthreads=0)
+
+
+def test_non_contiguous_inputs_are_copied_like_the_reference():
+    x = codes((16, 9), 4).t()
+    wc = codes((5, 16), 4)
+    wp = pack_codes(wc, 4)
+    ws, wo = wparams(5)
+    assert not x.is_contiguous()
+    assert torch.equal(cpu.cpu_qlinear(x, wp, 4, 4, ws, wo, 0.1, 0.2), R.ref_qlinear(x, wp, 4, 4, ws, wo, 0.1, 0.2))
+    xc = codes((2, 5, 6, 8), 4).permute(0, 2, 1, 3)
+    wc = codes((7, 72), 4)
+    args = (xc, pack_codes(wc, 4), 4, 4, 3, 1, 1, *wparams(7), 0.1, 0.2)
+    assert torch.equal(cpu.cpu_qconv2d(*args), R.ref_qconv2d(*args))
+
+
+def test_misaligned_activation_pointer_is_fine():
+    # uint8 inputs need no alignment: a view starting at an odd byte gives the same answer
+    buf = codes((1 + 11 * 40,), 4)
+    x = buf[1:].view(11, 40)
+    assert x.data_ptr() % 2 == 1
+    wc = codes((24, 40), 4)
+    wp = pack_codes(wc, 4)
+    ws, wo = wparams(24)
+    assert torch.equal(cpu.cpu_qlinear(x, wp, 4, 4, ws, wo, 0.1, 0.2), R.ref_qlinear(x, wp, 4, 4, ws, wo, 0.1, 0.2))
+    assert torch.equal(unpack_codes(wp, 4, 40), wc)
+
+
+@pytest.mark.parametrize("out_s", [1.0, 3.0, 0.5])
+def test_requantization_ties_take_the_exact_path(isa, out_s):
+    # y = ACC / 2 is full of exact .5 ties: the reciprocal fast path must defer to division
+    x, wc = codes((64, 40), 4), codes((48, 40), 4)
+    wp = pack_codes(wc, 4)
+    args = (x, wp, 4, 4, torch.ones(48), torch.zeros(48), 1.0, 0.0)
+    kw = dict(post_scale=torch.full((48,), 0.5), out_l=0.0, out_s=out_s, out_bits=8)
+    assert torch.equal(cpu.cpu_qlinear(*args, **kw), R.ref_qlinear(*args, **kw))
+
+
+def test_pack_cache_hits_aliases_and_sees_in_place_edits():
+    x, wc = codes((7, 24), 4), codes((9, 24), 4)
+    wp = pack_codes(wc, 4)
+    ws, wo = wparams(9)
+    alias = wp.view(9, 12)  # a new tensor object over the same storage
+    assert torch.equal(cpu.cpu_qlinear(x, alias, 4, 4, ws, wo, 0.1, 0.0), R.ref_qlinear(x, wp, 4, 4, ws, wo, 0.1, 0.0))
+    wp.zero_()  # bumps the shared version counter
+    assert torch.equal(cpu.cpu_qlinear(x, alias, 4, 4, ws, wo, 0.1, 0.0), R.ref_qlinear(x, wp, 4, 4, ws, wo, 0.1, 0.0))
