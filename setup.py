@@ -17,13 +17,15 @@ from pybind11.setup_helpers import Pybind11Extension, build_ext
 
 SANITIZE = os.environ.get("QGNN_SANITIZE", "")  # e.g. "address,undefined"
 
-extra_compile = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
-extra_link = ["-fopenmp"]
+# -ffp-contract=off: the fp32 epilogue must not fuse into FMAs, so it stays bit-identical
+# to the reference's op order. Threads come from csrc/thread_pool.cpp, not OpenMP.
+extra_compile = ["-O3", "-std=c++17", "-pthread", "-ffp-contract=off", "-fno-math-errno"]
+extra_link = ["-pthread"]
 if SANITIZE:
-    extra_compile = ["-O1", "-g", "-std=c++17", "-fopenmp", "-ffp-contract=off",
+    extra_compile = ["-O1", "-g", "-std=c++17", "-pthread", "-ffp-contract=off",
                      f"-fsanitize={SANITIZE}", "-fno-omit-frame-pointer",
                      "-fno-sanitize-recover=undefined"]
-    extra_link = ["-fopenmp", f"-fsanitize={SANITIZE}"]
+    extra_link = ["-pthread", f"-fsanitize={SANITIZE}"]
 
 ext_modules = [
     Pybind11Extension(
