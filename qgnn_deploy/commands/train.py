@@ -1,0 +1,72 @@
+"""``qgnn-deploy train``: FP pre-training or QAT (PQ + AQD + SQD) of a QGNN-IC checkpoint.
+
+Examples::
+
+    qgnn-deploy train --preset tiny --bits 32 --iterations 2000 --out fp.pt
+    qgnn-deploy train --preset tiny --bits 2 --init fp.pt --iterations 600 --out w2.pt
+    qgnn-deploy train ... --out w2.pt --resume          # continue an interrupted run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", help="model preset (tiny, resnet12-cifarfs)")
+    p.add_argument("--dataset", default="synthetic",
+                   choices=["synthetic", "cifar-fs", "mini-imagenet", "cub"])
+    p.add_argument("--data-dir", help="data set root (real data sets; see qgnn_deploy/data)")
+    p.add_argument("--bits", type=int, default=32, choices=[2, 3, 4, 8, 32],
+                   help="bit-width of the quantized layers (32 = FP pre-training)")
+    p.add_argument("--way", type=int, default=5)
+    p.add_argument("--shot", type=int, default=1)
+    p.add_argument("--image-size", type=int, choices=[32, 84], help="default: the preset's (32)")
+    p.add_argument("--iterations", type=int, default=1000, help="episode batches to train on")
+    p.add_argument("--tasks", type=int, default=10, help="episodes per batch")
+    p.add_argument("--no-aqd", action="store_true", help="disable attention quantization distillation")
+    p.add_argument("--no-sqd", action="store_true", help="disable stochastic quantization distillation")
+    p.add_argument("--lambda1", type=float, default=0.7, help="AQD loss weight")
+    p.add_argument("--lambda2", type=float, default=1.0, help="SQD loss weight")
+    p.add_argument("--init", help="initialise from a checkpoint (ours or official DPGN), e.g. FP for QAT")
+    p.add_argument("--resume", action="store_true", help="continue the run saved at --out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--optimizer", choices=["adam", "sgd"], help="override the paper's recipe")
+    p.add_argument("--lr", type=float, help="override the recipe's learning rate")
+    p.add_argument("--lr-step", type=int,
+                   help="lr x0.1 every this many iterations (default: 15%% of the run, as 15k of 100k)")
+    p.add_argument("--val-every", type=int, default=0, help="validate every N iterations (default: 5 times)")
+    p.add_argument("--val-episodes", type=int, default=100)
+    p.add_argument("--save-every", type=int, default=0, help="write a resumable checkpoint every N iterations")
+    p.add_argument("--slim", action="store_true",
+                   help="final checkpoint without optimizer/training state (small, not resumable)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    p.add_argument("--out", required=True, help="checkpoint to write")
+
+
+def run(args) -> int:
+    import torch
+
+    from ..training import TrainOptions, train
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    opts = TrainOptions(
+        out=args.out, preset=args.preset, bits=args.bits, dataset=args.dataset, data_dir=args.data_dir,
+        way=args.way, shot=args.shot, image_size=args.image_size, iterations=args.iterations,
+        tasks=args.tasks, aqd=not args.no_aqd, sqd=not args.no_sqd, lambda1=args.lambda1,
+        lambda2=args.lambda2, init=args.init, resume=args.resume, seed=args.seed,
+        optimizer=args.optimizer, lr=args.lr, lr_step=args.lr_step, val_every=args.val_every,
+        val_episodes=args.val_episodes, save_every=args.save_every, slim=args.slim,
+        progress=not args.no_progress, command=["qgnn-deploy"] + sys.argv[1:])
+    try:
+        summary = train(opts)
+    except KeyboardInterrupt:
+        return 130
+    print(f"wrote {summary['out']} ({summary['iterations']} iterations, {summary['seconds']:.0f} s)",
+          file=sys.stderr)
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items()}))
+    return 0

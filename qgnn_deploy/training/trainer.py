@@ -1,0 +1,273 @@
+"""The training loop: FP pre-training and QAT (PQ + AQD + SQD) on few-shot episodes.
+
+One iteration = one batch of ``tasks`` training episodes; episode batch ``i`` is a pure
+function of ``(seed, i)`` and the torch RNG (dropout, SQD draws) is checkpointed, so a
+run interrupted and resumed ends with the same weights as one run straight through.
+
+Checkpoints are :func:`qgnn_deploy.checkpoint.save_checkpoint` files with two extra
+entries: ``"distill"`` (AQD's attention MLPs; never part of the model) and
+``"training"`` (iteration, optimizer, scheduler, RNG, validation history, options),
+left out with ``slim``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from ..checkpoint import (_load_state, is_official_dpgn, load_official_dpgn, read_checkpoint,
+                          save_checkpoint)
+from ..config import ModelConfig, preset_config
+from ..errors import CheckpointError, ConfigError, QGNNError
+from ..models import QGNNModel, build_model
+from .distill import Distillation
+from .losses import dpgn_loss
+from .recipe import build_optimizer, default_recipe
+
+
+@dataclass
+class TrainOptions:
+    """Everything a run depends on (the ``train`` command's arguments)."""
+
+    out: str
+    preset: str = "tiny"
+    bits: int = 32
+    dataset: str = "synthetic"
+    data_dir: Optional[str] = None
+    way: int = 5
+    shot: int = 1
+    image_size: Optional[int] = None
+    iterations: int = 1000
+    tasks: int = 10
+    aqd: bool = True
+    sqd: bool = True
+    lambda1: float = 0.7
+    lambda2: float = 1.0
+    sqd_p: float = 0.5
+    init: Optional[str] = None
+    resume: bool = False
+    seed: int = 0
+    optimizer: Optional[str] = None
+    lr: Optional[float] = None
+    lr_step: Optional[int] = None
+    val_every: int = 0
+    val_episodes: int = 100
+    save_every: int = 0
+    slim: bool = False
+    progress: bool = True
+    command: List[str] = field(default_factory=list)
+
+    def model_config(self) -> ModelConfig:
+        extra: Dict[str, Any] = {"way": self.way, "shot": self.shot}
+        if self.image_size:
+            extra["image_size"] = self.image_size
+        elif self.dataset in ("mini-imagenet", "cub"):
+            extra["image_size"] = 84  # their standard size (DPGN)
+        return preset_config(self.preset, self.bits, **extra)
+
+
+class TrainingDiverged(QGNNError):
+    """The loss became NaN / Inf."""
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def init_from(path: str, config: ModelConfig) -> QGNNModel:
+    """A model for ``config`` initialised from a checkpoint of ours or an official DPGN one.
+
+    Quantizer ranges absent from the source (an FP checkpoint) stay uninitialised and
+    are set from the first training batch (mean +- 3 std), the QAT starting point."""
+    obj = read_checkpoint(path)
+    if is_official_dpgn(obj):
+        return load_official_dpgn(obj, config, source=path)
+    if not isinstance(obj.get("state_dict"), dict):
+        raise CheckpointError(f"--init {path!r} has no state_dict")
+    src_cfg = obj.get("config", {})
+    for k in ("widths", "emb_dim", "generations", "image_size", "way", "shot"):
+        ours = list(config.widths) if k == "widths" else getattr(config, k)
+        if k in src_cfg and src_cfg[k] != ours:
+            raise CheckpointError(f"--init {path!r} has {k}={src_cfg[k]}, the run needs {ours}")
+    model = build_model(config)
+    state = obj["state_dict"]
+    if config.bits < 32 and src_cfg.get("bits", 32) >= 32:
+        _load_state(model, state, path, strict=True, allow_missing_quant=True)
+    else:
+        _load_state(model, state, path, strict=True, allow_missing_quant=False)
+    return model
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _install_sigterm():
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _restore_sigterm(old) -> None:
+    import signal
+    if old is not None:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _batch(config, ds, opts: TrainOptions, iteration: int):
+    from ..data import episode_batches
+    return next(episode_batches(config, opts.tasks, opts.seed, "train", ds,
+                                tasks_per_batch=opts.tasks, start=iteration * opts.tasks,
+                                augment=True))
+
+
+def validate(model: QGNNModel, config: ModelConfig, opts: TrainOptions, ds) -> Dict[str, float]:
+    """Accuracy on ``val_episodes`` validation episodes (fixed seed), model left in train mode."""
+    from ..evaluate import evaluate, model_predict
+    rng = torch.get_rng_state()  # validation must not shift the training RNG stream
+    model.eval()
+    try:
+        r = evaluate(model_predict(model), config, episodes=opts.val_episodes, seed=1000 + opts.seed,
+                     split="val", dataset=ds, progress=False)
+    finally:
+        model.train()
+        torch.set_rng_state(rng)
+    return {"accuracy": r["accuracy"], "ci95": r["ci95"]}
+
+
+def train(opts: TrainOptions) -> Dict[str, Any]:
+    """Run (or resume) training; writes ``opts.out``; returns a summary dict.
+
+    Raises KeyboardInterrupt after saving a resumable checkpoint when interrupted."""
+    from tqdm import tqdm
+
+    from ..data import get_dataset
+    if opts.iterations < 1 or opts.tasks < 1:
+        raise ConfigError("--iterations and --tasks must be >= 1")
+    state = None
+    if opts.resume:
+        if not os.path.isfile(opts.out):
+            raise CheckpointError(f"--resume: {opts.out!r} does not exist (it is the --out of the run "
+                                  "to continue)")
+        state = read_checkpoint(opts.out)
+        if not isinstance(state.get("training"), dict):
+            raise CheckpointError(f"--resume: {opts.out!r} has no training state (written with --slim?)")
+        config = ModelConfig.from_dict(state["config"])
+        model = build_model(config)
+        _load_state(model, state["state_dict"], opts.out, strict=True, allow_missing_quant=False)
+    else:
+        config = opts.model_config()
+        # Seed first: model init and AQD's attention MLPs must not depend on the caller's RNG.
+        torch.manual_seed(opts.seed)
+        model = init_from(opts.init, config) if opts.init else build_model(config)
+    ds = get_dataset(opts.dataset, opts.data_dir, config.image_size)
+    quantized = config.bits < 32
+    distill = Distillation(model, aqd=opts.aqd and quantized, sqd=opts.sqd and quantized,
+                           lambda1=opts.lambda1, lambda2=opts.lambda2, p=opts.sqd_p)
+    recipe = default_recipe(config.bits, opts.iterations, opts.optimizer, opts.lr, opts.lr_step)
+    model.train()
+    if quantized and not opts.resume:
+        # Initialise every PQ range (mean +- 3 std) from the first training batch before the
+        # optimizer is built, so the ranges start where the paper puts them.
+        images, support, _ = _batch(config, ds, opts, 0)
+        with torch.no_grad():
+            model(images, support)
+    opt, sched = build_optimizer(list(model.parameters()) + list(distill.parameters()), recipe)
+    start, history = 0, []
+    if state is not None:
+        tr = state["training"]
+        if isinstance(state.get("distill"), dict):
+            distill.load_state_dict(state["distill"])
+        opt.load_state_dict(tr["optimizer"])
+        sched.load_state_dict(tr["scheduler"])
+        torch.set_rng_state(tr["rng"])
+        start, history = int(tr["iteration"]), list(tr.get("history", []))
+        _log(f"resuming {opts.out} at iteration {start}")
+    else:
+        torch.manual_seed(opts.seed)
+    distill.attach(model)
+    val_every = opts.val_every or max(1, opts.iterations // 5)
+
+    def meta(it: int) -> Dict[str, Any]:
+        return {"trained_by": "qgnn-deploy train", "dataset": opts.dataset, "iteration": it,
+                "iterations": opts.iterations, "tasks_per_batch": opts.tasks, "bits": config.bits,
+                "aqd": distill.aqd is not None, "sqd": distill.sqd is not None,
+                "recipe": recipe.to_dict(), "init": opts.init, "seed": opts.seed,
+                "val": history[-1] if history else None, "command": list(opts.command)}
+
+    def save(it: int, slim: bool = False, rng: Optional[torch.Tensor] = None) -> None:
+        extra: Dict[str, Any] = {}
+        if distill.aqd is not None and not slim:
+            extra["distill"] = distill.state_dict()
+        if not slim:
+            extra["training"] = {"iteration": it, "optimizer": opt.state_dict(),
+                                 "scheduler": sched.state_dict(), "rng": torch.get_rng_state() if rng is None else rng,
+                                 "history": history,
+                                 "options": {k: v for k, v in dataclasses.asdict(opts).items()
+                                             if isinstance(v, (int, float, str, bool, type(None)))}}
+        save_checkpoint(model, opts.out, meta=meta(it), **extra)
+
+    # SIGTERM (a job scheduler, `kill`) stops like Ctrl-C: save a resumable checkpoint first.
+    old_term = _install_sigterm()
+    bar = tqdm(total=opts.iterations, initial=start, desc=f"train w{config.bits}", unit="it",
+               file=sys.stderr, disable=not opts.progress, dynamic_ncols=True)
+    done = start
+    rng_resume = torch.get_rng_state()  # the RNG state at the start of iteration `done`
+    t0 = time.perf_counter()
+    ema = None
+    try:
+        for it in range(start, opts.iterations):
+            rng_resume = torch.get_rng_state()
+            images, support, query = _batch(config, ds, opts, it)
+            out = model(images, support)
+            parts = dpgn_loss(out, support, query, config.way)
+            d = distill.pop_losses()
+            loss = parts["loss"] + d["total"]
+            if not torch.isfinite(loss.detach()):
+                raise TrainingDiverged(
+                    f"loss became {float(loss.detach())} at iteration {it} ({recipe.optimizer} lr {recipe.lr}); "
+                    "lower --lr or use --optimizer sgd")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            done, rng_resume = it + 1, torch.get_rng_state()
+            loss_value = float(loss.detach())
+            acc = float(parts["accuracy"])
+            ema = acc if ema is None else 0.95 * ema + 0.05 * acc
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", aqd=f"{float(d['aqd'].detach()):.3f}",
+                            sqd=f"{float(d['sqd'].detach()):.3f}", acc=f"{ema:.3f}",
+                            lr=f"{sched.get_last_lr()[0]:.1e}")
+            if not opts.progress and done % max(1, opts.iterations // 20) == 0:
+                _log(f"iteration {done}/{opts.iterations}: loss {loss_value:.3f} (aqd {float(d['aqd'].detach()):.3f}, "
+                     f"sqd {float(d['sqd'].detach()):.3f}), train acc ema {ema:.3f}")
+            if done % val_every == 0 or done == opts.iterations:
+                v = validate(model, config, opts, ds)
+                history.append({"iteration": done, "val_accuracy": v["accuracy"], "val_ci95": v["ci95"],
+                                "train_accuracy_ema": ema, "loss": loss_value})
+                bar.write(f"iteration {done}: val accuracy {v['accuracy']:.4f} +- {v['ci95']:.4f} "
+                          f"(train ema {ema:.3f}, loss {loss_value:.3f})", file=sys.stderr)
+            if opts.save_every and done % opts.save_every == 0 and done < opts.iterations:
+                save(done)
+    except KeyboardInterrupt:
+        bar.close()
+        distill.detach()
+        save(done, rng=rng_resume)
+        _log(f"interrupted at iteration {done}: saved a resumable checkpoint to {opts.out} "
+             "(continue with the same command plus --resume)")
+        raise
+    finally:
+        _restore_sigterm(old_term)
+    bar.close()
+    distill.detach()
+    save(done, slim=opts.slim)
+    return {"out": opts.out, "iterations": done, "bits": config.bits, "seconds": time.perf_counter() - t0,
+            "val": history[-1] if history else None, "history": history}
