@@ -694,18 +694,11 @@ class TestDataFiles:
         assert lie != good
         _expect(DataError, safe_load, _write(tmp_path, "lie.pkl", lie))
 
-    @pytest.mark.xfail(strict=True, reason="data/safe_pickle.safe_load: a counted opcode (BINBYTES8) claiming "
-                       "64 GiB makes the unpickler allocate it up front; MemoryError leaks. Pre-scan with "
-                       "pickletools.genops over the bytes and catch MemoryError -> DataError")
     def test_length_claim_64gib(self, tmp_path):
         from qgnn_deploy.data.safe_pickle import safe_load
         blob = b"\x80\x04\x8e" + struct.pack("<Q", 2 ** 36) + b"abc"
         _expect(DataError, safe_load, _write(tmp_path, "big.pkl", blob))
 
-    @pytest.mark.xfail(strict=True, reason="data/safe_pickle: the allowed numpy.ndarray global can be "
-                       "called directly (REDUCE) with any shape, allocating without bound (1 TB -> "
-                       "MemoryError leaks; 10 GB succeeds). Allow ndarray only as _reconstruct's subtype "
-                       "argument with shape (0,)")
     def test_ndarray_constructor_allocation(self, tmp_path):
         from qgnn_deploy.data.safe_pickle import safe_load
         # numpy.ndarray((10**12,), 'u1') via REDUCE; and (10**10,)
@@ -771,8 +764,6 @@ class TestDataFiles:
             _expect(DataError, load_mini_imagenet, str(root))
         _expect(DataError, load_mini_imagenet, str(tmp_path / "nothing_here"))
 
-    @pytest.mark.xfail(strict=True, reason="data/mini_imagenet._read_pickle_split: class_dict indices out of "
-                       "range (or non-integers) raise a raw IndexError/ValueError; check them against len(arr)")
     def test_mini_imagenet_class_dict_out_of_range(self, tmp_path):
         from qgnn_deploy.data.mini_imagenet import load_mini_imagenet
         img = np.zeros((3, 84, 84, 3), np.uint8)

@@ -58,9 +58,17 @@ def _read_pickle_split(path: str) -> Dict[str, np.ndarray]:
         data = key(d, "image_data")
         cdict = key(d, "class_dict")
         arr = _images(data, path)
-        return {text(c): arr[np.asarray(idx, dtype=np.int64)] for c, idx in cdict.items()}
     except KeyError:
         pass
+    else:
+        out = {}
+        for c, idx in cdict.items():
+            idx = np.asarray(idx)
+            if idx.ndim != 1 or idx.dtype.kind not in "iu" or (idx.size and (idx.min() < 0 or idx.max() >= len(arr))):
+                raise DataError(f"{path!r}: class_dict[{text(c)!r}] must list image indices in "
+                                f"[0, {len(arr)})")
+            out[text(c)] = arr[idx.astype(np.int64)]
+        return out
     try:
         data, labels = key(d, "data"), key(d, "labels")
     except KeyError:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import _codecs
 import io
 import pickle
+import pickletools
 from typing import Any
 
 import numpy as np
@@ -22,12 +23,26 @@ try:  # numpy >= 2
 except ImportError:  # pragma: no cover - numpy 1.x
     from numpy.core import multiarray as _ma
 
+class _NdarrayType:
+    """Stands for ``numpy.ndarray`` in a data pickle: usable only as the subtype argument
+    of ``_reconstruct``, never called directly (``ndarray(shape)`` would allocate any
+    size the file claims)."""
+
+
+def _reconstruct(subtype, shape, dtype):
+    # numpy pickles an array as _reconstruct(ndarray, (0,), b'b') + BUILD(state); the
+    # state's data must then match its shape, so nothing larger than the file is made.
+    if subtype is not _NdarrayType or tuple(shape) != (0,):
+        raise pickle.UnpicklingError("numpy _reconstruct with an unexpected subtype or shape")
+    return _ma._reconstruct(np.ndarray, (0,), dtype)
+
+
 _ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"): _ma._reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _ma._reconstruct,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy.core.multiarray", "scalar"): _ma.scalar,
     ("numpy._core.multiarray", "scalar"): _ma.scalar,
-    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "ndarray"): _NdarrayType,
     ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): _codecs.encode,
 }
@@ -47,10 +62,16 @@ def safe_load(path: str, encoding: str = "bytes") -> Any:
     ``encoding="bytes"`` keeps Python 2 strings (the CIFAR archives) as bytes."""
     try:
         with open(path, "rb") as f:
-            return _Restricted(io.BufferedReader(f), encoding=encoding).load()
+            data = f.read()
+        # Walk the opcodes first: a length field claiming more bytes than the file holds
+        # fails here, before the unpickler would allocate it.
+        for _ in pickletools.genops(data):
+            pass
+        return _Restricted(io.BytesIO(data), encoding=encoding).load()
     except FileNotFoundError:
         raise DataError(f"expected the pickle file {path!r}; it does not exist") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+            KeyError, MemoryError, OverflowError, RecursionError) as e:
         raise DataError(f"{path!r} is not a valid data pickle ({type(e).__name__}: {e}); only "
                         "builtin containers, strings, numbers and numpy arrays are accepted") from None
 
