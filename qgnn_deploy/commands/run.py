@@ -16,8 +16,9 @@ import json
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..cli import add_source_arguments
     add_source_arguments(p)
-    p.add_argument("--backend", choices=("reference", "cpu", "triton", "onnx", "torch"),
-                   default="reference", help="engine to run (default: reference)")
+    p.add_argument("--backend", choices=("auto", "reference", "cpu", "triton", "onnx", "torch"),
+                   default="auto", help="engine to run (default auto: triton with a CUDA GPU, "
+                   "else cpu when the C++ extension is built, else reference)")
     p.add_argument("--episodes", type=int, default=100, help="evaluation episodes (default 100)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch, cpu, onnx)")
     p.add_argument("--seed", type=int, default=0, help="episode seed")
@@ -73,6 +74,9 @@ def run(args) -> int:
         if args.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.backend == "auto":
+        from ..backends import default_backend
+        args.backend = default_backend()
     src = parse_source(args)
     float_model = None
     if src.kind == "artifact":
