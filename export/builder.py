@@ -96,7 +96,10 @@ class GraphBuilder:
             raise ValueError(f"opset {opset} not supported; choose one of {sorted(IR_FOR_OPSET)}")
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs,
                                   list(self.initializers.values()))
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+        imports = [helper.make_opsetid("", opset)]
+        if any(n.domain == "com.microsoft" for n in self.nodes):
+            imports.append(helper.make_opsetid("com.microsoft", 1))
+        model = helper.make_model(graph, opset_imports=imports,
                                   ir_version=IR_FOR_OPSET[opset], producer_name="qgnn-deploy",
                                   doc_string=doc)
         for k, v in metadata.items():

@@ -2,27 +2,35 @@
 
 Forms (``IntLayers(form=...)``):
 
-``"integer"`` (default; exact for real-valued *and* snapped offsets), channels-last
+``"integer"`` (bit-exact for real-valued *and* snapped offsets), channels-last
     Activations stay NHWC ([rows, channels]) between layers, so every conv and linear is
-    one MatMulInteger (3x3 convs: Pad with the activation zero point + one Gather im2col
+    one integer GEMM (3x3 convs: Pad with the activation zero point + one Gather im2col
     by a precomputed index; 1x1: the rows themselves):
     codes   = Clip(QuantizeLinear(x - l, s, 0))                         uint8
     offsets split as in ``ref_zero_split``: l = -z s + d (integer z, small fp32 d)
-    ACC'    = MatMulInteger(codes, qw - zw, za)    int32, exact = sum over valid taps
-              (qa - za)(qw - zw); weights centred to INT8 at load (onnxruntime's u8 x s8
-              VNNI/AVX2 GEMM, ~2.5x its u8 x u8 one); per-channel zw costs nothing
+    ACC'    = sum over valid taps (qa - za)(qw - zw), int32, exact; weights centred to
+              INT8 at load (onnxruntime's u8 x s8 VNNI/AVX2 GEMM, ~2.5x its u8 x u8 one);
+              per-channel zw costs nothing
     AS'     = MatMulInteger(codes, ones, za)   only when a weight remainder dw != 0
     y = ((c1*ACC' + t2) + c3*AS') + t4      fp32, the reference's order; terms whose
-              constant is exactly 0 (snapped offsets) are left out
+              constant is exactly 0 (snapped offsets) are left out. ``c1*ACC' [+ t2]``
+              comes straight out of the GEMM: onnxruntime's contrib MatMulIntegerToFloat
+              (a_scale 1, b_scale c1 per column, bias t2 when it does not depend on the
+              position) computes float(ACC') * c1 then + t2 in fp32, bit-identical to
+              Cast -> Mul -> Add (tests), two passes fewer
     then y*post_scale + post_shift as one BatchNormalization (mean 0, var 1, eps 0:
     bit-identical to Mul then Add), +residual, LeakyRelu. MaxPool runs on the uint8
     codes of the next quantizer (quantizing is monotone, so it commutes with max
-    exactly). Reproduces the reference engine's codes bit for bit (tests).
+    exactly) as onnxruntime's contrib NhwcMaxPool. Reproduces the reference engine's
+    codes bit for bit (tests).
 
-``"fast"``: ``"integer"`` with, on snapped layers (da = dw = 0), the epilogue constants
-    merged (``Cast(ACC') * (c1 post_scale) + post_shift`` as one BatchNormalization) and
-    snapped quantizers as ``QuantizeLinear(y, s, z)`` (no Sub). Codes may differ from the
-    reference on fp32 rounding ties (measured 0 of 9.3M on resnet12 4-bit, see --check).
+``"fast"`` (the default, ``"auto"``): ``"integer"`` with, on snapped layers (da = dw = 0),
+    the epilogue constants merged into the GEMM -- one MatMulIntegerToFloat computing
+    ``float(ACC') * (c1 post_scale) + post_shift`` -- and snapped quantizers as
+    ``QuantizeLinear(y, s, z)`` (no Sub): per conv, one GEMM writing fp32, [+ residual],
+    LeakyRelu, QuantizeLinear, Clip. Codes may differ from the reference on fp32
+    rounding ties (measured 0 of 9.3M on resnet12-cifarfs 4-bit, see --check); layers
+    with real offsets are emitted exactly as in ``"integer"``.
 
 ``"qdq"`` (snapped offsets only, ``l = -z s``)
     QuantizeLinear(x, s, z) -> Clip to the n-bit range -> DequantizeLinear  (QCDQ)
@@ -94,12 +102,17 @@ class IntLayers:
     def __init__(self, g: GraphBuilder, model, form: str = "auto", weights_format: str = "native",
                  opset: int = 21):
         self.g, self.model = g, model
-        self.form = "integer" if form == "auto" else form
+        #: "auto" is "fast": the fastest form in onnxruntime, and on layers with real
+        #: offsets it is the integer form (bench/bench_onnx_export.py, tests)
+        self.form = "fast" if form == "auto" else form
         #: "fast": the integer form with the fp32 epilogue constants merged (one scale and
         #: one shift per output: c1*post_scale, t*post_scale + post_shift) and snapped
         #: quantizers as QuantizeLinear(y, s, z) -- fewer memory passes, codes identical
         #: up to fp32 rounding ties (measured by ``--check``)
         self.merged = self.form == "fast"
+        #: onnxruntime contrib ops (com.microsoft MatMulIntegerToFloat, NhwcMaxPool): part
+        #: of every stock onnxruntime build, no custom op library
+        self.contrib = self.form in ("integer", "fast")
         self._residual: Optional[str] = None
         self._merge_now = False
         #: activation layout between layers: the integer form keeps NHWC (rows of
@@ -378,10 +391,15 @@ class IntLayers:
         if self._merge_now:
             return self._merged_affine(acc, as_, m, sw * sa, (sw * da) * wsp.float(), dw * sa,
                                        (dw * da) * cnt.float())
-        y = g.op("Mul", [g.op("Cast", [acc], "acc_f32", to=FLOAT), g.f32(_np(sw * sa), f"{m.name}.c_acc")],
-                 "scale_acc")
         t2 = (sw * da) * wsp.float()
-        if bool((t2 != 0).any()):
+        has_t2 = bool((t2 != 0).any())
+        y = self._gemm_to_float(acc, sw * sa, t2 if has_t2 and t2.dim() == 1 else None, m)
+        if y is None:
+            y = g.op("Mul", [g.op("Cast", [acc], "acc_f32", to=FLOAT), g.f32(_np(sw * sa), f"{m.name}.c_acc")],
+                     "scale_acc")
+            if has_t2:
+                y = g.op("Add", [y, g.f32(_np(t2), f"{m.name}.t_wsum")], "add_wsum")
+        elif has_t2 and t2.dim() != 1:
             y = g.op("Add", [y, g.f32(_np(t2), f"{m.name}.t_wsum")], "add_wsum")
         if as_ is not None:
             t3 = g.op("Mul", [g.op("Cast", [as_], "asum_f32", to=FLOAT), g.f32(_np(dw * sa), f"{m.name}.c_asum")],
@@ -405,6 +423,33 @@ class IntLayers:
         finally:
             self._residual, self._merge_now = None, False
 
+    def _gemm_to_float(self, acc: str, scale: torch.Tensor, bias: Optional[torch.Tensor], m,
+                       hint: str = "gemm_scale") -> Optional[str]:
+        """Rewrite the MatMulInteger producing ``acc`` into onnxruntime's contrib
+        MatMulIntegerToFloat: ``float(ACC') * scale [+ bias]`` computed in the GEMM's output
+        pass, per output column (a_scale = 1, so a_scale * b_scale is ``scale`` exactly).
+        onnxruntime evaluates it as an fp32 product then an fp32 sum -- bit-identical to
+        Cast -> Mul -> Add (checked by the tests) -- and saves two passes over the
+        accumulators. Returns None when ``acc`` is not a MatMulInteger output or the
+        contrib ops are disabled."""
+        if not self.contrib:
+            return None
+        node = next((n for n in reversed(self.g.nodes) if acc in n.output), None)
+        if node is None or node.op_type != "MatMulInteger" or node.output[0] != acc:
+            return None
+        if any(n is not node and acc in n.input for n in self.g.nodes):
+            return None
+        g = self.g
+        scale = scale.float().reshape(-1)
+        a, b, za = node.input[0], node.input[1], node.input[2]
+        zb = node.input[3] if len(node.input) > 3 else ""
+        g.nodes.remove(node)
+        ins = [a, b, g.f32(np.float32(1.0), "const/one_f32"),
+               g.f32(_np(scale), f"{m.name}.{hint}_scale"), za, zb]
+        if bias is not None:
+            ins.append(g.f32(_np(bias.float().reshape(-1)), f"{m.name}.{hint}_bias"))
+        return g.op("MatMulIntegerToFloat", ins, hint, domain="com.microsoft")
+
     def _merged_affine(self, acc: str, as_: Optional[str], m, c1, t2, c3, t4) -> str:
         """The "fast" form: ``y = ACC' * (c1 ps) [+ AS' * (c3 ps)] + ((t2 + t4) ps + shift)``,
         the post affine (folded BN) merged in; per-channel constants run as one
@@ -414,8 +459,20 @@ class IntLayers:
         sh = m.post_shift.float() if m.post_shift is not None else torch.zeros_like(c1)
         shift = (t2 + t4) * ps + sh                                           # [..., O]
         scale = c1 * ps
-        y = g.op("Cast", [acc], "acc_f32", to=FLOAT)
         o = int(c1.numel())
+        if shift.dim() > 1 and bool((shift == shift.reshape(-1, o)[:1].reshape(o)).all()):
+            shift = shift.reshape(-1, o)[0].clone()   # the same at every position (t2 = t4 = 0)
+        y = self._gemm_to_float(acc, scale, shift if shift.dim() == 1 else None, m, "gemm_affine") \
+            if as_ is None else None
+        if y is not None:
+            if shift.dim() > 1:   # border-dependent shift (an offset remainder da != 0)
+                y = g.op("Add", [y, g.f32(_np(shift), f"{m.name}.shift")], "shift")
+            if self._residual is not None:
+                y = g.op("Add", [y, self._residual], "residual")
+            if m.slope is not None:
+                y = g.op("LeakyRelu", [y], "lrelu", alpha=float(m.slope))
+            return y
+        y = g.op("Cast", [acc], "acc_f32", to=FLOAT)
         if as_ is None and shift.dim() == 1:
             rows = g.op("Reshape", [y, g.i64([-1, o])], "rows")
             bn = g.op("BatchNormalization", [rows, g.f32(_np(scale), f"{m.name}.scale"), g.f32(_np(shift), f"{m.name}.shift"),
@@ -502,7 +559,12 @@ class IntLayers:
         g = self.g
 
         def emit(t: str, codes: bool) -> str:
-            low = g.const(np.uint8(0), "const/code_zero") if codes else g.f32(-np.inf, "const/minus_inf")
+            if codes:
+                # onnxruntime's channels-last uint8 max pool (contrib NhwcMaxPool, one pass);
+                # padding never wins a max over codes >= 0, so it equals padding with code 0
+                return g.op("NhwcMaxPool", [t], "maxpool_codes", domain="com.microsoft",
+                            kernel_shape=[kernel, kernel], strides=[stride, stride], pads=[pad] * 4)
+            low = g.f32(-np.inf, "const/minus_inf")
             return self._pool(t, kernel, stride, pad, hw, low)
         return self.lazy(x, emit, "maxpool")
 

@@ -95,7 +95,7 @@ def test_qconv2d_integer_form_is_exact(bits, geom):
     gb.add_output(L.conv("blk.conv", xin, residual=rin, hw=(h, h)), "y", FLOAT, [b, ho, ho, o])
     proto = gb.model(25, {})
     onnx.checker.check_model(proto)
-    assert "MatMulInteger" in {n.op_type for n in proto.graph.node}
+    assert {"MatMulInteger", "MatMulIntegerToFloat"} & {n.op_type for n in proto.graph.node}
     out = _session(proto).run(None, {"x": x.numpy(), "r": res.numpy()})[0]
     np.testing.assert_array_equal(out, ref.numpy())
 
@@ -122,6 +122,51 @@ def test_qconv2d_fast_form_snapped(bits):
     np.testing.assert_allclose(out, ref.numpy(), atol=1e-5, rtol=1e-5)
     flips = (q != ref_quantize(ref, -0.5, 0.125, 4).numpy())
     assert flips.mean() <= 0.01
+
+
+def test_matmul_integer_to_float_is_cast_mul_add():
+    """onnxruntime's contrib MatMulIntegerToFloat (a_scale 1, b_scale and bias per column)
+    is bit-identical to MatMulInteger -> Cast -> Mul -> Add: the integer form relies on it."""
+    from onnx import TensorProto, helper, numpy_helper as nh
+    rng = np.random.default_rng(0)
+    m, k, n = 4000, 96, 48
+    a = rng.integers(0, 16, (m, k)).astype(np.uint8)
+    w = rng.integers(-7, 8, (k, n)).astype(np.int8)
+    sc = (rng.random(n) * 1e-3 + 1e-4).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    node = helper.make_node("MatMulIntegerToFloat", ["a", "w", "one", "sc", "za", "", "bias"], ["y"],
+                            domain="com.microsoft")
+    inits = [nh.from_array(w, "w"), nh.from_array(np.float32(1), "one"), nh.from_array(sc, "sc"),
+             nh.from_array(np.uint8(3), "za"), nh.from_array(bias, "bias")]
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("a", TensorProto.UINT8, [None, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)], ir_version=10)
+    y = _session(proto).run(None, {"a": a})[0]
+    acc = (a.astype(np.int32) - 3) @ w.astype(np.int32)
+    np.testing.assert_array_equal(y, acc.astype(np.float32) * sc + bias)
+
+
+@pytest.mark.parametrize("kernel,stride,pad", [(3, 2, 1), (2, 2, 0)])
+def test_maxpool_on_codes_matches_fp32_pool(kernel, stride, pad):
+    """A quantizer of a max-pooled NHWC tensor pools the uint8 codes (NhwcMaxPool)."""
+    g = torch.Generator().manual_seed(kernel)
+    b, h, c = 3, 7 if pad else 6, 5
+    gb = GraphBuilder()
+    L = IntLayers(gb, _Layers(IntConv2d("c", c, c, 1, 1, 0, **_common(
+        torch.zeros(c, c, dtype=torch.uint8), 4, torch.ones(c), torch.zeros(c), 0.1, 0.0, g=g))), form="fast")
+    x = gb.add_input("x", FLOAT, [b, h, h, c])
+    pooled = L.maxpool(x, kernel, stride, pad, (h, h))
+    ho = (h + 2 * pad - kernel) // stride + 1
+    gb.add_output(L.quantize(pooled, -0.35, 0.1, 3), "q", onnx.TensorProto.UINT8, [b, ho, ho, c])
+    gb.add_output(L.materialize(pooled), "p", FLOAT, [b, ho, ho, c])
+    proto = gb.model(21, {})
+    assert "NhwcMaxPool" in {n.op_type for n in proto.graph.node}
+    xv = torch.randn(b, h, h, c, generator=g)
+    q, p = _session(proto).run(None, {"x": xv.numpy()})
+    ref = torch.nn.functional.max_pool2d(xv.permute(0, 3, 1, 2), kernel, stride, pad).permute(0, 2, 3, 1)
+    np.testing.assert_array_equal(p, ref.numpy())
+    np.testing.assert_array_equal(q, ref_quantize(ref.contiguous(), -0.35, 0.1, 3).numpy())
 
 
 @pytest.mark.parametrize("bits", [2, 4])
@@ -263,7 +308,7 @@ def _check(im, tasks=1, **opts):
 
 
 def test_integer_export_tiny_4bit_exact_is_bit_exact(int_tiny4):
-    res, proto, info = _check(int_tiny4)
+    res, proto, info = _check(int_tiny4, form="integer")
     assert res["passed"], res
     assert res["code_mismatches"] == 0 and res["code_elements"] > 0
     assert res["max_logit_diff"] <= 1e-6
@@ -277,7 +322,7 @@ def test_integer_export_tiny_4bit_exact_is_bit_exact(int_tiny4):
     types = {t.name: t.data_type for t in proto.graph.initializer}
     assert types["backbone.layer1.0.conv2.weight_codes"] == onnx.TensorProto.UINT4
     ops = {n.op_type for n in proto.graph.node}
-    assert "MatMulInteger" in ops and "ConvInteger" not in ops      # NHWC rows: GEMMs only
+    assert {"MatMulInteger", "MatMulIntegerToFloat"} & ops and "ConvInteger" not in ops  # NHWC rows: GEMMs only
 
 
 def test_weights_format_uint8_and_size(int_tiny4):
@@ -295,8 +340,9 @@ def test_integer_export_tiny_2bit_snap_qdq_uint2():
     assert info["opset"] == 25 and proto.ir_version == 13
     types = {t.name: t.data_type for t in proto.graph.initializer}
     assert types["backbone.layer1.0.conv2.weight_codes"] == onnx.TensorProto.UINT2
-    res_f, _, info_f = _check(im, form="fast")
+    res_f, proto_f, info_f = _check(im)                  # auto = fast
     assert res_f["passed"] and info_f["form"] == "fast", res_f
+    assert "MatMulIntegerToFloat" in {n.op_type for n in proto_f.graph.node}
     res_q, proto_q, info_q = _check(im, form="qdq")
     assert res_q["passed"], res_q
     assert info_q["form"] == "qdq" and "ConvInteger" not in {n.op_type for n in proto_q.graph.node}

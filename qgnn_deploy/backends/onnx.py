@@ -73,7 +73,12 @@ def model_fingerprint(model: torch.nn.Module, options: Dict[str, Any]) -> str:
     """SHA-256 over the package version, ``options``, the config and the model content."""
     from .. import __version__
     h = hashlib.sha256()
-    head = {"version": __version__, "type": type(model).__name__, "options": options,
+    try:
+        export_format = getattr(export_module(), "EXPORT_FORMAT", None)
+    except Exception:  # noqa: BLE001 - the key must not fail where the export would
+        export_format = None
+    head = {"version": __version__, "export_format": export_format,
+            "type": type(model).__name__, "options": options,
             "config": model.config.to_dict() if hasattr(model, "config") else None,
             "generations": getattr(model, "generations", None),
             "zero_point": getattr(model, "zero_point", None)}

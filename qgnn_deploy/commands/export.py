@@ -26,8 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--form", default="auto", choices=["auto", "integer", "fast", "qdq"],
                    help="integer layers as channels-last MatMulInteger + the contract's fp32 "
-                        "epilogue ('integer', = auto), the same with merged epilogue constants on "
-                        "snapped layers ('fast'), or QCDQ + float conv ('qdq', snapped offsets only)")
+                        "epilogue ('integer', bit-exact), the same with merged epilogue constants on "
+                        "snapped layers ('fast', = auto: the fastest; codes identical up to fp32 "
+                        "ties, 0 measured), or QCDQ + float conv ('qdq', snapped offsets only)")
     p.add_argument("--weights-format", default="native", choices=["native", "uint8"],
                    help="'native': 4-bit weights as UINT4 (opset 21), 2-bit as UINT2 (opset 25), "
                         "3-bit in UINT8; 'uint8': every code in a UINT8 container")
