@@ -27,6 +27,7 @@ Use :func:`compare_engines` to check an IntModel against its fake-quant model.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -370,6 +371,299 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.argmax(-1) == labels).float().mean().item()) if labels.numel() else math.nan
 
 
+
+
+# ------------------------------------------------------- layer-wise parity
+
+#: DESIGN.md section 3: output codes may differ only at fp32 rounding ties, on at most
+#: 0.1% of a layer's elements, by 1.
+CODE_MISMATCH_BAR = 1e-3
+CODE_DIFF_BAR = 1
+#: fp32 outputs (a layer's epilogue without requantization, FP32 layers, aggregations):
+#: ``max |int - fake-quant| / max |fake-quant|`` per layer. Both sides are one fp32
+#: evaluation of the same real number (measured ~1e-7..1e-6); 1e-4 leaves room for long
+#: reductions and still catches any folding mistake (a wrong BN constant, a transposed
+#: layout, a missing border term are all >= 1e-2).
+REL_ERROR_BAR = 1e-4
+#: episode level (DESIGN.md section 3)
+AGREEMENT_BAR = 0.999
+LOGIT_DIFF_BAR = 1e-3
+
+
+def _fq_output_points(fq: QGNNModel) -> Dict[str, Tuple[nn.Module, Optional[float], Optional[nn.Module]]]:
+    """For every foldable layer of the fake-quant model (qualified name, as the IntModel
+    names it): ``(module whose output is the value the folded layer emits, LeakyReLU slope
+    still to apply or None, module whose output is the residual added before it or None)``.
+
+    Sequential chains end their group in a BN / LeakyReLU module, so its output is the
+    value itself; the ResNet block and the stem apply LeakyReLU functionally, so the
+    slope (and conv3's residual) is applied here with the same torch calls the block makes.
+    """
+    points: Dict[str, Tuple[nn.Module, Optional[float], Optional[nn.Module]]] = {}
+    bb = fq.backbone
+    points["backbone.conv1"] = (bb.bn1, STEM_SLOPE, None)
+    for i in range(1, 5):
+        blk = getattr(bb, f"layer{i}")[0]
+        p = f"backbone.layer{i}.0"
+        points[f"{p}.conv1"] = (blk.bn1, blk.slope, None)
+        points[f"{p}.conv2"] = (blk.bn2, blk.slope, None)
+        points[f"{p}.conv3"] = (blk.bn3, blk.slope, blk.bn)
+        points[f"{p}.conv"] = (blk.bn, None, None)
+    for name, mod in fq.named_modules():
+        if name.startswith("backbone.layer") and not name.startswith(("backbone.layer_last",
+                                                                      "backbone.layer_second")):
+            continue
+        if isinstance(mod, nn.Sequential):
+            children = list(mod.named_children())
+            for i, (idx, m) in enumerate(children):
+                if not isinstance(m, (nn.Conv2d, nn.Linear)):
+                    continue
+                j = i + 1
+                while j < len(children) and isinstance(
+                        children[j][1], (nn.modules.batchnorm._BatchNorm, nn.LeakyReLU, nn.ReLU)):
+                    j += 1
+                points[f"{name}.{idx}"] = (children[j - 1][1], None, None)
+        elif isinstance(mod, QAggregation):
+            points[name] = (mod, None, None)
+    return points
+
+
+def _nhwc(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
+def _hwc_rows(x: torch.Tensor, hwc: Optional[Tuple[int, int, int]]) -> torch.Tensor:
+    """An NCHW-flattened [B, C*h*w] batch in the IntLinear's (h, w, C) column order."""
+    if hwc is None:
+        return x
+    h, w, c = hwc
+    return x.reshape(x.shape[0], c, h, w).permute(0, 2, 3, 1).reshape(x.shape[0], -1).contiguous()
+
+
+def _new_stats(kind: str, fused: bool) -> Dict[str, object]:
+    return {"kind": kind, "output": "codes" if fused else "fp32", "elements": 0,
+            "input_code_mismatches": 0, "code_mismatches": 0, "code_max_diff": 0,
+            "flip_margin": 0.0, "max_abs_error": 0.0, "max_ref": 0.0}
+
+
+def _code_stats(st: Dict[str, object], got: torch.Tensor, want_value: torch.Tensor,
+                l: float, s: float, bits: int) -> None:
+    """Compare emitted codes with the fake-quant value quantized the same way; for the
+    flipped elements record how far the fake-quant value lies from the rounding boundary
+    (in steps: a tie-level flip is ~1e-6, a folding error is ~0.5)."""
+    want = pauta_codes(want_value, torch.tensor(l, dtype=torch.float32),
+                       torch.tensor(s, dtype=torch.float32), bits)
+    d = (got.to(torch.int16) - want.to(torch.int16)).abs()
+    bad = d > 0
+    st["elements"] += d.numel()
+    st["code_mismatches"] += int(bad.sum())
+    st["code_max_diff"] = max(st["code_max_diff"], int(d.max()) if d.numel() else 0)
+    if bool(bad.any()):
+        u = (want_value.double()[bad] - l) / s
+        margin = (u - torch.floor(u) - 0.5).abs()
+        st["flip_margin"] = max(st["flip_margin"], float(margin.max()))
+
+
+def _value_stats(st: Dict[str, object], got: torch.Tensor, want: torch.Tensor) -> None:
+    st["elements"] += want.numel()
+    if want.numel():
+        st["max_abs_error"] = max(st["max_abs_error"], float((got.double() - want.double()).abs().max()))
+        st["max_ref"] = max(st["max_ref"], float(want.abs().max()))
+
+
+def _input_codes(q: PautaQuantizer, x: torch.Tensor) -> torch.Tensor:
+    """The codes the fake-quant layer's quantizer gives ``x`` (what its forward rounds to)."""
+    return q.codes(x.float())
+
+
+class LayerwiseParity:
+    """Accumulates :func:`layerwise_parity` over episode batches (``update`` per batch,
+    ``result`` at the end)."""
+
+    def __init__(self, fq_model: QGNNModel, int_model: IntModel):
+        self.fq, self.im = fq_model.eval(), int_model
+        points = _fq_output_points(fq_model)
+        modules = dict(fq_model.named_modules())
+        self.layers = list(int_model.named_layers())
+        missing = [n for n, _ in self.layers if n not in modules or n not in points]
+        if missing:
+            raise ConfigError(f"the fake-quant model has no layers {missing[:5]} of the integer "
+                              "model (not its fake-quant counterpart?)")
+        self.src = {n: modules[n] for n, _ in self.layers}
+        self.points = {n: points[n] for n, _ in self.layers}
+        self.stats: Dict[str, Dict[str, object]] = {}
+        self.batches = 0
+
+    @torch.no_grad()
+    def update(self, images: torch.Tensor, support_labels: torch.Tensor) -> None:
+        inputs: Dict[str, tuple] = {}
+        outputs: Dict[int, torch.Tensor] = {}
+        watched = {id(m): m for n in self.points for m in (self.points[n][0], self.points[n][2])
+                   if m is not None}
+        handles = []
+        try:
+            for name, mod in self.src.items():
+                handles.append(mod.register_forward_pre_hook(
+                    lambda m, args, name=name: inputs.__setitem__(name, tuple(a.detach() for a in args))))
+            for key, mod in watched.items():
+                handles.append(mod.register_forward_hook(
+                    lambda m, args, out, key=key: outputs.__setitem__(key, out.detach())))
+            self.fq(images, support_labels)
+        finally:
+            for h in handles:
+                h.remove()
+        ctx = contextlib.nullcontext()
+        if self.im.backend is not None:
+            from .backends import use_backend
+            ctx = use_backend(self.im.backend)
+        with ctx:
+            for name, layer in self.layers:
+                if name not in inputs:  # pragma: no cover - pruned generations are not in the IntModel
+                    raise ConfigError(f"{name} did not run in the fake-quant model")
+                self._compare(name, layer, inputs[name], outputs)
+        self.batches += 1
+
+    def _want(self, name: str, outputs: Dict[int, torch.Tensor]) -> torch.Tensor:
+        mod, slope, res = self.points[name]
+        v = outputs[id(mod)]
+        if res is not None:
+            v = v + outputs[id(res)]
+        if slope is not None:
+            v = torch.nn.functional.leaky_relu(v, slope)
+        return v
+
+    def _compare(self, name: str, layer: nn.Module, args: tuple, outputs) -> None:
+        from .ops import registry as qops
+        src = self.src[name]
+        fused = getattr(layer, "out_quant", None) is not None
+        st = self.stats.setdefault(name, _new_stats(getattr(layer, "kind", "?"), fused))
+        want = self._want(name, outputs)
+        if isinstance(layer, IntAggregation):
+            adj, nodes = args[0].float(), args[1].float()
+            qa, qv = _input_codes(src.adj_quant, adj), _input_codes(src.node_quant, nodes)
+            st["input_code_mismatches"] += int(
+                (qops.quantize(adj.contiguous(), layer.a_offset, layer.a_scale, layer.a_bits) != qa).sum()
+                + (qops.quantize(nodes.contiguous(), layer.v_offset, layer.v_scale, layer.v_bits) != qv).sum())
+            got = qops.qbmm(qa.contiguous(), qv.contiguous(), layer.a_bits, layer.v_bits, layer.a_scale,
+                            layer.a_offset, layer.v_scale, layer.v_offset)
+            _value_stats(st, got, want)
+            return
+        if isinstance(layer, FloatAggregation):
+            _value_stats(st, layer(args[0].float(), args[1].float()), want)
+            return
+        x = args[0].float()
+        conv = isinstance(layer, (IntConv2d, FloatConv2d))
+        if conv:
+            x, want = _nhwc(x), _nhwc(want)
+        else:
+            x = _hwc_rows(x, getattr(layer, "input_hwc", None))
+        residual = None
+        if conv and layer.residual:
+            residual = _nhwc(outputs[id(self.points[name][2])])
+        if isinstance(layer, (IntConv2d, IntLinear)):
+            codes = _input_codes(src.act_quant, x)
+            own = layer._codes(x.contiguous())
+            st["input_code_mismatches"] += int((own != codes).sum())
+            got = layer(codes, residual=residual) if conv else layer(codes)
+        else:
+            got = layer(x, residual=residual) if conv else layer(x)
+        if fused:
+            _code_stats(st, got, want, layer.out_l, layer.out_s, layer.out_bits)
+        else:
+            _value_stats(st, got, want)
+
+    def result(self) -> Dict[str, object]:
+        """Per layer (``layers``) and worst-case figures; ``passed`` against the bars above."""
+        per_layer: Dict[str, Dict[str, object]] = {}
+        worst_rate = worst_rel = flip_margin = 0.0
+        worst_diff = input_mism = 0
+        worst_layer, worst_key = None, (-1.0, -1.0)
+        for name, st in self.stats.items():
+            row = dict(st)
+            n = max(int(st["elements"]), 1)
+            if st["output"] == "codes":
+                row["code_mismatch_rate"] = st["code_mismatches"] / n
+                worst_rate = max(worst_rate, row["code_mismatch_rate"])
+                worst_diff = max(worst_diff, int(st["code_max_diff"]))
+                flip_margin = max(flip_margin, float(st["flip_margin"]))
+                key = (row["code_mismatch_rate"] / CODE_MISMATCH_BAR
+                       + (10.0 if st["code_max_diff"] > CODE_DIFF_BAR else 0.0), 0.0)
+                for k in ("max_abs_error", "max_ref"):
+                    row.pop(k)
+            else:
+                row["max_rel_error"] = st["max_abs_error"] / st["max_ref"] if st["max_ref"] > 0 \
+                    else (0.0 if st["max_abs_error"] == 0 else math.inf)
+                worst_rel = max(worst_rel, row["max_rel_error"])
+                key = (row["max_rel_error"] / REL_ERROR_BAR, 0.0)
+                for k in ("code_mismatches", "code_max_diff", "flip_margin"):
+                    row.pop(k)
+            input_mism += int(st["input_code_mismatches"])
+            if st["input_code_mismatches"]:
+                key = (key[0] + 100.0, 0.0)
+            if key > worst_key:
+                worst_key, worst_layer = key, name
+            per_layer[name] = row
+        passed = (worst_rate <= CODE_MISMATCH_BAR and worst_diff <= CODE_DIFF_BAR
+                  and worst_rel <= REL_ERROR_BAR and input_mism == 0)
+        return {"layers_checked": len(per_layer), "batches": self.batches,
+                "max_code_mismatch_rate": worst_rate, "max_code_diff": worst_diff,
+                "max_flip_margin": flip_margin, "max_rel_error": worst_rel,
+                "input_code_mismatches": input_mism, "worst_layer": worst_layer,
+                "passed": bool(passed), "layers": per_layer}
+
+
+def layerwise_parity(fq_model: QGNNModel, int_model: IntModel, images: torch.Tensor,
+                     support_labels: torch.Tensor) -> Dict[str, object]:
+    """Layer-wise, input-resynced parity of ``int_model`` with its fake-quant model.
+
+    ``fq_model`` must be the fake-quant counterpart of ``int_model``
+    (:func:`fake_quant_counterpart` with the IntModel's ``zero_point``; generations may be
+    more than the IntModel's). The fake-quant model runs once with hooks; then every layer
+    of the IntModel runs on exactly the input the fake-quant layer saw -- integer layers on
+    the codes its quantizer rounded that input to (and its residual, for a block's conv3)
+    -- so errors cannot cascade, and its output is compared with the fake-quant model's
+    value at the same point:
+
+    * layers that requantize (fused ``out_quant``): emitted codes vs the fake-quant value
+      quantized the same way -- ``code_mismatch_rate`` (bar 0.1%), ``code_max_diff``
+      (bar 1), and ``flip_margin``: for flipped elements, how far the fake-quant value
+      lies from the rounding boundary, in steps (a tie is ~1e-6; a fold error is not);
+    * other layers (fp32 out; FP32 layers; aggregations): ``max_rel_error`` =
+      ``max |int - fq| / max |fq|`` (bar :data:`REL_ERROR_BAR`);
+    * ``input_code_mismatches``: the integer layer's own quantizer vs the fake-quant
+      one on the same fp32 input (must be 0: same (l, s, bits)).
+
+    Returns ``{"max_code_mismatch_rate", "max_code_diff", "max_flip_margin",
+    "max_rel_error", "input_code_mismatches", "worst_layer", "passed", "layers":
+    {name: per-layer figures}, ...}``. This proves the fold (BN folding, layouts, packing,
+    fusions, padded borders) on any model, random or trained, where episode-level parity
+    can be masked by the model's own sensitivity to fp32 rounding.
+    """
+    check = LayerwiseParity(fq_model, int_model)
+    check.update(images, support_labels)
+    return check.result()
+
+
+def layerwise_parity_batches(fq_model: QGNNModel, int_model: IntModel,
+                             batches: Iterable) -> Dict[str, object]:
+    """:func:`layerwise_parity` accumulated over ``(images, support_labels, ...)`` batches."""
+    check = LayerwiseParity(fq_model, int_model)
+    for batch in batches:
+        check.update(batch[0], batch[1])
+    return check.result()
+
+
+def format_layerwise(lw: Dict[str, object]) -> str:
+    """One line summarising a :func:`layerwise_parity` result."""
+    return (f"layer-wise {'PASS' if lw['passed'] else 'FAIL'} ({lw['layers_checked']} layers): "
+            f"codes off on <= {100 * lw['max_code_mismatch_rate']:.4f}% (max diff "
+            f"{lw['max_code_diff']}, flips within {lw['max_flip_margin']:.1e} step of a tie), "
+            f"fp32 rel err <= {lw['max_rel_error']:.1e}, input-code mismatches "
+            f"{lw['input_code_mismatches']}, worst {lw['worst_layer']}")
+
+
 __all__ = ["fold", "check_foldable", "snap_zero_points", "snap_quantizer", "pruned_view",
            "fake_quant_counterpart", "compare_engines", "episode_logits_of", "accuracy",
-           "ZERO_POINT_MODES"]
+           "ZERO_POINT_MODES", "layerwise_parity", "layerwise_parity_batches", "LayerwiseParity",
+           "format_layerwise", "CODE_MISMATCH_BAR", "CODE_DIFF_BAR", "REL_ERROR_BAR",
+           "AGREEMENT_BAR", "LOGIT_DIFF_BAR"]

@@ -5,6 +5,14 @@ evaluation episodes (test split of the synthetic data set unless --dataset says
 otherwise) and reports ``agreement`` (fraction of queries with the same prediction),
 ``max_logit_diff``, ``episodes`` and ``artifact_bytes``. With ``--zero-point snap`` it
 also folds the exact model and reports the accuracy change snapping causes.
+
+It also runs the layer-wise, input-resynced check (:func:`qgnn_deploy.fold.layerwise_parity`)
+on the same episodes: every integer layer fed exactly the codes its fake-quant layer
+quantized, its output compared at the same point (``layerwise``: worst code-mismatch rate
+and difference, worst fp32 relative error, the worst layer). Episode-level agreement of a
+4-bit model can miss the bar through the model's own sensitivity (one fp32 rounding
+difference flips a code at a rounding boundary and the flip cascades); the layer-wise
+figures say whether the fold itself is right. One verdict line goes to stderr.
 """
 from __future__ import annotations
 
@@ -59,12 +67,59 @@ def run(args) -> int:
                       max_logit_diff=check["max_logit_diff"], queries=check["queries"],
                       accuracy=check["accuracy"], fake_quant_accuracy=check["reference_accuracy"],
                       ci95=check["ci95"])
+        result["layerwise"] = _layerwise(fq, int_model, args)
         if args.zero_point == "snap":
             exact = fold(model, zero_point="exact", generations=args.generations, backend="reference")
             acc_exact = _accuracy(exact, args, "exact fold")
             result.update(accuracy_exact=acc_exact, accuracy_change=check["accuracy"] - acc_exact)
     _print(result, args.json)
+    if args.episodes:
+        print(verdict(result), file=sys.stderr)
+        sys.stderr.flush()
     return 0
+
+
+def _layerwise(fq, int_model, args):
+    """Layer-wise, input-resynced parity on the verification episodes (summary figures;
+    per-layer rows only for the layers past a bar)."""
+    from ..data import episode_batches
+    from ..fold import layerwise_parity_batches
+    lw = layerwise_parity_batches(fq, int_model, episode_batches(
+        int_model.config, args.episodes, args.seed, "test", args.dataset, args.data_dir,
+        tasks_per_batch=10))
+    layers = lw.pop("layers")
+    lw["failing_layers"] = {n: r for n, r in layers.items() if not _row_ok(r)}
+    return lw
+
+
+def _row_ok(row) -> bool:
+    from ..fold import CODE_DIFF_BAR, CODE_MISMATCH_BAR, REL_ERROR_BAR
+    if row["input_code_mismatches"]:
+        return False
+    if row["output"] == "codes":
+        return row["code_mismatch_rate"] <= CODE_MISMATCH_BAR and row["code_max_diff"] <= CODE_DIFF_BAR
+    return row["max_rel_error"] <= REL_ERROR_BAR
+
+
+def verdict(result) -> str:
+    """The one-line verdict of a fold check (episode level and layer-wise)."""
+    from ..fold import AGREEMENT_BAR, LOGIT_DIFF_BAR
+    lw = result["layerwise"]
+    episode_ok = (result["agreement"] >= AGREEMENT_BAR and result["max_logit_diff"] <= LOGIT_DIFF_BAR)
+    ep = (f"episode parity {'PASS' if episode_ok else 'MISS'} (agreement {result['agreement']:.4f} "
+          f"[bar >= {AGREEMENT_BAR}], max |logit diff| {result['max_logit_diff']:.2e} "
+          f"[bar <= {LOGIT_DIFF_BAR:g}], {result['episodes']} episodes)")
+    layer = (f"layer-wise {'PASS' if lw['passed'] else 'FAIL'} (codes off on "
+             f"{100 * lw['max_code_mismatch_rate']:.4f}% max, by <= {lw['max_code_diff']}; fp32 "
+             f"rel err {lw['max_rel_error']:.1e}; worst {lw['worst_layer']})")
+    if not lw["passed"]:
+        head = "fold verdict: FAIL: the folded model is wrong at layer " + str(lw["worst_layer"])
+    elif episode_ok:
+        head = "fold verdict: PASS"
+    else:
+        head = ("fold verdict: fold verified layer-wise, but episode-level parity missed: the "
+                "model amplifies fp32 rounding ties (code flips at rounding boundaries cascade)")
+    return f"{head}; {ep}; {layer}"
 
 
 def _accuracy(int_model, args, desc) -> float:
@@ -97,6 +152,10 @@ def _print(result, as_json: bool) -> None:
         print(f"reference engine vs fake-quant on {result['episodes']} episodes: agreement "
               f"{result['agreement']:.4f}, max |logit diff| {result['max_logit_diff']:.3g}, "
               f"accuracy {result['accuracy']:.4f} +- {result['ci95']:.4f}")
+        lw = result["layerwise"]
+        print(f"layer-wise (inputs resynced): {'pass' if lw['passed'] else 'FAIL'}, max code "
+              f"mismatch rate {lw['max_code_mismatch_rate']:.2e} (max diff {lw['max_code_diff']}), "
+              f"max fp32 rel error {lw['max_rel_error']:.2e}, worst layer {lw['worst_layer']}")
     if "accuracy_change" in result:
         print(f"zero-point snap: accuracy {result['accuracy']:.4f} vs exact "
               f"{result['accuracy_exact']:.4f} (change {result['accuracy_change']:+.4f})")
