@@ -118,6 +118,11 @@ void setup_epi(EpiHolder& h, int O, int64_t M, const std::vector<py::ssize_t>& o
   e.c4 = h.c4.data();
   e.post_scale = opt_vector(post_scale, "post_scale", O);
   e.post_shift = opt_vector(post_shift, "post_shift", O);
+  // folded constants are finite by construction; Inf/NaN here is a bad caller (as ref_*)
+  for (const float* v : {e.post_scale, e.post_shift})
+    if (v)
+      for (int o = 0; o < O; ++o)
+        if (!std::isfinite(v[o])) throw ArgError("post_scale / post_shift hold NaN or Inf values");
   if (residual) {
     check_array<float>(*residual, "residual", static_cast<int>(out_shape.size()));
     for (size_t i = 0; i < out_shape.size(); ++i)

@@ -40,7 +40,7 @@ case "$cmd" in
     ;;
   test)
     setup
-    exec "$VENV/bin/python" -m pytest -m "not slow" -n "${TEST_WORKERS:-2}" "$@"
+    exec "$VENV/bin/python" -m pytest -n "${TEST_WORKERS:-2}" "$@"
     ;;
   *)
     echo "usage: bash scripts/dev.sh {demo|test|setup} [args]" >&2

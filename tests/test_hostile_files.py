@@ -826,9 +826,6 @@ class TestOnnxFiles:
         for cut in (1, len(blob) // 2, len(blob) - 3):
             _expect(QGNNError, OnnxSession, _write(tmp_path, "t.onnx", blob[:cut]))
 
-    @pytest.mark.xfail(strict=True, reason="backends/onnx.OnnxSession: json.loads of the "
-                       "'qgnn_deploy.config' metadata raises a raw JSONDecodeError on a corrupt value; "
-                       "wrap json.loads/ModelConfig.from_dict and raise InputError naming the file")
     def test_onnx_with_garbage_config_metadata(self, tmp_path):
         OnnxSession = self._session()
         p = _write(tmp_path, "m.onnx", self._tiny_onnx({"qgnn_deploy.config": "{not json"}))

@@ -146,16 +146,30 @@ def test_reference_rejects_scalar_overflowing_fp32():
         R.ref_qlinear(x, wp, 4, 4, **{**epi, "a_scale": 1e39})
 
 
-def test_epilogue_overflow_to_inf_and_nan_codes_match_reference():
-    """post_scale/post_shift that drive y to +-inf or NaN (inf - inf): fp32 outputs agree
-    with the reference and requantized codes are defined (NaN -> the same code as the
-    reference), never garbage from an undefined float -> int conversion."""
+@pytest.mark.parametrize("kw", [
+    dict(post_scale=torch.full((3,), 1.0), post_shift=torch.tensor([0.0, -math.inf, math.inf])),
+    dict(post_scale=torch.full((3,), math.inf), post_shift=torch.full((3,), -math.inf)),
+    dict(post_scale=torch.tensor([1.0, math.nan, 1.0]))])
+def test_non_finite_epilogue_constants_rejected(kw):
+    """Folded constants are finite by construction: Inf/NaN ones are refused by every backend."""
     cpu = _cpu()
     x, wp, epi = _linear_args()
-    cases = [dict(post_scale=torch.full((3,), 1.0), post_shift=torch.tensor([0.0, -math.inf, math.inf])),
-             dict(post_scale=torch.full((3,), math.inf), post_shift=torch.full((3,), -math.inf)),
-             dict(post_scale=torch.full((3,), 3e38), post_shift=torch.zeros(3)),
-             dict(residual=torch.full((4, 3), math.nan))]
+    with pytest.raises(KernelArgumentError, match="NaN or Inf"):
+        R.ref_qlinear(x, wp, 4, 4, **epi, **kw)
+    with pytest.raises(KernelArgumentError, match="NaN or Inf"):
+        cpu.cpu_qlinear(x, wp, 4, 4, **epi, **kw)
+
+
+def test_epilogue_overflow_to_inf_and_nan_codes_match_reference():
+    """Finite constants and inputs that drive y to +-inf or NaN (inf - inf): fp32 outputs
+    agree with the reference and requantized codes are defined (NaN -> the same code as
+    the reference), never garbage from an undefined float -> int conversion."""
+    cpu = _cpu()
+    x, wp, epi = _linear_args()
+    cases = [dict(post_scale=torch.full((3,), 3e38), post_shift=torch.zeros(3)),
+             dict(post_scale=torch.full((3,), 3e38), post_shift=torch.full((3,), -3e38)),
+             dict(residual=torch.full((4, 3), math.nan)),
+             dict(residual=torch.tensor([[math.inf, -math.inf, 0.0]] * 4))]
     for kw in cases:
         ref = R.ref_qlinear(x, wp, 4, 4, **epi, **kw)
         got = cpu.cpu_qlinear(x, wp, 4, 4, **epi, **kw)

@@ -147,7 +147,12 @@ class OnnxSession:
         self.metadata = {k: meta[k] for k in meta}
         cfg = self.metadata.get("qgnn_deploy.config")
         from ..config import ModelConfig
-        self.config = ModelConfig.from_dict(json.loads(cfg)) if cfg else getattr(model, "config", None)
+        from ..errors import QGNNError
+        try:
+            self.config = ModelConfig.from_dict(json.loads(cfg)) if cfg else getattr(model, "config", None)
+        except (ValueError, QGNNError) as e:
+            raise InputError(f"{self.path!r}: its 'qgnn_deploy.config' metadata is not a valid model "
+                             f"config ({e}); re-export the model") from None
 
     @classmethod
     def from_float(cls, model, threads: Optional[int] = None, cache_dir=None) -> "OnnxSession":
