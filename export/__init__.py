@@ -141,7 +141,8 @@ def build_onnx(model, **options: Any):
         model.train(was_training)
     info = {"kind": kind, "form": form, "opset": opset,
             "weights_format": opts.weights_format if kind == "integer" else "fp32",
-            "layer_bits": bits, "code_tensors": dict(getattr(layers, "code_tensors", {}))}
+            "layer_bits": bits, "code_tensors": dict(getattr(layers, "code_tensors", {})),
+            "float_tensors": dict(getattr(layers, "float_tensors", {}))}
     meta = {"qgnn_deploy.version": __version__, "qgnn_deploy.kind": kind,
             "qgnn_deploy.form": form, "qgnn_deploy.weights_format": info["weights_format"],
             "qgnn_deploy.config": config.to_dict(), "qgnn_deploy.layer_bits": bits,

@@ -129,6 +129,10 @@ class IntLayers:
         self.exact_codes = False
         #: layer name (":adj"/":nodes" for aggregations) -> uint8 code tensor in the graph
         self.code_tensors: Dict[str, str] = {}
+        #: FP32 layer name -> (fp32 output tensor in the graph, its layout "nchw" / "last"):
+        #: ``check_parity(resync=True)`` feeds these to the reference engine's FP32 layers,
+        #: whose fp32 sums no second library reproduces bit for bit
+        self.float_tensors: Dict[str, Tuple[str, str]] = {}
         if self.form == "qdq":
             for name, m in model.integer_layers().items():
                 self._check_snapped(name, m)
@@ -643,7 +647,7 @@ class IntLayers:
             y = g.op("MatMul", [self.materialize(x), g.f32(w, f"{m.name}.weight_t")], "matmul")
             if m.bias is not None:
                 y = g.op("Add", [y, g.f32(_np(m.bias), f"{m.name}.bias")], "bias")
-            return self.epilogue(y, m, (-1,), residual)
+            return self._record_float(m, self.epilogue(y, m, (-1,), residual), "last")
         if self.layout == "nhwc" and not nchw_input:
             x = g.op("Transpose", [self.materialize(x)], "to_nchw", perm=[0, 3, 1, 2])
         ins = [x, g.f32(_np(m.weight), f"{m.name}.weight")]
@@ -652,11 +656,15 @@ class IntLayers:
         y = g.op("Conv", ins, "conv", kernel_shape=[k, k], strides=[m.stride] * 2,
                  pads=[m.padding] * 4)
         if self.layout != "nhwc":
-            return self.epilogue(y, m, (-1, 1, 1), residual)
+            return self._record_float(m, self.epilogue(y, m, (-1, 1, 1), residual), "nchw")
         if residual is not None:
             raise ExportError(f"layer {m.name!r}: an FP32 conv with a residual is not supported "
                               "in the NHWC integer form")
-        return self.from_nchw(self.epilogue(y, m, (-1, 1, 1), None))
+        return self.from_nchw(self._record_float(m, self.epilogue(y, m, (-1, 1, 1), None), "nchw"))
+
+    def _record_float(self, m, y: str, layout: str) -> str:
+        self.float_tensors[m.name] = (y, layout)
+        return y
 
     def linear(self, name: str, x: str, bn: Optional[str] = None, slope: Optional[float] = None,
                residual: Optional[str] = None) -> str:
@@ -672,7 +680,7 @@ class IntLayers:
                      "matmul")
             if m.bias is not None:
                 y = g.op("Add", [y, g.f32(_np(m.bias), f"{name}.bias")], "bias")
-            return self.epilogue(y, m, (-1,), residual)
+            return self._record_float(m, self.epilogue(y, m, (-1,), residual), "last")
         if m.kind != "linear":
             raise ExportError(f"layer {name!r}: expected a linear layer, found {type(m).__name__}")
         codes_t = np.ascontiguousarray(self.weight_codes(name, m).T)  # [K, O]
@@ -691,7 +699,7 @@ class IntLayers:
         m = self.layer(name)
         g = self.g
         if m.kind == "bmm_fp32":
-            return g.op("MatMul", [adj, nodes], "aggregate")
+            return self._record_float(m, g.op("MatMul", [adj, nodes], "aggregate"), "last")
         if self.form == "qdq":
             a = self.qcdq(adj, m.a_offset, m.a_scale, m.a_bits, record=f"{name}:adj")
             v = self.qcdq(nodes, m.v_offset, m.v_scale, m.v_bits, record=f"{name}:nodes")
