@@ -11,8 +11,23 @@ Public API (mirrored by the ``qgnn-deploy`` command line)::
 from __future__ import annotations
 
 import importlib
+import os
 
 __version__ = "0.1.0"
+
+
+def _source_checkout_subpackages() -> None:
+    # setup.py installs the repository's top-level kernels/ and export/ folders as
+    # qgnn_deploy.kernels / qgnn_deploy.export. When the package is used straight from a
+    # source checkout (no pip install), let the same names resolve to those folders.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if (os.path.isfile(os.path.join(root, "setup.py"))
+            and os.path.isfile(os.path.join(root, "export", "__init__.py"))
+            and root not in __path__):
+        __path__.append(root)
+
+
+_source_checkout_subpackages()
 
 _LAZY = {
     "ModelConfig": "qgnn_deploy.config",

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import importlib.util
 import json
 import os
-import sys
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -27,27 +25,15 @@ import torch
 
 from ..errors import BackendUnavailableError, InputError
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
 def export_module():
-    """``qgnn_deploy.export``; from a source checkout that was not installed, the
-    repository's ``export/`` folder (setuptools maps it at install time)."""
+    """``qgnn_deploy.export``, imported on first use (it imports onnx)."""
     try:
         return importlib.import_module("qgnn_deploy.export")
     except ModuleNotFoundError as e:
         if e.name != "qgnn_deploy.export":
             raise
-    init = os.path.join(_REPO_ROOT, "export", "__init__.py")
-    if not os.path.isfile(init):
         raise BackendUnavailableError("qgnn_deploy.export is not installed; reinstall qgnn-deploy "
-                                      "(`pip install --no-build-isolation -e .`)")
-    spec = importlib.util.spec_from_file_location(
-        "qgnn_deploy.export", init, submodule_search_locations=[os.path.dirname(init)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["qgnn_deploy.export"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+                                      "(`pip install -e .` from the repository)") from None
 
 
 def _ort():

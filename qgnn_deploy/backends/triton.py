@@ -28,12 +28,9 @@ Raw entry points for exact tests: :func:`triton_linear_acc`, :func:`triton_conv2
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
-import sys
 import threading
 import weakref
-from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
@@ -57,28 +54,15 @@ _KERNELS = None
 # ------------------------------------------------------------------------ loading
 
 def _import_kernels():
-    """``qgnn_deploy.kernels``; from the source tree's top-level ``kernels/`` when the
-    package is used without ``pip install -e .`` (which maps it via package_dir)."""
+    """``qgnn_deploy.kernels`` (imports triton)."""
     try:
         return importlib.import_module("qgnn_deploy.kernels")
     except ModuleNotFoundError as e:
-        if e.name not in ("qgnn_deploy.kernels",):
+        if e.name != "qgnn_deploy.kernels":
             raise
-    src = Path(__file__).resolve().parents[2] / "kernels"
-    if not (src / "__init__.py").is_file():
         raise BackendUnavailableError(
             "the Triton kernels (qgnn_deploy.kernels) are not installed; reinstall qgnn-deploy "
-            "with `pip install -e .` from the repository")
-    spec = importlib.util.spec_from_file_location(
-        "qgnn_deploy.kernels", src / "__init__.py", submodule_search_locations=[str(src)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["qgnn_deploy.kernels"] = mod
-    try:
-        spec.loader.exec_module(mod)
-    except BaseException:
-        sys.modules.pop("qgnn_deploy.kernels", None)
-        raise
-    return mod
+            "with `pip install -e .` from the repository") from None
 
 
 def kernels():

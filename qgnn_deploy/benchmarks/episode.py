@@ -16,7 +16,6 @@ here is reported under ``unavailable`` with the reason; nothing is estimated.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import platform
 import sys
@@ -43,30 +42,6 @@ class Variant:
 
 
 # ------------------------------------------------------------------ environment
-
-def import_export_module():
-    """``qgnn_deploy.export``; in a source checkout that is not pip-installed, the repo's
-    top-level ``export/`` folder loaded under that name (setup.py maps it there)."""
-    try:
-        return importlib.import_module("qgnn_deploy.export")
-    except ModuleNotFoundError as e:
-        if e.name != "qgnn_deploy.export":
-            raise
-    import qgnn_deploy
-    d = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(qgnn_deploy.__file__))), "export")
-    init = os.path.join(d, "__init__.py")
-    if not os.path.isfile(init):
-        raise ModuleNotFoundError("qgnn_deploy.export is not installed (pip install -e .)")
-    spec = importlib.util.spec_from_file_location("qgnn_deploy.export", init, submodule_search_locations=[d])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["qgnn_deploy.export"] = mod
-    try:
-        spec.loader.exec_module(mod)
-    except Exception:
-        sys.modules.pop("qgnn_deploy.export", None)
-        raise
-    return mod
-
 
 def backend_status(names: Sequence[str]) -> Tuple[List[str], Dict[str, str]]:
     """(available op backends among ``names``, {unavailable name: reason})."""
@@ -160,7 +135,8 @@ def build_variants(float_model, int_model, backends: Sequence[str], images: torc
         unavailable["torch_fp32"] = "no float weights (an integer artifact was given)"
     export = None
     try:
-        export = import_export_module()
+        from ..backends.onnx import export_module
+        export = export_module()
     except Exception as e:  # noqa: BLE001
         reason = f"ONNX export unavailable: {type(e).__name__}: {e}"
         unavailable["onnxruntime_fp32"] = reason
@@ -302,4 +278,4 @@ def format_results(results: List[Dict[str, Any]]) -> str:
 
 
 __all__ = ["run_episode_bench", "build_variants", "measure", "summarize", "fp32_twin",
-           "device_info", "versions", "import_export_module", "backend_status", "format_results"]
+           "device_info", "versions", "backend_status", "format_results"]

@@ -169,10 +169,11 @@ def run(args) -> int:
 
     # 4. ONNX export + onnxruntime check -------------------------------------------
     def export_stage():
-        from ..benchmarks.episode import _ort_session, import_export_module
+        from ..backends.onnx import export_module
+        from ..benchmarks.episode import _ort_session
         from ..fold import accuracy as acc_of
         from ..fold import compare_engines
-        export = import_export_module()
+        export = export_module()
         info = export.export_onnx(ctx["int_model"], path("model.onnx"))
         sess = _ort_session(path("model.onnx"), threads)
         names = [i.name for i in sess.get_inputs()]
