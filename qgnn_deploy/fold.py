@@ -39,7 +39,7 @@ from .errors import CheckpointError, ConfigError
 from .intmodel import (FloatAggregation, FloatConv2d, FloatLinear, IntAggregation, IntConv2d,
                        IntLinear, IntModel)
 from .models.dpgn import DPGN
-from .models.layers import QAggregation, QConv2d, QLinear
+from .models.layers import QAggregation
 from .models.qgnn import QGNNModel, quantizable_layers
 from .models.resnet12 import ResNet12, ResNet12Block
 from .ops.packing import PACKABLE_BITS, pack_codes

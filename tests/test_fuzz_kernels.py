@@ -20,7 +20,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qgnn_deploy.errors import BackendUnavailableError, KernelArgumentError, QGNNError
+from qgnn_deploy.errors import KernelArgumentError, QGNNError
 from qgnn_deploy.ops import reference as R
 from qgnn_deploy.ops.packing import pack_codes, packed_row_bytes, unpack_codes
 

@@ -227,7 +227,6 @@ def test_every_supported_config_is_within_the_bound():
 def test_folded_model_within_bound():
     """check_int_model over a real folded model (every integer layer's K)."""
     from qgnn_deploy.fold import fold
-    from qgnn_deploy.sources import calibrated_model
     pytest.importorskip("qgnn_deploy.fold")
     im = fold(_tiny_model())
     B.check_int_model(im)

@@ -1,5 +1,4 @@
 """AQD / SQD losses, the DPGN loss, the recipe, a short training run, resume equivalence."""
-import os
 
 import pytest
 import torch

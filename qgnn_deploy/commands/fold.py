@@ -42,7 +42,7 @@ def run(args) -> int:
 
     from ..artifact import expected_artifact_bytes, save_int_model
     from ..errors import ConfigError
-    from ..fold import compare_engines, fake_quant_counterpart, fold
+    from ..fold import fake_quant_counterpart, fold
     from ..sources import load_float_model, parse_source
 
     if not args.out.endswith(".qgnn"):

@@ -61,7 +61,6 @@ def class_parameters(dataset_seed: int, classes: torch.Tensor) -> dict:
     """Prototype parameters of ``classes`` (int64 [B]); each value float32 [B] or [B, 3]."""
     k = _key(dataset_seed, classes, 1)
     u = lambda s: _uniform(k, s)  # noqa: E731
-    colour = lambda s: torch.stack([u(s), u(s + 1), u(s + 2)], -1)  # noqa: E731
     out = {
         "lobes": torch.floor(u(0) * 6),               # k in {0..5}: 0 = ellipse-ish
         "lobe_amp": 0.12 + 0.3 * u(1),
