@@ -1,5 +1,5 @@
 # Developer targets for qgnn-deploy (issue 9: hardening).
-PYTHON ?= $(shell [ -x /work/venv/bin/python ] && echo /work/venv/bin/python || echo python3)
+PYTHON ?= $(shell [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)
 HARDENING_TESTS = tests/test_hostile_files.py tests/test_fuzz_kernels.py tests/test_numerics.py \
                   tests/test_concurrency.py tests/test_cli_errors.py
 
@@ -20,7 +20,7 @@ hardening:
 	$(PYTHON) -m pytest -q -m "not slow" $(HARDENING_TESTS)
 
 hardening-slow:
-	$(PYTHON) -m pytest -q $(HARDENING_TESTS)
+	$(PYTHON) -m pytest -q -m "slow or not slow" $(HARDENING_TESTS)
 
 fuzz:
 	$(PYTHON) -m pytest -q tests/test_fuzz_kernels.py

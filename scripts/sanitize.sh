@@ -7,12 +7,12 @@
 #   scripts/sanitize.sh tests/x.py ...  # build + run these tests instead
 #   SANITIZE_SKIP_BUILD=1 scripts/...   # reuse the last build
 #
-# Env: SANITIZE_DIR (default build/sanitize), PYTHON (default /work/venv/bin/python or python3), QGNN_SANITIZE (default
+# Env: SANITIZE_DIR (default build/sanitize), PYTHON (default .venv/bin/python or python3), QGNN_SANITIZE (default
 # address,undefined). Exit status: pytest's; any ASan/UBSan report aborts the process
 # (halt_on_error / -fno-sanitize-recover), so a clean exit means a clean run.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-PY="${PYTHON:-$( [ -x /work/venv/bin/python ] && echo /work/venv/bin/python || echo python3)}"
+PY="${PYTHON:-$( [ -x "$ROOT/.venv/bin/python" ] && echo "$ROOT/.venv/bin/python" || echo python3)}"
 OUT="${SANITIZE_DIR:-$ROOT/build/sanitize}"
 TREE="$OUT/tree"
 SAN="${QGNN_SANITIZE:-address,undefined}"
