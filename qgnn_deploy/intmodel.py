@@ -216,17 +216,21 @@ class IntAggregation(nn.Module):
 # --------------------------------------------------------------------- FP32 layers
 
 def _epilogue(y: Tensor, post_scale, post_shift, residual, slope, channel_dim: int) -> Tensor:
-    """fp32 epilogue in the order of the integer ops: *scale, +shift, +residual, LeakyReLU."""
+    """fp32 epilogue in the order of the integer ops: *scale, +shift, +residual, LeakyReLU.
+
+    In place on ``y`` (a fresh layer output): one memory pass per step, no temporaries.
+    ``leaky_relu`` equals the contract's ``where(y >= 0, y, y * slope)`` bit for bit (zeros
+    keep their sign either way)."""
     shape = [1] * y.dim()
     shape[channel_dim] = -1
     if post_scale is not None:
-        y = y * post_scale.view(shape)
+        y.mul_(post_scale.view(shape))
     if post_shift is not None:
-        y = y + post_shift.view(shape)
+        y.add_(post_shift.view(shape))
     if residual is not None:
-        y = y + residual
+        y.add_(residual)
     if slope is not None:
-        y = torch.where(y >= 0, y, y * slope)
+        F.leaky_relu_(y, slope)
     return y
 
 
