@@ -40,6 +40,18 @@ def unpack_tile(w_ptr, wh_ptr, widx, wsh, widx_hi, wsh_hi, rn, mask, O, BITS: tl
 
 
 @triton.jit
+def grouped_tile(pid, M, O, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of program ``pid``: GROUP_M row tiles share the same weight
+    columns while they are hot in L2."""
+    n_m = tl.cdiv(M, BLOCK_M)
+    n_n = tl.cdiv(O, BLOCK_N)
+    group = pid // (GROUP_M * n_n)
+    first_m = group * GROUP_M
+    size_m = tl.minimum(n_m - first_m, GROUP_M)
+    return first_m + (pid % (GROUP_M * n_n)) % size_m, (pid % (GROUP_M * n_n)) // size_m
+
+
+@triton.jit
 def shift_table(rk, BITS: tl.constexpr):
     """Per-K-row (word offset, shift) for the main plane and the 1-bit plane."""
     if BITS == 3:

@@ -16,7 +16,7 @@ multiple of 32, so the shift table is loop-invariant). Epilogue as in ``qgemm``.
 import triton
 import triton.language as tl
 
-from ._common import epilogue_store, shift_table, unpack_tile, unshift
+from ._common import epilogue_store, grouped_tile, shift_table, unpack_tile, unshift
 
 
 @triton.jit
@@ -32,14 +32,7 @@ def qconv_kernel(x_ptr, w_ptr, wh_ptr, tsum_ptr, coef_ptr, zw_ptr, ps_ptr, psh_p
     """x uint8 [B, H, W, C]; words int32 [KSIZE^2*CP*bits/32, O]; tap sums int32
     [KSIZE^2, O]; out [B*HO*WO, O] (NHWC). Raw mode also writes AS [M], WS [M, O], CNT [M].
     """
-    pid = tl.program_id(0)
-    n_m = tl.cdiv(M, BLOCK_M)
-    n_n = tl.cdiv(O, BLOCK_N)
-    group = pid // (GROUP_M * n_n)
-    first_m = group * GROUP_M
-    size_m = tl.minimum(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * n_n)) % size_m
-    pid_n = (pid % (GROUP_M * n_n)) // size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, O, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -13,7 +13,7 @@ centring and the fused fp32 epilogue (``_common.epilogue_store``).
 import triton
 import triton.language as tl
 
-from ._common import epilogue_store, shift_table, unpack_tile, unshift
+from ._common import epilogue_store, grouped_tile, shift_table, unpack_tile, unshift
 
 
 @triton.jit
@@ -26,15 +26,7 @@ def qgemm_kernel(x_ptr, w_ptr, wh_ptr, wsum_ptr, coef_ptr, zw_ptr, ps_ptr, psh_p
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr):
     """x uint8 [M, K] (row stride stride_xm); words int32 [KP*bits/32, O]; out [M, O]."""
-    pid = tl.program_id(0)
-    # Grouped ordering: GROUP_M row tiles share the same weight columns while they are hot in L2.
-    n_m = tl.cdiv(M, BLOCK_M)
-    n_n = tl.cdiv(O, BLOCK_N)
-    group = pid // (GROUP_M * n_n)
-    first_m = group * GROUP_M
-    size_m = tl.minimum(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * n_n)) % size_m
-    pid_n = (pid % (GROUP_M * n_n)) // size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, O, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

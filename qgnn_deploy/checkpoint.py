@@ -131,32 +131,27 @@ def _strip_module(keys: Iterable[Tuple[str, Any]]) -> Dict[str, Any]:
     return {(k[7:] if k.startswith("module.") else k): v for k, v in keys}
 
 
+def _sequential_indices(keys: Iterable[str]) -> Dict[str, List[int]]:
+    """``{edge-MLP Sequential prefix: the indices of its parameterised layers}``."""
+    out: Dict[str, List[int]] = {}
+    for k in keys:
+        m = _SEQ.match(k)
+        if m and int(m.group(2)) not in out.setdefault(m.group(1), []):
+            out[m.group(1)].append(int(m.group(2)))
+    return out
+
+
 def _renumber_edge_mlps(gnn_state: Dict[str, Any], model: QGNNModel) -> Dict[str, Any]:
     """Map official edge-MLP Sequential indices onto ours by the order of the
     parameterised layers (conv, BN, conv, BN, conv), whatever dropout shifted them."""
-    ours = model.gnn.state_dict()
-    ours_idx: Dict[str, List[int]] = {}
-    for k in ours:
-        m = _SEQ.match(k)
-        if m:
-            ours_idx.setdefault(m.group(1), [])
-            if int(m.group(2)) not in ours_idx[m.group(1)]:
-                ours_idx[m.group(1)].append(int(m.group(2)))
-    theirs_idx: Dict[str, List[int]] = {}
-    for k in gnn_state:
-        m = _SEQ.match(k)
-        if m:
-            theirs_idx.setdefault(m.group(1), [])
-            if int(m.group(2)) not in theirs_idx[m.group(1)]:
-                theirs_idx[m.group(1)].append(int(m.group(2)))
+    ours_idx, theirs_idx = _sequential_indices(model.gnn.state_dict()), _sequential_indices(gnn_state)
     out = {}
     for k, v in gnn_state.items():
         m = _SEQ.match(k)
         if not m or m.group(1) not in ours_idx:
             out[k] = v
             continue
-        theirs = sorted(theirs_idx[m.group(1)])
-        mine = sorted(ours_idx[m.group(1)])
+        theirs, mine = sorted(theirs_idx[m.group(1)]), sorted(ours_idx[m.group(1)])
         pos = theirs.index(int(m.group(2)))
         new_idx = mine[pos] if pos < len(mine) and len(theirs) == len(mine) else int(m.group(2))
         out[f"{m.group(1)}.{new_idx}.{m.group(3)}"] = v

@@ -65,7 +65,7 @@ from torch import nn
 from .config import ModelConfig
 from .errors import ArtifactError, ConfigError
 from .models.dpgn import update_edges
-from .models.qgnn import EpisodeOutput, check_episode, episode_logits, initial_graph
+from .models.qgnn import EpisodeOutput, check_episode, run_episode
 from .ops import registry as qops
 
 Tensor = torch.Tensor
@@ -563,15 +563,8 @@ class IntModel(nn.Module):
     @torch.no_grad()
     def forward(self, images: Tensor, support_labels: Tensor) -> EpisodeOutput:
         check_episode(images, support_labels, self.config)
-        support_labels = support_labels.long()
         with self._backend_context():
-            last, second = self.embed(images)
-            dist_node, point_edge, dist_edge = initial_graph(support_labels, self.config.way)
-            dev = images.device
-            point_sims, node_sims, dist_sims = self.gnn(second, last, dist_node.to(dev),
-                                                        dist_edge.to(dev), point_edge.to(dev))
-        return EpisodeOutput(episode_logits(point_sims[-1], support_labels, self.config.way),
-                             point_sims, node_sims, dist_sims)
+            return run_episode(self.embed, self.gnn, images, support_labels.long(), self.config.way)
 
     def extra_repr(self) -> str:
         return (f"generations={self.generations}, zero_point={self.zero_point}, "

@@ -108,14 +108,21 @@ class QGNNModel(nn.Module):
 
     def forward(self, images: torch.Tensor, support_labels: torch.Tensor) -> EpisodeOutput:
         check_episode(images, support_labels, self.config)
-        support_labels = support_labels.long()
-        last, second = self.embed(images)
-        dist_node, point_edge, dist_edge = initial_graph(support_labels, self.config.way)
-        dev = images.device
-        point_sims, node_sims, dist_sims = self.gnn(second, last, dist_node.to(dev),
-                                                    dist_edge.to(dev), point_edge.to(dev))
-        return EpisodeOutput(episode_logits(point_sims[-1], support_labels, self.config.way),
-                             point_sims, node_sims, dist_sims)
+        return run_episode(self.embed, self.gnn, images, support_labels.long(), self.config.way)
+
+
+def run_episode(embed, gnn, images: torch.Tensor, support_labels: torch.Tensor,
+                way: int) -> EpisodeOutput:
+    """Embed the images, run the dual graph from DPGN's initial graph, predict.
+
+    Shared by the float model and the integer model (``embed`` / ``gnn`` of either)."""
+    last, second = embed(images)
+    dist_node, point_edge, dist_edge = initial_graph(support_labels, way)
+    dev = images.device
+    point_sims, node_sims, dist_sims = gnn(second, last, dist_node.to(dev), dist_edge.to(dev),
+                                           point_edge.to(dev))
+    return EpisodeOutput(episode_logits(point_sims[-1], support_labels, way),
+                         point_sims, node_sims, dist_sims)
 
 
 def episode_logits(point_edge: torch.Tensor, support_labels: torch.Tensor, way: int) -> torch.Tensor:
