@@ -127,10 +127,10 @@ class EpisodeGraph:
         return dist_node, edge
 
     def eye_consts(self):
-        n = self.n
-        eye = np.eye(n, dtype=np.float32)
-        return (self.g.f32(eye, "const/eye"), self.g.f32(1.0 - eye, "const/off_diag"),
-                self.g.f32(eye + np.float32(1e-6), "const/eye_eps"))
+        """(1 - I, I + 1e-6) as [N, N] initializers: the diagonal mask and the identity the
+        edge update adds back."""
+        eye = np.eye(self.n, dtype=np.float32)
+        return self.g.f32(1.0 - eye, "const/off_diag"), self.g.f32(eye + np.float32(1e-6), "const/eye_eps")
 
     def l1_normalize(self, x: str) -> str:
         """``F.normalize(x, p=1, dim=-1)``: x / max(sum |x|, 1e-12)."""
@@ -141,7 +141,7 @@ class EpisodeGraph:
 
     def update_edges(self, sim: str, prev_edge: str) -> str:
         g = self.g
-        _, off, eye_eps = self.eye_consts()
+        off, eye_eps = self.eye_consts()
         last = g.i64([-1], "axes/last")
         prev = g.op("Mul", [prev_edge, off], "mask_diag")
         prev_sum = g.op("ReduceSum", [prev, last], "prev_sum", keepdims=1)
@@ -183,7 +183,7 @@ class EpisodeGraph:
     def d2p(self, name: str, dist_edge: str, point_node: str) -> str:
         g = self.g
         with self.scoped(name):
-            _, off, _ = self.eye_consts()
+            off, _ = self.eye_consts()
             adj = self.l1_normalize(g.op("Mul", [dist_edge, off], "mask_diag"))
             agg = self.L.bmm(f"{name}.aggregation", adj, point_node)
             feat = g.op("Concat", [point_node, agg], "cat", axis=2)          # [T, N, 2C]
