@@ -97,3 +97,17 @@ def test_debug_before_subcommand_shows_traceback(bad_files):
         pytest.skip("report command not available")
     r = _cli("--debug", "report", str(bad_files / "garbage.pt"))
     assert "Traceback" in r.stderr
+
+
+def test_triton_backend_without_gpu_or_interpreter():
+    """No CUDA and no TRITON_INTERPRET: `run --backend triton` names the fix, never a raw
+    CUDA assertion from moving the model to a missing device."""
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = REPO + os.pathsep + os.environ.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-m", "qgnn_deploy", "run", "--preset", "tiny", "--bits", "4",
+                        "--backend", "triton", "--episodes", "1"], capture_output=True, text=True,
+                       cwd=REPO, env=env, timeout=300)
+    _assert_clean_error(r, "triton", "unavailable", "--backend cpu")

@@ -50,7 +50,7 @@ def _cpu():
 def _triton():
     pytest.importorskip("triton")
     from qgnn_deploy.backends import triton as tb
-    ok, why = tb.is_available()
+    ok, why = tb.availability()
     if not ok:
         pytest.skip(f"triton backend unavailable: {why}")
     return tb

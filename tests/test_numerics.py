@@ -35,7 +35,7 @@ def _backends():
         pass
     try:
         from qgnn_deploy.backends import triton as tb
-        if tb.is_available()[0]:
+        if tb.is_available():
             out.append(("triton", tb.triton_quantize))
     except ImportError:
         pass

@@ -92,7 +92,16 @@ def interpreted() -> bool:
     return bool(kernels().INTERPRETED)
 
 
-def is_available() -> Tuple[bool, str]:
+def is_available() -> bool:
+    """True with a CUDA GPU and triton, or under the interpreter (the registry's protocol)."""
+    return availability()[0]
+
+
+def unavailable_reason() -> str:
+    return availability()[1]
+
+
+def availability() -> Tuple[bool, str]:
     """(usable, reason): a GPU with triton, or the interpreter."""
     try:
         k = kernels()
@@ -548,6 +557,6 @@ def triton_qbmm(a: Tensor, v: Tensor, a_bits: int, v_bits: int, a_scale: float, 
     return out
 
 
-__all__ = ["SMALL_M", "interpreted", "is_available", "kernels", "prepare_weight",
+__all__ = ["SMALL_M", "availability", "interpreted", "is_available", "kernels", "prepare_weight", "unavailable_reason",
            "triton_bmm_acc", "triton_conv2d_acc", "triton_linear_acc", "triton_qbmm",
            "triton_qconv2d", "triton_qlinear", "triton_quantize"]

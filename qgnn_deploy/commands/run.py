@@ -49,7 +49,8 @@ def _predictor(backend: str, int_model, float_model, threads):
         if hasattr(mod, "set_num_threads"):
             mod.set_num_threads(threads)
     int_model.backend = backend
-    device = torch.device("cuda") if backend == "triton" else torch.device("cpu")
+    # triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1
+    device = torch.device("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
     model = int_model.to(device)
 
     def predict(images, support):
