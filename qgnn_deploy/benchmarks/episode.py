@@ -185,9 +185,15 @@ def build_variants(float_model, int_model, backends: Sequence[str], images: torc
 
 # ------------------------------------------------------------------ timing
 
+#: idle time after every run, untimed: onnxruntime's pool keeps a core spinning ~28 ms after
+#: ``run`` returns (libgomp's spin is shorter), which would halve the next variant's cores.
+SETTLE_MS = 50.0
+
+
 def measure(variants: List[Variant], repeats: int, warmup: int, progress: bool = True,
             desc: str = "bench") -> None:
-    """Warm-up each variant, then ``repeats`` rounds of one timed run per variant."""
+    """Warm-up each variant, then ``repeats`` rounds of one timed run per variant, each
+    followed by :data:`SETTLE_MS` of idle time."""
     from tqdm import tqdm
     total = len(variants) * (warmup + repeats)
     with tqdm(total=total, desc=desc, unit="run", file=sys.stderr, disable=not progress,
@@ -202,6 +208,7 @@ def measure(variants: List[Variant], repeats: int, warmup: int, progress: bool =
                 v.fn()
                 v.times_ms.append((time.perf_counter() - t0) * 1e3)
                 bar.update(1)
+                time.sleep(SETTLE_MS / 1e3)
 
 
 def summarize(variants: List[Variant], workload: str) -> List[Dict[str, Any]]:

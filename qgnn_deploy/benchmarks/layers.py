@@ -38,11 +38,21 @@ CONV_SHAPES = [
 AGG_SHAPES = [("aggregation_N10_T40", 40, 10, 128), ("aggregation_N30_T40", 40, 30, 128)]
 
 
+_ORT_SETTLE_MS = 50.0
+
+
 @dataclass
 class _Variant:
     backend: str
     fn: Callable[[], object]
     times: List[float]
+    #: extra idle time after this variant's call: onnxruntime's intra-op workers keep
+    #: spinning ~30 ms after Run returns (measured via /proc schedstat: one full core for
+    #: 28 ms after a 512@4x4 QLinearConv), longer than ``gap_ms``, so the next variant in
+    #: the round (the cpu kernels) ran on one core instead of two: 0.54-0.75x ORT at
+    #: 3x3 shapes that are >= 1x when run alone. ORT's own runs are unaffected (its
+    #: workers were asleep at the start of each of its calls before and after this).
+    settle_ms: float = 0.0
 
 
 def _percentile(xs: Sequence[float], q: float) -> float:
@@ -129,7 +139,7 @@ def _conv_variants(cin: int, cout: int, k: int, h: int, bits: int, batch: int, t
         x_nchw = np.ascontiguousarray(x_codes.permute(0, 3, 1, 2).numpy())
         w_i8 = (w_codes.view(cout, k, k, cin).permute(0, 3, 1, 2).to(torch.int16) - (qmax + 1) // 2)
         w_i8 = np.ascontiguousarray(w_i8.to(torch.int8).numpy())
-        out.append(_Variant("onnxruntime_int8", _ort_qlinearconv(x_nchw, w_i8, pad, threads), []))
+        out.append(_Variant("onnxruntime_int8", _ort_qlinearconv(x_nchw, w_i8, pad, threads), [], _ORT_SETTLE_MS))
     if "cpu" in backends:
         wp = cpu_backend.cpu_prepack(pack_codes(w_codes, bits), bits, k * k * cin, k * k)
         ws = torch.full((cout,), 0.01)
@@ -156,7 +166,8 @@ def _agg_variants(tasks: int, n: int, d: int, bits: int, threads: int, backends:
         af, vf = torch.rand(tasks, n, n, generator=g), torch.randn(tasks, n, d, generator=g)
         out.append(_Variant("torch_fp32", lambda: torch.bmm(af, vf), []))
     if "onnxruntime_int8" in backends:
-        out.append(_Variant("onnxruntime_int8", _ort_qlinearmatmul(a.numpy(), v.numpy(), threads), []))
+        out.append(_Variant("onnxruntime_int8", _ort_qlinearmatmul(a.numpy(), v.numpy(), threads), [],
+                            _ORT_SETTLE_MS))
     if "cpu" in backends:
         out.append(_Variant("cpu", lambda: cpu_backend.cpu_qbmm(a, v, bits, bits, 0.01, 0.0, 0.1, -0.2), []))
     return out
@@ -175,6 +186,8 @@ def _measure(variants: List[_Variant], repeats: int, warmup: int, gap_ms: float 
             t0 = time.perf_counter()
             v.fn()
             v.times.append((time.perf_counter() - t0) * 1e3)
+            if v.settle_ms:
+                time.sleep(v.settle_ms / 1e3)
 
 
 def run_layer_benchmarks(bits: Sequence[int] = (4, 2), threads: Optional[int] = None, repeats: int = 20,
