@@ -112,16 +112,20 @@ def load_mini_imagenet(data_dir: str, image_size: int = 84) -> ImageFewShot:
     splits: Dict[str, List[int]] = {}
     names: Dict[int, str] = {}
     split_names: Dict[str, List[str]] = {}
+
+    def add_split(s: str, by_class: Dict[str, object]) -> None:
+        # classes of a split get consecutive global ids; splits must not share a class
+        split_names[s] = sorted(by_class)
+        check_disjoint("miniImageNet", split_names)
+        splits[s] = []
+        for c in split_names[s]:
+            gid = len(names)
+            names[gid], per_class[gid] = c, by_class[c]
+            splits[s].append(gid)
+
     if all(pickles.values()):
         for s in SPLITS:
-            by_class = _read_pickle_split(pickles[s])
-            split_names[s] = sorted(by_class)
-            check_disjoint("miniImageNet", split_names)
-            splits[s] = []
-            for c in split_names[s]:
-                gid = len(names)
-                names[gid], per_class[gid] = c, by_class[c]
-                splits[s].append(gid)
+            add_split(s, _read_pickle_split(pickles[s]))
     elif os.path.isdir(os.path.join(data_dir, "images")) and all(
             os.path.isfile(os.path.join(data_dir, f"{s}.csv")) for s in SPLITS):
         img_dir = os.path.join(data_dir, "images")
@@ -129,13 +133,7 @@ def load_mini_imagenet(data_dir: str, image_size: int = 84) -> ImageFewShot:
             by_class: Dict[str, List[str]] = {}
             for fn, label in _read_csv(os.path.join(data_dir, f"{s}.csv")):
                 by_class.setdefault(label, []).append(os.path.join(img_dir, fn))
-            split_names[s] = sorted(by_class)
-            check_disjoint("miniImageNet", split_names)
-            splits[s] = []
-            for c in split_names[s]:
-                gid = len(names)
-                names[gid], per_class[gid] = c, by_class[c]
-                splits[s].append(gid)
+            add_split(s, by_class)
         missing = [p for ps in per_class.values() for p in ps[:1] if not os.path.isfile(p)]
         if missing:
             raise DataError(f"miniImageNet: csv names images missing from {img_dir!r}, e.g. {missing[0]!r}")
