@@ -471,25 +471,23 @@ class IntLayers:
         if y is not None:
             if shift.dim() > 1:   # border-dependent shift (an offset remainder da != 0)
                 y = g.op("Add", [y, g.f32(_np(shift), f"{m.name}.shift")], "shift")
-            if self._residual is not None:
-                y = g.op("Add", [y, self._residual], "residual")
-            if m.slope is not None:
-                y = g.op("LeakyRelu", [y], "lrelu", alpha=float(m.slope))
-            return y
-        y = g.op("Cast", [acc], "acc_f32", to=FLOAT)
-        if as_ is None and shift.dim() == 1:
-            rows = g.op("Reshape", [y, g.i64([-1, o])], "rows")
-            bn = g.op("BatchNormalization", [rows, g.f32(_np(scale), f"{m.name}.scale"), g.f32(_np(shift), f"{m.name}.shift"),
-                                             g.f32(np.zeros(o, np.float32), f"const/zeros_{o}"),
-                                             g.f32(np.ones(o, np.float32), f"const/ones_{o}")],
-                      "affine", epsilon=0.0)
-            y = g.op("Reshape", [bn, g.op("Shape", [y], "shape")], "unrows")
         else:
-            y = g.op("Mul", [y, g.f32(_np(scale), f"{m.name}.scale")], "scale")
-            if as_ is not None:
-                y = g.op("Add", [y, g.op("Mul", [g.op("Cast", [as_], "asum_f32", to=FLOAT),
-                                                 g.f32(_np(c3 * ps), f"{m.name}.c_asum")], "scale_asum")], "add_asum")
-            y = g.op("Add", [y, g.f32(_np(shift), f"{m.name}.shift")], "shift")
+            y = g.op("Cast", [acc], "acc_f32", to=FLOAT)
+            if as_ is None and shift.dim() == 1:
+                rows = g.op("Reshape", [y, g.i64([-1, o])], "rows")
+                bn = g.op("BatchNormalization", [rows, g.f32(_np(scale), f"{m.name}.scale"),
+                                                 g.f32(_np(shift), f"{m.name}.shift"),
+                                                 g.f32(np.zeros(o, np.float32), f"const/zeros_{o}"),
+                                                 g.f32(np.ones(o, np.float32), f"const/ones_{o}")],
+                          "affine", epsilon=0.0)
+                y = g.op("Reshape", [bn, g.op("Shape", [y], "shape")], "unrows")
+            else:
+                y = g.op("Mul", [y, g.f32(_np(scale), f"{m.name}.scale")], "scale")
+                if as_ is not None:
+                    y = g.op("Add", [y, g.op("Mul", [g.op("Cast", [as_], "asum_f32", to=FLOAT),
+                                                     g.f32(_np(c3 * ps), f"{m.name}.c_asum")],
+                                             "scale_asum")], "add_asum")
+                y = g.op("Add", [y, g.f32(_np(shift), f"{m.name}.shift")], "shift")
         if self._residual is not None:
             y = g.op("Add", [y, self._residual], "residual")
         if m.slope is not None:
