@@ -232,12 +232,23 @@ int pick_threads(int requested, double macs) {
 }
 
 // Rows per M-tile: a multiple of 24 (the ISA tiles' row groups), the packed panel
-// ~<= 192 KiB so it stays in L2 next to a weight block, and enough tiles to balance.
+// ~<= 192 KiB so it stays in L2 next to a weight block, and the threads balanced: the
+// tile count whose slowest thread has the fewest rows (plus a per-tile cost of 8 rows)
+// wins; 1600 rows on 2 threads gave 9 tiles of 192 (5 vs 4) before, now 10 of 168.
 int pick_mb(int64_t M, int Kp, int nthreads) {
-  int mb = static_cast<int>(std::max<int64_t>(24, std::min<int64_t>(480, (192 * 1024) / std::max(Kp, 1))));
-  mb = mb / 24 * 24;
-  while (mb > 24 && (M + mb - 1) / mb < 4 * nthreads) mb -= 24;
-  return mb;
+  const int top = static_cast<int>(std::max<int64_t>(24, std::min<int64_t>(480, (192 * 1024) / std::max(Kp, 1)))) / 24 * 24;
+  if (nthreads <= 1) return top;
+  int best = top;
+  int64_t best_cost = -1;
+  for (int mb = top; mb >= 24; mb -= 24) {
+    const int64_t tiles = (M + mb - 1) / mb;
+    const int64_t cost = (tiles + nthreads - 1) / nthreads * (mb + 8);
+    if (best_cost < 0 || cost < best_cost) {
+      best = mb;
+      best_cost = cost;
+    }
+  }
+  return best;
 }
 
 }  // namespace

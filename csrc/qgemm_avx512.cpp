@@ -10,10 +10,6 @@
 
 #include "qgnn_cpu.h"
 
-namespace qgnn {
-void epi_store_scalar(const Epi& e, int64_t m, int o, int32_t acc, int32_t as);
-}
-
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positives in the
 #pragma GCC diagnostic ignored "-Wuninitialized"        // intrinsic headers (undefined vectors)
 #pragma GCC push_options
@@ -31,9 +27,6 @@ inline int32_t load32(const uint8_t* p) {
 }
 
 // Epilogue on 16 columns [o, o+16) of row m (mask = columns < O); order as ref_epilogue.
-// Epilogue on 16 columns [o, o+16) of row m (mask = columns < O); order as ref_epilogue.
-// t2row/t4row: the per-(border pattern, column) terms c2*WS' and c4*CNT, precomputed
-// with the same fp32 products.
 // F: compile-time epilogue flags (kPS | kSH | ...), or -1 to read them from e at run time.
 constexpr int kPS = 1, kSH = 2, kRES = 4, kSLOPE = 8, kQUANT = 16, kASFIRST = 32, kACC = 64;
 constexpr int kConvBnLrelu = kPS | kSH | kSLOPE | kQUANT;  // the model's main conv epilogue
@@ -43,29 +36,71 @@ inline int epi_flags(const Epi& e) {
          (e.quant ? kQUANT : 0) | (e.as_first ? kASFIRST : 0) | (e.acc_out ? kACC : 0);
 }
 
+// The per-column operands of one 16-column group, loaded once for all rows of a block.
+struct Cols {
+  __m512i nzw;
+  __m512 c1, c3, ps, sh;
+};
+
+// Per-row operands: the border pattern's rows of the c2*WS', za*WS' and c4*CNT tables
+// (precomputed with the same fp32 products) and the row's AS / AS'.
+struct Row {
+  const float* t2;
+  const int32_t* zws;
+  const float* t4;
+  int32_t as;
+  float asp;
+};
+
+// Scalars and pointers of Epi copied to locals: the uint8 output stores may alias
+// anything, and would otherwise force a reload of every Epi field after each store.
+struct EpiK {
+  const float* residual;
+  float* out_f;
+  uint8_t* out_q;
+  int32_t* acc_out;
+  int64_t O;
+  int32_t wbias;
+  float slope, out_l, inv_out_s, out_s, qmax;
+  bool ps, sh, res, has_slope, quant, as_first;
+  explicit EpiK(const Epi& e)
+      : residual(e.residual), out_f(e.out_f), out_q(e.out_q), acc_out(e.acc_out), O(e.O), wbias(e.wbias),
+        slope(e.slope), out_l(e.out_l), inv_out_s(e.inv_out_s), out_s(e.out_s), qmax(e.qmax),
+        ps(e.post_scale != nullptr), sh(e.post_shift != nullptr), res(e.residual != nullptr),
+        has_slope(e.has_slope), quant(e.quant), as_first(e.as_first) {}
+};
+
+inline Cols load_cols(const Epi& e, int o, __mmask16 mk) {
+  Cols c;
+  c.nzw = _mm512_maskz_loadu_epi32(mk, e.nzw + o);
+  c.c1 = _mm512_maskz_loadu_ps(mk, e.c1 + o);
+  c.c3 = _mm512_maskz_loadu_ps(mk, e.c3 + o);
+  c.ps = e.post_scale ? _mm512_maskz_loadu_ps(mk, e.post_scale + o) : _mm512_setzero_ps();
+  c.sh = e.post_shift ? _mm512_maskz_loadu_ps(mk, e.post_shift + o) : _mm512_setzero_ps();
+  return c;
+}
+
 template <int F>
-inline void epi16(const Epi& e, int64_t m, int o, __mmask16 mk, __m512i acc, int32_t as, const float* t2row,
-                  const int32_t* zwsrow, const float* t4row, float asp) {
+inline void epi16(const EpiK& e, const Cols& c, const Row& rw, int64_t m, int o, __mmask16 mk, __m512i acc) {
   const int64_t base = m * e.O + o;
-  const __m512i asv = _mm512_set1_epi32(as);
 #define HAS(flag, rt) (F < 0 ? (rt) : (F & (flag)) != 0)
   if (HAS(kACC, e.acc_out != nullptr))
-    _mm512_mask_storeu_epi32(e.acc_out + base, mk, _mm512_add_epi32(acc, _mm512_set1_epi32(e.wbias * as)));
+    _mm512_mask_storeu_epi32(e.acc_out + base, mk, _mm512_add_epi32(acc, _mm512_set1_epi32(e.wbias * rw.as)));
   // ACC' = ACC + (wbias - zw)*AS - za*WS'   (int32, wrapping like the reference's int32)
-  acc = _mm512_add_epi32(acc, _mm512_mullo_epi32(_mm512_maskz_loadu_epi32(mk, e.nzw + o), asv));
-  acc = _mm512_sub_epi32(acc, _mm512_maskz_loadu_epi32(mk, zwsrow + o));
-  const __m512 t3 = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, e.c3 + o), _mm512_set1_ps(asp));
-  const __m512 t2 = _mm512_maskz_loadu_ps(mk, t2row + o);
-  __m512 y = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, e.c1 + o), _mm512_cvtepi32_ps(acc));
+  acc = _mm512_add_epi32(acc, _mm512_mullo_epi32(c.nzw, _mm512_set1_epi32(rw.as)));
+  acc = _mm512_sub_epi32(acc, _mm512_maskz_loadu_epi32(mk, rw.zws + o));
+  const __m512 t3 = _mm512_mul_ps(c.c3, _mm512_set1_ps(rw.asp));
+  const __m512 t2 = _mm512_maskz_loadu_ps(mk, rw.t2 + o);
+  __m512 y = _mm512_mul_ps(c.c1, _mm512_cvtepi32_ps(acc));
   if (HAS(kASFIRST, e.as_first)) {
     y = _mm512_add_ps(_mm512_add_ps(y, t3), t2);
   } else {
     y = _mm512_add_ps(_mm512_add_ps(y, t2), t3);
   }
-  y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mk, t4row + o));
-  if (HAS(kPS, e.post_scale != nullptr)) y = _mm512_mul_ps(y, _mm512_maskz_loadu_ps(mk, e.post_scale + o));
-  if (HAS(kSH, e.post_shift != nullptr)) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mk, e.post_shift + o));
-  if (HAS(kRES, e.residual != nullptr)) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mk, e.residual + base));
+  y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mk, rw.t4 + o));
+  if (HAS(kPS, e.ps)) y = _mm512_mul_ps(y, c.ps);
+  if (HAS(kSH, e.sh)) y = _mm512_add_ps(y, c.sh);
+  if (HAS(kRES, e.res)) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mk, e.residual + base));
   if (HAS(kSLOPE, e.has_slope)) {
     // y >= 0 ? y : y * slope  (NaN compares false and is multiplied, as torch.where does)
     const __mmask16 neg = _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_NGE_UQ);
@@ -74,21 +109,18 @@ inline void epi16(const Epi& e, int64_t m, int o, __mmask16 mk, __m512i acc, int
   if (HAS(kQUANT, e.quant)) {
     // rne((y - l) / s) via the reciprocal: relative error <= 2^-23, i.e. < 1e-4 absolute
     // for |u| < 512, so the rounding can only differ within 1e-4 of a half-integer; those
-    // lanes (rare) take the exact IEEE division. For |u| >= 512 the final clamp to
-    // [0, qmax <= 255] decides whatever the rounding, so no range test is needed.
+    // lanes (rare; vreduceps gives u - rne(u)) take the exact IEEE division. For
+    // |u| >= 512 the clamp to [0, qmax <= 255] decides whatever the rounding. Clamping
+    // before rounding is the same as after (integer bounds, rounding is monotone).
     const __m512 num = _mm512_sub_ps(y, _mm512_set1_ps(e.out_l));
-    const __m512 ua = _mm512_mul_ps(num, _mm512_set1_ps(e.inv_out_s));
-    __m512 u = _mm512_roundscale_ps(ua, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 dist = _mm512_abs_ps(_mm512_sub_ps(ua, u));
-    const __mmask16 near = _mm512_cmp_ps_mask(dist, _mm512_set1_ps(0.4999f), _CMP_GT_OQ);
-    if (near) {
-      const __m512 ue = _mm512_div_ps(num, _mm512_set1_ps(e.out_s));
-      u = _mm512_mask_roundscale_ps(u, near, ue, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    }
-    // NaN: roundscale keeps it, max(NaN, 0) returns the second operand (0)
-    u = _mm512_max_ps(u, _mm512_setzero_ps());
-    u = _mm512_min_ps(u, _mm512_set1_ps(e.qmax));
-    _mm_mask_storeu_epi8(e.out_q + base, mk, _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(u)));
+    __m512 u = _mm512_mul_ps(num, _mm512_set1_ps(e.inv_out_s));
+    const __m512 frac = _mm512_reduce_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __mmask16 near = _mm512_cmp_ps_mask(_mm512_abs_ps(frac), _mm512_set1_ps(0.4999f), _CMP_GT_OQ);
+    if (near) u = _mm512_mask_div_ps(u, near, num, _mm512_set1_ps(e.out_s));
+    // NaN: max(NaN, 0) returns the second operand (0)
+    u = _mm512_min_ps(_mm512_max_ps(u, _mm512_setzero_ps()), _mm512_set1_ps(e.qmax));
+    const __m512i q = _mm512_cvt_roundps_epi32(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_mask_storeu_epi8(e.out_q + base, mk, _mm512_cvtepi32_epi8(q));
   } else {
     _mm512_mask_storeu_ps(e.out_f + base, mk, y);
   }
@@ -129,15 +161,22 @@ inline void block(const TileArgs& t, const int8_t* wb, int r0, int o0, const __m
     for (int j = 0; j < 4; ++j) _mm512_store_si512(&buf[r][16 * j], acc[r][j]);
   }
   const Epi& e = *t.e;
+  const EpiK ek(e);
+  Row rows[R];
   for (int r = 0; r < R; ++r) {
-    const int64_t m = static_cast<int64_t>(t.m0) + r0 + r;
     const int pat = t.rpat ? t.rpat[r0 + r] : 0;
     const int64_t prow = static_cast<int64_t>(pat) * e.O;
     const int32_t cnti = e.cnt_tab[pat];
     const int32_t as = t.as[r0 + r];
-    const float asp = static_cast<float>(static_cast<int32_t>(static_cast<uint32_t>(as) - static_cast<uint32_t>(e.za) * static_cast<uint32_t>(cnti)));
-    for (int j = 0; j < 4; ++j)
-      if (mk[j]) epi16<F>(e, m, o0 + 16 * j, mk[j], _mm512_load_si512(&buf[r][16 * j]), as, e.t2_tab + prow, e.zws_tab + prow, e.t4_tab + prow, asp);
+    rows[r] = Row{e.t2_tab + prow, e.zws_tab + prow, e.t4_tab + prow, as,
+                  static_cast<float>(static_cast<int32_t>(static_cast<uint32_t>(as) - static_cast<uint32_t>(e.za) * static_cast<uint32_t>(cnti)))};
+  }
+  const int64_t m0 = static_cast<int64_t>(t.m0) + r0;
+  for (int j = 0; j < 4; ++j) {
+    if (!mk[j]) continue;
+    const int o = o0 + 16 * j;
+    const Cols c = load_cols(e, o, mk[j]);
+    for (int r = 0; r < R; ++r) epi16<F>(ek, c, rows[r], m0 + r, o, mk[j], _mm512_load_si512(&buf[r][16 * j]));
   }
 }
 

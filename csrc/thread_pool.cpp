@@ -2,15 +2,58 @@
 
 #include <pthread.h>
 
-#include <atomic>
-#include <condition_variable>
-#include <mutex>
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <mutex>
 #include <thread>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define QGNN_PAUSE() _mm_pause()
+#else
+#define QGNN_PAUSE() std::this_thread::yield()
+#endif
+
 namespace qgnn {
 namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// How long an idle worker polls for the next parallel_for before it sleeps, and how long
+// the caller polls for the last worker before it sleeps. Waking a sleeping thread took
+// ~1 ms on the development VM (the idle vCPU is halted), longer than a small layer runs;
+// consecutive kernels of a forward pass come well within this window. QGNN_CPU_SPIN_US
+// overrides it (0: never poll).
+int64_t spin_ns() {
+  static const int64_t ns = [] {
+    const char* s = std::getenv("QGNN_CPU_SPIN_US");
+    long us = 200;
+    if (s && *s) {
+      char* end = nullptr;
+      const long v = std::strtol(s, &end, 10);
+      if (end && *end == '\0' && v >= 0 && v <= 1000000) us = v;
+    }
+    return static_cast<int64_t>(us) * 1000;
+  }();
+  return ns;
+}
+
+// Polls pred() with pause instructions for up to spin_ns(); true when it held.
+template <class Pred>
+bool poll(Pred pred) {
+  const int64_t budget = spin_ns();
+  if (budget <= 0) return pred();
+  const auto until = Clock::now() + std::chrono::nanoseconds(budget);
+  for (int i = 0;; ++i) {
+    if (pred()) return true;
+    for (int j = 0; j < 16; ++j) QGNN_PAUSE();
+    if ((i & 63) == 63 && Clock::now() >= until) return pred();
+  }
+}
 
 struct Pool {
   std::mutex busy;                 // one parallel_for at a time
@@ -20,10 +63,10 @@ struct Pool {
   const std::function<void(int64_t, int)>* fn = nullptr;
   std::atomic<int64_t> next{0};
   int64_t ntasks = 0;
-  int64_t gen = 0;
+  std::atomic<int64_t> gen{0};     // written under mu; read lock-free by polling workers
   bool open = false;               // workers may still join the current generation
   int wanted = 0;                  // workers allowed to take part in this generation
-  int active = 0;                  // workers inside work() right now
+  std::atomic<int> active{0};      // workers inside work() right now
 
   void work(int tid) {
     for (int64_t i; (i = next.fetch_add(1)) < ntasks;) (*fn)(i, tid);
@@ -33,16 +76,19 @@ struct Pool {
     int64_t seen = 0;
     std::unique_lock<std::mutex> lk(mu);
     for (;;) {
-      wake.wait(lk, [&] { return gen != seen; });
-      seen = gen;
+      lk.unlock();
+      poll([&] { return gen.load(std::memory_order_acquire) != seen; });
+      lk.lock();
+      wake.wait(lk, [&] { return gen.load() != seen; });
+      seen = gen.load();
       // a worker that wakes after the caller has finished everything stays out: the
       // caller never waits for a thread the OS has not scheduled yet
       if (idx >= wanted || !open) continue;
-      ++active;
+      active.fetch_add(1);
       lk.unlock();
       work(idx + 1);
       lk.lock();
-      if (--active == 0) done.notify_one();
+      if (active.fetch_sub(1) == 1) done.notify_one();
     }
   }
 
@@ -65,13 +111,18 @@ struct Pool {
       next.store(0);
       wanted = nw;
       open = true;
-      ++gen;
+      gen.fetch_add(1, std::memory_order_release);
     }
     wake.notify_all();
     work(0);
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      open = false;                // tasks are all claimed; late workers stay out
+    }
+    // the last worker is finishing its final task: poll briefly before sleeping
+    poll([&] { return active.load() == 0; });
     std::unique_lock<std::mutex> lk(mu);
-    open = false;                  // tasks are all claimed; late workers stay out
-    done.wait(lk, [&] { return active == 0; });
+    done.wait(lk, [&] { return active.load() == 0; });
     return nw + 1;
   }
 };

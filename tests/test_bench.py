@@ -38,3 +38,14 @@ def test_bench_command_json(capsys):
     # every asked-for engine is either timed or reported unavailable with a reason
     for b in ("cpu", "reference"):
         assert b in backends or b in d["unavailable"]
+
+
+def test_layer_rounds_are_bursts_after_an_untimed_preroll():
+    from qgnn_deploy.benchmarks.layers import _measure, _Variant
+    order = []
+    a = _Variant("cpu", lambda: order.append("cpu"), [])
+    b = _Variant("onnxruntime_int8", lambda: order.append("ort"), [])
+    _measure([a, b], repeats=7, warmup=1, gap_ms=0.0, burst=3, preroll_ms=0.0)
+    assert len(a.times) == len(b.times) == 7  # rounds of 3, 3 and 1 timed calls
+    # warm-up, then per round and variant: one untimed pre-roll call + the timed burst
+    assert order == ["cpu", "ort"] + (["cpu"] * 4 + ["ort"] * 4) * 2 + ["cpu"] * 2 + ["ort"] * 2

@@ -38,7 +38,7 @@ CONV_SHAPES = [
 AGG_SHAPES = [("aggregation_N10_T40", 40, 10, 128), ("aggregation_N30_T40", 40, 30, 128)]
 
 
-_ORT_SETTLE_MS = 50.0
+_ORT_SETTLE_MS = 80.0
 
 
 @dataclass
@@ -46,12 +46,10 @@ class _Variant:
     backend: str
     fn: Callable[[], object]
     times: List[float]
-    #: extra idle time after this variant's call: onnxruntime's intra-op workers keep
-    #: spinning ~30 ms after Run returns (measured via /proc schedstat: one full core for
-    #: 28 ms after a 512@4x4 QLinearConv), longer than ``gap_ms``, so the next variant in
-    #: the round (the cpu kernels) ran on one core instead of two: 0.54-0.75x ORT at
-    #: 3x3 shapes that are >= 1x when run alone. ORT's own runs are unaffected (its
-    #: workers were asleep at the start of each of its calls before and after this).
+    #: extra idle time after this variant's calls: onnxruntime's intra-op workers keep
+    #: spinning after Run returns (measured via /proc schedstat: one full core for ~45 ms
+    #: after a 512@4x4 QLinearConv), longer than ``gap_ms``; without it the next variant
+    #: in the round (the cpu kernels) ran on one core instead of two.
     settle_ms: float = 0.0
 
 
@@ -173,27 +171,50 @@ def _agg_variants(tasks: int, n: int, d: int, bits: int, threads: int, backends:
     return out
 
 
-def _measure(variants: List[_Variant], repeats: int, warmup: int, gap_ms: float = 0.0) -> None:
+def _measure(variants: List[_Variant], repeats: int, warmup: int, gap_ms: float = 0.0, burst: int = 5,
+             preroll_ms: float = 10.0) -> None:
+    """``repeats`` timed calls per variant, interleaved in rounds of ``burst`` back-to-back calls.
+
+    A round runs each variant ``burst`` times in a row, every call timed: the steady
+    state of a layer inside a forward pass. Before its burst each variant runs untimed
+    for ``preroll_ms`` (at least one call): a core left idle loses its L2 contents and
+    clock, and the idle time before a variant differs (onnxruntime's workers spin ~45 ms
+    after a run, so whatever follows it starts cold). Measured on the development VM:
+    1x1 256@8 took 1.97 ms after a 5 ms sleep and 1.06 ms back to back, on one thread as
+    on two, and calls after a long idle ramped from ~3.5 ms down over 3-4 calls.
+    ``gap_ms`` of idle time precede each round so the previous variant's spinning
+    threads have stopped.
+    """
+    burst = max(1, burst)
     for v in variants:
         for _ in range(warmup):
             v.fn()
-    for _ in range(repeats):  # interleaved: one run of each variant per round
+    done = 0
+    while done < repeats:
+        n = min(burst, repeats - done)
         for v in variants:
             if gap_ms:
                 # let the previous variant's thread pool stop spinning (onnxruntime and
                 # libgomp spin-wait after a run), so it does not steal this one's cores
                 time.sleep(gap_ms / 1e3)
-            t0 = time.perf_counter()
+            t_end = time.perf_counter() + preroll_ms / 1e3
             v.fn()
-            v.times.append((time.perf_counter() - t0) * 1e3)
+            while time.perf_counter() < t_end:
+                v.fn()
+            for _ in range(n):
+                t0 = time.perf_counter()
+                v.fn()
+                v.times.append((time.perf_counter() - t0) * 1e3)
             if v.settle_ms:
                 time.sleep(v.settle_ms / 1e3)
+        done += n
 
 
 def run_layer_benchmarks(bits: Sequence[int] = (4, 2), threads: Optional[int] = None, repeats: int = 20,
                          warmup: int = 3, batch: int = 100,
                          backends: Sequence[str] = ("torch_fp32", "onnxruntime_int8", "cpu"),
-                         workloads: Optional[Sequence[str]] = None, gap_ms: float = 20.0) -> List[Dict]:
+                         workloads: Optional[Sequence[str]] = None, gap_ms: float = 20.0,
+                         burst: int = 5) -> List[Dict]:
     """Time every per-layer workload; returns one dict per (workload, backend).
 
     Keys: ``workload`` (name plus ``_w{b}a{b}``), ``backend``, ``bits``, ``threads``,
@@ -204,7 +225,8 @@ def run_layer_benchmarks(bits: Sequence[int] = (4, 2), threads: Optional[int] = 
     precede every timed call: onnxruntime's and torch's (libgomp) worker threads
     spin-wait after a run, and without the gap they occupy the cores while the next
     variant in the round runs (measured: up to 6x slower short kernels, whichever came
-    after onnxruntime).
+    after onnxruntime). Calls come in rounds of ``burst`` back-to-back calls per variant
+    (see :func:`_measure`).
     """
     from ..backends import cpu as cpu_backend  # noqa: PLC0415
 
@@ -223,7 +245,7 @@ def run_layer_benchmarks(bits: Sequence[int] = (4, 2), threads: Optional[int] = 
                 if workloads and name not in workloads:
                     continue
                 variants = make()
-                _measure(variants, repeats, warmup, gap_ms)
+                _measure(variants, repeats, warmup, gap_ms, burst)
                 p50 = {v.backend: _percentile(v.times, 50) for v in variants}
                 for v in variants:
                     results.append({
@@ -262,10 +284,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--workloads", nargs="*", default=None)
     p.add_argument("--gap-ms", type=float, default=20.0)
+    p.add_argument("--burst", type=int, default=5, help="back-to-back calls per variant and round")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     res = run_layer_benchmarks(tuple(a.bits), a.threads, a.repeats, a.warmup, workloads=a.workloads,
-                               gap_ms=a.gap_ms)
+                               gap_ms=a.gap_ms, burst=a.burst)
     print(json.dumps(res, indent=1) if a.json else format_table(res))
 
 
