@@ -28,6 +28,8 @@ inner loops (``bench/w2a2_microbench.cpp``).
 
 Threads: ``torch.get_num_threads()`` unless :func:`set_num_threads` (or the environment
 variable ``QGNN_CPU_THREADS``) sets a count; small ops run on one thread regardless.
+The worker threads poll for the next op for ``QGNN_CPU_SPIN_US`` microseconds (default
+200, 0 = never) before they sleep: consecutive layers then start without a wake-up.
 Instruction set: AVX-512 VNNI, AVX2 or scalar, detected at run time;
 ``QGNN_CPU_ISA=scalar|avx2|avx512vnni`` or :func:`force_isa` forces one (never above
 what the CPU has).
