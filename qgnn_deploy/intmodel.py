@@ -257,6 +257,12 @@ class FloatConv2d(nn.Module):
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         if x.dtype == torch.uint8:
             raise ConfigError(f"{self.name}: an FP32 layer received integer codes (bad fold)")
+        if self.kernel_size == 1 and self.stride == 1 and self.padding == 0:
+            # a 1x1 conv over NHWC is a linear layer; torch's conv sums in a thread-count
+            # dependent order (the C -> 1 edge-MLP convs differed between 1 and 2 threads),
+            # its linear did not in any of 50 shapes tried
+            y = F.linear(x, self.weight.view(self.out_channels, self.in_channels), self.bias)
+            return _epilogue(y, self.post_scale, self.post_shift, residual, self.slope, -1).contiguous()
         # x.permute is an NCHW view with channels-last strides: a channels-last weight keeps
         # torch on its fast NHWC path (a contiguous one falls back to a ~20x slower kernel).
         w = self.weight.contiguous(memory_format=torch.channels_last)
