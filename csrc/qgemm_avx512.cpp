@@ -194,6 +194,17 @@ void run_rows(const TileArgs& t, const int8_t* wb, int o0, const __mmask16* mk) 
   }
 }
 
+// OR of all 64 byte lanes (the code-range check: any bit at or above 2^bits set)
+inline uint8_t or_bytes(__m512i o) {
+  __m256i h = _mm256_or_si256(_mm512_castsi512_si256(o), _mm512_extracti64x4_epi64(o, 1));
+  __m128i q = _mm_or_si128(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+  q = _mm_or_si128(q, _mm_srli_si128(q, 8));
+  q = _mm_or_si128(q, _mm_srli_si128(q, 4));
+  q = _mm_or_si128(q, _mm_srli_si128(q, 2));
+  q = _mm_or_si128(q, _mm_srli_si128(q, 1));
+  return static_cast<uint8_t>(_mm_cvtsi128_si32(q));
+}
+
 }  // namespace
 
 void tile_avx512(const TileArgs& t) {
@@ -235,14 +246,7 @@ void rowsums_avx512(const uint8_t* x, int64_t rows, int n, int32_t* out, uint8_t
     }
     out[r] = static_cast<int32_t>(_mm512_reduce_add_epi64(s));
   }
-  // OR of all 64 byte lanes
-  __m256i h = _mm256_or_si256(_mm512_castsi512_si256(o), _mm512_extracti64x4_epi64(o, 1));
-  __m128i q = _mm_or_si128(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-  q = _mm_or_si128(q, _mm_srli_si128(q, 8));
-  q = _mm_or_si128(q, _mm_srli_si128(q, 4));
-  q = _mm_or_si128(q, _mm_srli_si128(q, 2));
-  q = _mm_or_si128(q, _mm_srli_si128(q, 1));
-  *orv |= static_cast<uint8_t>(_mm_cvtsi128_si32(q));
+  *orv |= or_bytes(o);
 }
 
 // V [N, D] (one task) -> weight layout, 4 rows interleaved per int32 lane:
@@ -273,13 +277,7 @@ void pack_v_avx512(const uint8_t* v, int N, int D, int Kp, int bias, int8_t* wd,
     }
     _mm512_mask_storeu_epi32(vs + d0, mk, colsum);
   }
-  __m256i h = _mm256_or_si256(_mm512_castsi512_si256(o), _mm512_extracti64x4_epi64(o, 1));
-  __m128i q = _mm_or_si128(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-  q = _mm_or_si128(q, _mm_srli_si128(q, 8));
-  q = _mm_or_si128(q, _mm_srli_si128(q, 4));
-  q = _mm_or_si128(q, _mm_srli_si128(q, 2));
-  q = _mm_or_si128(q, _mm_srli_si128(q, 1));
-  *orv |= static_cast<uint8_t>(_mm_cvtsi128_si32(q));
+  *orv |= or_bytes(o);
 }
 
 int64_t quantize_avx512(const float* x, int64_t n, float l, float s, float qmax, uint8_t* out) {
