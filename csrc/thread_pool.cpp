@@ -42,16 +42,16 @@ int64_t spin_ns() {
   return ns;
 }
 
-// Polls pred() with pause instructions for up to spin_ns(); true when it held.
+// Polls pred() with pause instructions until it holds or spin_ns() has passed; the
+// caller then waits on its condition variable with the same predicate either way.
 template <class Pred>
-bool poll(Pred pred) {
+void poll(Pred pred) {
   const int64_t budget = spin_ns();
-  if (budget <= 0) return pred();
+  if (budget <= 0) return;
   const auto until = Clock::now() + std::chrono::nanoseconds(budget);
-  for (int i = 0;; ++i) {
-    if (pred()) return true;
+  for (int i = 0; !pred(); ++i) {
     for (int j = 0; j < 16; ++j) QGNN_PAUSE();
-    if ((i & 63) == 63 && Clock::now() >= until) return pred();
+    if ((i & 63) == 63 && Clock::now() >= until) return;
   }
 }
 

@@ -262,12 +262,12 @@ class FloatConv2d(nn.Module):
             # dependent order (the C -> 1 edge-MLP convs differed between 1 and 2 threads),
             # its linear did not in any of 50 shapes tried
             y = F.linear(x, self.weight.view(self.out_channels, self.in_channels), self.bias)
-            return _epilogue(y, self.post_scale, self.post_shift, residual, self.slope, -1).contiguous()
-        # x.permute is an NCHW view with channels-last strides: a channels-last weight keeps
-        # torch on its fast NHWC path (a contiguous one falls back to a ~20x slower kernel).
-        w = self.weight.contiguous(memory_format=torch.channels_last)
-        y = F.conv2d(x.permute(0, 3, 1, 2), w, self.bias, self.stride, self.padding)
-        y = y.permute(0, 2, 3, 1)
+        else:
+            # x.permute is an NCHW view with channels-last strides: a channels-last weight keeps
+            # torch on its fast NHWC path (a contiguous one falls back to a ~20x slower kernel).
+            w = self.weight.contiguous(memory_format=torch.channels_last)
+            y = F.conv2d(x.permute(0, 3, 1, 2), w, self.bias, self.stride, self.padding)
+            y = y.permute(0, 2, 3, 1)
         return _epilogue(y, self.post_scale, self.post_shift, residual, self.slope, -1).contiguous()
 
 

@@ -222,7 +222,7 @@ def run_layer_benchmarks(bits: Sequence[int] = (4, 2), threads: Optional[int] = 
     (ratios of p50s; None where that baseline was not run), ``gmacs``.
     ``threads`` defaults to ``torch.get_num_threads()``; torch, onnxruntime and the cpu
     kernels all get the same count for the duration of the call. ``gap_ms`` of idle time
-    precede every timed call: onnxruntime's and torch's (libgomp) worker threads
+    precede every variant's round: onnxruntime's and torch's (libgomp) worker threads
     spin-wait after a run, and without the gap they occupy the cores while the next
     variant in the round runs (measured: up to 6x slower short kernels, whichever came
     after onnxruntime). Calls come in rounds of ``burst`` back-to-back calls per variant
