@@ -503,9 +503,9 @@ class IntModel(nn.Module):
 
     @backend.setter
     def backend(self, name: Optional[str]) -> None:
-        from .backends import OP_BACKENDS
-        if name is not None and name not in OP_BACKENDS:
-            raise ConfigError(f"IntModel backend must be one of {sorted(OP_BACKENDS)} or None, got {name!r}")
+        from .backends import INT_MODEL_BACKENDS
+        if name is not None and name not in INT_MODEL_BACKENDS:
+            raise ConfigError(f"IntModel backend must be one of {list(INT_MODEL_BACKENDS)} or None, got {name!r}")
         self._backend = name
 
     # -- layers -------------------------------------------------------------
@@ -556,8 +556,8 @@ class IntModel(nn.Module):
     def _backend_context(self):
         if self._backend is None:
             return contextlib.nullcontext()
-        from .backends import use_backend
-        return use_backend(self._backend)
+        from .backends import op_backend_of, use_backend
+        return use_backend(op_backend_of(self._backend))
 
     def embed(self, images: Tensor) -> Tuple[Tensor, Tensor]:
         """[T, N, 3, S, S] -> (last [T, N, E], second [T, N, E])."""

@@ -46,9 +46,13 @@ OP_BACKENDS: Dict[str, tuple] = {
     "cpu": ("qgnn_deploy.backends.cpu", "cpu"),
     "triton": ("qgnn_deploy.backends.triton", "triton"),
 }
+#: what an IntModel runs on (``IntModel.backend``): an op backend module by module, or
+#: ``cpu-eager`` -- the cpu op backend module by module, where ``cpu`` runs the model's
+#: compiled plan in one native call per episode batch
+INT_MODEL_BACKENDS = ("reference", "cpu", "cpu-eager", "triton")
 #: whole-model backends the ``run`` command also accepts
 MODEL_BACKENDS = ("onnx", "torch")
-ALL_BACKENDS = tuple(OP_BACKENDS) + MODEL_BACKENDS
+ALL_BACKENDS = INT_MODEL_BACKENDS + MODEL_BACKENDS
 #: integer ops of the op set (see qgnn_deploy.ops.registry)
 OPS = ("quantize", "qconv2d", "qlinear", "qbmm", "pack", "unpack")
 #: ops a backend may leave to the reference implementation (load-time only)
@@ -65,7 +69,13 @@ _fn_cache: Dict[tuple, Callable] = {}
 _default = None  # default_backend(), decided once per process
 
 
+def op_backend_of(name: str) -> str:
+    """The op backend an IntModel backend name runs its ``qgnn::`` ops on (``cpu-eager`` -> ``cpu``)."""
+    return "cpu" if name == "cpu-eager" else name
+
+
 def _check_name(name: str) -> str:
+    name = op_backend_of(name)
     if name not in OP_BACKENDS:
         extra = (f" ('{name}' is a whole-model backend: use the run command or its own API)"
                  if name in MODEL_BACKENDS else "")
@@ -76,7 +86,8 @@ def _check_name(name: str) -> str:
 def backend_module(name: str):
     """Import and return the module of op backend ``name``; raise
     :class:`BackendUnavailableError` with the fix when it cannot be used here."""
-    module_name, _ = OP_BACKENDS[_check_name(name)]
+    name = _check_name(name)
+    module_name, _ = OP_BACKENDS[name]
     try:
         mod = importlib.import_module(module_name)
     except ImportError as e:
@@ -162,6 +173,6 @@ def use_backend(name: str) -> Iterator[str]:
         _current.reset(token)
 
 
-__all__ = ["OP_BACKENDS", "MODEL_BACKENDS", "ALL_BACKENDS", "OPS", "backend_module",
-           "backend_function", "is_backend_available", "available_backends", "default_backend",
+__all__ = ["OP_BACKENDS", "INT_MODEL_BACKENDS", "MODEL_BACKENDS", "ALL_BACKENDS", "OPS", "backend_module",
+           "backend_function", "op_backend_of", "is_backend_available", "available_backends", "default_backend",
            "current_backend", "set_backend", "use_backend"]

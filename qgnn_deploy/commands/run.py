@@ -16,7 +16,7 @@ import json
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..cli import add_source_arguments
     add_source_arguments(p)
-    p.add_argument("--backend", choices=("auto", "reference", "cpu", "triton", "onnx", "torch"),
+    p.add_argument("--backend", choices=("auto", "reference", "cpu", "cpu-eager", "triton", "onnx", "torch"),
                    default="auto", help="engine to run (default auto: triton with a CUDA GPU, "
                    "else cpu when the C++ extension is built, else reference)")
     p.add_argument("--episodes", type=int, default=100, help="evaluation episodes (default 100)")
@@ -44,7 +44,7 @@ def _predictor(backend: str, int_model, float_model, threads):
         return lambda images, support: sess(images, support)
     from ..backends import backend_module
     backend_module(backend)  # BackendUnavailableError with the fix, before any work
-    if backend == "cpu" and threads:
+    if backend in ("cpu", "cpu-eager") and threads:
         mod = backend_module("cpu")
         if hasattr(mod, "set_num_threads"):
             mod.set_num_threads(threads)
