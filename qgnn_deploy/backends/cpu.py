@@ -104,6 +104,16 @@ def detected_isa() -> str:
     return _ext().detected_isa()
 
 
+#: instruction-set paths of the kernels, slowest first (``QGNN_CPU_ISA`` values)
+ISAS = ("scalar", "avx2", "avx512vnni")
+
+
+def available_isas() -> list:
+    """The ISA paths this CPU can run (each can be forced with ``QGNN_CPU_ISA``), slowest first."""
+    have = ISAS.index(detected_isa())
+    return list(ISAS[:have + 1])
+
+
 def _call(fn, *args, **kwargs):
     """Call into the extension, turning its argument errors into the package's error type."""
     try:
@@ -346,5 +356,6 @@ def cpu_bmm_acc(a: Tensor, v: Tensor, a_bits: int = 8, v_bits: int = 8) -> Tuple
 __all__ = [
     "cpu_quantize", "cpu_qlinear", "cpu_qconv2d", "cpu_qbmm", "cpu_pack", "cpu_unpack",
     "cpu_prepack", "cpu_linear_acc", "cpu_conv2d_acc", "cpu_bmm_acc", "set_num_threads",
-    "get_num_threads", "force_isa", "active_isa", "detected_isa", "is_available",
+    "get_num_threads", "force_isa", "active_isa", "detected_isa", "available_isas", "ISAS",
+    "is_available",
 ]
