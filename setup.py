@@ -32,6 +32,7 @@ ext_modules = [
         "qgnn_deploy._C",
         sorted(glob.glob("csrc/*.cpp")),
         include_dirs=["csrc"],
+        depends=sorted(glob.glob("csrc/*.h") + glob.glob("csrc/*.inc")),
         extra_compile_args=extra_compile,
         extra_link_args=extra_link,
         cxx_std=17,

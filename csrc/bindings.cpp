@@ -72,89 +72,69 @@ const float* opt_vector(const std::optional<py::array>& v, const char* name, int
   return static_cast<const float*>(v->data());
 }
 
-// Everything of the epilogue that does not depend on the op's geometry.
-struct EpiHolder {
-  qgnn::Epi e;
-  std::vector<float> c1, c2, c3, c4;
-  std::vector<int32_t> zw;
+// The layer parameters of an eager qlinear / qconv2d call, checked, with the output arrays.
+struct EagerCall {
+  qgnn::LayerParams p;
+  const float* residual = nullptr;
   py::array out;
   py::array_t<int32_t> acc, as;
 };
 
-void setup_epi(EpiHolder& h, int O, int64_t M, const std::vector<py::ssize_t>& out_shape, const py::array& w_scale,
-               const py::array& w_offset, double a_scale, double a_offset, const std::optional<py::array>& post_scale,
-               const std::optional<py::array>& post_shift, const std::optional<py::array>& residual,
-               std::optional<double> slope, std::optional<double> out_l, std::optional<double> out_s,
-               std::optional<int> out_bits, bool want_acc) {
-  const float* ws = opt_vector(w_scale, "w_scale", O);
-  const float* wo = opt_vector(w_offset, "w_offset", O);
-  const float sa = finite(a_scale, "a_scale", true), la = finite(a_offset, "a_offset");
-  const int Op = (O + 63) / 64 * 64;
-  h.c1.assign(Op, 0.f);
-  h.c2.assign(Op, 0.f);
-  h.c3.assign(Op, 0.f);
-  h.c4.assign(Op, 0.f);
-  h.zw.assign(Op, 0);
-  // centred identity of ref_epilogue: offsets split into zero points and fp32 remainders
-  int32_t za;
-  float da;
-  qgnn::zero_split(la, sa, &za, &da);
-  for (int o = 0; o < O; ++o) {
-    if (!std::isfinite(ws[o]) || !std::isfinite(wo[o]) || !(ws[o] > 0.f))
-      throw ArgError("w_scale must be finite and > 0, w_offset finite");
-    float dw;
-    qgnn::zero_split(wo[o], ws[o], &h.zw[o], &dw);
-    h.c1[o] = ws[o] * sa;  // fp32 products, as ref_epilogue forms them
-    h.c2[o] = ws[o] * da;
-    h.c3[o] = dw * sa;
-    h.c4[o] = dw * da;
-  }
-  h.e.zw = h.zw.data();
-  h.e.za = za;
-  qgnn::Epi& e = h.e;
-  e.c1 = h.c1.data();
-  e.c2 = h.c2.data();
-  e.c3 = h.c3.data();
-  e.c4 = h.c4.data();
-  e.post_scale = opt_vector(post_scale, "post_scale", O);
-  e.post_shift = opt_vector(post_shift, "post_shift", O);
-  // folded constants are finite by construction; Inf/NaN here is a bad caller (as ref_*)
-  for (const float* v : {e.post_scale, e.post_shift})
-    if (v)
-      for (int o = 0; o < O; ++o)
-        if (!std::isfinite(v[o])) throw ArgError("post_scale / post_shift hold NaN or Inf values");
+void setup_call(EagerCall& c, int O, int64_t M, const std::vector<py::ssize_t>& out_shape, const py::array& w_scale,
+                const py::array& w_offset, double a_scale, double a_offset, const std::optional<py::array>& post_scale,
+                const std::optional<py::array>& post_shift, const std::optional<py::array>& residual,
+                std::optional<double> slope, std::optional<double> out_l, std::optional<double> out_s,
+                std::optional<int> out_bits, bool want_acc) {
+  qgnn::LayerParams& p = c.p;
+  p.w_scale = opt_vector(w_scale, "w_scale", O);
+  p.w_offset = opt_vector(w_offset, "w_offset", O);
+  p.a_scale = finite(a_scale, "a_scale", true);
+  p.a_offset = finite(a_offset, "a_offset");
+  p.post_scale = opt_vector(post_scale, "post_scale", O);
+  p.post_shift = opt_vector(post_shift, "post_shift", O);
   if (residual) {
     check_array<float>(*residual, "residual", static_cast<int>(out_shape.size()));
     for (size_t i = 0; i < out_shape.size(); ++i)
       if (residual->shape(i) != out_shape[i]) throw ArgError("residual shape " + shape_str(*residual) + " does not match the output");
-    e.residual = static_cast<const float*>(residual->data());
+    c.residual = static_cast<const float*>(residual->data());
   }
   if (slope) {
-    e.has_slope = true;
-    e.slope = finite(*slope, "slope");
+    p.has_slope = true;
+    p.slope = finite(*slope, "slope");
   }
   if (out_s.has_value() != out_l.has_value() || out_s.has_value() != out_bits.has_value())
     throw ArgError("out_l, out_s and out_bits must be given together");
   if (out_s) {
     check_bits(*out_bits, "out_bits");
-    e.quant = true;
-    e.out_l = finite(*out_l, "out_l");
-    e.out_s = finite(*out_s, "out_s", true);
-    e.qmax = static_cast<float>((1 << *out_bits) - 1);
-    py::array_t<uint8_t> out(out_shape);
-    e.out_q = out.mutable_data();
-    h.out = out;
+    p.quant = true;
+    p.out_l = finite(*out_l, "out_l");
+    p.out_s = finite(*out_s, "out_s", true);
+    p.out_bits = *out_bits;
+    c.out = py::array_t<uint8_t>(out_shape);
   } else {
-    py::array_t<float> out(out_shape);
-    e.out_f = out.mutable_data();
-    h.out = out;
+    c.out = py::array_t<float>(out_shape);
   }
   if (want_acc) {
-    h.acc = py::array_t<int32_t>(std::vector<py::ssize_t>{static_cast<py::ssize_t>(M), O});
-    h.as = py::array_t<int32_t>(std::vector<py::ssize_t>{static_cast<py::ssize_t>(M)});
-    e.acc_out = h.acc.mutable_data();
-    e.as_out = h.as.mutable_data();
+    c.acc = py::array_t<int32_t>(std::vector<py::ssize_t>{static_cast<py::ssize_t>(M), O});
+    c.as = py::array_t<int32_t>(std::vector<py::ssize_t>{static_cast<py::ssize_t>(M)});
   }
+}
+
+// Prepares the layer (constants, border tables) and runs it without the GIL.
+void run_eager(EagerCall& c, const qgnn::PackedW& w, int a_bits, int ks, int stride, int pad, int H, int W, int C,
+               const uint8_t* x, int64_t M, int nthreads, bool want_acc, int* bad) {
+  qgnn::QLayer L;
+  qgnn::prepare_layer(L, w, a_bits, c.p, ks, stride, pad, H, W, C);
+  void* out = c.out.mutable_data();
+  int32_t* acc = want_acc ? c.acc.mutable_data() : nullptr;
+  int32_t* as = want_acc ? c.as.mutable_data() : nullptr;
+  py::gil_scoped_release nogil;
+  qgnn::run_layer(L, x, M, c.residual, out, acc, as, nthreads, bad);
+}
+
+py::object finish(EagerCall& c, bool want_acc) {
+  if (want_acc) return py::make_tuple(c.out, c.acc, c.as);
+  return c.out;
 }
 
 int check_threads(int n) {
@@ -185,12 +165,9 @@ std::shared_ptr<qgnn::PackedW> make_packed(const py::array& packed, int bits, in
   return w;
 }
 
-py::object finish(EpiHolder& h, bool want_acc) {
-  if (want_acc) return py::make_tuple(h.out, h.acc, h.as);
-  return h.out;
-}
-
 }  // namespace
+
+void bind_plan(py::module& m);  // plan_bindings.cpp
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "qgnn-deploy packed-int CPU kernels (AVX-512 VNNI / AVX2 / scalar, chosen at run time)";
@@ -280,16 +257,13 @@ PYBIND11_MODULE(_C, m) {
     if (x.shape(1) != w.K || w.taps != 1)
       throw ArgError("x has K=" + std::to_string(x.shape(1)) + " but the weights hold K=" + std::to_string(w.K));
     const int64_t M = x.shape(0);
-    EpiHolder h;
-    setup_epi(h, w.O, M, {static_cast<py::ssize_t>(M), w.O}, w_scale, w_offset, a_scale, a_offset, post_scale, post_shift,
-              residual, slope, out_l, out_s, out_bits, want_acc);
+    EagerCall c;
+    setup_call(c, w.O, M, {static_cast<py::ssize_t>(M), w.O}, w_scale, w_offset, a_scale, a_offset, post_scale,
+               post_shift, residual, slope, out_l, out_s, out_bits, want_acc);
     int bad = 0;
-    if (M > 0) {
-      py::gil_scoped_release nogil;
-      qgnn::qlinear(static_cast<const uint8_t*>(x.data()), static_cast<int>(M), w, a_bits, h.e, nthreads, &bad);
-    }
+    run_eager(c, w, a_bits, 0, 1, 0, 1, 1, w.K, static_cast<const uint8_t*>(x.data()), M, nthreads, want_acc, &bad);
     raise_bad_codes(bad, "x", a_bits);
-    return finish(h, want_acc);
+    return finish(c, want_acc);
   }, py::arg("x"), py::arg("w"), py::arg("a_bits"), py::arg("w_scale"), py::arg("w_offset"), py::arg("a_scale"),
      py::arg("a_offset"), py::arg("post_scale") = py::none(), py::arg("post_shift") = py::none(),
      py::arg("residual") = py::none(), py::arg("slope") = py::none(), py::arg("out_l") = py::none(),
@@ -317,16 +291,13 @@ PYBIND11_MODULE(_C, m) {
       throw ArgError("input " + std::to_string(H) + "x" + std::to_string(W) + " too small for the kernel");
     const int64_t M = int64_t(B) * Ho * Wo;
     if (M >= kMaxDim) throw ArgError("conv output too large");
-    EpiHolder h;
-    setup_epi(h, w.O, M, {B, Ho, Wo, w.O}, w_scale, w_offset, a_scale, a_offset, post_scale, post_shift, residual,
-              slope, out_l, out_s, out_bits, want_acc);
+    EagerCall c;
+    setup_call(c, w.O, M, {B, Ho, Wo, w.O}, w_scale, w_offset, a_scale, a_offset, post_scale, post_shift, residual,
+               slope, out_l, out_s, out_bits, want_acc);
     int bad = 0;
-    if (M > 0) {
-      py::gil_scoped_release nogil;
-      qgnn::qconv2d(static_cast<const uint8_t*>(x.data()), B, H, W, C, ks, stride, pad, w, a_bits, h.e, nthreads, &bad);
-    }
+    run_eager(c, w, a_bits, ks, stride, pad, H, W, C, static_cast<const uint8_t*>(x.data()), M, nthreads, want_acc, &bad);
     raise_bad_codes(bad, "x", a_bits);
-    return finish(h, want_acc);
+    return finish(c, want_acc);
   }, py::arg("x"), py::arg("w"), py::arg("a_bits"), py::arg("kernel_size"), py::arg("stride"), py::arg("padding"),
      py::arg("w_scale"), py::arg("w_offset"), py::arg("a_scale"), py::arg("a_offset"),
      py::arg("post_scale") = py::none(), py::arg("post_shift") = py::none(), py::arg("residual") = py::none(),
@@ -376,4 +347,6 @@ PYBIND11_MODULE(_C, m) {
     return out;
   }, py::arg("a"), py::arg("v"), py::arg("a_bits"), py::arg("v_bits"), py::arg("a_scale"), py::arg("a_offset"),
      py::arg("v_scale"), py::arg("v_offset"), py::arg("nthreads") = 1, py::arg("want_acc") = false);
+
+  bind_plan(m);
 }

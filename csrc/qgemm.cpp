@@ -174,7 +174,7 @@ void centre(Epi& e, const int32_t* ws_raw, const int32_t* cnt, int npat, Centred
 
 void tile_scalar(const TileArgs& t) {
   const Epi& e = *t.e;
-  for (int ob = 0; ob < t.nblk; ++ob) {
+  for (int ob = t.ob0; ob < t.ob0 + t.nblk; ++ob) {
     const int8_t* wb = t.wdata + static_cast<size_t>(ob) * t.Kp * 64;
     const int ncol = std::min(64, t.O - ob * 64);
     for (int r = 0; r < t.rows; ++r) {
@@ -253,28 +253,158 @@ int pick_mb(int64_t M, int Kp, int nthreads) {
 
 }  // namespace
 
-void qlinear(const uint8_t* x, int M, const PackedW& w, int a_bits, Epi& e, int nthreads,
-             int* bad_code) {
-  const int K = w.K, Kp = w.Kp;
-  const int32_t cnt = K;
-  e.pid = nullptr;
-  e.P = 1;
-  e.O = w.O;
+void prepare_layer(QLayer& L, const PackedW& w, int a_bits, const LayerParams& p, int ks, int stride, int pad,
+                   int H, int W, int C) {
+  const int O = w.O, Op = w.Op;
+  if (!std::isfinite(p.a_scale) || !(p.a_scale > 0.f)) throw ArgError("a_scale must be finite and > 0");
+  if (!std::isfinite(p.a_offset)) throw ArgError("a_offset must be finite");
+  L.w = &w;
+  L.a_bits = a_bits;
+  L.c1.assign(Op, 0.f);
+  L.c2.assign(Op, 0.f);
+  L.c3.assign(Op, 0.f);
+  L.c4.assign(Op, 0.f);
+  L.zw.assign(Op, 0);
+  // centred identity of ref_epilogue: offsets split into zero points and fp32 remainders
+  int32_t za;
+  float da;
+  zero_split(p.a_offset, p.a_scale, &za, &da);
+  for (int o = 0; o < O; ++o) {
+    const float ws = p.w_scale[o], wo = p.w_offset[o];
+    if (!std::isfinite(ws) || !std::isfinite(wo) || !(ws > 0.f))
+      throw ArgError("w_scale must be finite and > 0, w_offset finite");
+    float dw;
+    zero_split(wo, ws, &L.zw[o], &dw);
+    L.c1[o] = ws * p.a_scale;  // fp32 products, as ref_epilogue forms them
+    L.c2[o] = ws * da;
+    L.c3[o] = dw * p.a_scale;
+    L.c4[o] = dw * da;
+  }
+  // folded constants are finite by construction; Inf/NaN here is a bad caller (as ref_*)
+  for (const float* v : {p.post_scale, p.post_shift})
+    if (v)
+      for (int o = 0; o < O; ++o)
+        if (!std::isfinite(v[o])) throw ArgError("post_scale / post_shift hold NaN or Inf values");
+  if (p.post_scale) L.post_scale.assign(p.post_scale, p.post_scale + O);
+  if (p.post_shift) L.post_shift.assign(p.post_shift, p.post_shift + O);
+  if (p.has_slope && !std::isfinite(p.slope)) throw ArgError("slope must be finite");
+  if (p.quant && (!std::isfinite(p.out_l) || !std::isfinite(p.out_s) || !(p.out_s > 0.f)))
+    throw ArgError("out_l must be finite, out_s finite and > 0");
+  Epi& e = L.epi;
+  e = Epi{};
+  e.c1 = L.c1.data();
+  e.c2 = L.c2.data();
+  e.c3 = L.c3.data();
+  e.c4 = L.c4.data();
+  e.zw = L.zw.data();
+  e.za = za;
+  e.post_scale = p.post_scale ? L.post_scale.data() : nullptr;
+  e.post_shift = p.post_shift ? L.post_shift.data() : nullptr;
+  e.has_slope = p.has_slope;
+  e.slope = p.slope;
+  e.quant = p.quant;
+  e.out_l = p.out_l;
+  e.out_s = p.out_s;
+  e.qmax = static_cast<float>((1 << p.out_bits) - 1);
+  e.O = O;
   e.wbias = w.bias;
-  CentredTables ct;
-  centre(e, w.wsum.data(), &cnt, 1, ct);
+  if (ks == 0) {  // linear
+    L.conv = false;
+    L.C = w.K;
+    const int32_t cnt = w.K;
+    e.pid = nullptr;
+    e.P = 1;
+    centre(e, w.wsum.data(), &cnt, 1, L.tables);
+    return;
+  }
+  L.conv = true;
+  L.ks = ks;
+  L.stride = stride;
+  L.pad = pad;
+  L.H = H;
+  L.W = W;
+  L.C = C;
+  L.Ho = (H + 2 * pad - ks) / stride + 1;
+  L.Wo = (W + 2 * pad - ks) / stride + 1;
+  const int P = L.Ho * L.Wo, taps = ks * ks;
+  // border patterns: which taps of position p fall inside the input
+  L.pid.assign(P, 0);
+  std::map<std::vector<uint8_t>, int> pats;
+  std::vector<std::vector<uint8_t>> masks;
+  for (int q = 0; q < P; ++q) {
+    const int oh = q / L.Wo, ow = q % L.Wo;
+    std::vector<uint8_t> msk(taps);
+    for (int i = 0; i < ks; ++i)
+      for (int j = 0; j < ks; ++j) {
+        const int ih = oh * stride - pad + i, iw = ow * stride - pad + j;
+        msk[i * ks + j] = ih >= 0 && ih < H && iw >= 0 && iw < W;
+      }
+    auto it = pats.find(msk);
+    if (it == pats.end()) {
+      it = pats.emplace(msk, static_cast<int>(masks.size())).first;
+      masks.push_back(msk);
+    }
+    L.pid[q] = it->second;
+  }
+  const int npat = static_cast<int>(masks.size());
+  std::vector<int32_t> ws_tab(static_cast<size_t>(npat) * O), cnt_tab(npat);
+  for (int q = 0; q < npat; ++q) {
+    int nv = 0;
+    for (int tp = 0; tp < taps; ++tp) nv += masks[q][tp];
+    cnt_tab[q] = nv * C;
+    for (int o = 0; o < O; ++o) {
+      int32_t sum = 0;
+      for (int tp = 0; tp < taps; ++tp)
+        if (masks[q][tp]) sum += w.tapsum[static_cast<size_t>(o) * taps + tp];
+      ws_tab[static_cast<size_t>(q) * O + o] = sum;
+    }
+  }
+  e.pid = L.pid.data();
+  e.P = P;
+  centre(e, ws_tab.data(), cnt_tab.data(), npat, L.tables);
+}
+
+namespace {
+
+// Work split of one layer: M-tiles of mb rows x groups of column blocks, column-group
+// major (consecutive tasks share a weight group, which stays in L2 across the M-tiles).
+// A group is as many 64-column blocks as fit in ~512 KiB (half of a 1 MiB L2): a layer
+// whose weights do not fit (512 channels: 2.4 MB) no longer streams all of them from L3
+// for every M-tile, and small batches (few M-tiles) still get work for every thread.
+struct Split {
+  int nt, mb, ncg, bpg;  // threads, rows per tile, column groups, blocks per group
+  int64_t ntm;           // M-tiles
+};
+
+Split pick_split(int64_t M, int Kp, int nblk, int nthreads, double macs) {
+  constexpr int64_t kGroupBytes = 512 * 1024;
+  Split s;
+  s.nt = pick_threads(nthreads, macs);
+  s.mb = pick_mb(M, Kp, s.nt);
+  s.ntm = (M + s.mb - 1) / s.mb;
+  s.bpg = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nblk, kGroupBytes / (int64_t(Kp) * 64))));
+  if (s.nt > 1 && s.ntm < 4 * s.nt)  // too few M-tiles: split the columns further
+    s.bpg = std::min(s.bpg, static_cast<int>(std::max<int64_t>(1, nblk * s.ntm / (4 * s.nt))));
+  s.ncg = (nblk + s.bpg - 1) / s.bpg;
+  return s;
+}
+
+void run_linear(const QLayer& L, const uint8_t* x, int M, Epi& e, int nthreads, int* bad_code) {
+  const PackedW& w = *L.w;
+  const int K = w.K, Kp = w.Kp, nblk = w.Op / 64;
   bool split;
-  TileFn tile = pick_tile(w, a_bits, &split);
-  const int nt = pick_threads(nthreads, double(M) * Kp * w.Op);
-  const int mb = pick_mb(M, Kp, nt);
-  const int ntiles = (M + mb - 1) / mb;
+  TileFn tile = pick_tile(w, L.a_bits, &split);
+  const Split sp = pick_split(M, Kp, nblk, nthreads, double(M) * Kp * w.Op);
+  const int mb = sp.mb;
   const bool direct = (K == Kp);  // rows already a multiple of 4 codes: read in place
   std::vector<std::unique_ptr<AlignedBuf>> panels;
-  std::vector<std::vector<int32_t>> ass(nt, std::vector<int32_t>(mb));
-  std::vector<std::vector<const uint8_t*>> ptrs(nt, std::vector<const uint8_t*>(mb));
-  std::vector<uint8_t> orvs(nt, 0);
-  for (int i = 0; i < nt; ++i) panels.emplace_back(new AlignedBuf(direct ? 64 : static_cast<size_t>(mb) * Kp));
-  parallel_for(nt, ntiles, [&](int64_t ti, int tid) {
+  std::vector<std::vector<int32_t>> ass(sp.nt, std::vector<int32_t>(mb));
+  std::vector<std::vector<const uint8_t*>> ptrs(sp.nt, std::vector<const uint8_t*>(mb));
+  std::vector<uint8_t> orvs(sp.nt, 0);
+  for (int i = 0; i < sp.nt; ++i) panels.emplace_back(new AlignedBuf(direct ? 64 : static_cast<size_t>(mb) * Kp));
+  parallel_for(sp.nt, sp.ntm * sp.ncg, [&](int64_t task, int tid) {
+    const int64_t ti = task % sp.ntm;
+    const int ob0 = static_cast<int>(task / sp.ntm) * sp.bpg;
     int32_t* as = ass[tid].data();
     const uint8_t** pr = ptrs[tid].data();
     uint8_t& orv = orvs[tid];
@@ -290,67 +420,29 @@ void qlinear(const uint8_t* x, int M, const PackedW& w, int a_bits, Epi& e, int 
       pr[r] = src;
       as[r] = rowsum_u8(src, K, &orv);
     }
-    TileArgs t{pr, 1, Kp / 4, rows, m0, w.data.data(), Kp, w.Op / 64, w.O, as, nullptr, &e, split};
+    TileArgs t{pr, 1, Kp / 4, rows, m0, w.data.data(), Kp, ob0, std::min(sp.bpg, nblk - ob0), w.O, as, nullptr, &e, split};
     tile(t);
   });
   uint8_t orv_all = 0;
   for (uint8_t v : orvs) orv_all |= v;
-  *bad_code = a_bits < 8 && (orv_all >> a_bits) != 0;
+  *bad_code = L.a_bits < 8 && (orv_all >> L.a_bits) != 0;
 }
 
-void qconv2d(const uint8_t* x, int B, int H, int W, int C, int ks, int stride, int pad,
-             const PackedW& w, int a_bits, Epi& e, int nthreads, int* bad_code) {
-  const int Ho = (H + 2 * pad - ks) / stride + 1, Wo = (W + 2 * pad - ks) / stride + 1;
-  const int P = Ho * Wo, K = ks * ks * C, Kp = w.Kp, taps = ks * ks;
+void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, int* bad_code) {
+  const PackedW& w = *L.w;
+  const int H = L.H, W = L.W, C = L.C, ks = L.ks, stride = L.stride, pad = L.pad, Ho = L.Ho, Wo = L.Wo;
+  const int P = Ho * Wo, K = ks * ks * C, Kp = w.Kp, taps = ks * ks, nblk = w.Op / 64;
   const int64_t M = static_cast<int64_t>(B) * P;
   const int64_t npix = static_cast<int64_t>(B) * H * W;
-  // border patterns: which taps of position p fall inside the input
-  std::vector<int32_t> pid(P);
-  std::map<std::vector<uint8_t>, int> pats;
-  std::vector<std::vector<uint8_t>> masks;
-  for (int p = 0; p < P; ++p) {
-    const int oh = p / Wo, ow = p % Wo;
-    std::vector<uint8_t> msk(taps);
-    for (int i = 0; i < ks; ++i)
-      for (int j = 0; j < ks; ++j) {
-        const int ih = oh * stride - pad + i, iw = ow * stride - pad + j;
-        msk[i * ks + j] = ih >= 0 && ih < H && iw >= 0 && iw < W;
-      }
-    auto it = pats.find(msk);
-    if (it == pats.end()) {
-      it = pats.emplace(msk, static_cast<int>(masks.size())).first;
-      masks.push_back(msk);
-    }
-    pid[p] = it->second;
-  }
-  const int npat = static_cast<int>(masks.size());
-  std::vector<int32_t> ws_tab(static_cast<size_t>(npat) * w.O), cnt_tab(npat);
-  for (int q = 0; q < npat; ++q) {
-    int nv = 0;
-    for (int tp = 0; tp < taps; ++tp) nv += masks[q][tp];
-    cnt_tab[q] = nv * C;
-    for (int o = 0; o < w.O; ++o) {
-      int32_t s = 0;
-      for (int tp = 0; tp < taps; ++tp)
-        if (masks[q][tp]) s += w.tapsum[static_cast<size_t>(o) * taps + tp];
-      ws_tab[static_cast<size_t>(q) * w.O + o] = s;
-    }
-  }
-  e.pid = pid.data();
-  e.P = P;
-  e.O = w.O;
-  e.wbias = w.bias;
-  CentredTables ct;
-  centre(e, ws_tab.data(), cnt_tab.data(), npat, ct);
   bool split;
-  TileFn tile = pick_tile(w, a_bits, &split);
-  const int nt = pick_threads(nthreads, double(M) * Kp * w.Op);
+  TileFn tile = pick_tile(w, L.a_bits, &split);
+  const Split sp = pick_split(M, Kp, nblk, nthreads, double(M) * Kp * w.Op);
   // per-pixel code sums (AS of a row = sum over its valid taps) and the code-range check,
   // one pass over the input instead of one per tap
   std::vector<int32_t> psum(npix);
   const int64_t pchunk = 4096, npch = (npix + pchunk - 1) / pchunk;
   std::vector<uint8_t> porv(npch, 0);
-  parallel_for(npix * C > (1 << 20) ? nt : 1, npch, [&](int64_t ci, int) {
+  parallel_for(npix * C > (1 << 20) ? sp.nt : 1, npch, [&](int64_t ci, int) {
     const int64_t p0 = ci * pchunk, p1 = std::min(npix, p0 + pchunk);
     uint8_t o = 0;
 #if defined(__x86_64__)
@@ -365,20 +457,22 @@ void qconv2d(const uint8_t* x, int B, int H, int W, int C, int ks, int stride, i
   });
   uint8_t orv_all = 0;
   for (uint8_t v : porv) orv_all |= v;
-  *bad_code = a_bits < 8 && (orv_all >> a_bits) != 0;
+  *bad_code = L.a_bits < 8 && (orv_all >> L.a_bits) != 0;
   if (*bad_code) return;
 
-  const int mb = pick_mb(M, Kp, nt);
-  const int64_t ntiles = (M + mb - 1) / mb;
+  const int mb = sp.mb;
   // C % 4 == 0: the kernels read each tap's C codes in place; else gather (im2col) rows
   const bool direct = C % 4 == 0;
   AlignedBuf zeros(static_cast<size_t>(C) + 64);
   std::memset(zeros.p, 0, static_cast<size_t>(C) + 64);
   std::vector<std::unique_ptr<AlignedBuf>> panels;
-  std::vector<std::vector<int32_t>> ass(nt, std::vector<int32_t>(mb)), rpats(nt, std::vector<int32_t>(mb));
-  std::vector<std::vector<const uint8_t*>> ptrs(nt, std::vector<const uint8_t*>(static_cast<size_t>(mb) * (direct ? taps : 1)));
-  for (int i = 0; i < nt; ++i) panels.emplace_back(new AlignedBuf(direct ? 64 : static_cast<size_t>(mb) * Kp));
-  parallel_for(nt, ntiles, [&](int64_t ti, int tid) {
+  std::vector<std::vector<int32_t>> ass(sp.nt, std::vector<int32_t>(mb)), rpats(sp.nt, std::vector<int32_t>(mb));
+  std::vector<std::vector<const uint8_t*>> ptrs(sp.nt, std::vector<const uint8_t*>(static_cast<size_t>(mb) * (direct ? taps : 1)));
+  for (int i = 0; i < sp.nt; ++i) panels.emplace_back(new AlignedBuf(direct ? 64 : static_cast<size_t>(mb) * Kp));
+  const int32_t* pid = L.pid.data();
+  parallel_for(sp.nt, sp.ntm * sp.ncg, [&](int64_t task, int tid) {
+    const int64_t ti = task % sp.ntm;
+    const int ob0 = static_cast<int>(task / sp.ntm) * sp.bpg;
     int32_t* as = ass[tid].data();
     const uint8_t** pr = ptrs[tid].data();
     const int64_t m0 = ti * mb;
@@ -429,9 +523,30 @@ void qconv2d(const uint8_t* x, int B, int H, int W, int C, int ks, int stride, i
       as[r] = s;
       rp[r] = pid[static_cast<size_t>(oh) * Wo + ow];
     }
-    TileArgs t{pr, direct ? taps : 1, direct ? C / 4 : Kp / 4, rows, static_cast<int>(m0), w.data.data(), Kp, w.Op / 64, w.O, as, rp, &e, split};
+    TileArgs t{pr, direct ? taps : 1, direct ? C / 4 : Kp / 4, rows, static_cast<int>(m0), w.data.data(), Kp, ob0,
+               std::min(sp.bpg, nblk - ob0), w.O, as, rp, &e, split};
     tile(t);
   });
+}
+
+}  // namespace
+
+void run_layer(const QLayer& L, const uint8_t* x, int64_t rows, const float* residual, void* out,
+               int32_t* acc_out, int32_t* as_out, int nthreads, int* bad_code) {
+  *bad_code = 0;
+  if (rows <= 0) return;
+  Epi e = L.epi;
+  e.residual = residual;
+  if (e.quant)
+    e.out_q = static_cast<uint8_t*>(out);
+  else
+    e.out_f = static_cast<float*>(out);
+  e.acc_out = acc_out;
+  e.as_out = as_out;
+  if (L.conv)
+    run_conv(L, x, static_cast<int>(rows / (int64_t(L.Ho) * L.Wo)), e, nthreads, bad_code);
+  else
+    run_linear(L, x, static_cast<int>(rows), e, nthreads, bad_code);
 }
 
 void qbmm(const uint8_t* a, const uint8_t* v, int T, int N, int D, int a_bits, int v_bits,
@@ -517,7 +632,7 @@ void qbmm(const uint8_t* a, const uint8_t* v, int T, int N, int D, int a_bits, i
     e.acc_out = acc_out ? acc_out + static_cast<size_t>(t) * N * D : nullptr;
     e.as_out = as_out ? as_out + static_cast<size_t>(t) * N : nullptr;
     if (vs_out) std::copy(vs.begin(), vs.end(), vs_out + static_cast<size_t>(t) * D);
-    TileArgs ta{pr, 1, Kp / 4, N, 0, wd, Kp, Op / 64, D, as.data(), nullptr, &e, split};
+    TileArgs ta{pr, 1, Kp / 4, N, 0, wd, Kp, 0, Op / 64, D, as.data(), nullptr, &e, split};
     tile(ta);
   });
   uint8_t ora = 0, orv = 0;

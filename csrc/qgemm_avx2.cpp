@@ -124,7 +124,7 @@ inline void block(const TileArgs& t, const int8_t* wb, int r0, int ocb, int oc) 
 
 template <bool SPLIT>
 void run(const TileArgs& t) {
-  for (int ob = 0; ob < t.nblk; ++ob) {
+  for (int ob = t.ob0; ob < t.ob0 + t.nblk; ++ob) {
     const int8_t* wb = t.wdata + static_cast<size_t>(ob) * t.Kp * 64;
     for (int q = 0; q < 4; ++q) {
       const int oc = ob * 64 + q * 16;
@@ -145,7 +145,7 @@ void run(const TileArgs& t) {
 
 void tile_avx2(const TileArgs& t) {
   const Epi& e = *t.e;
-  if (e.as_out)
+  if (e.as_out && t.ob0 == 0)
     for (int r = 0; r < t.rows; ++r) e.as_out[t.m0 + r] = t.as[r];
   if (t.split)
     run<true>(t);
@@ -154,6 +154,12 @@ void tile_avx2(const TileArgs& t) {
 }
 
 }  // namespace qgnn
+
+#define F64_SUFFIX avx2
+#define F64_LANES 4
+#include "f64_kernels.inc"
+#undef F64_LANES
+#undef F64_SUFFIX
 
 #pragma GCC pop_options
 #endif  // __x86_64__

@@ -209,9 +209,9 @@ inline uint8_t or_bytes(__m512i o) {
 
 void tile_avx512(const TileArgs& t) {
   const Epi& e = *t.e;
-  if (e.as_out)
+  if (e.as_out && t.ob0 == 0)
     for (int r = 0; r < t.rows; ++r) e.as_out[t.m0 + r] = t.as[r];
-  for (int ob = 0; ob < t.nblk; ++ob) {
+  for (int ob = t.ob0; ob < t.ob0 + t.nblk; ++ob) {
     const int8_t* wb = t.wdata + static_cast<size_t>(ob) * t.Kp * 64;
     const int o0 = ob * 64;
     __mmask16 mk[4];
@@ -299,6 +299,12 @@ int64_t quantize_avx512(const float* x, int64_t n, float l, float s, float qmax,
 }
 
 }  // namespace qgnn
+
+#define F64_SUFFIX avx512
+#define F64_LANES 8
+#include "f64_kernels.inc"
+#undef F64_LANES
+#undef F64_SUFFIX
 
 #pragma GCC pop_options
 #endif  // __x86_64__

@@ -126,7 +126,7 @@ struct TileArgs {
   const uint8_t* const* ptrs;
   int taps, c4n, rows, m0;
   const int8_t* wdata;   // PackedW::data
-  int Kp, nblk, O;
+  int Kp, ob0, nblk, O;  // column blocks [ob0, ob0 + nblk) of 64; as_out is written when ob0 == 0
   const int32_t* as;     // [rows] activation sums
   const int32_t* rpat;   // [rows] border pattern of each row (== e->pid[m % P]), or null: 0
   const Epi* e;
@@ -138,21 +138,119 @@ void tile_avx2(const TileArgs& t);
 void tile_avx512(const TileArgs& t);
 int32_t rowsum_u8(const uint8_t* p, int n, uint8_t* orv);  // sum and OR of bytes
 
+// ------------------------------------------------------------------ layers
+// The raw parameters of a quantized conv / linear, as ref_qconv2d / ref_qlinear take them.
+struct LayerParams {
+  const float* w_scale = nullptr;    // [O] > 0
+  const float* w_offset = nullptr;   // [O]
+  float a_scale = 1.f, a_offset = 0.f;
+  const float* post_scale = nullptr; // [O] or null
+  const float* post_shift = nullptr; // [O] or null
+  bool has_slope = false;
+  float slope = 0.f;
+  bool quant = false;                // requantize to codes (out_l, out_s, out_bits)
+  float out_l = 0.f, out_s = 1.f;
+  int out_bits = 8;
+};
+
+// A quantized conv / linear with every constant of its epilogue derived once: the
+// centred-identity constants of ref_epilogue and, for a conv, the border tables of one
+// input size. Built by prepare_layer (eager calls build one per call; a compiled plan
+// once); run_layer only reads it, so concurrent runs may share it. Not copyable: epi
+// points into the vectors.
+struct QLayer {
+  const PackedW* w = nullptr;        // owned by the caller, outlives the layer
+  int a_bits = 8;
+  bool conv = false;                 // false: a linear layer over rows of K codes
+  int ks = 1, stride = 1, pad = 0, H = 1, W = 1, C = 0, Ho = 1, Wo = 1;
+  std::vector<float> c1, c2, c3, c4, post_scale, post_shift;
+  std::vector<int32_t> zw, pid;
+  CentredTables tables;
+  Epi epi;                           // out_*, residual, acc_out, as_out are set per run
+  QLayer() = default;
+  QLayer(const QLayer&) = delete;
+  QLayer& operator=(const QLayer&) = delete;
+};
+
+// Validates the parameters (finite, steps > 0) and derives the constants. ks = 0: linear.
+void prepare_layer(QLayer& L, const PackedW& w, int a_bits, const LayerParams& p, int ks, int stride,
+                   int pad, int H, int W, int C);
+
+// Runs L on `rows` output rows: a linear layer on x [rows, K]; a conv on x NHWC
+// [rows / (Ho*Wo), H, W, C] (rows = B*Ho*Wo). residual: fp32 [rows, O] or null; out: uint8
+// [rows, O] when L requantizes, else fp32; acc_out/as_out: optional raw ACC [rows, O] /
+// AS [rows] for exact tests. bad_code: set when an input code is >= 2^a_bits.
+void run_layer(const QLayer& L, const uint8_t* x, int64_t rows, const float* residual, void* out,
+               int32_t* acc_out, int32_t* as_out, int nthreads, int* bad_code);
+
 // ------------------------------------------------------------------ ops
 // Threads: M-tiles (or tasks) spread over `nthreads` (thread_pool.h); ops under ~2 MMAC
 // run on the calling thread. bad_code: set when an input code is >= 2^bits (checked in
 // the same pass that sums the rows; the output is then unspecified and the binding raises).
-// x: [M, K] codes; out per Epi
-void qlinear(const uint8_t* x, int M, const PackedW& w, int a_bits, Epi& e, int nthreads,
-             int* bad_code);
-// x: NHWC [B, H, W, C]; w: [O, ks*ks*C]
-void qconv2d(const uint8_t* x, int B, int H, int W, int C, int ks, int stride, int pad,
-             const PackedW& w, int a_bits, Epi& e, int nthreads, int* bad_code);
 // a: [T, N, N], v: [T, N, D]; out float [T, N, D]
 void qbmm(const uint8_t* a, const uint8_t* v, int T, int N, int D, int a_bits, int v_bits,
           float sa, float la, float sv, float lv, float* out, int32_t* acc_out,
           int32_t* as_out, int32_t* vs_out, int nthreads, int* bad_code);
 // codes = clamp(rne((x - l) / s), 0, 2^bits - 1); returns the number of non-finite inputs
 int64_t quantize(const float* x, int64_t n, float l, float s, int bits, uint8_t* out, int nthreads);
+
+// ------------------------------------------------------------------ FP32 layers
+// An FP32 conv / linear of ops/episode_ops.py: products summed in float64 from the bias,
+// rounded once to float32, then the fp32 epilogue (*post_scale, +post_shift, +residual,
+// LeakyReLU) in that order.
+//
+// The row kernels' view of a layer (raw fields only: the ISA translation units include it)
+constexpr int F64_MAX_OP = 4096;  // widest FP32 layer the row kernels take
+struct F64Args {
+  const double* wt = nullptr;    // O >= 8: [K][Op]; O < 8: [O][K]; 64-byte aligned
+  const double* bias = nullptr;  // [Op], zero padded
+  const float* ps = nullptr;     // [Op] or null
+  const float* sh = nullptr;     // [Op] or null
+  bool has_slope = false;
+  float slope = 0.f;
+  int O = 0, Op = 0, K = 0;      // Op: O rounded up to 8
+};
+// rows rows of x [rows, K] -> out [rows, O] (res: [rows, O] or null), per ISA
+void f64_rows_scalar(const F64Args& a, const float* x, int64_t rows, const float* res, float* out);
+void f64_rows_avx2(const F64Args& a, const float* x, int64_t rows, const float* res, float* out);
+void f64_rows_avx512(const F64Args& a, const float* x, int64_t rows, const float* res, float* out);
+void f64_dot_rows_scalar(const F64Args& a, const float* x, int64_t rows, const float* res, float* out);
+void f64_dot_rows_avx2(const F64Args& a, const float* x, int64_t rows, const float* res, float* out);
+void f64_dot_rows_avx512(const F64Args& a, const float* x, int64_t rows, const float* res, float* out);
+
+// Built once (prepare_float_layer), read-only afterwards.
+struct FloatLayer {
+  bool conv = false;
+  int ks = 1, stride = 1, pad = 0, H = 1, W = 1, C = 0, Ho = 1, Wo = 1;
+  std::vector<double, Aligned64<double>> wt;
+  std::vector<double> bias;                    // padded to Op
+  std::vector<float> post_scale, post_shift;   // padded to Op, or empty
+  F64Args args;                  // points into the vectors above
+  FloatLayer() = default;
+  FloatLayer(const FloatLayer&) = delete;
+  FloatLayer& operator=(const FloatLayer&) = delete;
+};
+// weight: float32 [O, K] (a conv's K in (kh, kw, C) order); ks = 0: linear
+void prepare_float_layer(FloatLayer& L, const float* weight, int O, int K, const float* bias,
+                         const float* post_scale, const float* post_shift, bool has_slope, float slope,
+                         int ks, int stride, int pad, int H, int W, int C);
+// rows output rows: linear x [rows, K]; conv x NHWC [rows / (Ho*Wo), H, W, C]; out fp32 [rows, O]
+void run_float_layer(const FloatLayer& L, const float* x, int64_t rows, const float* residual, float* out,
+                     int nthreads);
+
+// ------------------------------------------------------------------ episode glue
+// The non-layer steps of ops/episode_ops.py on raw buffers (row-major, tasks first).
+// Reductions are float64 and rounded once, elementwise arithmetic is float32 IEEE.
+void nchw_to_nhwc(const float* x, int64_t B, int C, int H, int W, float* y);
+template <class T>
+void max_pool_nhwc(const T* x, int64_t B, int H, int W, int C, int ks, int stride, int pad, T* y, int nthreads);
+void mean_hw(const float* x, int64_t B, int H, int W, int C, float* y);
+void pairwise_sqdiff(const float* v, int64_t T, int N, int C, float* y, int nthreads);
+void neg_sum_last(const float* x, int64_t rows, int C, float* y);
+void sigmoid_f64(const float* x, int64_t n, float* y);
+void edge_update(const float* sim, const float* prev, int64_t T, int N, float* y);
+void offdiag_l1_normalize(const float* x, int64_t T, int N, float* y);
+void label_scores(const float* edge, const float* onehot, int64_t T, int N, int NS, int way, float* y);
+void bmm_f64(const float* a, const float* v, int64_t T, int N, int D, float* y);
 
 }  // namespace qgnn

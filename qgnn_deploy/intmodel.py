@@ -64,9 +64,9 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import ArtifactError, ConfigError
-from .models.dpgn import update_edges
-from .models.qgnn import EpisodeOutput, check_episode, run_episode
+from .models.qgnn import EpisodeOutput, check_episode, episode_graph
 from .ops import registry as qops
+from .ops.episode_ops import TORCH_OPS, f32_conv2d, f32_linear
 
 Tensor = torch.Tensor
 
@@ -143,6 +143,7 @@ class IntConv2d(_IntWeightLayer):
     (uint8 codes when requantization is fused)."""
 
     kind = "conv2d"
+    is_conv = True
 
     def __init__(self, name: str, in_channels: int, out_channels: int, kernel_size: int,
                  stride: int, padding: int, residual: bool = False, **common):
@@ -154,6 +155,11 @@ class IntConv2d(_IntWeightLayer):
     @property
     def reduction(self) -> int:
         return self.kernel_size * self.kernel_size * self.in_channels
+
+    @property
+    def pointwise(self) -> bool:
+        """1x1, stride 1, no padding: a linear map of the last dim (any leading shape)."""
+        return self.kernel_size == 1 and self.stride == 1 and self.padding == 0
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         return qops.qconv2d(self._codes(x), self.w_packed, self.w_bits, self.a_bits, self.kernel_size,
@@ -235,9 +241,11 @@ def _epilogue(y: Tensor, post_scale, post_shift, residual, slope, channel_dim: i
 
 
 class FloatConv2d(nn.Module):
-    """An FP32 conv (stem, last edge-MLP convs, bits=32 layers), NHWC in and out."""
+    """An FP32 conv (stem, last edge-MLP convs, bits=32 layers), NHWC in and out; products
+    summed in float64 and rounded once (ops/episode_ops.py: identical on every engine)."""
 
     kind = "conv2d_fp32"
+    is_conv = True
 
     def __init__(self, name: str, weight: Tensor, bias: Optional[Tensor], stride: int, padding: int,
                  post_scale: Optional[Tensor], post_shift: Optional[Tensor], slope: Optional[float],
@@ -254,25 +262,24 @@ class FloatConv2d(nn.Module):
         self.residual = bool(residual)
         self.w_bits = self.a_bits = 32
 
+    @property
+    def pointwise(self) -> bool:
+        """1x1, stride 1, no padding: a linear map of the last dim (any leading shape)."""
+        return self.kernel_size == 1 and self.stride == 1 and self.padding == 0
+
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         if x.dtype == torch.uint8:
             raise ConfigError(f"{self.name}: an FP32 layer received integer codes (bad fold)")
-        if self.kernel_size == 1 and self.stride == 1 and self.padding == 0:
-            # a 1x1 conv over NHWC is a linear layer; torch's conv sums in a thread-count
-            # dependent order (the C -> 1 edge-MLP convs differed between 1 and 2 threads),
-            # its linear did not in any of 50 shapes tried
-            y = F.linear(x, self.weight.view(self.out_channels, self.in_channels), self.bias)
+        if self.pointwise:
+            y = f32_linear(x, self.weight.view(self.out_channels, self.in_channels), self.bias)
         else:
-            # x.permute is an NCHW view with channels-last strides: a channels-last weight keeps
-            # torch on its fast NHWC path (a contiguous one falls back to a ~20x slower kernel).
-            w = self.weight.contiguous(memory_format=torch.channels_last)
-            y = F.conv2d(x.permute(0, 3, 1, 2), w, self.bias, self.stride, self.padding)
+            y = f32_conv2d(x.permute(0, 3, 1, 2), self.weight, self.bias, self.stride, self.padding)
             y = y.permute(0, 2, 3, 1)
         return _epilogue(y, self.post_scale, self.post_shift, residual, self.slope, -1).contiguous()
 
 
 class FloatLinear(nn.Module):
-    """An FP32 linear layer (bits=32 layers in a mixed-precision model)."""
+    """An FP32 linear layer (bits=32 layers in a mixed-precision model), float64 sums."""
 
     kind = "linear_fp32"
 
@@ -293,12 +300,12 @@ class FloatLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype == torch.uint8:
             raise ConfigError(f"{self.name}: an FP32 layer received integer codes (bad fold)")
-        y = F.linear(x, self.weight, self.bias)
+        y = f32_linear(x, self.weight, self.bias)
         return _epilogue(y, self.post_scale, self.post_shift, None, self.slope, -1)
 
 
 class FloatAggregation(nn.Module):
-    """FP32 graph aggregation (a bits=32 aggregation in a mixed-precision model)."""
+    """FP32 graph aggregation (a bits=32 aggregation in a mixed-precision model), float64 sums."""
 
     kind = "bmm_fp32"
 
@@ -308,7 +315,7 @@ class FloatAggregation(nn.Module):
         self.a_bits = self.v_bits = self.w_bits = 32
 
     def forward(self, adj: Tensor, nodes: Tensor) -> Tensor:
-        return torch.bmm(adj, nodes)
+        return torch.bmm(adj.double(), nodes.double()).float()
 
 
 INTEGER_LAYER_TYPES = (IntConv2d, IntLinear, IntAggregation)
@@ -317,10 +324,6 @@ LAYER_TYPES = INTEGER_LAYER_TYPES + FP32_LAYER_TYPES
 
 
 # ------------------------------------------------------------------- containers
-
-def _nhwc_max_pool(x: Tensor, kernel: int, stride: int, padding: int = 0) -> Tensor:
-    return F.max_pool2d(x.permute(0, 3, 1, 2), kernel, stride, padding).permute(0, 2, 3, 1).contiguous()
-
 
 def _indexed(layers: Dict[str, nn.Module], prefix: str) -> nn.ModuleDict:
     """The layers named ``{prefix}.{i}``, as a ModuleDict keyed by ``i`` in index order."""
@@ -337,23 +340,33 @@ def _take(layers: Dict[str, nn.Module], name: str) -> nn.Module:
     return layers[name]
 
 
+def _run_chain(ops, chain: nn.ModuleDict, x):
+    for layer in chain.values():
+        x = ops.layer(layer, x)
+    return x
+
+
+# The containers below describe the DPGN episode once, against the episode-op vocabulary
+# ``ops`` (ops/episode_ops.py): TORCH_OPS runs it eagerly, plan.PlanBuilder records it as a
+# compiled plan. Tensors carry the tasks axis first.
+
 class IntResNetBlock(nn.Module):
-    """ResNet-12 block on NHWC fp32: shortcut conv (+BN); conv1 -> conv2 -> conv3 passing
-    codes; conv3's epilogue adds the shortcut then LeakyReLU; MaxPool(3, 2, 1) in fp32."""
+    """ResNet-12 block on [T, N, H, W, C] fp32 maps: shortcut conv (+BN); conv1 -> conv2 ->
+    conv3 passing codes; conv3's epilogue adds the shortcut then LeakyReLU; MaxPool(3, 2, 1)."""
 
     def __init__(self, layers: Dict[str, nn.Module], prefix: str):
         super().__init__()
         for part in ("conv1", "conv2", "conv3", "conv"):
             self.add_module(part, _take(layers, f"{prefix}.{part}"))
 
-    def forward(self, x: Tensor) -> Tensor:
-        residual = self.conv(x)
-        out = self.conv3(self.conv2(self.conv1(x)), residual=residual)
-        return _nhwc_max_pool(out, 3, 2, 1)
+    def forward(self, x, ops=TORCH_OPS):
+        residual = ops.layer(self.conv, x)
+        out = ops.layer(self.conv3, ops.layer(self.conv2, ops.layer(self.conv1, x)), residual=residual)
+        return ops.max_pool(out, 3, 2, 1)
 
 
 class IntBackbone(nn.Module):
-    """ResNet-12: images NHWC fp32 [B, S, S, 3] -> (last [B, E], second [B, E])."""
+    """ResNet-12: images [T, N, S, S, 3] fp32 -> (last [T, N, E], second [T, N, E])."""
 
     def __init__(self, layers: Dict[str, nn.Module], prefix: str = "backbone"):
         super().__init__()
@@ -363,65 +376,56 @@ class IntBackbone(nn.Module):
         self.layer_last = nn.ModuleList([_take(layers, f"{prefix}.layer_last.0")])
         self.layer_second = nn.ModuleList([_take(layers, f"{prefix}.layer_second.0")])
 
-    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        x = self.conv1(x)
-        x = self.layer1[0](x)
-        x = self.layer2[0](x)
-        inter = self.layer3[0](x)
-        x = self.layer4[0](inter)
-        last = self.layer_last[0](x.mean((1, 2)))
+    def forward(self, x, ops=TORCH_OPS):
+        x = ops.layer(self.conv1, x)
+        x = self.layer1[0](x, ops)
+        x = self.layer2[0](x, ops)
+        inter = self.layer3[0](x, ops)
+        x = self.layer4[0](inter, ops)
+        last = ops.layer(self.layer_last[0], ops.mean_hw(x))
         # (h, w, C) flatten; layer_second's weight columns were permuted to match at fold time
-        second = self.layer_second[0](_nhwc_max_pool(inter, 2, 2).flatten(1))
+        second = ops.layer(self.layer_second[0], ops.flatten_hwc(ops.max_pool(inter, 2, 2)))
         return last, second
 
 
-def _run_chain(chain: nn.ModuleDict, x: Tensor) -> Tensor:
-    for layer in chain.values():
-        x = layer(x)
-    return x
-
-
 class IntPointSimilarity(nn.Module):
-    """``sigmoid(MLP((v_i - v_j)^2))`` on the N x N grid (NHWC [T, N, N, C]) + DPGN edge update."""
+    """``sigmoid(MLP((v_i - v_j)^2))`` over the N x N pairs + DPGN edge update; also returns
+    the node similarity ``-sum (v_i - v_j)^2``."""
 
     def __init__(self, layers: Dict[str, nn.Module], prefix: str):
         super().__init__()
         self.point_sim_transform = _indexed(layers, f"{prefix}.point_sim_transform")
 
-    def forward(self, nodes: Tensor, prev_edge: Tensor) -> Tuple[Tensor, Tensor]:
-        pairs = (nodes.unsqueeze(2) - nodes.unsqueeze(1)) ** 2          # [T, N, N, C]
-        sim = torch.sigmoid(_run_chain(self.point_sim_transform, pairs)).squeeze(-1)
-        return update_edges(sim, prev_edge), -pairs.sum(-1)
+    def forward(self, nodes, prev_edge, ops=TORCH_OPS):
+        pairs = ops.pairwise_sqdiff(nodes)                                   # [T, N, N, C]
+        sim = ops.sigmoid(ops.squeeze_last(_run_chain(ops, self.point_sim_transform, pairs)))
+        return ops.edge_update(sim, prev_edge), ops.neg_sum_last(pairs)
 
 
 class IntP2D(nn.Module):
-    """``V_d = LeakyReLU(Linear([E_p[:, :, :NS] || V_d]))`` (qlinear over T*N rows)."""
+    """``V_d = LeakyReLU(Linear([E_p[:, :, :NS] || V_d]))``."""
 
     def __init__(self, layers: Dict[str, nn.Module], prefix: str, num_supports: int):
         super().__init__()
         self.num_supports = num_supports
         self.p2d_transform = _indexed(layers, f"{prefix}.p2d_transform")
 
-    def forward(self, point_edge: Tensor, distribution_node: Tensor) -> Tensor:
-        x = torch.cat([point_edge[:, :, :self.num_supports], distribution_node], dim=2)
-        return _run_chain(self.p2d_transform, x)
+    def forward(self, point_edge, distribution_node, ops=TORCH_OPS):
+        x = ops.concat_last([(point_edge, 0, self.num_supports), distribution_node])
+        return _run_chain(ops, self.p2d_transform, x)
 
 
 class IntD2P(nn.Module):
-    """``V_p = MLP([V_p || rownorm(E_d (1 - I)) @ V_p])``; the MLP runs on NHWC [T, N, 1, 2E]."""
+    """``V_p = MLP([V_p || rownorm(E_d (1 - I)) @ V_p])`` (1x1 convs on the last dim)."""
 
     def __init__(self, layers: Dict[str, nn.Module], prefix: str):
         super().__init__()
         self.aggregation = _take(layers, f"{prefix}.aggregation")
         self.point_node_transform = _indexed(layers, f"{prefix}.point_node_transform")
 
-    def forward(self, distribution_edge: Tensor, point_node: Tensor) -> Tensor:
-        eye = torch.eye(distribution_edge.shape[-1], dtype=distribution_edge.dtype,
-                        device=distribution_edge.device)
-        adj = F.normalize(distribution_edge * (1.0 - eye), p=1, dim=-1)
-        agg = self.aggregation(adj, point_node)
-        feat = torch.cat([point_node, agg], -1).unsqueeze(2)            # [T, N, 1, 2E]
-        return _run_chain(self.point_node_transform, feat).squeeze(2)
+    def forward(self, distribution_edge, point_node, ops=TORCH_OPS):
+        agg = ops.aggregate(self.aggregation, ops.offdiag_l1_normalize(distribution_edge), point_node)
+        return _run_chain(ops, self.point_node_transform, ops.concat_last([point_node, agg]))
 
 
 class IntDPGN(nn.Module):
@@ -442,14 +446,17 @@ class IntDPGN(nn.Module):
             self.add_module(f"distribution_sim_generation_{l}",
                             IntPointSimilarity(layers, f"{prefix}.distribution_sim_generation_{l}"))
 
-    def forward(self, middle_node, point_node, distribution_node, distribution_edge, point_edge):
+    def forward(self, middle_node, point_node, distribution_node, distribution_edge, point_edge,
+                ops=TORCH_OPS):
         point_sims, node_sims, dist_sims = [], [], []
-        point_edge, _ = self.initial_edge(middle_node, point_edge)
+        point_edge, _ = self.initial_edge(middle_node, point_edge, ops)
         for l in range(self.generations):
-            point_edge, node_sim = getattr(self, f"point_sim_generation_{l}")(point_node, point_edge)
-            distribution_node = getattr(self, f"point2distribution_generation_{l}")(point_edge, distribution_node)
-            distribution_edge, _ = getattr(self, f"distribution_sim_generation_{l}")(distribution_node, distribution_edge)
-            point_node = getattr(self, f"distribution2point_generation_{l}")(distribution_edge, point_node)
+            point_edge, node_sim = getattr(self, f"point_sim_generation_{l}")(point_node, point_edge, ops)
+            distribution_node = getattr(self, f"point2distribution_generation_{l}")(
+                point_edge, distribution_node, ops)
+            distribution_edge, _ = getattr(self, f"distribution_sim_generation_{l}")(
+                distribution_node, distribution_edge, ops)
+            point_node = getattr(self, f"distribution2point_generation_{l}")(distribution_edge, point_node, ops)
             point_sims.append(point_edge)
             node_sims.append(node_sim)
             dist_sims.append(distribution_edge)
@@ -457,6 +464,29 @@ class IntDPGN(nn.Module):
 
 
 # ---------------------------------------------------------------------- IntModel
+
+class _PlanSlot:
+    """Holds an IntModel's compiled plan; copies and pickles of the model start empty
+    (the native plan is rebuilt on first use)."""
+
+    def __init__(self):
+        self._plan = None
+
+    def get(self):
+        return self._plan
+
+    def set(self, plan) -> None:
+        self._plan = plan
+
+    def __deepcopy__(self, memo):
+        return _PlanSlot()
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self._plan = None
+
 
 class IntModel(nn.Module):
     """The folded integer model. ``forward(images [T, N, 3, S, S] fp32, support_labels
@@ -494,6 +524,8 @@ class IntModel(nn.Module):
         self._check_fusions()
         self._backend: Optional[str] = None
         self.backend = backend
+        self._plan = _PlanSlot()
+        self._stamp_refs = None
 
     # -- backend ------------------------------------------------------------
     @property
@@ -559,18 +591,58 @@ class IntModel(nn.Module):
         from .backends import op_backend_of, use_backend
         return use_backend(op_backend_of(self._backend))
 
-    def embed(self, images: Tensor) -> Tuple[Tensor, Tensor]:
-        """[T, N, 3, S, S] -> (last [T, N, E], second [T, N, E])."""
-        t, n = images.shape[:2]
-        x = images.reshape(t * n, *images.shape[2:]).permute(0, 2, 3, 1).contiguous().float()
-        last, second = self.backbone(x)
-        return last.view(t, n, -1), second.view(t, n, -1)
+    def episode(self, ops, images, graph) -> EpisodeOutput:
+        """The episode, written once against the episode-op vocabulary ``ops``
+        (ops/episode_ops.py): ``TORCH_OPS`` runs it, ``plan.PlanBuilder`` compiles it.
+
+        images [T, N, 3, S, S]; graph: DPGN's initial (distribution_node [T, N, NS],
+        point_edge [T, N, N], distribution_edge [T, N, N]) and the support one-hot labels
+        [T, NS, way] (:func:`~qgnn_deploy.models.qgnn.episode_graph`)."""
+        dist_node, point_edge, dist_edge, onehot = graph
+        last, second = self.backbone(ops.images_nhwc(images), ops)
+        point_sims, node_sims, dist_sims = self.gnn(second, last, dist_node, dist_edge, point_edge, ops)
+        return EpisodeOutput(ops.label_scores(point_sims[-1], onehot), point_sims, node_sims, dist_sims)
+
+    def compiled(self):
+        """The compiled plan on the cpu executor (:class:`~qgnn_deploy.backends.cpu_plan.CpuPlan`),
+        built on first use and rebuilt when a weight or constant tensor has changed since."""
+        from .backends.cpu_plan import CpuPlan
+        stamp = self._plan_stamp()
+        plan = self._plan.get()
+        if plan is None or plan.stamp != stamp:
+            plan = CpuPlan(self, stamp)
+            self._plan.set(plan)
+        return plan
+
+    def _plan_stamp(self) -> tuple:
+        """Identity and in-place version of every tensor of the layers (a changed one
+        invalidates the plan), plus their fused requantizations."""
+        if self._stamp_refs is None:  # the layer set is fixed at construction
+            layers = [m for _, m in self.named_layers()]
+            self._stamp_refs = ([m for m in layers if isinstance(m, _IntWeightLayer)],
+                                [(m._buffers, n) for m in layers for n in m._buffers])
+        fusing, refs = self._stamp_refs
+        tensors = [bufs[n] for bufs, n in refs]
+        return (tuple(id(t) for t in tensors), tuple(t._version for t in tensors if t is not None),
+                tuple((m.out_l, m.out_s, m.out_bits) for m in fusing))
+
+    @torch.no_grad()
+    def profile(self, images: Tensor, support_labels: Tensor, repeats: int = 1):
+        """Per-step wall times of the compiled plan on this episode batch (cpu backend):
+        [{index, kind, name, ms}] in plan order, medians over ``repeats`` runs."""
+        check_episode(images, support_labels, self.config)
+        graph = episode_graph(support_labels.long(), self.config.way, images.device)
+        return self.compiled().profile(images, graph, repeats)
 
     @torch.no_grad()
     def forward(self, images: Tensor, support_labels: Tensor) -> EpisodeOutput:
         check_episode(images, support_labels, self.config)
+        graph = episode_graph(support_labels.long(), self.config.way, images.device)
+        from .backends import current_backend
+        if (self._backend or current_backend()) == "cpu":
+            return self.compiled().run(images, graph)
         with self._backend_context():
-            return run_episode(self.embed, self.gnn, images, support_labels.long(), self.config.way)
+            return self.episode(TORCH_OPS, images, graph)
 
     def extra_repr(self) -> str:
         return (f"generations={self.generations}, zero_point={self.zero_point}, "

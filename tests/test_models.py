@@ -8,6 +8,7 @@ import torch
 from qgnn_deploy.config import ModelConfig, preset_config
 from qgnn_deploy.errors import ConfigError, InputError
 from qgnn_deploy.models import QAggregation, QConv2d, QLinear, build_model, quantizable_layers
+from qgnn_deploy.models.layers import F64Conv2d
 
 
 def episode(config, tasks=2):
@@ -46,14 +47,25 @@ def test_any_number_of_generations():
 
 def test_fp32_layers_stay_fp32_and_the_rest_is_quantized():
     m = build_model(preset_config("tiny", 2))
-    assert type(m.backbone.conv1) is torch.nn.Conv2d
+    # the paper's FP32 layers: plain convs whose products are summed in float64
+    assert type(m.backbone.conv1) is F64Conv2d
     last = m.gnn.point_sim_generation_0.point_sim_transform[-1]
-    assert type(last) is torch.nn.Conv2d and last.bias is not None
-    assert type(m.gnn.initial_edge.point_sim_transform[-1]) is torch.nn.Conv2d
+    assert type(last) is F64Conv2d and last.bias is not None
+    assert type(m.gnn.initial_edge.point_sim_transform[-1]) is F64Conv2d
     layers = quantizable_layers(m)
     assert all(layer.bits == 2 for layer in layers.values())
     kinds = {type(layer) for layer in layers.values()}
     assert kinds == {QConv2d, QLinear, QAggregation}
+
+
+def test_fp32_layers_sum_in_float64():
+    """F64Conv2d is nn.Conv2d's maths with float64 sums rounded once to float32."""
+    torch.manual_seed(0)
+    conv = F64Conv2d(3, 8, 3, padding=1, bias=True)
+    x = torch.randn(2, 3, 9, 9)
+    want = torch.nn.functional.conv2d(x.double(), conv.weight.double(), conv.bias.double(), 1, 1).float()
+    assert conv(x).dtype == torch.float32 and torch.equal(conv(x), want)
+    assert torch.allclose(conv(x), torch.nn.Conv2d.forward(conv, x), atol=1e-5)
 
 
 def test_mixed_per_layer_bits():

@@ -160,7 +160,7 @@ def current_backend() -> str:
 def set_backend(name: str) -> contextvars.Token:
     """Select op backend ``name`` for this context (prefer :func:`use_backend`)."""
     backend_module(name)  # fail now, with the fix, rather than inside the first op
-    return _current.set(name)
+    return _current.set(op_backend_of(name))
 
 
 @contextlib.contextmanager

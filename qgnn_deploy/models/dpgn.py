@@ -14,17 +14,13 @@ from __future__ import annotations
 from typing import Callable, List, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .layers import QAggregation, QConv2d, QLinear
+from ..ops.episode_ops import TORCH_OPS
+from .layers import F64Conv2d, QAggregation, QConv2d, QLinear
 
 BitsFor = Callable[[str], int]
 GRAPH_SLOPE = 0.01  # nn.LeakyReLU() default, as in the official graph modules
-
-
-def _eye_like(t: torch.Tensor) -> torch.Tensor:
-    return torch.eye(t.shape[-1], dtype=t.dtype, device=t.device).expand_as(t)
 
 
 def edge_mlp(in_c: int, base_c: int, dropout: float, name: str, bits_for: BitsFor,
@@ -37,19 +33,15 @@ def edge_mlp(in_c: int, base_c: int, dropout: float, name: str, bits_for: BitsFo
                    nn.BatchNorm2d(cout), nn.LeakyReLU(GRAPH_SLOPE)]
         if dropout > 0:
             layers.append(nn.Dropout2d(dropout))
-    layers.append(nn.Conv2d(base_c, 1, 1, bias=True))  # FP32 (paper)
+    layers.append(F64Conv2d(base_c, 1, 1, bias=True))  # FP32 (paper)
     return nn.Sequential(*layers)
 
 
 def update_edges(sim: torch.Tensor, prev_edge: torch.Tensor) -> torch.Tensor:
     """DPGN edge update: mask the diagonal, scale by ``sim``, L1-normalise each row back
-    to its previous sum, add identity (+1e-6), renormalise rows. Shapes [T, N, N]."""
-    eye = _eye_like(prev_edge)
-    prev = prev_edge * (1.0 - eye)
-    prev_sum = prev.sum(-1, keepdim=True)
-    edge = F.normalize(sim * prev, p=1, dim=-1) * prev_sum
-    edge = edge + (eye + 1e-6)
-    return edge / edge.sum(-1, keepdim=True)
+    to its previous sum, add identity (+1e-6), renormalise rows. Shapes [T, N, N]; row sums
+    in float64 (ops/episode_ops.py, shared with the integer model)."""
+    return TORCH_OPS.edge_update(sim, prev_edge)
 
 
 class PointSimilarity(nn.Module):
@@ -70,8 +62,8 @@ class PointSimilarity(nn.Module):
 
     def forward(self, nodes: torch.Tensor, prev_edge: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         pairs = self.pair_features(nodes)
-        sim = torch.sigmoid(self.point_sim_transform(pairs)).squeeze(1)
-        node_similarity_l2 = -pairs.sum(1)
+        sim = TORCH_OPS.sigmoid(self.point_sim_transform(pairs)).squeeze(1)
+        node_similarity_l2 = TORCH_OPS.neg_sum_last(pairs.movedim(1, -1))
         return update_edges(sim, prev_edge), node_similarity_l2
 
 
@@ -109,7 +101,7 @@ class D2PAgg(nn.Module):
         self.point_node_transform = nn.Sequential(*layers)
 
     def adjacency(self, distribution_edge: torch.Tensor) -> torch.Tensor:
-        return F.normalize(distribution_edge * (1.0 - _eye_like(distribution_edge)), p=1, dim=-1)
+        return TORCH_OPS.offdiag_l1_normalize(distribution_edge)
 
     def forward(self, distribution_edge: torch.Tensor, point_node: torch.Tensor) -> torch.Tensor:
         agg = self.aggregation(self.adjacency(distribution_edge), point_node)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.episode_ops import f32_conv2d
 from ..quant.pauta import PautaQuantizer
 
 
@@ -50,6 +51,17 @@ class QConv2d(nn.Conv2d):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", bits={self.bits}"
+
+
+class F64Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose products are summed in float64 and rounded once to float32: the
+    FP32 layers of the paper (stem conv, edge-MLP output convs). Every engine -- this model,
+    the integer model's reference and compiled plan -- then produces the same float32
+    values whatever its summation order (ops/episode_ops.py); the stem's outputs feed two
+    quantizers per pixel, where a last-ulp difference would flip codes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return f32_conv2d(x, self.weight, self.bias, self.stride[0], self.padding[0])
 
 
 class QLinear(nn.Linear):

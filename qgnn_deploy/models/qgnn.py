@@ -10,6 +10,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import ConfigError, InputError
+from ..ops.episode_ops import TORCH_OPS
 from .dpgn import DPGN
 from .layers import QAggregation, QConv2d, QLinear
 from .resnet12 import ResNet12
@@ -50,6 +51,15 @@ def initial_graph(support_labels: torch.Tensor, num_queries: int):
     edge[:, :ns, ns:] = 1.0 / ns
     edge[:, ns:, ns:] = torch.eye(num_queries)
     return dist_node, edge, edge.clone()
+
+
+def episode_graph(support_labels: torch.Tensor, way: int, device=None):
+    """The episode's label-derived inputs: DPGN's initial graph (distribution_node [T, N, NS],
+    point_edge [T, N, N], distribution_edge [T, N, N]) and the support one-hot labels
+    [T, NS, way] float32."""
+    dist_node, point_edge, dist_edge = initial_graph(support_labels, way)
+    onehot = F.one_hot(support_labels, way).float()
+    return tuple(t.to(device) for t in (dist_node, point_edge, dist_edge, onehot))
 
 
 def check_episode(images: torch.Tensor, support_labels: torch.Tensor, config: ModelConfig) -> None:
@@ -126,10 +136,9 @@ def run_episode(embed, gnn, images: torch.Tensor, support_labels: torch.Tensor,
 
 
 def episode_logits(point_edge: torch.Tensor, support_labels: torch.Tensor, way: int) -> torch.Tensor:
-    """Query x support rows of the point graph times the support one-hot labels: [T, Q, way]."""
-    ns = support_labels.shape[1]
-    onehot = F.one_hot(support_labels.long(), way).to(point_edge.dtype)
-    return torch.bmm(point_edge[:, ns:, :ns], onehot)
+    """Query x support rows of the point graph times the support one-hot labels: [T, Q, way]
+    (float64 sums, as the integer model's ``label_scores``)."""
+    return TORCH_OPS.label_scores(point_edge, F.one_hot(support_labels.long(), way).float())
 
 
 def quantizable_layers(model: nn.Module):

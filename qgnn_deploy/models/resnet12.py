@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import QConv2d, QLinear
+from .layers import F64Conv2d, QConv2d, QLinear
 
 BitsFor = Callable[[str], int]
 
@@ -54,7 +54,7 @@ class ResNet12(nn.Module):
                  prefix: str = "backbone"):
         super().__init__()
         w = list(widths)
-        self.conv1 = nn.Conv2d(3, w[0], 3, padding=1, bias=False)  # FP32 (paper)
+        self.conv1 = F64Conv2d(3, w[0], 3, padding=1, bias=False)  # FP32 (paper)
         self.bn1 = nn.BatchNorm2d(w[0])
         blocks = [(w[0], w[0]), (w[0], w[1]), (w[1], w[2]), (w[2], w[3])]
         for i, (cin, cout) in enumerate(blocks, 1):
@@ -84,7 +84,9 @@ class ResNet12(nn.Module):
         x = self.layer2(x)
         inter = self.layer3(x)
         x = self.layer4(inter)
-        x = x.mean((2, 3))  # global average pool (the official AvgPool2d(7) is meant as such)
+        # global average pool (the official AvgPool2d(7) is meant as such), float64 sums as
+        # the integer model's TorchEpisodeOps.mean_hw
+        x = x.double().mean((2, 3)).float()
         last = self.layer_last(x)
         second = self.layer_second(torch.flatten(F.max_pool2d(inter, 2), 1))
         return last, second

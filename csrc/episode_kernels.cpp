@@ -1,0 +1,281 @@
+// FP32 layers and the episode glue of ops/episode_ops.py on raw buffers, for the compiled
+// plan (plan.cpp). Each function matches its TorchEpisodeOps twin: reductions in float64
+// rounded once to float32, elementwise float32 arithmetic in the same operation order
+// (built with -ffp-contract=off), so every quantizer downstream sees the same values.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+
+#include "qgnn_cpu.h"
+#include "thread_pool.h"
+
+#define F64_SUFFIX scalar
+#define F64_LANES 2
+#include "f64_kernels.inc"
+#undef F64_LANES
+#undef F64_SUFFIX
+
+namespace qgnn {
+
+// ------------------------------------------------------------------ FP32 layers
+namespace {
+
+using RowsFn = void (*)(const F64Args&, const float*, int64_t, const float*, float*);
+
+RowsFn pick_rows(bool dot) {
+  switch (active_isa()) {
+#if defined(__x86_64__)
+    case Isa::Avx512Vnni:
+      return dot ? f64_dot_rows_avx512 : f64_rows_avx512;
+    case Isa::Avx2:
+      return dot ? f64_dot_rows_avx2 : f64_rows_avx2;
+#endif
+    default:
+      return dot ? f64_dot_rows_scalar : f64_rows_scalar;
+  }
+}
+
+}  // namespace
+
+void prepare_float_layer(FloatLayer& L, const float* weight, int O, int K, const float* bias,
+                         const float* post_scale, const float* post_shift, bool has_slope, float slope,
+                         int ks, int stride, int pad, int H, int W, int C) {
+  if (O <= 0 || K <= 0) throw ArgError("FP32 layer: O and K must be positive");
+  for (int64_t i = 0; i < int64_t(O) * K; ++i)
+    if (!std::isfinite(weight[i])) throw ArgError("FP32 layer weights hold NaN or Inf values");
+  for (const float* v : {bias, post_scale, post_shift})
+    if (v)
+      for (int o = 0; o < O; ++o)
+        if (!std::isfinite(v[o])) throw ArgError("FP32 layer bias / post_scale / post_shift hold NaN or Inf values");
+  if (has_slope && !std::isfinite(slope)) throw ArgError("slope must be finite");
+  const int Op = (O + 7) / 8 * 8;
+  if (O > F64_MAX_OP) throw ArgError("FP32 layer: more than " + std::to_string(F64_MAX_OP) + " outputs");
+  if (O >= 8) {  // [K][Op]: one output row is a few vector accumulators
+    L.wt.assign(static_cast<size_t>(K) * Op, 0.0);
+    for (int o = 0; o < O; ++o)
+      for (int k = 0; k < K; ++k) L.wt[static_cast<size_t>(k) * Op + o] = weight[static_cast<size_t>(o) * K + k];
+  } else {       // [O][K]: dot products along K (the C -> 1 edge-MLP outputs)
+    L.wt.assign(weight, weight + static_cast<size_t>(O) * K);
+  }
+  L.bias.assign(Op, 0.0);
+  if (bias)
+    for (int o = 0; o < O; ++o) L.bias[o] = bias[o];
+  L.post_scale.clear();
+  L.post_shift.clear();
+  if (post_scale) {
+    L.post_scale.assign(post_scale, post_scale + O);
+    L.post_scale.resize(Op, 0.f);
+  }
+  if (post_shift) {
+    L.post_shift.assign(post_shift, post_shift + O);
+    L.post_shift.resize(Op, 0.f);
+  }
+  F64Args& a = L.args;
+  a.wt = L.wt.data();
+  a.bias = L.bias.data();
+  a.ps = post_scale ? L.post_scale.data() : nullptr;
+  a.sh = post_shift ? L.post_shift.data() : nullptr;
+  a.has_slope = has_slope;
+  a.slope = slope;
+  a.O = O;
+  a.Op = Op;
+  a.K = K;
+  L.conv = ks > 0;
+  if (L.conv) {
+    if (K != ks * ks * C) throw ArgError("FP32 conv: K must be ks*ks*C");
+    L.ks = ks;
+    L.stride = stride;
+    L.pad = pad;
+    L.H = H;
+    L.W = W;
+    L.C = C;
+    L.Ho = (H + 2 * pad - ks) / stride + 1;
+    L.Wo = (W + 2 * pad - ks) / stride + 1;
+  }
+}
+
+void run_float_layer(const FloatLayer& L, const float* x, int64_t rows, const float* residual, float* out,
+                     int nthreads) {
+  const F64Args& a = L.args;
+  const RowsFn fn = pick_rows(a.O < 8);
+  constexpr int64_t kRows = 64;  // output rows per task (one gathered patch panel)
+  const int64_t ntask = (rows + kRows - 1) / kRows;
+  const int nt = double(rows) * a.K * a.O < 1.0e6 ? 1 : nthreads;
+  const int K = a.K, C = L.C;
+  std::vector<std::vector<float>> panels(L.conv ? static_cast<size_t>(std::max(nt, 1)) : 0);
+  for (auto& p : panels) p.resize(static_cast<size_t>(kRows) * K);
+  parallel_for(nt, ntask, [&](int64_t ti, int tid) {
+    const int64_t r0 = ti * kRows, n = std::min(rows, r0 + kRows) - r0;
+    const float* xs = x + r0 * K;
+    if (L.conv) {  // gather receptive fields in (kh, kw, C) order, zeros outside the input
+      float* panel = panels[tid].data();
+      const int64_t P = int64_t(L.Ho) * L.Wo;
+      for (int64_t r = r0; r < r0 + n; ++r) {
+        const int64_t b = r / P;
+        const int oh = static_cast<int>(r % P) / L.Wo, ow = static_cast<int>(r % P) % L.Wo;
+        float* dst = panel + (r - r0) * K;
+        for (int i = 0; i < L.ks; ++i)
+          for (int j = 0; j < L.ks; ++j, dst += C) {
+            const int ih = oh * L.stride - L.pad + i, iw = ow * L.stride - L.pad + j;
+            if (ih < 0 || ih >= L.H || iw < 0 || iw >= L.W) {
+              for (int c = 0; c < C; ++c) dst[c] = 0.f;
+            } else {
+              const float* src = x + ((b * L.H + ih) * L.W + iw) * C;
+              for (int c = 0; c < C; ++c) dst[c] = src[c];
+            }
+          }
+      }
+      xs = panel;
+    }
+    fn(a, xs, n, residual ? residual + r0 * a.O : nullptr, out + r0 * a.O);
+  });
+}
+
+// ------------------------------------------------------------------ maps
+void nchw_to_nhwc(const float* x, int64_t B, int C, int H, int W, float* y) {
+  const int64_t hw = int64_t(H) * W;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t p = 0; p < hw; ++p)
+      for (int c = 0; c < C; ++c) y[(b * hw + p) * C + c] = x[(b * C + c) * hw + p];
+}
+
+template <class T>
+void max_pool_nhwc(const T* x, int64_t B, int H, int W, int C, int ks, int stride, int pad, T* y, int nthreads) {
+  const int Ho = (H + 2 * pad - ks) / stride + 1, Wo = (W + 2 * pad - ks) / stride + 1;
+  const int nt = B * H * W * int64_t(C) > (1 << 18) ? nthreads : 1;
+  parallel_for(nt, B * Ho, [&](int64_t bo, int) {
+    const int64_t b = bo / Ho;
+    const int oh = static_cast<int>(bo % Ho);
+    for (int ow = 0; ow < Wo; ++ow) {
+      T* out = y + ((b * Ho + oh) * Wo + ow) * C;
+      bool first = true;
+      for (int i = 0; i < ks; ++i) {
+        const int ih = oh * stride - pad + i;
+        if (ih < 0 || ih >= H) continue;
+        for (int j = 0; j < ks; ++j) {
+          const int iw = ow * stride - pad + j;
+          if (iw < 0 || iw >= W) continue;
+          const T* in = x + ((b * H + ih) * W + iw) * C;
+          if (first) {
+            std::memcpy(out, in, sizeof(T) * C);
+            first = false;
+          } else {
+            for (int c = 0; c < C; ++c) out[c] = in[c] > out[c] ? in[c] : out[c];
+          }
+        }
+      }
+    }
+  });
+}
+template void max_pool_nhwc<float>(const float*, int64_t, int, int, int, int, int, int, float*, int);
+template void max_pool_nhwc<uint8_t>(const uint8_t*, int64_t, int, int, int, int, int, int, uint8_t*, int);
+
+void mean_hw(const float* x, int64_t B, int H, int W, int C, float* y) {
+  const int64_t hw = int64_t(H) * W;
+  std::vector<double> acc(C);
+  for (int64_t b = 0; b < B; ++b) {
+    std::fill(acc.begin(), acc.end(), 0.0);
+    for (int64_t p = 0; p < hw; ++p)
+      for (int c = 0; c < C; ++c) acc[c] += x[(b * hw + p) * C + c];
+    for (int c = 0; c < C; ++c) y[b * C + c] = static_cast<float>(acc[c] / static_cast<double>(hw));
+  }
+}
+
+// ------------------------------------------------------------------ graph
+void pairwise_sqdiff(const float* v, int64_t T, int N, int C, float* y, int nthreads) {
+  const int nt = T * N * N * int64_t(C) > (1 << 18) ? nthreads : 1;
+  parallel_for(nt, T * N, [&](int64_t ti, int) {
+    const int64_t t = ti / N;
+    const float* vi = v + ti * C;
+    float* out = y + ti * int64_t(N) * C;
+    for (int j = 0; j < N; ++j) {
+      const float* vj = v + (t * N + j) * C;
+      for (int c = 0; c < C; ++c) {
+        const float d = vi[c] - vj[c];
+        out[int64_t(j) * C + c] = d * d;
+      }
+    }
+  });
+}
+
+namespace {
+inline double row_sum(const float* x, int n) {
+  double s = 0.0;
+  for (int i = 0; i < n; ++i) s += x[i];
+  return s;
+}
+}  // namespace
+
+void neg_sum_last(const float* x, int64_t rows, int C, float* y) {
+  for (int64_t r = 0; r < rows; ++r) y[r] = -static_cast<float>(row_sum(x + r * C, C));
+}
+
+void sigmoid_f64(const float* x, int64_t n, float* y) {
+  for (int64_t i = 0; i < n; ++i) y[i] = static_cast<float>(1.0 / (1.0 + std::exp(-static_cast<double>(x[i]))));
+}
+
+namespace {
+// F.normalize(row, p=1): row / max(sum |row| (float64, rounded), 1e-12) in float32
+inline void l1_normalize_row(float* row, int n) {
+  double s = 0.0;
+  for (int i = 0; i < n; ++i) s += std::fabs(row[i]);
+  const float norm = std::max(static_cast<float>(s), 1e-12f);
+  for (int i = 0; i < n; ++i) row[i] = row[i] / norm;
+}
+}  // namespace
+
+void edge_update(const float* sim, const float* prev, int64_t T, int N, float* y) {
+  const float eps = 1e-6f, diag = 1.0f + 1e-6f;  // (eye + 1e-6) in float32
+  std::vector<float> masked(N);
+  for (int64_t r = 0; r < T * N; ++r) {
+    const int i = static_cast<int>(r % N);
+    const float* pr = prev + r * N;
+    const float* sr = sim + r * N;
+    float* out = y + r * N;
+    for (int j = 0; j < N; ++j) masked[j] = j == i ? pr[j] * 0.0f : pr[j] * 1.0f;
+    const float prev_sum = static_cast<float>(row_sum(masked.data(), N));
+    for (int j = 0; j < N; ++j) out[j] = sr[j] * masked[j];
+    l1_normalize_row(out, N);
+    for (int j = 0; j < N; ++j) out[j] = out[j] * prev_sum;
+    for (int j = 0; j < N; ++j) out[j] = out[j] + (j == i ? diag : eps);
+    const float total = static_cast<float>(row_sum(out, N));
+    for (int j = 0; j < N; ++j) out[j] = out[j] / total;
+  }
+}
+
+void offdiag_l1_normalize(const float* x, int64_t T, int N, float* y) {
+  for (int64_t r = 0; r < T * N; ++r) {
+    const int i = static_cast<int>(r % N);
+    for (int j = 0; j < N; ++j) y[r * N + j] = j == i ? x[r * N + j] * 0.0f : x[r * N + j] * 1.0f;
+    l1_normalize_row(y + r * N, N);
+  }
+}
+
+void label_scores(const float* edge, const float* onehot, int64_t T, int N, int NS, int way, float* y) {
+  for (int64_t t = 0; t < T; ++t)
+    for (int q = 0; q < N - NS; ++q)
+      for (int c = 0; c < way; ++c) {
+        double s = 0.0;
+        for (int j = 0; j < NS; ++j)
+          s += static_cast<double>(edge[(t * N + NS + q) * N + j]) * onehot[(t * NS + j) * way + c];
+        y[(t * (N - NS) + q) * way + c] = static_cast<float>(s);
+      }
+}
+
+void bmm_f64(const float* a, const float* v, int64_t T, int N, int D, float* y) {
+  std::vector<double> acc(D);
+  for (int64_t t = 0; t < T; ++t)
+    for (int i = 0; i < N; ++i) {
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int j = 0; j < N; ++j) {
+        const double aij = a[(t * N + i) * N + j];
+        const float* vr = v + (t * N + j) * D;
+        for (int d = 0; d < D; ++d) acc[d] += aij * vr[d];
+      }
+      for (int d = 0; d < D; ++d) y[(t * N + i) * D + d] = static_cast<float>(acc[d]);
+    }
+}
+
+}  // namespace qgnn

@@ -1,0 +1,260 @@
+"""PlanBuilder: lowers an integer model into a compiled plan by running its episode symbolically.
+
+``IntModel.episode(ops, ...)`` is written against the episode-op vocabulary
+(:mod:`qgnn_deploy.ops.episode_ops`); given a :class:`PlanBuilder` as ``ops``, every call
+records a :class:`~qgnn_deploy.plan.plan.Step` on symbolic :class:`Value` s instead of
+computing. Values have a per-task shape (the tasks axis T is left out: every buffer of
+a plan holds T times its per-task size, so one plan serves any T).
+
+This is the one place where a layer's folded parameters are turned into step
+parameters; the native executor derives the kernels' epilogue tables from them
+(``csrc/qgemm.cpp`` ``prepare_layer``, the same derivation the eager ops use).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from ..intmodel import (FloatAggregation, FloatConv2d, FloatLinear, IntAggregation, IntConv2d,
+                        IntLinear)
+from .plan import Buffer, Plan, Step
+
+
+@dataclass(frozen=True)
+class Value:
+    """A symbolic tensor: storage buffer ``buf``, per-task ``shape``, ``dtype`` (u8 | f32)."""
+
+    buf: int
+    shape: Tuple[int, ...]
+    dtype: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def _np(t: Optional[torch.Tensor], dtype=np.float32) -> Optional[np.ndarray]:
+    return None if t is None else np.ascontiguousarray(t.detach().cpu().numpy().astype(dtype, copy=False))
+
+
+class PlanBuilder:
+    """Records episode ops as plan steps (same method names and semantics as TorchEpisodeOps)."""
+
+    def __init__(self):
+        self.buffers: List[Buffer] = []
+        self.steps: List[Step] = []
+        self._quantized: Dict[tuple, Value] = {}
+
+    # -- values -----------------------------------------------------------
+    def new(self, shape: Sequence[int], dtype: str, role: str = "temp", name: str = "") -> Value:
+        shape = tuple(int(v) for v in shape)
+        self.buffers.append(Buffer(len(self.buffers), dtype, math.prod(shape), role, name, shape))
+        return Value(len(self.buffers) - 1, shape, dtype)
+
+    def input(self, name: str, shape: Sequence[int]) -> Value:
+        return self.new(shape, "f32", "input", name)
+
+    @staticmethod
+    def view(x: Value, shape: Sequence[int]) -> Value:
+        shape = tuple(int(v) for v in shape)
+        if math.prod(shape) != x.numel:
+            raise ConfigError(f"plan: cannot view {x.shape} as {shape}")
+        return Value(x.buf, shape, x.dtype)
+
+    def _step(self, kind: str, name: str, inputs: Sequence[Optional[Value]], outputs: Sequence[Value],
+              **params) -> None:
+        ins = [-1 if v is None else v.buf for v in inputs]
+        self.steps.append(Step(kind, name, ins, [v.buf for v in outputs], params))
+
+    def finish(self, outputs: Dict[str, object], **meta) -> Plan:
+        """The plan whose named outputs are ``outputs`` (Values or lists of Values)."""
+        names: Dict[str, object] = {}
+        for key, val in outputs.items():
+            vals = val if isinstance(val, list) else [val]
+            for i, v in enumerate(vals):
+                b = self.buffers[v.buf]
+                if b.role == "input":
+                    raise ConfigError(f"plan: output {key} is an input")
+                if b.role == "output":  # one buffer, two names: copy so each output owns its array
+                    v = self._copy(v, f"{key}[{i}]")
+                    b = self.buffers[v.buf]
+                self.buffers[v.buf] = Buffer(b.id, b.dtype, b.numel, "output",
+                                             key if not isinstance(val, list) else f"{key}[{i}]", v.shape)
+                vals[i] = v
+            names[key] = [v.buf for v in vals] if isinstance(val, list) else vals[0].buf
+        return Plan(self.buffers, self.steps, names, meta)
+
+    def _copy(self, x: Value, name: str) -> Value:
+        y = self.new(x.shape, x.dtype)
+        self._step("concat_last", name, [x], [y], rows=x.numel // x.shape[-1],
+                   parts=[(x.shape[-1], 0, x.shape[-1])])
+        return y
+
+    # -- layers -----------------------------------------------------------
+    def _codes(self, x: Value, l: float, s: float, bits: int, name: str) -> Value:
+        """``x``'s codes under ``(l, s, bits)``: u8 values pass as they are (a producer with a
+        fused requantization emitted them), fp32 values get one quantize step per quantizer."""
+        if x.dtype == "u8":
+            return x
+        key = (x.buf, x.shape, float(l), float(s), int(bits))
+        if key not in self._quantized:
+            q = self.new(x.shape, "u8")
+            self._step("quantize", f"{name}.quantize", [x], [q], n=x.numel, l=float(l), s=float(s),
+                       bits=int(bits))
+            self._quantized[key] = q
+        return self._quantized[key]
+
+    @staticmethod
+    def _epilogue(m) -> dict:
+        p = {"post_scale": _np(m.post_scale), "post_shift": _np(m.post_shift), "slope": m.slope}
+        return p
+
+    def _quant_params(self, m) -> dict:
+        p = dict(w_packed=_np(m.w_packed, np.uint8), w_bits=m.w_bits, a_bits=m.a_bits,
+                 w_scale=_np(m.w_scale), w_offset=_np(m.w_offset), a_scale=m.a_scale, a_offset=m.a_offset,
+                 **self._epilogue(m))
+        if m.out_quant is not None:
+            p.update(out_l=m.out_l, out_s=m.out_s, out_bits=m.out_bits)
+        return p
+
+    def layer(self, m, x: Value, residual: Optional[Value] = None) -> Value:
+        if isinstance(m, (IntConv2d, IntLinear)):
+            codes = self._codes(x, m.a_offset, m.a_scale, m.a_bits, m.name)
+            dtype = "u8" if m.out_quant is not None else "f32"
+            if isinstance(m, IntLinear) or m.pointwise:
+                k = codes.shape[-1]
+                if k != m.reduction:
+                    raise ConfigError(f"plan: {m.name} takes {m.reduction} features, got {codes.shape}")
+                out_c = m.out_features if isinstance(m, IntLinear) else m.out_channels
+                y = self.new(codes.shape[:-1] + (out_c,), dtype)
+                self._step("qlinear", m.name, [codes, residual], [y], rows=codes.numel // k, k=k,
+                           **self._quant_params(m))
+                return y
+            n, h, w, c = codes.shape
+            ho = (h + 2 * m.padding - m.kernel_size) // m.stride + 1
+            wo = (w + 2 * m.padding - m.kernel_size) // m.stride + 1
+            y = self.new((n, ho, wo, m.out_channels), dtype)
+            self._step("qconv", m.name, [codes, residual], [y], images=n, h=h, w=w, c=c, ks=m.kernel_size,
+                       stride=m.stride, pad=m.padding, **self._quant_params(m))
+            return y
+        if isinstance(m, (FloatConv2d, FloatLinear)):
+            if x.dtype != "f32":
+                raise ConfigError(f"plan: the FP32 layer {m.name} received codes (bad fold)")
+            bias = _np(m.bias)
+            if isinstance(m, FloatLinear) or m.pointwise:
+                weight = _np(m.weight.reshape(m.weight.shape[0], -1))
+                o, k = weight.shape
+                y = self.new(x.shape[:-1] + (o,), "f32")
+                self._step("linear_f32", m.name, [x, residual], [y], rows=x.numel // k, k=k, weight=weight,
+                           bias=bias, **self._epilogue(m))
+                return y
+            n, h, w, c = x.shape
+            ks = m.kernel_size
+            ho = (h + 2 * m.padding - ks) // m.stride + 1
+            wo = (w + 2 * m.padding - ks) // m.stride + 1
+            y = self.new((n, ho, wo, m.out_channels), "f32")
+            weight = _np(m.weight.permute(0, 2, 3, 1))  # [O, kh, kw, C]: NHWC taps
+            self._step("conv_f32", m.name, [x, residual], [y], images=n, h=h, w=w, c=c, o=m.out_channels,
+                       ks=ks, stride=m.stride, pad=m.padding, weight=weight, bias=bias, **self._epilogue(m))
+            return y
+        raise ConfigError(f"plan: cannot lower a {type(m).__name__} layer")
+
+    def aggregate(self, m, adj: Value, nodes: Value) -> Value:
+        n, d = nodes.shape
+        y = self.new((n, d), "f32")
+        if isinstance(m, IntAggregation):
+            qa = self._codes(adj, m.a_offset, m.a_scale, m.a_bits, f"{m.name}.adjacency")
+            qv = self._codes(nodes, m.v_offset, m.v_scale, m.v_bits, f"{m.name}.nodes")
+            self._step("qbmm", m.name, [qa, qv], [y], n=n, d=d, a_bits=m.a_bits, v_bits=m.v_bits,
+                       a_scale=m.a_scale, a_offset=m.a_offset, v_scale=m.v_scale, v_offset=m.v_offset)
+        elif isinstance(m, FloatAggregation):
+            self._step("bmm_f32", m.name, [adj, nodes], [y], n=n, d=d)
+        else:
+            raise ConfigError(f"plan: cannot lower a {type(m).__name__} aggregation")
+        return y
+
+    # -- maps -------------------------------------------------------------
+    def images_nhwc(self, images: Value) -> Value:
+        n, c, h, w = images.shape
+        y = self.new((n, h, w, c), "f32")
+        self._step("nchw_to_nhwc", "images", [images], [y], images=n, c=c, h=h, w=w)
+        return y
+
+    def max_pool(self, x: Value, kernel: int, stride: int, padding: int = 0) -> Value:
+        n, h, w, c = x.shape
+        ho, wo = (h + 2 * padding - kernel) // stride + 1, (w + 2 * padding - kernel) // stride + 1
+        y = self.new((n, ho, wo, c), x.dtype)
+        self._step("max_pool", "max_pool", [x], [y], images=n, h=h, w=w, c=c, ks=kernel, stride=stride,
+                   pad=padding)
+        return y
+
+    def mean_hw(self, x: Value) -> Value:
+        n, h, w, c = x.shape
+        y = self.new((n, c), "f32")
+        self._step("mean_hw", "mean_pool", [x], [y], images=n, h=h, w=w, c=c)
+        return y
+
+    def flatten_hwc(self, x: Value) -> Value:
+        return self.view(x, (x.shape[0], x.numel // x.shape[0]))
+
+    # -- graph ------------------------------------------------------------
+    def pairwise_sqdiff(self, v: Value) -> Value:
+        n, c = v.shape
+        y = self.new((n, n, c), "f32")
+        self._step("pairwise_sqdiff", "pairs", [v], [y], n=n, c=c)
+        return y
+
+    def neg_sum_last(self, x: Value) -> Value:
+        y = self.new(x.shape[:-1], "f32")
+        self._step("neg_sum_last", "node_similarity", [x], [y], rows=x.numel // x.shape[-1], c=x.shape[-1])
+        return y
+
+    def squeeze_last(self, x: Value) -> Value:
+        if x.shape[-1] != 1:
+            raise ConfigError(f"plan: squeeze_last of {x.shape}")
+        return self.view(x, x.shape[:-1])
+
+    def sigmoid(self, x: Value) -> Value:
+        y = self.new(x.shape, "f32")
+        self._step("sigmoid", "sigmoid", [x], [y], n=x.numel)
+        return y
+
+    def edge_update(self, sim: Value, prev_edge: Value) -> Value:
+        n = prev_edge.shape[-1]
+        y = self.new((n, n), "f32")
+        self._step("edge_update", "edge_update", [sim, prev_edge], [y], n=n)
+        return y
+
+    def offdiag_l1_normalize(self, x: Value) -> Value:
+        n = x.shape[-1]
+        y = self.new((n, n), "f32")
+        self._step("offdiag_l1_normalize", "adjacency", [x], [y], n=n)
+        return y
+
+    def concat_last(self, parts) -> Value:
+        vals, spans = [], []
+        for p in parts:
+            v, a, b = p if isinstance(p, tuple) else (p, 0, p.shape[-1])
+            vals.append(v)
+            spans.append((v.shape[-1], int(a), int(b)))
+        lead = vals[0].shape[:-1]
+        if any(v.shape[:-1] != lead for v in vals):
+            raise ConfigError(f"plan: concat of {[v.shape for v in vals]}")
+        y = self.new(lead + (sum(b - a for _, a, b in spans),), vals[0].dtype)
+        self._step("concat_last", "concat", vals, [y], rows=math.prod(lead), parts=spans)
+        return y
+
+    def label_scores(self, edge: Value, onehot: Value) -> Value:
+        n = edge.shape[-1]
+        ns, way = onehot.shape
+        y = self.new((n - ns, way), "f32")
+        self._step("label_scores", "logits", [edge, onehot], [y], n=n, ns=ns, way=way)
+        return y
+
+
+__all__ = ["PlanBuilder", "Value"]
