@@ -69,14 +69,15 @@ def load_float_model(src: Source, quiet: bool = False):
     return calibrated_model(src.preset, src.bits, quiet=quiet)
 
 
-def calibrated_model(preset: str, bits: int, quiet: bool = False, seed: int = CALIBRATION_SEED):
-    """A fresh model of ``preset`` at ``bits`` whose PQ ranges are set by one forward pass
-    over synthetic episodes (fixed seed), in eval mode."""
+def calibrated_model(preset: str, bits: int, quiet: bool = False, seed: int = CALIBRATION_SEED,
+                     **overrides):
+    """A fresh model of ``preset`` at ``bits`` (config fields ``overrides``, e.g. shot=5) whose
+    PQ ranges are set by one forward pass over synthetic episodes (fixed seed), in eval mode."""
     import torch
     from .config import preset_config
     from .data import calibration_episodes
     from .models import build_model
-    config = preset_config(preset, bits)
+    config = preset_config(preset, bits, **overrides)
     torch.manual_seed(seed)
     model = build_model(config)
     images, labels = calibration_episodes(config, tasks=CALIBRATION_TASKS, seed=seed)

@@ -1,0 +1,251 @@
+"""The compiled plan (backend ``cpu``) against the reference engine, and its boundaries.
+
+The plan runs the same episode description as the reference (``IntModel.episode``), with
+every FP32 sum in float64 (ops/episode_ops.py), so its outputs are expected -- and
+asserted -- to be bit-identical: logits, point / distribution edges and node
+similarities of every generation.
+"""
+import copy
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from qgnn_deploy.backends import cpu as cpu_backend
+from qgnn_deploy.checkpoint import load_checkpoint
+from qgnn_deploy.data import calibration_episodes
+from qgnn_deploy.errors import InputError, KernelArgumentError
+from qgnn_deploy.fold import fold
+from qgnn_deploy.plan import compile_plan
+from qgnn_deploy.sources import calibrated_model, embedded_checkpoint
+
+pytestmark = pytest.mark.skipif(not cpu_backend.is_available(), reason="C++ extension not built")
+
+_MODELS = {}
+
+
+def model_for(bits, **overrides):
+    """The shipped tiny QAT checkpoint when one fits, else a calibrated fresh tiny model."""
+    key = (bits, tuple(sorted(overrides.items())))
+    if key not in _MODELS:
+        path = embedded_checkpoint("tiny", bits)
+        _MODELS[key] = (load_checkpoint(path).eval() if path and not overrides
+                        else calibrated_model("tiny", bits, quiet=True, **overrides))
+    return _MODELS[key]
+
+
+def outputs_equal(a, b):
+    pairs = [(a.logits, b.logits)] + list(zip(a.point_edges, b.point_edges)) + list(
+        zip(a.distribution_edges, b.distribution_edges)) + list(zip(a.node_similarities, b.node_similarities))
+    return all(x.dtype == y.dtype and torch.equal(x, y) for x, y in pairs)
+
+
+def run(im, backend, images, labels):
+    im.backend = backend
+    return im(images, labels)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("zero_point", ["exact", "snap"])
+def test_plan_is_bit_identical_to_the_reference(bits, zero_point):
+    model = model_for(bits)
+    im = fold(model, zero_point=zero_point)
+    for tasks, seed in ((1, bits), (3, 10 + bits)):
+        images, labels = calibration_episodes(model.config, tasks=tasks, seed=seed)
+        ref, got = run(im, "reference", images, labels), run(im, "cpu", images, labels)
+        assert got.logits.shape == (tasks, model.config.way, model.config.way)
+        assert len(got.point_edges) == im.generations
+        assert outputs_equal(ref, got)
+
+
+@pytest.mark.parametrize("overrides", [dict(shot=5), dict(image_size=84)], ids=["5shot", "84px"])
+def test_plan_other_episode_geometries(overrides):
+    model = model_for(4, **overrides)
+    im = fold(model)
+    images, labels = calibration_episodes(model.config, tasks=2, seed=3)
+    assert outputs_equal(run(im, "reference", images, labels), run(im, "cpu", images, labels))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [2, 4])
+def test_plan_on_the_paper_model(bits):
+    model = calibrated_model("resnet12-cifarfs", bits, quiet=True)
+    im = fold(model)
+    images, labels = calibration_episodes(model.config, tasks=2, seed=5)
+    assert outputs_equal(run(im, "reference", images, labels), run(im, "cpu", images, labels))
+
+
+def test_plan_on_every_isa_and_thread_count():
+    model = model_for(3)
+    im = fold(model)
+    images, labels = calibration_episodes(model.config, tasks=2, seed=7)
+    want = run(im, "reference", images, labels)
+    im.backend = "cpu"
+    try:
+        for isa in cpu_backend.available_isas():
+            cpu_backend.force_isa(isa)
+            for threads in (1, 2):
+                cpu_backend.set_num_threads(threads)
+                assert outputs_equal(want, im(images, labels)), (isa, threads)
+    finally:
+        cpu_backend.force_isa(None)
+        cpu_backend.set_num_threads(None)
+
+
+def test_plan_tasks_axis_is_dynamic_and_shapes_are_checked():
+    model = model_for(4)
+    im = fold(model, backend="cpu")
+    images, labels = calibration_episodes(model.config, tasks=5, seed=1)
+    whole = im(images, labels)
+    for t in range(5):  # one plan, any T; each task independent of the others
+        one = im(images[t:t + 1], labels[t:t + 1])
+        assert torch.equal(one.logits[0], whole.logits[t])
+    plan = im.compiled()
+    with pytest.raises(InputError, match="images per task"):
+        im(images[:, :-1], labels)
+    with pytest.raises(InputError, match="3x32x32"):
+        im(torch.zeros(1, model.config.num_nodes, 3, 28, 28), labels[:1])
+    bad = images.clone()
+    bad[0, 0, 0, 0, 0] = float("nan")
+    with pytest.raises(InputError, match="NaN"):
+        im(bad, labels)
+    with pytest.raises(InputError, match="support labels"):
+        im(images, labels + model.config.way)
+    assert im.compiled() is plan  # errors are caught before the plan, which stays valid
+
+
+def test_plan_follows_in_place_edits_and_copies():
+    model = model_for(4)
+    im = fold(model, backend="cpu")
+    images, labels = calibration_episodes(model.config, tasks=2, seed=2)
+    before = im(images, labels)
+    plan = im.compiled()
+    clone = copy.deepcopy(im)  # the native plan is not copied: the copy compiles its own
+    assert outputs_equal(before, clone(images, labels)) and clone.compiled() is not plan
+    layer = im.layer("backbone.layer2.0.conv2")
+    layer.post_shift.add_(0.5)  # in-place edit: the plan must not serve stale constants
+    after = im(images, labels)
+    assert im.compiled() is not plan
+    im.backend = "reference"
+    assert outputs_equal(im(images, labels), after) and not torch.equal(before.logits, after.logits)
+
+
+def test_plan_concurrent_callers():
+    model = model_for(2)
+    im = fold(model, backend="cpu")
+    batches = [calibration_episodes(model.config, tasks=2, seed=s) for s in range(4)]
+    want = [im(i, l) for i, l in batches]
+    got, errors = {}, []
+
+    def worker(k):
+        try:
+            for _ in range(3):
+                got[k] = im(*batches[k])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert all(outputs_equal(want[k], got[k]) for k in range(4))
+
+
+def test_plan_profile_lists_every_step():
+    model = model_for(4)
+    im = fold(model)
+    images, labels = calibration_episodes(model.config, tasks=1, seed=0)
+    prof = im.profile(images, labels)
+    plan = im.compiled().plan
+    assert [p["kind"] for p in prof] == [s.kind for s in plan.steps]
+    assert all(p["ms"] >= 0 for p in prof) and sum(p["ms"] for p in prof) > 0
+    kinds = {s.kind for s in plan.steps}
+    assert {"conv_f32", "qconv", "qlinear", "qbmm", "max_pool", "edge_update", "label_scores"} <= kinds
+
+
+def test_plan_layout_shares_memory_between_disjoint_lifetimes():
+    plan = compile_plan(fold(model_for(4)))
+    offsets, arena = plan.layout()
+    temps = [b for b in plan.buffers if b.role == "temp"]
+    assert arena < sum(b.nbytes for b in temps)  # reuse happened
+    first, last = {}, {}
+    for i, st in enumerate(plan.steps):
+        for b in st.outputs + [b for b in st.inputs if b >= 0]:
+            first.setdefault(b, i)
+            last[b] = i
+    for a in temps:  # no two live buffers overlap
+        for b in temps:
+            if a.id < b.id and not (last[a.id] < first[b.id] or last[b.id] < first[a.id]):
+                oa, ob = offsets[a.id], offsets[b.id]
+                assert oa + a.nbytes <= ob or ob + b.nbytes <= oa, (a, b)
+
+
+# ------------------------------------------------------------------ the native boundary
+
+def _native_spec(plan):
+    from qgnn_deploy.backends.cpu_plan import _DTYPE, _ROLE
+    offsets, arena = plan.layout()
+    buffers = [[_DTYPE[b.dtype], b.numel, _ROLE[b.role], max(offsets[b.id], 0)] for b in plan.buffers]
+    steps = [dict(st.params, kind=st.kind, name=st.name, **{"in": list(st.inputs), "out": list(st.outputs)})
+             for st in plan.steps]
+    return buffers, steps, arena
+
+
+def _build(buffers, steps, arena):
+    return cpu_backend._call(cpu_backend._ext().Plan, buffers, steps, arena)
+
+
+def test_native_plan_rejects_inconsistent_descriptions():
+    buffers, steps, arena = _native_spec(compile_plan(fold(model_for(4))))
+    _build(buffers, steps, arena)  # the real one builds
+    k = next(i for i, s in enumerate(steps) if s["kind"] == "qconv")
+    cases = {
+        "unknown kind": lambda b, s: s[k].update(kind="conv9d"),
+        "wrong input size": lambda b, s: s[k].update(h=s[k]["h"] + 1),
+        "buffer id out of range": lambda b, s: s[k].update(**{"in": [len(b) + 5, -1]}),
+        "writes an input": lambda b, s: s[k].update(out=[0]),
+        "output aliases an input": lambda b, s: s[k].update(out=list(s[k]["in"][:1])),
+        "bad bits": lambda b, s: s[k].update(w_bits=5),
+        "truncated weights": lambda b, s: s[k].update(w_packed=s[k]["w_packed"][:, :-1].copy()),
+        "non-finite scale": lambda b, s: s[k].update(w_scale=np.full_like(s[k]["w_scale"], np.nan)),
+        "missing parameter": lambda b, s: s[k].pop("a_scale"),
+        "arena too small": lambda b, s: b.__setitem__(slice(None), [[x[0], x[1], x[2], x[3] + (1 << 30)]
+                                                                     if x[2] == 2 else x for x in b]),
+        "reads before any write": lambda b, s: s.insert(0, dict(s[k])),
+    }
+    for what, edit in cases.items():
+        b, s = copy.deepcopy(buffers), copy.deepcopy(steps)
+        edit(b, s)
+        with pytest.raises(KernelArgumentError):
+            _build(b, s, arena)
+            pytest.fail(what)
+
+
+def test_native_plan_run_checks_its_inputs():
+    im = fold(model_for(4))
+    plan = im.compiled()
+    native, ids = plan.native, plan.input_ids
+    images, labels = calibration_episodes(im.config, tasks=1, seed=0)
+    from qgnn_deploy.models.qgnn import episode_graph
+    graph = episode_graph(labels, im.config.way)
+    feed = {ids["images"]: images.numpy().reshape(-1)}
+    feed.update({ids[n]: g.numpy().reshape(-1) for n, g in
+                 zip(("distribution_node", "point_edge", "distribution_edge", "onehot"), graph)})
+    native.run(1, feed, 1)
+    for what, edit in {
+        "missing input": lambda f: f.pop(ids["onehot"]),
+        "wrong dtype": lambda f: f.__setitem__(ids["images"], f[ids["images"]].astype(np.float64)),
+        "wrong size": lambda f: f.__setitem__(ids["images"], f[ids["images"]][:-3].copy()),
+        "non-contiguous": lambda f: f.__setitem__(ids["point_edge"], np.repeat(f[ids["point_edge"]], 2)[::2]),
+    }.items():
+        f = dict(feed)
+        edit(f)
+        with pytest.raises(KernelArgumentError):
+            cpu_backend._call(native.run, 1, f, 1)
+            pytest.fail(what)
+    with pytest.raises(KernelArgumentError):
+        cpu_backend._call(native.run, 2, feed, 1)  # feed holds one task
+    with pytest.raises(KernelArgumentError):
+        cpu_backend._call(native.run, 0, feed, 1)
