@@ -106,10 +106,10 @@ void setup_call(EagerCall& c, int O, int64_t M, const std::vector<py::ssize_t>& 
     throw ArgError("out_l, out_s and out_bits must be given together");
   if (out_s) {
     check_bits(*out_bits, "out_bits");
-    p.quant = true;
-    p.out_l = finite(*out_l, "out_l");
-    p.out_s = finite(*out_s, "out_s", true);
-    p.out_bits = *out_bits;
+    p.nq = 1;
+    p.out_l[0] = finite(*out_l, "out_l");
+    p.out_s[0] = finite(*out_s, "out_s", true);
+    p.out_bits[0] = *out_bits;
     c.out = py::array_t<uint8_t>(out_shape);
   } else {
     c.out = py::array_t<float>(out_shape);
@@ -126,10 +126,11 @@ void run_eager(EagerCall& c, const qgnn::PackedW& w, int a_bits, int ks, int str
   qgnn::QLayer L;
   qgnn::prepare_layer(L, w, a_bits, c.p, ks, stride, pad, H, W, C);
   void* out = c.out.mutable_data();
+  uint8_t* codes = static_cast<uint8_t*>(out);
   int32_t* acc = want_acc ? c.acc.mutable_data() : nullptr;
   int32_t* as = want_acc ? c.as.mutable_data() : nullptr;
   py::gil_scoped_release nogil;
-  qgnn::run_layer(L, x, M, c.residual, out, acc, as, nthreads, bad);
+  qgnn::run_layer(L, x, M, c.residual, c.p.nq ? nullptr : static_cast<float*>(out), &codes, acc, as, nthreads, bad);
 }
 
 py::object finish(EagerCall& c, bool want_acc) {

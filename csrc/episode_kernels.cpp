@@ -22,18 +22,18 @@ namespace qgnn {
 // ------------------------------------------------------------------ FP32 layers
 namespace {
 
-using RowsFn = void (*)(const F64Args&, const float*, int64_t, const float*, float*);
+using RowsFn = void (*)(const F64Args&, const float*, int64_t, int64_t, const float*, float*, uint8_t* const*);
 
-RowsFn pick_rows(bool dot) {
+RowsFn pick_rows() {
   switch (active_isa()) {
 #if defined(__x86_64__)
     case Isa::Avx512Vnni:
-      return dot ? f64_dot_rows_avx512 : f64_rows_avx512;
+      return f64_rows_avx512;
     case Isa::Avx2:
-      return dot ? f64_dot_rows_avx2 : f64_rows_avx2;
+      return f64_rows_avx2;
 #endif
     default:
-      return dot ? f64_dot_rows_scalar : f64_rows_scalar;
+      return f64_rows_scalar;
   }
 }
 
@@ -41,8 +41,14 @@ RowsFn pick_rows(bool dot) {
 
 void prepare_float_layer(FloatLayer& L, const float* weight, int O, int K, const float* bias,
                          const float* post_scale, const float* post_shift, bool has_slope, float slope,
-                         int ks, int stride, int pad, int H, int W, int C) {
+                         int ks, int stride, int pad, int H, int W, int C, int nq, const float* out_l,
+                         const float* out_s, const int* out_bits) {
   if (O <= 0 || K <= 0) throw ArgError("FP32 layer: O and K must be positive");
+  if (nq < 0 || nq > kMaxRequant) throw ArgError("at most 3 requantized outputs");
+  for (int k = 0; k < nq; ++k)
+    if (!std::isfinite(out_l[k]) || !std::isfinite(out_s[k]) || !(out_s[k] > 0.f) ||
+        (out_bits[k] != 2 && out_bits[k] != 3 && out_bits[k] != 4 && out_bits[k] != 8))
+      throw ArgError("FP32 layer: bad requantization (l, s, bits)");
   for (int64_t i = 0; i < int64_t(O) * K; ++i)
     if (!std::isfinite(weight[i])) throw ArgError("FP32 layer weights hold NaN or Inf values");
   for (const float* v : {bias, post_scale, post_shift})
@@ -52,7 +58,7 @@ void prepare_float_layer(FloatLayer& L, const float* weight, int O, int K, const
   if (has_slope && !std::isfinite(slope)) throw ArgError("slope must be finite");
   const int Op = (O + 7) / 8 * 8;
   if (O > F64_MAX_OP) throw ArgError("FP32 layer: more than " + std::to_string(F64_MAX_OP) + " outputs");
-  if (O >= 8) {  // [K][Op]: one output row is a few vector accumulators
+  if (O >= 8 || ks > 0) {  // [K][Op]: one output row is a few vector accumulators
     L.wt.assign(static_cast<size_t>(K) * Op, 0.0);
     for (int o = 0; o < O; ++o)
       for (int k = 0; k < K; ++k) L.wt[static_cast<size_t>(k) * Op + o] = weight[static_cast<size_t>(o) * K + k];
@@ -82,54 +88,33 @@ void prepare_float_layer(FloatLayer& L, const float* weight, int O, int K, const
   a.O = O;
   a.Op = Op;
   a.K = K;
-  L.conv = ks > 0;
-  if (L.conv) {
+  a.nq = nq;
+  for (int k = 0; k < nq; ++k) {
+    a.out_l[k] = out_l[k];
+    a.out_s[k] = out_s[k];
+    a.qmax[k] = static_cast<float>((1 << out_bits[k]) - 1);
+  }
+  if (ks > 0) {
     if (K != ks * ks * C) throw ArgError("FP32 conv: K must be ks*ks*C");
-    L.ks = ks;
-    L.stride = stride;
-    L.pad = pad;
-    L.H = H;
-    L.W = W;
-    L.C = C;
-    L.Ho = (H + 2 * pad - ks) / stride + 1;
-    L.Wo = (W + 2 * pad - ks) / stride + 1;
+    a.ks = ks;
+    a.stride = stride;
+    a.pad = pad;
+    a.H = H;
+    a.W = W;
+    a.C = C;
+    a.Ho = (H + 2 * pad - ks) / stride + 1;
+    a.Wo = (W + 2 * pad - ks) / stride + 1;
   }
 }
 
-void run_float_layer(const FloatLayer& L, const float* x, int64_t rows, const float* residual, float* out,
-                     int nthreads) {
+void run_float_layer(const FloatLayer& L, const float* x, int64_t rows, const float* residual, float* out_f,
+                     uint8_t* const* out_q, int nthreads) {
   const F64Args& a = L.args;
-  const RowsFn fn = pick_rows(a.O < 8);
-  constexpr int64_t kRows = 64;  // output rows per task (one gathered patch panel)
-  const int64_t ntask = (rows + kRows - 1) / kRows;
+  const RowsFn fn = pick_rows();
+  constexpr int64_t kRows = 64;  // output rows per task
   const int nt = double(rows) * a.K * a.O < 1.0e6 ? 1 : nthreads;
-  const int K = a.K, C = L.C;
-  std::vector<std::vector<float>> panels(L.conv ? static_cast<size_t>(std::max(nt, 1)) : 0);
-  for (auto& p : panels) p.resize(static_cast<size_t>(kRows) * K);
-  parallel_for(nt, ntask, [&](int64_t ti, int tid) {
-    const int64_t r0 = ti * kRows, n = std::min(rows, r0 + kRows) - r0;
-    const float* xs = x + r0 * K;
-    if (L.conv) {  // gather receptive fields in (kh, kw, C) order, zeros outside the input
-      float* panel = panels[tid].data();
-      const int64_t P = int64_t(L.Ho) * L.Wo;
-      for (int64_t r = r0; r < r0 + n; ++r) {
-        const int64_t b = r / P;
-        const int oh = static_cast<int>(r % P) / L.Wo, ow = static_cast<int>(r % P) % L.Wo;
-        float* dst = panel + (r - r0) * K;
-        for (int i = 0; i < L.ks; ++i)
-          for (int j = 0; j < L.ks; ++j, dst += C) {
-            const int ih = oh * L.stride - L.pad + i, iw = ow * L.stride - L.pad + j;
-            if (ih < 0 || ih >= L.H || iw < 0 || iw >= L.W) {
-              for (int c = 0; c < C; ++c) dst[c] = 0.f;
-            } else {
-              const float* src = x + ((b * L.H + ih) * L.W + iw) * C;
-              for (int c = 0; c < C; ++c) dst[c] = src[c];
-            }
-          }
-      }
-      xs = panel;
-    }
-    fn(a, xs, n, residual ? residual + r0 * a.O : nullptr, out + r0 * a.O);
+  parallel_for(nt, (rows + kRows - 1) / kRows, [&](int64_t ti, int) {
+    fn(a, x, ti * kRows, std::min(rows, (ti + 1) * kRows), residual, out_f, out_q);
   });
 }
 

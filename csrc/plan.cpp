@@ -99,7 +99,9 @@ void Plan::exec(const PlanStep& st, int64_t T, const std::vector<void*>& ptrs, i
     case StepKind::QLinear: {
       const QLayer& L = *st.qlayer;
       const int64_t rows = st.kind == StepKind::QConv ? st.count * T * L.Ho * L.Wo : st.count * T;
-      run_layer(L, in_u8(0), rows, in_f(1), ptrs[st.out], nullptr, nullptr, nthreads, &bad);
+      uint8_t* codes[kMaxRequant] = {};
+      for (size_t k = 0; k < st.codes.size(); ++k) codes[k] = static_cast<uint8_t*>(ptrs[st.codes[k]]);
+      run_layer(L, in_u8(0), rows, in_f(1), st.codes.empty() ? out_f : nullptr, codes, nullptr, nullptr, nthreads, &bad);
       break;
     }
     case StepKind::QBmm:
@@ -109,8 +111,10 @@ void Plan::exec(const PlanStep& st, int64_t T, const std::vector<void*>& ptrs, i
     case StepKind::ConvF32:
     case StepKind::LinearF32: {
       const FloatLayer& L = *st.flayer;
-      const int64_t rows = st.kind == StepKind::ConvF32 ? st.count * T * L.Ho * L.Wo : st.count * T;
-      run_float_layer(L, in_f(0), rows, in_f(1), out_f, nthreads);
+      const int64_t rows = st.kind == StepKind::ConvF32 ? st.count * T * L.args.Ho * L.args.Wo : st.count * T;
+      uint8_t* codes[kMaxRequant] = {};
+      for (size_t k = 0; k < st.codes.size(); ++k) codes[k] = static_cast<uint8_t*>(ptrs[st.codes[k]]);
+      run_float_layer(L, in_f(0), rows, in_f(1), st.codes.empty() ? out_f : nullptr, codes, nthreads);
       break;
     }
     case StepKind::BmmF32:

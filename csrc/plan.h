@@ -42,7 +42,8 @@ struct PlanStep {
   StepKind kind = StepKind::Quantize;
   std::string name;
   std::vector<int> in;     // buffer ids; -1: an absent optional input (residual)
-  int out = -1;
+  int out = -1;            // the output; a requantizing layer's first code output
+  std::vector<int> codes;  // a requantizing layer: its code outputs (codes[0] == out)
   int64_t count = 0;       // per task: elements (quantize, sigmoid) or rows (linear kinds,
                            // neg_sum_last, concat) or images (map kinds)
   int h = 0, w = 0, c = 0, ks = 1, stride = 1, pad = 0, n = 0, d = 0, ns = 0, way = 0;

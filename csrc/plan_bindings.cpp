@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "plan.h"
@@ -74,6 +75,34 @@ void expect(const Plan& p, const StepReader& r, int id, DType dt, int64_t n, con
 
 int conv_out(int h, int ks, int stride, int pad) { return (h + 2 * pad - ks) / stride + 1; }
 
+// "requant": [(l, s, bits), ...] -- the step's outputs are that many code buffers (in
+// order), else one fp32 output
+int read_requant(const StepReader& r, float* l, float* s, int* bits) {
+  if (!r.has("requant")) return 0;
+  const auto q = r.at("requant").cast<std::vector<std::tuple<double, double, int>>>();
+  if (q.size() > static_cast<size_t>(qgnn::kMaxRequant)) throw ArgError(r.where + ": at most 3 requantized outputs");
+  for (size_t k = 0; k < q.size(); ++k) {
+    l[k] = static_cast<float>(std::get<0>(q[k]));
+    s[k] = static_cast<float>(std::get<1>(q[k]));
+    bits[k] = std::get<2>(q[k]);
+    if (!std::isfinite(l[k]) || !std::isfinite(s[k]) || !(s[k] > 0.f))
+      throw ArgError(r.where + ": requantization offsets and steps must be finite, steps > 0");
+  }
+  return static_cast<int>(q.size());
+}
+
+void expect_outputs(const Plan& p, const StepReader& r, PlanStep& st, const std::vector<int>& outs, int nq,
+                    int64_t n) {
+  if (nq == 0) {
+    if (outs.size() != 1) throw ArgError(r.where + ": an fp32 layer output is one buffer");
+    expect(p, r, st.out, DType::F32, n, "output");
+    return;
+  }
+  if (static_cast<int>(outs.size()) != nq) throw ArgError(r.where + ": one code output per requantization");
+  for (int b : outs) expect(p, r, b, DType::U8, n, "code output");
+  st.codes = outs;
+}
+
 void read_geometry(PlanStep& st, const StepReader& r) {
   st.count = r.i64("images");
   st.h = r.i32("h");
@@ -85,7 +114,7 @@ void read_geometry(PlanStep& st, const StepReader& r) {
   if (st.h + 2 * st.pad < st.ks || st.w + 2 * st.pad < st.ks) throw ArgError(r.where + ": input smaller than the kernel");
 }
 
-void read_qlayer(PlanStep& st, const StepReader& r, const Plan& p, bool conv) {
+void read_qlayer(PlanStep& st, const StepReader& r, const Plan& p, bool conv, const std::vector<int>& outs) {
   const int w_bits = r.i32("w_bits", 2, 8), a_bits = r.i32("a_bits", 2, 8);
   for (int b : {w_bits, a_bits})
     if (b != 2 && b != 3 && b != 4 && b != 8) throw ArgError(r.where + ": bits must be one of (2, 3, 4, 8)");
@@ -112,23 +141,18 @@ void read_qlayer(PlanStep& st, const StepReader& r, const Plan& p, bool conv) {
     lp.has_slope = true;
     lp.slope = r.f32("slope");
   }
-  if (r.has("out_s")) {
-    lp.quant = true;
-    lp.out_l = r.f32("out_l");
-    lp.out_s = r.f32("out_s", true);
-    lp.out_bits = r.i32("out_bits", 2, 8);
-  }
+  lp.nq = read_requant(r, lp.out_l, lp.out_s, lp.out_bits);
   st.qlayer.reset(new qgnn::QLayer());
   qgnn::prepare_layer(*st.qlayer, *st.packed, a_bits, lp, conv ? st.ks : 0, st.stride, st.pad, st.h, st.w, st.c);
   const qgnn::QLayer& L = *st.qlayer;
   const int64_t in_n = conv ? st.count * st.h * st.w * st.c : st.count * K;
   const int64_t out_n = conv ? st.count * L.Ho * L.Wo * O : st.count * O;
   expect(p, r, st.in[0], DType::U8, in_n, "input");
-  expect(p, r, st.out, lp.quant ? DType::U8 : DType::F32, out_n, "output");
+  expect_outputs(p, r, st, outs, lp.nq, out_n);
   if (st.in.size() > 1 && st.in[1] >= 0) expect(p, r, st.in[1], DType::F32, out_n, "residual");
 }
 
-void read_flayer(PlanStep& st, const StepReader& r, const Plan& p, bool conv) {
+void read_flayer(PlanStep& st, const StepReader& r, const Plan& p, bool conv, const std::vector<int>& outs) {
   py::array w = py::reinterpret_borrow<py::array>(r.at("weight"));
   if (!w.dtype().is(py::dtype::of<float>()) || !(w.flags() & py::array::c_style) || w.ndim() < 2)
     throw ArgError(r.where + ": weight must be a C-contiguous float32 array");
@@ -143,14 +167,17 @@ void read_flayer(PlanStep& st, const StepReader& r, const Plan& p, bool conv) {
   const float* sh = r.opt_f32("post_shift", O, keep);
   const bool has_slope = r.has("slope");
   const float slope = has_slope ? r.f32("slope") : 0.f;
+  float ql[qgnn::kMaxRequant], qs[qgnn::kMaxRequant];
+  int qb[qgnn::kMaxRequant];
+  const int nq = read_requant(r, ql, qs, qb);
   st.flayer.reset(new qgnn::FloatLayer());
   qgnn::prepare_float_layer(*st.flayer, static_cast<const float*>(w.data()), O, K, bias, ps, sh, has_slope, slope,
-                            conv ? st.ks : 0, st.stride, st.pad, st.h, st.w, st.c);
-  const qgnn::FloatLayer& L = *st.flayer;
+                            conv ? st.ks : 0, st.stride, st.pad, st.h, st.w, st.c, nq, ql, qs, qb);
+  const qgnn::F64Args& L = st.flayer->args;
   const int64_t in_n = conv ? st.count * st.h * st.w * st.c : st.count * K;
   const int64_t out_n = conv ? st.count * L.Ho * L.Wo * O : st.count * O;
   expect(p, r, st.in[0], DType::F32, in_n, "input");
-  expect(p, r, st.out, DType::F32, out_n, "output");
+  expect_outputs(p, r, st, outs, nq, out_n);
   if (st.in.size() > 1 && st.in[1] >= 0) expect(p, r, st.in[1], DType::F32, out_n, "residual");
 }
 
@@ -163,16 +190,26 @@ PlanStep read_step(const py::dict& d, const Plan& p, size_t index) {
   r.where += " (" + kind + " " + st.name + ")";
   st.in = r.at("in").cast<std::vector<int>>();
   const std::vector<int> outs = r.at("out").cast<std::vector<int>>();
-  if (outs.size() != 1) throw ArgError(r.where + ": a step has exactly one output");
+  const bool layer = st.kind == StepKind::QConv || st.kind == StepKind::QLinear || st.kind == StepKind::ConvF32 ||
+                     st.kind == StepKind::LinearF32;
+  if (outs.empty() || (!layer && outs.size() != 1))
+    throw ArgError(r.where + ": a step has one output (a requantizing layer one per quantizer)");
   st.out = outs[0];
   if (st.in.empty() || st.in[0] < 0) throw ArgError(r.where + ": no input");
   const int nb = static_cast<int>(p.buffers.size());
   for (int b : st.in)
     if (b >= nb || b < -1) throw ArgError(r.where + ": input is not a buffer");
-  if (st.out < 0 || st.out >= nb) throw ArgError(r.where + ": output is not a buffer");
-  if (p.buffers[st.out].role == Role::Input) throw ArgError(r.where + ": writes an input");
-  for (int b : st.in)
-    if (b == st.out) throw ArgError(r.where + ": output aliases an input");
+  for (size_t k = 0; k < outs.size(); ++k) {
+    const int o = outs[k];
+    if (o < 0 || o >= nb) throw ArgError(r.where + ": output is not a buffer");
+    if (p.buffers[o].role == Role::Input) throw ArgError(r.where + ": writes an input");
+    for (size_t j = 0; j < k; ++j)
+      if (outs[j] == o) throw ArgError(r.where + ": two outputs share a buffer");
+    // a layer may write its fp32 output over its residual (element-wise, read before written)
+    for (size_t i = 0; i < st.in.size(); ++i)
+      if (st.in[i] == o && !(layer && i == 1 && outs.size() == 1 && p.buffers[o].dtype == DType::F32))
+        throw ArgError(r.where + ": output aliases an input");
+  }
   auto need_inputs = [&](size_t lo, size_t hi) {
     if (st.in.size() < lo || st.in.size() > hi) throw ArgError(r.where + ": wrong number of inputs");
   };
@@ -190,12 +227,12 @@ PlanStep read_step(const py::dict& d, const Plan& p, size_t index) {
     case StepKind::QConv:
       need_inputs(1, 2);
       read_geometry(st, r);
-      read_qlayer(st, r, p, true);
+      read_qlayer(st, r, p, true, outs);
       break;
     case StepKind::QLinear:
       need_inputs(1, 2);
       st.count = r.i64("rows");
-      read_qlayer(st, r, p, false);
+      read_qlayer(st, r, p, false, outs);
       break;
     case StepKind::QBmm:
       need_inputs(2, 2);
@@ -214,12 +251,12 @@ PlanStep read_step(const py::dict& d, const Plan& p, size_t index) {
     case StepKind::ConvF32:
       need_inputs(1, 2);
       read_geometry(st, r);
-      read_flayer(st, r, p, true);
+      read_flayer(st, r, p, true, outs);
       break;
     case StepKind::LinearF32:
       need_inputs(1, 2);
       st.count = r.i64("rows");
-      read_flayer(st, r, p, false);
+      read_flayer(st, r, p, false, outs);
       break;
     case StepKind::BmmF32:
       need_inputs(2, 2);
@@ -343,6 +380,7 @@ std::shared_ptr<Plan> make_plan(const std::vector<std::vector<int64_t>>& buffers
     for (int b : st.in)
       if (b >= 0 && !written[b]) throw ArgError("plan step " + std::to_string(i) + " (" + st.name + ") reads a buffer no step wrote");
     written[st.out] = true;
+    for (int b : st.codes) written[b] = true;
     p->steps.push_back(std::move(st));
   }
   for (size_t i = 0; i < p->buffers.size(); ++i)

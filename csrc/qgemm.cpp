@@ -133,8 +133,8 @@ void epi_store_scalar(const Epi& e, int64_t m, int o, int32_t acc, int32_t as) {
   const int pat = e.pid ? e.pid[m % e.P] : 0;
   if (e.acc_out) e.acc_out[m * e.O + o] = wrap(int64_t(acc) + int64_t(e.wbias) * as);
   const float y = epi_value(e, acc, as, pat, o, m);
-  if (e.quant)
-    e.out_q[m * e.O + o] = quant_value(y, e.out_l, e.out_s, e.qmax);
+  if (e.nq)
+    for (int k = 0; k < e.nq; ++k) e.out_q[k][m * e.O + o] = quant_value(y, e.out_l[k], e.out_s[k], e.qmax[k]);
   else
     e.out_f[m * e.O + o] = y;
 }
@@ -169,7 +169,7 @@ void centre(Epi& e, const int32_t* ws_raw, const int32_t* cnt, int npat, Centred
   e.cnt_tab = t.cnt.data();
   e.t2_tab = t.t2.data();
   e.t4_tab = t.t4.data();
-  e.inv_out_s = 1.f / e.out_s;
+  for (int k = 0; k < e.nq; ++k) e.inv_out_s[k] = 1.f / e.out_s[k];
 }
 
 void tile_scalar(const TileArgs& t) {
@@ -288,8 +288,13 @@ void prepare_layer(QLayer& L, const PackedW& w, int a_bits, const LayerParams& p
   if (p.post_scale) L.post_scale.assign(p.post_scale, p.post_scale + O);
   if (p.post_shift) L.post_shift.assign(p.post_shift, p.post_shift + O);
   if (p.has_slope && !std::isfinite(p.slope)) throw ArgError("slope must be finite");
-  if (p.quant && (!std::isfinite(p.out_l) || !std::isfinite(p.out_s) || !(p.out_s > 0.f)))
-    throw ArgError("out_l must be finite, out_s finite and > 0");
+  if (p.nq < 0 || p.nq > kMaxRequant) throw ArgError("at most 3 requantized outputs");
+  for (int k = 0; k < p.nq; ++k) {
+    if (!std::isfinite(p.out_l[k]) || !std::isfinite(p.out_s[k]) || !(p.out_s[k] > 0.f))
+      throw ArgError("out_l must be finite, out_s finite and > 0");
+    if (p.out_bits[k] != 2 && p.out_bits[k] != 3 && p.out_bits[k] != 4 && p.out_bits[k] != 8)
+      throw ArgError("out_bits must be one of (2, 3, 4, 8)");
+  }
   Epi& e = L.epi;
   e = Epi{};
   e.c1 = L.c1.data();
@@ -302,10 +307,12 @@ void prepare_layer(QLayer& L, const PackedW& w, int a_bits, const LayerParams& p
   e.post_shift = p.post_shift ? L.post_shift.data() : nullptr;
   e.has_slope = p.has_slope;
   e.slope = p.slope;
-  e.quant = p.quant;
-  e.out_l = p.out_l;
-  e.out_s = p.out_s;
-  e.qmax = static_cast<float>((1 << p.out_bits) - 1);
+  e.nq = p.nq;
+  for (int k = 0; k < p.nq; ++k) {
+    e.out_l[k] = p.out_l[k];
+    e.out_s[k] = p.out_s[k];
+    e.qmax[k] = static_cast<float>((1 << p.out_bits[k]) - 1);
+  }
   e.O = O;
   e.wbias = w.bias;
   if (ks == 0) {  // linear
@@ -397,6 +404,7 @@ void run_linear(const QLayer& L, const uint8_t* x, int M, Epi& e, int nthreads, 
   const Split sp = pick_split(M, Kp, nblk, nthreads, double(M) * Kp * w.Op);
   const int mb = sp.mb;
   const bool direct = (K == Kp);  // rows already a multiple of 4 codes: read in place
+  const bool avx512 = active_isa() == Isa::Avx512Vnni;
   std::vector<std::unique_ptr<AlignedBuf>> panels;
   std::vector<std::vector<int32_t>> ass(sp.nt, std::vector<int32_t>(mb));
   std::vector<std::vector<const uint8_t*>> ptrs(sp.nt, std::vector<const uint8_t*>(mb));
@@ -409,17 +417,23 @@ void run_linear(const QLayer& L, const uint8_t* x, int M, Epi& e, int nthreads, 
     const uint8_t** pr = ptrs[tid].data();
     uint8_t& orv = orvs[tid];
     const int m0 = static_cast<int>(ti) * mb, rows = std::min(mb, M - m0);
-    for (int r = 0; r < rows; ++r) {
-      const uint8_t* src = x + static_cast<size_t>(m0 + r) * K;
-      if (!direct) {
+    const uint8_t* x0 = x + static_cast<size_t>(m0) * K;
+    if (direct) {
+      for (int r = 0; r < rows; ++r) pr[r] = x0 + static_cast<size_t>(r) * K;
+    } else {
+      for (int r = 0; r < rows; ++r) {
         uint8_t* dst = panels[tid]->p + static_cast<size_t>(r) * Kp;
-        std::memcpy(dst, src, K);
+        std::memcpy(dst, x0 + static_cast<size_t>(r) * K, K);
         std::memset(dst + K, 0, Kp - K);
-        src = dst;
+        pr[r] = dst;
       }
-      pr[r] = src;
-      as[r] = rowsum_u8(src, K, &orv);
     }
+#if defined(__x86_64__)
+    if (avx512) {
+      rowsums_avx512(x0, rows, K, as, &orv);
+    } else
+#endif
+    for (int r = 0; r < rows; ++r) as[r] = rowsum_u8(pr[r], K, &orv);
     TileArgs t{pr, 1, Kp / 4, rows, m0, w.data.data(), Kp, ob0, std::min(sp.bpg, nblk - ob0), w.O, as, nullptr, &e, split};
     tile(t);
   });
@@ -531,16 +545,14 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
 
 }  // namespace
 
-void run_layer(const QLayer& L, const uint8_t* x, int64_t rows, const float* residual, void* out,
-               int32_t* acc_out, int32_t* as_out, int nthreads, int* bad_code) {
+void run_layer(const QLayer& L, const uint8_t* x, int64_t rows, const float* residual, float* out_f,
+               uint8_t* const* out_q, int32_t* acc_out, int32_t* as_out, int nthreads, int* bad_code) {
   *bad_code = 0;
   if (rows <= 0) return;
   Epi e = L.epi;
   e.residual = residual;
-  if (e.quant)
-    e.out_q = static_cast<uint8_t*>(out);
-  else
-    e.out_f = static_cast<float*>(out);
+  e.out_f = out_f;
+  for (int k = 0; k < e.nq; ++k) e.out_q[k] = out_q[k];
   e.acc_out = acc_out;
   e.as_out = as_out;
   if (L.conv)

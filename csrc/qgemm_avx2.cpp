@@ -56,15 +56,17 @@ inline void epi8(const Epi& e, int64_t m, int o, __m256i acc, int32_t as, const 
     const __m256 pos = _mm256_cmp_ps(y, _mm256_setzero_ps(), _CMP_GE_OQ);
     y = _mm256_blendv_ps(_mm256_mul_ps(y, _mm256_set1_ps(e.slope)), y, pos);
   }
-  if (e.quant) {
-    __m256 u = _mm256_div_ps(_mm256_sub_ps(y, _mm256_set1_ps(e.out_l)), _mm256_set1_ps(e.out_s));
-    u = _mm256_round_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    u = _mm256_max_ps(u, _mm256_setzero_ps());  // NaN in the first operand -> 0
-    u = _mm256_min_ps(u, _mm256_set1_ps(e.qmax));
-    const __m256i q = _mm256_cvttps_epi32(u);                      // 8 x int32 in 0..255
-    const __m128i w16 = _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
-    const __m128i b8 = _mm_packus_epi16(w16, w16);
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(e.out_q + base), b8);
+  if (e.nq) {
+    for (int k = 0; k < e.nq; ++k) {
+      __m256 u = _mm256_div_ps(_mm256_sub_ps(y, _mm256_set1_ps(e.out_l[k])), _mm256_set1_ps(e.out_s[k]));
+      u = _mm256_round_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      u = _mm256_max_ps(u, _mm256_setzero_ps());  // NaN in the first operand -> 0
+      u = _mm256_min_ps(u, _mm256_set1_ps(e.qmax[k]));
+      const __m256i q = _mm256_cvttps_epi32(u);                      // 8 x int32 in 0..255
+      const __m128i w16 = _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+      const __m128i b8 = _mm_packus_epi16(w16, w16);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(e.out_q[k] + base), b8);
+    }
   } else {
     _mm256_storeu_ps(e.out_f + base, y);
   }

@@ -29,11 +29,14 @@ inline int32_t load32(const uint8_t* p) {
 // Epilogue on 16 columns [o, o+16) of row m (mask = columns < O); order as ref_epilogue.
 // F: compile-time epilogue flags (kPS | kSH | ...), or -1 to read them from e at run time.
 constexpr int kPS = 1, kSH = 2, kRES = 4, kSLOPE = 8, kQUANT = 16, kASFIRST = 32, kACC = 64;
-constexpr int kConvBnLrelu = kPS | kSH | kSLOPE | kQUANT;  // the model's main conv epilogue
+// the folded layers' epilogues (BN + LeakyReLU to codes; BN only; BN + LeakyReLU; BN +
+// residual + LeakyReLU), compiled with their flags known; any other combination reads them
+constexpr int kConvBnLrelu = kPS | kSH | kSLOPE | kQUANT;
+constexpr int kBn = kPS | kSH, kBnLrelu = kPS | kSH | kSLOPE, kBnResLrelu = kPS | kSH | kRES | kSLOPE;
 
 inline int epi_flags(const Epi& e) {
   return (e.post_scale ? kPS : 0) | (e.post_shift ? kSH : 0) | (e.residual ? kRES : 0) | (e.has_slope ? kSLOPE : 0) |
-         (e.quant ? kQUANT : 0) | (e.as_first ? kASFIRST : 0) | (e.acc_out ? kACC : 0);
+         (e.nq ? kQUANT : 0) | (e.as_first ? kASFIRST : 0) | (e.acc_out ? kACC : 0);
 }
 
 // The per-column operands of one 16-column group, loaded once for all rows of a block.
@@ -57,17 +60,25 @@ struct Row {
 struct EpiK {
   const float* residual;
   float* out_f;
-  uint8_t* out_q;
+  uint8_t* out_q[kMaxRequant];
   int32_t* acc_out;
   int64_t O;
   int32_t wbias;
-  float slope, out_l, inv_out_s, out_s, qmax;
-  bool ps, sh, res, has_slope, quant, as_first;
+  float slope, out_l[kMaxRequant], inv_out_s[kMaxRequant], out_s[kMaxRequant], qmax[kMaxRequant];
+  int nq;
+  bool ps, sh, res, has_slope, as_first;
   explicit EpiK(const Epi& e)
-      : residual(e.residual), out_f(e.out_f), out_q(e.out_q), acc_out(e.acc_out), O(e.O), wbias(e.wbias),
-        slope(e.slope), out_l(e.out_l), inv_out_s(e.inv_out_s), out_s(e.out_s), qmax(e.qmax),
+      : residual(e.residual), out_f(e.out_f), acc_out(e.acc_out), O(e.O), wbias(e.wbias), slope(e.slope), nq(e.nq),
         ps(e.post_scale != nullptr), sh(e.post_shift != nullptr), res(e.residual != nullptr),
-        has_slope(e.has_slope), quant(e.quant), as_first(e.as_first) {}
+        has_slope(e.has_slope), as_first(e.as_first) {
+    for (int k = 0; k < kMaxRequant; ++k) {
+      out_q[k] = e.out_q[k];
+      out_l[k] = e.out_l[k];
+      inv_out_s[k] = e.inv_out_s[k];
+      out_s[k] = e.out_s[k];
+      qmax[k] = e.qmax[k];
+    }
+  }
 };
 
 inline Cols load_cols(const Epi& e, int o, __mmask16 mk) {
@@ -106,59 +117,64 @@ inline void epi16(const EpiK& e, const Cols& c, const Row& rw, int64_t m, int o,
     const __mmask16 neg = _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_NGE_UQ);
     y = _mm512_mask_mul_ps(y, neg, y, _mm512_set1_ps(e.slope));
   }
-  if (HAS(kQUANT, e.quant)) {
+  if (HAS(kQUANT, e.nq != 0)) {
     // rne((y - l) / s) via the reciprocal: relative error <= 2^-23, i.e. < 1e-4 absolute
     // for |u| < 512, so the rounding can only differ within 1e-4 of a half-integer; those
     // lanes (rare; vreduceps gives u - rne(u)) take the exact IEEE division. For
     // |u| >= 512 the clamp to [0, qmax <= 255] decides whatever the rounding. Clamping
     // before rounding is the same as after (integer bounds, rounding is monotone).
-    const __m512 num = _mm512_sub_ps(y, _mm512_set1_ps(e.out_l));
-    __m512 u = _mm512_mul_ps(num, _mm512_set1_ps(e.inv_out_s));
-    const __m512 frac = _mm512_reduce_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __mmask16 near = _mm512_cmp_ps_mask(_mm512_abs_ps(frac), _mm512_set1_ps(0.4999f), _CMP_GT_OQ);
-    if (near) u = _mm512_mask_div_ps(u, near, num, _mm512_set1_ps(e.out_s));
-    // NaN: max(NaN, 0) returns the second operand (0)
-    u = _mm512_min_ps(_mm512_max_ps(u, _mm512_setzero_ps()), _mm512_set1_ps(e.qmax));
-    const __m512i q = _mm512_cvt_roundps_epi32(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    _mm_mask_storeu_epi8(e.out_q + base, mk, _mm512_cvtepi32_epi8(q));
+    for (int k = 0; k < e.nq; ++k) {
+      const __m512 num = _mm512_sub_ps(y, _mm512_set1_ps(e.out_l[k]));
+      __m512 u = _mm512_mul_ps(num, _mm512_set1_ps(e.inv_out_s[k]));
+      const __m512 frac = _mm512_reduce_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __mmask16 near = _mm512_cmp_ps_mask(_mm512_abs_ps(frac), _mm512_set1_ps(0.4999f), _CMP_GT_OQ);
+      if (near) u = _mm512_mask_div_ps(u, near, num, _mm512_set1_ps(e.out_s[k]));
+      // NaN: max(NaN, 0) returns the second operand (0)
+      u = _mm512_min_ps(_mm512_max_ps(u, _mm512_setzero_ps()), _mm512_set1_ps(e.qmax[k]));
+      const __m512i q = _mm512_cvt_roundps_epi32(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      _mm_mask_storeu_epi8(e.out_q[k] + base, mk, _mm512_cvtepi32_epi8(q));
+    }
   } else {
     _mm512_mask_storeu_ps(e.out_f + base, mk, y);
   }
 #undef HAS
 }
 
-template <int R, int F>
+// R rows x NV 16-column vectors [o0, o0 + 16*NV) of one 64-column weight block (the
+// vectors' weights are the first NV 64-byte slices of each 256-byte k4 row). NV < 4 serves
+// layers narrower than 64 outputs (16 or 32 channels, the graph's small MLPs) without
+// multiplying the padded columns.
+template <int R, int NV, int F>
 inline void block(const TileArgs& t, const int8_t* wb, int r0, int o0, const __mmask16* mk) {
-  __m512i acc[R][4];
-#pragma GCC unroll 8
+  __m512i acc[R][NV];
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_si512();
+    for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_setzero_si512();
   }
   const uint8_t* const* P = t.ptrs + static_cast<size_t>(r0) * t.taps;
   const int8_t* w = wb;
   for (int tap = 0; tap < t.taps; ++tap) {
     const uint8_t* p[R];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int r = 0; r < R; ++r) p[r] = P[r * t.taps + tap];
     for (int c4 = 0; c4 < t.c4n; ++c4, w += 256) {
-      const __m512i w0 = _mm512_loadu_si512(w), w1 = _mm512_loadu_si512(w + 64);
-      const __m512i w2 = _mm512_loadu_si512(w + 128), w3 = _mm512_loadu_si512(w + 192);
-#pragma GCC unroll 8
+      __m512i wv[NV];
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) wv[j] = _mm512_loadu_si512(w + 64 * j);
+#pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
         const __m512i av = _mm512_set1_epi32(load32(p[r] + 4 * c4));
-        acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], av, w0);
-        acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], av, w1);
-        acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], av, w2);
-        acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], av, w3);
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], av, wv[j]);
       }
     }
   }
-  alignas(64) int32_t buf[R][64];
-#pragma GCC unroll 8
+  alignas(64) int32_t buf[R][16 * NV];
+#pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) _mm512_store_si512(&buf[r][16 * j], acc[r][j]);
+    for (int j = 0; j < NV; ++j) _mm512_store_si512(&buf[r][16 * j], acc[r][j]);
   }
   const Epi& e = *t.e;
   const EpiK ek(e);
@@ -172,7 +188,7 @@ inline void block(const TileArgs& t, const int8_t* wb, int r0, int o0, const __m
                   static_cast<float>(static_cast<int32_t>(static_cast<uint32_t>(as) - static_cast<uint32_t>(e.za) * static_cast<uint32_t>(cnti)))};
   }
   const int64_t m0 = static_cast<int64_t>(t.m0) + r0;
-  for (int j = 0; j < 4; ++j) {
+  for (int j = 0; j < NV; ++j) {
     if (!mk[j]) continue;
     const int o = o0 + 16 * j;
     const Cols c = load_cols(e, o, mk[j]);
@@ -180,18 +196,33 @@ inline void block(const TileArgs& t, const int8_t* wb, int r0, int o0, const __m
   }
 }
 
-template <int F>
+// All rows of the tile against one weight block: groups of RN rows, then 6, then the rest.
+template <int NV, int RN, int F>
 void run_rows(const TileArgs& t, const int8_t* wb, int o0, const __mmask16* mk) {
   int r0 = 0;
-  for (; r0 + MR <= t.rows; r0 += MR) block<MR, F>(t, wb, r0, o0, mk);
+  for (; r0 + RN <= t.rows; r0 += RN) block<RN, NV, F>(t, wb, r0, o0, mk);
+  if (RN > MR)
+    for (; r0 + MR <= t.rows; r0 += MR) block<MR, NV, F>(t, wb, r0, o0, mk);
   switch (t.rows - r0) {
-    case 5: block<5, F>(t, wb, r0, o0, mk); break;
-    case 4: block<4, F>(t, wb, r0, o0, mk); break;
-    case 3: block<3, F>(t, wb, r0, o0, mk); break;
-    case 2: block<2, F>(t, wb, r0, o0, mk); break;
-    case 1: block<1, F>(t, wb, r0, o0, mk); break;
+    case 5: block<5, NV, F>(t, wb, r0, o0, mk); break;
+    case 4: block<4, NV, F>(t, wb, r0, o0, mk); break;
+    case 3: block<3, NV, F>(t, wb, r0, o0, mk); break;
+    case 2: block<2, NV, F>(t, wb, r0, o0, mk); break;
+    case 1: block<1, NV, F>(t, wb, r0, o0, mk); break;
     default: break;
   }
+}
+
+// Vector count of the block: 16 columns (12 rows of 1 accumulator), 32 (12 x 2), else
+// 64 (6 x 4): 12 to 24 independent vpdpbusd chains either way.
+template <int F>
+void run_block(const TileArgs& t, const int8_t* wb, int o0, const __mmask16* mk, int ncols) {
+  if (ncols <= 16)
+    run_rows<1, 12, F>(t, wb, o0, mk);
+  else if (ncols <= 32)
+    run_rows<2, 12, F>(t, wb, o0, mk);
+  else
+    run_rows<4, MR, F>(t, wb, o0, mk);
 }
 
 // OR of all 64 byte lanes (the code-range check: any bit at or above 2^bits set)
@@ -219,10 +250,14 @@ void tile_avx512(const TileArgs& t) {
       const int n = t.O - o0 - 16 * j;
       mk[j] = n >= 16 ? 0xFFFF : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1u);
     }
-    if (epi_flags(e) == kConvBnLrelu)
-      run_rows<kConvBnLrelu>(t, wb, o0, mk);
-    else
-      run_rows<-1>(t, wb, o0, mk);
+    const int ncols = t.O - o0 < 64 ? t.O - o0 : 64;
+    switch (epi_flags(e)) {
+      case kConvBnLrelu: run_block<kConvBnLrelu>(t, wb, o0, mk, ncols); break;
+      case kBn: run_block<kBn>(t, wb, o0, mk, ncols); break;
+      case kBnLrelu: run_block<kBnLrelu>(t, wb, o0, mk, ncols); break;
+      case kBnResLrelu: run_block<kBnResLrelu>(t, wb, o0, mk, ncols); break;
+      default: run_block<-1>(t, wb, o0, mk, ncols); break;
+    }
   }
 }
 

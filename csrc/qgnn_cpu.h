@@ -69,6 +69,10 @@ void unpack_row(const uint8_t* row, int K, int bits, uint8_t* codes);   // canon
 void pack_row(const uint8_t* codes, int K, int bits, uint8_t* row);     // codes -> canonical
 
 // ------------------------------------------------------------------ epilogue
+// A layer whose output only feeds quantizers (directly or through a max-pool, which
+// commutes with them) emits their codes -- up to kMaxRequant sets -- instead of fp32.
+constexpr int kMaxRequant = 3;
+
 // The centred identity of ref_epilogue: zero points zw[o] (column operand, e.g. weights)
 // and za (row operand, e.g. activations) move into exact int32 parts
 //   ACC' = ACC - zw*AS - za*WS + zw*za*CNT = ACC + (wbias - zw)*AS - za*WS'
@@ -82,10 +86,10 @@ struct Epi {
   const float* residual = nullptr;                                          // [M, O] or null
   bool has_slope = false;
   float slope = 0.f;
-  bool quant = false;
-  float out_l = 0.f, out_s = 1.f, qmax = 0.f;
-  float* out_f = nullptr;        // [M, O] when !quant
-  uint8_t* out_q = nullptr;      // [M, O] when quant
+  int nq = 0;                    // requantized outputs: 0 = one fp32 output out_f
+  float out_l[kMaxRequant] = {}, out_s[kMaxRequant] = {1.f, 1.f, 1.f}, qmax[kMaxRequant] = {};
+  float* out_f = nullptr;        // [M, O] when nq == 0
+  uint8_t* out_q[kMaxRequant] = {};  // [M, O] codes of quantizer k < nq
   int O = 0;
   bool as_first = false;
   int32_t wbias = 0;             // raw ACC = kernel ACC + wbias * AS (8-bit weights)
@@ -98,7 +102,7 @@ struct Epi {
   const int32_t* nzw = nullptr;      // wbias - zw[o]  [>= Op]
   const float* t2_tab = nullptr;     // c2[o] * float(WS')  [patterns][O] (same fp32 product)
   const float* t4_tab = nullptr;     // c4[o] * float(CNT)  [patterns][O]
-  float inv_out_s = 1.f;             // 1/out_s: fast path of the re-quantization (see epi16)
+  float inv_out_s[kMaxRequant] = {1.f, 1.f, 1.f};  // 1/out_s: fast path of the re-quantization (see epi16)
   const int32_t* pid = nullptr;      // [P] or null (pattern 0)
   int P = 1;
   // optional raw outputs for exact tests (int32 [M, O] / [M]); epilogue still runs
@@ -148,9 +152,9 @@ struct LayerParams {
   const float* post_shift = nullptr; // [O] or null
   bool has_slope = false;
   float slope = 0.f;
-  bool quant = false;                // requantize to codes (out_l, out_s, out_bits)
-  float out_l = 0.f, out_s = 1.f;
-  int out_bits = 8;
+  int nq = 0;                        // requantize to nq code outputs (out_l, out_s, out_bits)[k]
+  float out_l[kMaxRequant] = {}, out_s[kMaxRequant] = {1.f, 1.f, 1.f};
+  int out_bits[kMaxRequant] = {8, 8, 8};
 };
 
 // A quantized conv / linear with every constant of its epilogue derived once: the
@@ -177,11 +181,12 @@ void prepare_layer(QLayer& L, const PackedW& w, int a_bits, const LayerParams& p
                    int pad, int H, int W, int C);
 
 // Runs L on `rows` output rows: a linear layer on x [rows, K]; a conv on x NHWC
-// [rows / (Ho*Wo), H, W, C] (rows = B*Ho*Wo). residual: fp32 [rows, O] or null; out: uint8
-// [rows, O] when L requantizes, else fp32; acc_out/as_out: optional raw ACC [rows, O] /
-// AS [rows] for exact tests. bad_code: set when an input code is >= 2^a_bits.
-void run_layer(const QLayer& L, const uint8_t* x, int64_t rows, const float* residual, void* out,
-               int32_t* acc_out, int32_t* as_out, int nthreads, int* bad_code);
+// [rows / (Ho*Wo), H, W, C] (rows = B*Ho*Wo). residual: fp32 [rows, O] or null; out_f:
+// fp32 [rows, O] when L does not requantize, else out_q: L's nq uint8 [rows, O] outputs;
+// acc_out/as_out: optional raw ACC [rows, O] / AS [rows] for exact tests. bad_code: set
+// when an input code is >= 2^a_bits.
+void run_layer(const QLayer& L, const uint8_t* x, int64_t rows, const float* residual, float* out_f,
+               uint8_t* const* out_q, int32_t* acc_out, int32_t* as_out, int nthreads, int* bad_code);
 
 // ------------------------------------------------------------------ ops
 // Threads: M-tiles (or tasks) spread over `nthreads` (thread_pool.h); ops under ~2 MMAC
@@ -202,41 +207,46 @@ int64_t quantize(const float* x, int64_t n, float l, float s, int bits, uint8_t*
 // The row kernels' view of a layer (raw fields only: the ISA translation units include it)
 constexpr int F64_MAX_OP = 4096;  // widest FP32 layer the row kernels take
 struct F64Args {
-  const double* wt = nullptr;    // O >= 8: [K][Op]; O < 8: [O][K]; 64-byte aligned
+  const double* wt = nullptr;    // [K][Op], K in (kh, kw, C) order; a linear O < 8: [O][K]
   const double* bias = nullptr;  // [Op], zero padded
   const float* ps = nullptr;     // [Op] or null
   const float* sh = nullptr;     // [Op] or null
   bool has_slope = false;
   float slope = 0.f;
   int O = 0, Op = 0, K = 0;      // Op: O rounded up to 8
+  int ks = 0, stride = 1, pad = 0, H = 1, W = 1, C = 0, Ho = 1, Wo = 1;  // conv geometry; ks = 0: linear
+  int nq = 0;                    // requantized outputs (codes = clamp(rne((y - l) / s), 0, qmax))
+  float out_l[kMaxRequant] = {}, out_s[kMaxRequant] = {1.f, 1.f, 1.f}, qmax[kMaxRequant] = {};
 };
-// rows rows of x [rows, K] -> out [rows, O] (res: [rows, O] or null), per ISA
-void f64_rows_scalar(const F64Args& a, const float* x, int64_t rows, const float* res, float* out);
-void f64_rows_avx2(const F64Args& a, const float* x, int64_t rows, const float* res, float* out);
-void f64_rows_avx512(const F64Args& a, const float* x, int64_t rows, const float* res, float* out);
-void f64_dot_rows_scalar(const F64Args& a, const float* x, int64_t rows, const float* res, float* out);
-void f64_dot_rows_avx2(const F64Args& a, const float* x, int64_t rows, const float* res, float* out);
-void f64_dot_rows_avx512(const F64Args& a, const float* x, int64_t rows, const float* res, float* out);
+// output rows [r0, r1): linear x [rows, K]; conv x NHWC [B, H, W, C]; res / out_f / the
+// nq out_q [rows, O]
+void f64_rows_scalar(const F64Args& a, const float* x, int64_t r0, int64_t r1, const float* res, float* out_f,
+                     uint8_t* const* out_q);
+void f64_rows_avx2(const F64Args& a, const float* x, int64_t r0, int64_t r1, const float* res, float* out_f,
+                   uint8_t* const* out_q);
+void f64_rows_avx512(const F64Args& a, const float* x, int64_t r0, int64_t r1, const float* res, float* out_f,
+                     uint8_t* const* out_q);
 
 // Built once (prepare_float_layer), read-only afterwards.
 struct FloatLayer {
-  bool conv = false;
-  int ks = 1, stride = 1, pad = 0, H = 1, W = 1, C = 0, Ho = 1, Wo = 1;
   std::vector<double, Aligned64<double>> wt;
-  std::vector<double> bias;                    // padded to Op
-  std::vector<float> post_scale, post_shift;   // padded to Op, or empty
-  F64Args args;                  // points into the vectors above
+  std::vector<double, Aligned64<double>> bias;   // padded to Op
+  std::vector<float> post_scale, post_shift;     // padded to Op, or empty
+  F64Args args;                  // points into the vectors above; holds the geometry
   FloatLayer() = default;
   FloatLayer(const FloatLayer&) = delete;
   FloatLayer& operator=(const FloatLayer&) = delete;
 };
-// weight: float32 [O, K] (a conv's K in (kh, kw, C) order); ks = 0: linear
+// weight: float32 [O, K] (a conv's K in (kh, kw, C) order); ks = 0: linear; nq requantized
+// outputs (l, s, bits)
 void prepare_float_layer(FloatLayer& L, const float* weight, int O, int K, const float* bias,
                          const float* post_scale, const float* post_shift, bool has_slope, float slope,
-                         int ks, int stride, int pad, int H, int W, int C);
-// rows output rows: linear x [rows, K]; conv x NHWC [rows / (Ho*Wo), H, W, C]; out fp32 [rows, O]
-void run_float_layer(const FloatLayer& L, const float* x, int64_t rows, const float* residual, float* out,
-                     int nthreads);
+                         int ks, int stride, int pad, int H, int W, int C, int nq, const float* out_l,
+                         const float* out_s, const int* out_bits);
+// rows output rows: linear x [rows, K]; conv x NHWC [rows / (Ho*Wo), H, W, C]; out_f fp32
+// [rows, O] or the nq out_q
+void run_float_layer(const FloatLayer& L, const float* x, int64_t rows, const float* residual, float* out_f,
+                     uint8_t* const* out_q, int nthreads);
 
 // ------------------------------------------------------------------ episode glue
 // The non-layer steps of ops/episode_ops.py on raw buffers (row-major, tasks first).

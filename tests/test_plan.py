@@ -165,6 +165,24 @@ def test_plan_profile_lists_every_step():
     assert {"conv_f32", "qconv", "qlinear", "qbmm", "max_pool", "edge_update", "label_scores"} <= kinds
 
 
+def test_plan_fuses_requantization_into_producers():
+    """The stem and blocks 1-3's conv3 emit the codes of every quantizer they feed (pools
+    run on codes); block 4's conv3 feeds the mean pool and stays fp32."""
+    plan = compile_plan(fold(model_for(4)))
+    by_name = {st.name: st for st in plan.steps}
+    dtype = lambda b: plan.buffers[b].dtype  # noqa: E731
+    assert len(by_name["backbone.conv1"].params["requant"]) == 2
+    for i, n in ((1, 2), (2, 2), (3, 3)):
+        st = by_name[f"backbone.layer{i}.0.conv3"]
+        assert len(st.params["requant"]) == n and all(dtype(b) == "u8" for b in st.outputs)
+    assert "requant" not in by_name["backbone.layer4.0.conv3"].params
+    assert sum(st.kind == "quantize" for st in plan.steps) == len(
+        [n for n in by_name if n.endswith(".quantize")])
+    assert not any(st.name.startswith("backbone.layer2") and st.kind == "quantize" for st in plan.steps)
+    pools = [st for st in plan.steps if st.kind == "max_pool"]
+    assert sum(dtype(st.inputs[0]) == "u8" for st in pools) == 2 + 2 + 3 + 1  # + layer_second's pool(2)
+
+
 def test_plan_layout_shares_memory_between_disjoint_lifetimes():
     plan = compile_plan(fold(model_for(4)))
     offsets, arena = plan.layout()
