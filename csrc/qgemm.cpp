@@ -484,6 +484,9 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
   std::vector<std::vector<const uint8_t*>> ptrs(sp.nt, std::vector<const uint8_t*>(static_cast<size_t>(mb) * (direct ? taps : 1)));
   for (int i = 0; i < sp.nt; ++i) panels.emplace_back(new AlignedBuf(direct ? 64 : static_cast<size_t>(mb) * Kp));
   const int32_t* pid = L.pid.data();
+  std::vector<int64_t> tap_off(taps);  // pixel offset of each tap from the top-left one
+  for (int i = 0; i < ks; ++i)
+    for (int j = 0; j < ks; ++j) tap_off[i * ks + j] = int64_t(i) * W + j;
   parallel_for(sp.nt, sp.ntm * sp.ncg, [&](int64_t task, int tid) {
     const int64_t ti = task % sp.ntm;
     const int ob0 = static_cast<int>(task / sp.ntm) * sp.bpg;
@@ -510,6 +513,17 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
       int32_t s = 0;
       const int ih0 = oh * stride - pad, iw0 = ow * stride - pad;
       const int64_t rowbase = b * H;
+      rp[r] = pid[static_cast<size_t>(oh) * Wo + ow];
+      if (direct && ih0 >= 0 && ih0 + ks <= H && iw0 >= 0 && iw0 + ks <= W) {  // every tap inside
+        const int64_t q0 = (rowbase + ih0) * W + iw0;
+        for (int tp = 0; tp < taps; ++tp) {
+          const int64_t q = q0 + tap_off[tp];
+          prow[tp] = x + q * C;
+          s += psum[q];
+        }
+        as[r] = s;
+        continue;
+      }
       for (int i = 0; i < ks; ++i) {
         const int ih = ih0 + i;
         const bool hin = ih >= 0 && ih < H;
@@ -535,7 +549,6 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
         pr[r] = dst;
       }
       as[r] = s;
-      rp[r] = pid[static_cast<size_t>(oh) * Wo + ow];
     }
     TileArgs t{pr, direct ? taps : 1, direct ? C / 4 : Kp / 4, rows, static_cast<int>(m0), w.data.data(), Kp, ob0,
                std::min(sp.bpg, nblk - ob0), w.O, as, rp, &e, split};

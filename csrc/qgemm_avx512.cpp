@@ -30,9 +30,11 @@ inline int32_t load32(const uint8_t* p) {
 // F: compile-time epilogue flags (kPS | kSH | ...), or -1 to read them from e at run time.
 constexpr int kPS = 1, kSH = 2, kRES = 4, kSLOPE = 8, kQUANT = 16, kASFIRST = 32, kACC = 64;
 // the folded layers' epilogues (BN + LeakyReLU to codes; BN only; BN + LeakyReLU; BN +
-// residual + LeakyReLU), compiled with their flags known; any other combination reads them
+// residual + LeakyReLU, to fp32 or codes), compiled with their flags known; any other
+// combination reads them
 constexpr int kConvBnLrelu = kPS | kSH | kSLOPE | kQUANT;
 constexpr int kBn = kPS | kSH, kBnLrelu = kPS | kSH | kSLOPE, kBnResLrelu = kPS | kSH | kRES | kSLOPE;
+constexpr int kBnResLreluQuant = kBnResLrelu | kQUANT;
 
 inline int epi_flags(const Epi& e) {
   return (e.post_scale ? kPS : 0) | (e.post_shift ? kSH : 0) | (e.residual ? kRES : 0) | (e.has_slope ? kSLOPE : 0) |
@@ -256,6 +258,7 @@ void tile_avx512(const TileArgs& t) {
       case kBn: run_block<kBn>(t, wb, o0, mk, ncols); break;
       case kBnLrelu: run_block<kBnLrelu>(t, wb, o0, mk, ncols); break;
       case kBnResLrelu: run_block<kBnResLrelu>(t, wb, o0, mk, ncols); break;
+      case kBnResLreluQuant: run_block<kBnResLreluQuant>(t, wb, o0, mk, ncols); break;
       default: run_block<-1>(t, wb, o0, mk, ncols); break;
     }
   }
