@@ -82,3 +82,19 @@ def test_layer_benchmark_rows_name_their_isa_and_every_baseline():
     assert by[(conv, "onnxruntime_int8")]["isa"].startswith("mlas, cpu has ")
     with pytest.raises(ConfigError):
         run_layer_benchmarks(backends=("cpu", "tvm"))
+
+
+def test_layer_benchmark_times_the_cpu_kernels_per_isa_path():
+    import pytest
+
+    from qgnn_deploy.backends import cpu
+    from qgnn_deploy.benchmarks.layers import run_layer_benchmarks
+    from qgnn_deploy.errors import BackendUnavailableError
+    before = cpu.active_isa()
+    isas = cpu.available_isas()
+    rows = run_layer_benchmarks(bits=(4,), threads=1, repeats=1, warmup=0, batch=1, gap_ms=0.0, burst=1,
+                                backends=("cpu",), cpu_isas=isas, workloads=["conv1x1_64_32x32"])
+    assert [(r["backend"], r["isa"]) for r in rows] == [(f"cpu:{i}", i) for i in isas]
+    assert cpu.active_isa() == before  # the forced paths are undone
+    with pytest.raises(BackendUnavailableError, match="amx cannot run here"):
+        run_layer_benchmarks(backends=("cpu",), cpu_isas=["amx"])

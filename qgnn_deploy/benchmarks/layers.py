@@ -234,8 +234,23 @@ def _autocast_bf16(fn: Callable[[], object]) -> Callable[[], object]:
 
 # ------------------------------------------------------------------ variants per workload
 
+def _cpu_variants(run: Callable[[], object], cpu_isas: Optional[Sequence[str]]) -> List[_Variant]:
+    """``cpu`` on the active ISA path, or with ``cpu_isas`` one ``cpu:<isa>`` per path forced."""
+    from ..backends import cpu as cpu_backend  # noqa: PLC0415
+
+    if not cpu_isas:
+        return [_Variant("cpu", run, [])]
+
+    def forced(isa):
+        def call():
+            cpu_backend.force_isa(isa)
+            return run()
+        return call
+    return [_Variant(f"cpu:{isa}", forced(isa), [], isa=isa) for isa in cpu_isas]
+
+
 def _conv_variants(cin: int, cout: int, k: int, h: int, bits: int, batch: int, threads: int,
-                   backends: Sequence[str]) -> List[_Variant]:
+                   backends: Sequence[str], cpu_isas: Optional[Sequence[str]]) -> List[_Variant]:
     from ..backends import cpu as cpu_backend  # noqa: PLC0415
     from ..ops.packing import pack_codes  # noqa: PLC0415
 
@@ -276,11 +291,12 @@ def _conv_variants(cin: int, cout: int, k: int, h: int, bits: int, batch: int, t
             return cpu_backend.cpu_qconv2d(x_codes, wp, bits, bits, k, 1, pad, ws, wo, 0.05, -0.1,
                                            post_scale=ps, post_shift=sh, slope=0.1, out_l=-1.0,
                                            out_s=0.1, out_bits=bits)
-        out.append(_Variant("cpu", run_cpu, []))
+        out += _cpu_variants(run_cpu, cpu_isas)
     return out
 
 
-def _agg_variants(tasks: int, n: int, d: int, bits: int, threads: int, backends: Sequence[str]) -> List[_Variant]:
+def _agg_variants(tasks: int, n: int, d: int, bits: int, threads: int, backends: Sequence[str],
+                  cpu_isas: Optional[Sequence[str]]) -> List[_Variant]:
     from ..backends import cpu as cpu_backend  # noqa: PLC0415
 
     g = torch.Generator().manual_seed(1)
@@ -298,7 +314,7 @@ def _agg_variants(tasks: int, n: int, d: int, bits: int, threads: int, backends:
         out.append(_Variant("onnxruntime_int8", _ort_qlinearmatmul(a.numpy(), v.numpy(), threads), [],
                             _ORT_SETTLE_MS, _mlas_isa()))
     if "cpu" in backends:
-        out.append(_Variant("cpu", lambda: cpu_backend.cpu_qbmm(a, v, bits, bits, 0.01, 0.0, 0.1, -0.2), []))
+        out += _cpu_variants(lambda: cpu_backend.cpu_qbmm(a, v, bits, bits, 0.01, 0.0, 0.1, -0.2), cpu_isas)
     return out
 
 
@@ -354,7 +370,7 @@ def _measure(variants: List[_Variant], repeats: int, warmup: int, gap_ms: float 
 def run_layer_benchmarks(bits: Sequence[int] = (4, 2), threads: Optional[int] = None, repeats: int = 20,
                          warmup: int = 3, batch: int = 100, backends: Sequence[str] = BACKENDS,
                          workloads: Optional[Sequence[str]] = None, gap_ms: float = 20.0,
-                         burst: int = 5) -> List[Dict]:
+                         burst: int = 5, cpu_isas: Optional[Sequence[str]] = None) -> List[Dict]:
     """Time every per-layer workload; returns one dict per (workload, backend).
 
     Keys: ``workload`` (name plus ``_w{b}a{b}``), ``backend``, ``isa`` (what it ran on, see
@@ -367,13 +383,20 @@ def run_layer_benchmarks(bits: Sequence[int] = (4, 2), threads: Optional[int] = 
     without the gap they occupy the cores while the next variant in the round runs
     (measured: up to 6x slower short kernels, whichever came after onnxruntime). Calls
     come in rounds of ``burst`` back-to-back calls per variant (see :func:`_measure`).
+    ``cpu_isas`` (e.g. ``("avx2", "avxvnni", "avx512vnni")``) times the cpu kernels once per
+    ISA path, as backends ``cpu:<isa>``, instead of once on the active path.
     """
     from ..backends import cpu as cpu_backend  # noqa: PLC0415
-    from ..errors import ConfigError  # noqa: PLC0415
+    from ..errors import BackendUnavailableError, ConfigError  # noqa: PLC0415
 
     unknown = sorted(set(backends) - set(BACKENDS))
     if unknown:
         raise ConfigError(f"unknown layer-benchmark variants {unknown}; choose from {list(BACKENDS)}")
+    for isa in cpu_isas or ():
+        why = cpu_backend.isa_blocker(isa)  # KernelArgumentError for an unknown name
+        if why:
+            raise BackendUnavailableError(f"cpu_isas: {isa} cannot run here: {why}; this CPU runs "
+                                          f"{', '.join(cpu_backend.available_isas())}")
     threads = threads or torch.get_num_threads()
     old_torch, old_cpu = torch.get_num_threads(), cpu_backend._threads_override
     old_engine = torch.backends.quantized.engine
@@ -384,10 +407,11 @@ def run_layer_benchmarks(bits: Sequence[int] = (4, 2), threads: Optional[int] = 
     results: List[Dict] = []
     try:
         for b in bits:
-            jobs = [(name, lambda c=c, o=o, k=k, h=h: _conv_variants(c, o, k, h, b, batch, threads, backends),
+            jobs = [(name, lambda c=c, o=o, k=k, h=h: _conv_variants(c, o, k, h, b, batch, threads, backends,
+                                                                      cpu_isas),
                      batch * h * h * o * k * k * c) for name, c, o, k, h in CONV_SHAPES]
-            jobs += [(name, lambda t=t, n=n, d=d: _agg_variants(t, n, d, b, threads, backends), t * n * n * d)
-                     for name, t, n, d in AGG_SHAPES]
+            jobs += [(name, lambda t=t, n=n, d=d: _agg_variants(t, n, d, b, threads, backends, cpu_isas),
+                      t * n * n * d) for name, t, n, d in AGG_SHAPES]
             for name, make, macs in jobs:
                 if workloads and name not in workloads:
                     continue
@@ -406,6 +430,8 @@ def run_layer_benchmarks(bits: Sequence[int] = (4, 2), threads: Optional[int] = 
         torch.set_num_threads(old_torch)
         cpu_backend.set_num_threads(old_cpu)
         torch.backends.quantized.engine = old_engine
+        if cpu_isas:
+            cpu_backend.force_isa(None)
     return results
 
 
@@ -433,12 +459,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--workloads", nargs="*", default=None)
     p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    p.add_argument("--cpu-isas", nargs="+", default=None, help="time the cpu kernels on each of these ISA paths")
     p.add_argument("--gap-ms", type=float, default=20.0)
     p.add_argument("--burst", type=int, default=5, help="back-to-back calls per variant and round")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     res = run_layer_benchmarks(tuple(a.bits), a.threads, a.repeats, a.warmup, backends=a.backends,
-                               workloads=a.workloads, gap_ms=a.gap_ms, burst=a.burst)
+                               workloads=a.workloads, gap_ms=a.gap_ms, burst=a.burst, cpu_isas=a.cpu_isas)
     print(json.dumps(res, indent=1) if a.json else format_table(res))
 
 
