@@ -3,7 +3,9 @@
 // Thin on purpose: every argument is checked here (dtype, rank, shape, C-contiguity,
 // alignment, bits, geometry) before a pointer reaches a kernel, and failures raise
 // qgnn_deploy._C.KernelArgumentError (a ValueError; the Python wrapper re-raises it as
-// qgnn_deploy.errors.KernelArgumentError). Kernels run without the GIL.
+// qgnn_deploy.errors.KernelArgumentError). An ISA path this CPU cannot run (QGNN_CPU_ISA,
+// force_isa) raises qgnn_deploy._C.IsaUnavailableError (-> BackendUnavailableError).
+// Kernels run without the GIL.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -171,25 +173,64 @@ std::shared_ptr<qgnn::PackedW> make_packed(const py::array& packed, int bits, in
 void bind_plan(py::module& m);  // plan_bindings.cpp
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "qgnn-deploy packed-int CPU kernels (AVX-512 VNNI / AVX2 / scalar, chosen at run time)";
+  m.doc() = "qgnn-deploy packed-int CPU kernels (AVX-512 VNNI / AVX-VNNI / AVX2 / scalar, chosen at run time)";
   static py::exception<ArgError> exc(m, "KernelArgumentError", PyExc_ValueError);
+  static py::exception<qgnn::IsaUnavailable> isa_exc(m, "IsaUnavailableError", PyExc_RuntimeError);
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
     } catch (const ArgError& e) {
       PyErr_SetString(exc.ptr(), e.what());
+    } catch (const qgnn::IsaUnavailable& e) {
+      PyErr_SetString(isa_exc.ptr(), e.what());
     }
   });
 
+  m.def("isa_names", [] {
+    std::vector<std::string> names;
+    for (int i = 0; i < qgnn::kIsaCount; ++i) names.emplace_back(qgnn::isa_name(static_cast<qgnn::Isa>(i)));
+    return names;
+  }, "kernel ISA paths, slowest first");
+  m.def("isa_blocker", [](const std::string& s) {
+    const int i = qgnn::isa_from_name(s);
+    if (i < 0) throw ArgError("isa_blocker needs an ISA name, not 'auto'");
+    return qgnn::isa_blocker(static_cast<qgnn::Isa>(i));
+  }, "'' when this process can run the ISA path, else why not");
   m.def("detected_isa", [] { return std::string(qgnn::isa_name(qgnn::detected_isa())); });
   m.def("active_isa", [] { return std::string(qgnn::isa_name(qgnn::active_isa())); });
-  m.def("force_isa", [](const std::string& s) {
-    if (s.empty() || s == "auto") qgnn::force_isa(-1);
-    else if (s == "scalar") qgnn::force_isa(0);
-    else if (s == "avx2") qgnn::force_isa(1);
-    else if (s == "avx512vnni") qgnn::force_isa(2);
-    else throw ArgError("isa must be auto, scalar, avx2 or avx512vnni, got '" + s + "'");
-  });
+  m.def("force_isa", [](const std::string& s) { qgnn::force_isa(qgnn::isa_from_name(s)); },
+        "force an ISA path ('auto' or '': back to QGNN_CPU_ISA / detected)");
+  m.def("amx_probe", [] {
+    const qgnn::AmxProbe p = qgnn::probe_amx();
+    py::dict d;
+    d["max_leaf"] = p.max_leaf;
+    d["leaf7_edx"] = p.leaf7_edx;
+    d["osxsave"] = p.osxsave;
+    d["xcr0"] = p.xcr0;
+    d["palettes"] = p.palettes;
+    d["pal1_eax"] = p.pal1_eax;
+    d["pal1_ebx"] = p.pal1_ebx;
+    d["pal1_ecx"] = p.pal1_ecx;
+    d["perm_errno"] = p.perm_errno;
+    d["blocker"] = qgnn::amx_blocker(p);
+    return d;
+  }, "this CPU's AMX detection registers and what (if anything) blocks AMX-INT8 tiles");
+  m.def("amx_blocker", [](uint32_t max_leaf, uint32_t leaf7_edx, bool osxsave, uint64_t xcr0, uint32_t palettes,
+                          uint32_t pal1_eax, uint32_t pal1_ebx, uint32_t pal1_ecx, int perm_errno) {
+    qgnn::AmxProbe p;
+    p.max_leaf = max_leaf;
+    p.leaf7_edx = leaf7_edx;
+    p.osxsave = osxsave;
+    p.xcr0 = xcr0;
+    p.palettes = palettes;
+    p.pal1_eax = pal1_eax;
+    p.pal1_ebx = pal1_ebx;
+    p.pal1_ecx = pal1_ecx;
+    p.perm_errno = perm_errno;
+    return qgnn::amx_blocker(p);
+  }, py::arg("max_leaf"), py::arg("leaf7_edx"), py::arg("osxsave"), py::arg("xcr0"), py::arg("palettes"),
+     py::arg("pal1_eax"), py::arg("pal1_ebx"), py::arg("pal1_ecx"), py::arg("perm_errno"),
+     "the AMX decision for given register values (tests feed synthetic CPUs)");
 
   py::class_<qgnn::PackedW, std::shared_ptr<qgnn::PackedW>>(m, "PackedWeights",
       "Weights repacked for the CPU kernels (64-column blocks of 4-code int32 lanes).")

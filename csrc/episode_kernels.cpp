@@ -29,6 +29,7 @@ RowsFn pick_rows() {
 #if defined(__x86_64__)
     case Isa::Avx512Vnni:
       return f64_rows_avx512;
+    case Isa::AvxVnni:  // AVX-VNNI CPUs have AVX2
     case Isa::Avx2:
       return f64_rows_avx2;
 #endif

@@ -1,6 +1,7 @@
 // Drivers of the packed-int CPU ops: weight repacking, activation panel packing
 // (implicit-GEMM im2col for NHWC conv), border WS/CNT tables, threading over M-tiles,
-// and the portable scalar tile. ISA tiles live in qgemm_avx512.cpp / qgemm_avx2.cpp.
+// and the portable scalar tile. ISA tiles live in qgemm_avx512.cpp / qgemm_avxvnni.cpp /
+// qgemm_avx2.cpp.
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -202,22 +203,22 @@ namespace {
 
 using TileFn = void (*)(const TileArgs&);
 
+// The tile of the active ISA path; throws (on the calling thread, before any worker
+// starts) when QGNN_CPU_ISA names a path this process cannot run.
 TileFn pick_tile(const PackedW& w, int a_bits, bool* split) {
   *split = false;
-  switch (active_isa()) {
-    case Isa::Avx512Vnni:
+  const Isa isa = active_isa();
 #if defined(__x86_64__)
-      return tile_avx512;
-#endif
-    case Isa::Avx2:
-#if defined(__x86_64__)
-      // vpmaddubsw saturates int16 when a pair sum can exceed 32767
-      *split = 2 * ((1 << a_bits) - 1) * (w.bias ? 128 : (1 << w.bits) - 1) > 32767;
-      return tile_avx2;
-#endif
-    default:
-      return tile_scalar;
+  if (isa == Isa::Avx512Vnni) return tile_avx512;
+  if (isa == Isa::AvxVnni) return tile_avxvnni;
+  if (isa == Isa::Avx2) {
+    // vpmaddubsw saturates int16 when a pair sum can exceed 32767
+    *split = 2 * ((1 << a_bits) - 1) * (w.bias ? 128 : (1 << w.bits) - 1) > 32767;
+    return tile_avx2;
   }
+#endif
+  (void)isa;  // Scalar (Amx is never active: no AMX kernels in this build)
+  return tile_scalar;
 }
 
 struct AlignedBuf {

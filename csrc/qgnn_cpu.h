@@ -22,11 +22,42 @@ struct ArgError : std::invalid_argument {
 };
 
 // ------------------------------------------------------------------ dispatch
-enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512Vnni = 2 };
-Isa detected_isa();               // best the CPU supports
-Isa active_isa();                 // detected, or forced by QGNN_CPU_ISA (never above detected)
-void force_isa(int isa);          // -1: back to env/detected; tests use this
+// Kernel paths, slowest first: the numeric order is the dispatch preference (detected_isa
+// picks the highest one isa_blocker clears). Amx is detected (probe_amx) but has no
+// kernels in this build, so it is never runnable and never active.
+enum class Isa : int { Scalar = 0, Avx2 = 1, AvxVnni = 2, Avx512Vnni = 3, Amx = 4 };
+constexpr int kIsaCount = 5;
+
+// An ISA was asked for (QGNN_CPU_ISA or force_isa) that this process cannot run; the
+// binding maps it to qgnn_deploy._C.IsaUnavailableError.
+struct IsaUnavailable : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
 const char* isa_name(Isa);
+int isa_from_name(const std::string& name);  // -1 for "auto" / ""; ArgError naming the valid ones
+std::string isa_blocker(Isa);    // "" when this CPU, OS and build run it, else why not
+Isa detected_isa();              // the fastest runnable path
+// force_isa's choice, else QGNN_CPU_ISA's (read once per process), else detected. Throws
+// ArgError (unknown name) or IsaUnavailable (not runnable) for a bad QGNN_CPU_ISA: every
+// driver calls it on the calling thread before its workers start.
+Isa active_isa();
+void force_isa(int isa);         // -1: back to QGNN_CPU_ISA / detected; IsaUnavailable if not runnable
+
+// AMX-INT8 detection from raw CPUID / XCR0 values, so the decision is testable with
+// synthetic registers on any CPU.
+struct AmxProbe {
+  uint32_t max_leaf = 0;       // CPUID.0:EAX
+  uint32_t leaf7_edx = 0;      // CPUID.(EAX=7,ECX=0):EDX   bit 24 AMX-TILE, bit 25 AMX-INT8
+  bool osxsave = false;        // CPUID.1:ECX[27]           XGETBV usable
+  uint64_t xcr0 = 0;           // XGETBV(0)                 bit 17 XTILECFG, bit 18 XTILEDATA
+  uint32_t palettes = 0;       // CPUID.(EAX=0x1D,ECX=0):EAX  highest palette id
+  uint32_t pal1_eax = 0, pal1_ebx = 0, pal1_ecx = 0;  // CPUID.(EAX=0x1D,ECX=1): palette 1 geometry
+  int perm_errno = -1;         // arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA): 0 granted,
+                               // errno refused, -1 not asked (an earlier check failed)
+};
+AmxProbe probe_amx();                       // this CPU; asks for the permission once per process
+std::string amx_blocker(const AmxProbe&);   // "" when hardware and OS could run AMX-INT8 tiles
 
 // ------------------------------------------------------------------ weights
 // 64-byte aligned storage: a zmm load of a 64-byte weight row must not straddle two
@@ -139,6 +170,7 @@ struct TileArgs {
 
 void tile_scalar(const TileArgs& t);
 void tile_avx2(const TileArgs& t);
+void tile_avxvnni(const TileArgs& t);
 void tile_avx512(const TileArgs& t);
 int32_t rowsum_u8(const uint8_t* p, int n, uint8_t* orv);  // sum and OR of bytes
 

@@ -47,8 +47,9 @@ export QGNN_SANITIZED=1
 cd "$TREE"
 echo "sanitize: $SAN; preload $PRELOAD; tests ${TESTS[*]}"
 LD_PRELOAD="$PRELOAD" "$PY" -c "import qgnn_deploy._C as c, os; print('extension', c.__file__, c.active_isa())"
-# each ISA path the CPU has: scalar, avx2, the detected best
-for isa in scalar avx2 auto; do
+# every ISA path this CPU runs, one process each (the cpu_isa test fixture follows QGNN_CPU_ISA)
+ISAS=$(LD_PRELOAD="$PRELOAD" "$PY" -c "from qgnn_deploy.backends import cpu; print(' '.join(cpu.available_isas()))")
+for isa in $ISAS; do
   echo "== QGNN_CPU_ISA=$isa"
   QGNN_CPU_ISA="$isa" LD_PRELOAD="$PRELOAD" "$PY" -m pytest -q -x -p no:cacheprovider \
       -m "not slow" "${TESTS[@]}"

@@ -18,3 +18,30 @@ def _seed():
     torch.set_num_threads(1)
     torch.manual_seed(0)
     yield
+
+
+def _cpu_isas():
+    try:
+        from qgnn_deploy.backends.cpu import ISAS
+    except ImportError:  # pragma: no cover - a broken install fails elsewhere
+        return ()
+    return ISAS
+
+
+@pytest.fixture(params=_cpu_isas())
+def cpu_isa(request):
+    """Each ISA path of the cpu kernels forced in turn; skipped, with the reason, where this
+    CPU cannot run it, and where QGNN_CPU_ISA pins the process to another path
+    (scripts/sanitize.sh runs one path per process)."""
+    from qgnn_deploy.backends import cpu
+    if not cpu.is_available():
+        pytest.skip("qgnn_deploy._C not built (pip install -e .)")
+    why = cpu.isa_blocker(request.param)
+    if why:
+        pytest.skip(f"{request.param}: {why}")
+    pinned = os.environ.get("QGNN_CPU_ISA", "auto") or "auto"
+    if pinned not in ("auto", request.param):
+        pytest.skip(f"QGNN_CPU_ISA={pinned} pins this process to another path")
+    cpu.force_isa(request.param)
+    yield request.param
+    cpu.force_isa(None)

@@ -49,3 +49,52 @@ def test_layer_rounds_are_bursts_after_an_untimed_preroll():
     assert len(a.times) == len(b.times) == 7  # rounds of 3, 3 and 1 timed calls
     # warm-up, then per round and variant: one untimed pre-roll call + the timed burst
     assert order == ["cpu", "ort"] + (["cpu"] * 4 + ["ort"] * 4) * 2 + ["cpu"] * 2 + ["ort"] * 2
+
+
+def test_layer_benchmark_rows_name_their_isa_and_every_baseline():
+    import pytest
+    import torch
+
+    from qgnn_deploy.backends import cpu
+    from qgnn_deploy.benchmarks.layers import SPEEDUP_BASELINES, has_native_bf16, run_layer_benchmarks
+    from qgnn_deploy.errors import ConfigError
+    engine = torch.backends.quantized.engine
+    rows = run_layer_benchmarks(bits=(2,), threads=1, repeats=2, warmup=1, batch=2, gap_ms=0.0, burst=1,
+                                workloads=["conv3x3_128_16x16", "aggregation_N10_T40"])
+    assert torch.backends.quantized.engine == engine  # restored
+    by = {(r["workload"], r["backend"]): r for r in rows}
+    conv, agg = "conv3x3_128_16x16_w2a2", "aggregation_N10_T40_w2a2"
+    want = {"torch_fp32", "onnxruntime_int8", "onnxruntime_int8_asym", "cpu"}
+    want |= {"torch_bf16"} if has_native_bf16() else set()
+    want |= {"torch_int8"} if "onednn" in torch.backends.quantized.supported_engines else set()
+    assert {b for w, b in by if w == conv} == want
+    assert {b for w, b in by if w == agg} == want - {"torch_int8", "onnxruntime_int8_asym"}
+    for r in rows:
+        assert r["p90_ms"] >= r["p50_ms"] > 0 and r["gmacs"] > 0 and r["bits"] == 2 and r["threads"] == 1
+        for base in SPEEDUP_BASELINES:
+            b = by.get((r["workload"], base))
+            assert r[f"speedup_vs_{base}"] == (None if b is None else pytest.approx(b["p50_ms"] / r["p50_ms"]))
+    assert by[(conv, "cpu")]["isa"] == by[(agg, "cpu")]["isa"] == cpu.active_isa()
+    # torch's conv rows name the oneDNN implementation they ran, onnxruntime's the CPU's best int8 ISA
+    assert by[(conv, "torch_fp32")]["isa"].startswith("onednn ")
+    if (conv, "torch_int8") in by:
+        assert by[(conv, "torch_int8")]["isa"].startswith("onednn ")
+    assert by[(conv, "onnxruntime_int8")]["isa"].startswith("mlas, cpu has ")
+    with pytest.raises(ConfigError):
+        run_layer_benchmarks(backends=("cpu", "tvm"))
+
+
+def test_layer_benchmark_times_the_cpu_kernels_per_isa_path():
+    import pytest
+
+    from qgnn_deploy.backends import cpu
+    from qgnn_deploy.benchmarks.layers import run_layer_benchmarks
+    from qgnn_deploy.errors import BackendUnavailableError
+    before = cpu.active_isa()
+    isas = cpu.available_isas()
+    rows = run_layer_benchmarks(bits=(4,), threads=1, repeats=1, warmup=0, batch=1, gap_ms=0.0, burst=1,
+                                backends=("cpu",), cpu_isas=isas, workloads=["conv1x1_64_32x32"])
+    assert [(r["backend"], r["isa"]) for r in rows] == [(f"cpu:{i}", i) for i in isas]
+    assert cpu.active_isa() == before  # the forced paths are undone
+    with pytest.raises(BackendUnavailableError, match="amx cannot run here"):
+        run_layer_benchmarks(backends=("cpu",), cpu_isas=["amx"])

@@ -2,7 +2,8 @@
 
 Integer parts (ACC, AS, VS) must be identical (atol=0); fp32 outputs bit-identical (the
 epilogue follows the reference order under -ffp-contract=off); output codes identical
-except fp32 ties (<= 0.1% of elements, by 1). Every dispatch path is forced in turn.
+except fp32 ties (<= 0.1% of elements, by 1). Every ISA path is forced in turn (the
+``cpu_isa`` fixture of conftest.py; paths this CPU lacks are skipped with the reason).
 """
 from __future__ import annotations
 
@@ -17,18 +18,7 @@ cpu = pytest.importorskip("qgnn_deploy.backends.cpu")
 if not cpu.is_available():  # pragma: no cover
     pytest.skip("qgnn_deploy._C not built (pip install -e .)", allow_module_level=True)
 
-ISAS = ["scalar", "avx2", "avx512vnni"]
 BITS = [2, 3, 4]
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    cpu.force_isa(request.param)
-    if cpu.active_isa() != request.param:
-        cpu.force_isa(None)
-        pytest.skip(f"CPU lacks {request.param}")
-    yield request.param
-    cpu.force_isa(None)
 
 
 @pytest.fixture(params=[1, 2], ids=["t1", "t2"])
@@ -74,7 +64,7 @@ def test_pack_unpack_match_canonical(bits, k):
 # ------------------------------------------------------------------ quantize
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_quantize_exact(isa, bits):
+def test_quantize_exact(cpu_isa, bits):
     x = torch.randn(3, 1001) * 2
     x[0, :7] = torch.tensor([0.0, -0.0, 0.125, 0.375, -1.0, 1e30, -1e30])  # ties, saturation
     l, s = -1.0, 0.25
@@ -97,8 +87,9 @@ def test_quantize_rejects_nan_and_bad_args():
 # ------------------------------------------------------------------ linear
 
 @pytest.mark.parametrize("wb,ab", [(2, 2), (3, 3), (4, 4), (2, 4), (4, 8), (8, 8)])
-@pytest.mark.parametrize("m,k,o", [(1, 5, 3), (37, 70, 75), (13, 64, 130)])
-def test_qlinear_exact(isa, threads, wb, ab, m, k, o):
+# rows cover every remainder of the 4- and 6-row register tiles; O tails of 8/16/64 columns
+@pytest.mark.parametrize("m,k,o", [(1, 5, 3), (38, 70, 75), (13, 64, 130), (22, 33, 17), (23, 130, 8)])
+def test_qlinear_exact(cpu_isa, threads, wb, ab, m, k, o):
     x, wc = codes((m, k), ab), codes((o, k), wb)
     wp = pack_codes(wc, wb)
     ws, wo = wparams(o)
@@ -122,7 +113,7 @@ CONV_GEOMS = [(3, 1, 1), (1, 1, 0), (3, 2, 1), (1, 2, 0), (3, 1, 0), (3, 2, 0)]
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("ks,stride,pad", CONV_GEOMS)
-def test_qconv2d_exact(isa, threads, bits, ks, stride, pad):
+def test_qconv2d_exact(cpu_isa, threads, bits, ks, stride, pad):
     b, h, w, c, o = 2, 7, 6, 13, 70  # odd C, K not a multiple of 4/8, O not of 64
     x, wc = codes((b, h, w, c), bits), codes((o, ks * ks * c), bits)
     wp = pack_codes(wc, bits)
@@ -156,20 +147,15 @@ def test_qconv2d_model_shapes_batch1(bits):
         cpu.set_num_threads(None)
 
 
-def test_qconv2d_w2a2_large_k_all_paths():
-    # K = 9*256 exercises the long reduction (LUT kernel's u8/u16 flush points)
+def test_qconv2d_w2a2_large_k(cpu_isa):
+    # K = 9*256: the long reduction
     x, wc = codes((2, 5, 5, 256), 2), codes((96, 9 * 256), 2)
     x[0] = 3
     wc[:5] = 3  # saturated rows and columns
     wp = pack_codes(wc, 2)
     racc, ras, _, _ = R.ref_conv2d_acc(x, wc, 3, 3, 1, 1)
-    for isa in ISAS:
-        cpu.force_isa(isa)
-        try:
-            acc, as_ = cpu.cpu_conv2d_acc(x, wp, 2, 3, 1, 1, 2)
-            assert torch.equal(acc, racc) and torch.equal(as_, ras), isa
-        finally:
-            cpu.force_isa(None)
+    acc, as_ = cpu.cpu_conv2d_acc(x, wp, 2, 3, 1, 1, 2)
+    assert torch.equal(acc, racc) and torch.equal(as_, ras)
 
 
 def test_prepacked_weights_and_cache_invalidation():
@@ -190,8 +176,8 @@ def test_prepacked_weights_and_cache_invalidation():
 
 @pytest.mark.parametrize("ab,vb", [(2, 2), (3, 3), (4, 4), (4, 2), (8, 8)])
 @pytest.mark.parametrize("t,n,d", [(3, 5, 7), (40, 10, 64), (2, 30, 129), (1, 100, 65)])
-def test_qbmm_exact(isa, ab, vb, t, n, d):
-    if isa == "scalar" and n * n * d * t > 200_000:
+def test_qbmm_exact(cpu_isa, ab, vb, t, n, d):
+    if cpu_isa == "scalar" and n * n * d * t > 200_000:
         pytest.skip("scalar path covered by the smaller shapes")
     a, v = codes((t, n, n), ab), codes((t, n, d), vb)
     acc, as_, vs = cpu.cpu_bmm_acc(a, v, ab, vb)
@@ -310,7 +296,7 @@ def test_misaligned_activation_pointer_is_fine():
 
 
 @pytest.mark.parametrize("out_s", [1.0, 3.0, 0.5])
-def test_requantization_ties_take_the_exact_path(isa, out_s):
+def test_requantization_ties_take_the_exact_path(cpu_isa, out_s):
     # y = ACC / 2 is full of exact .5 ties: the reciprocal fast path must defer to division
     x, wc = codes((64, 40), 4), codes((48, 40), 4)
     wp = pack_codes(wc, 4)

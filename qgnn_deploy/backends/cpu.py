@@ -20,8 +20,9 @@ Differences from the reference, on purpose:
   ``cpu_qconv2d`` accept it in place of ``w_packed``.
 
 Kernels: implicit-GEMM conv reading NHWC codes in place (one row pointer per kernel
-tap), 6 x 64 register tiles of ``vpdpbusd`` (AVX-512 VNNI) or 4 x 16 of ``vpmaddubsw``
-+ ``vpmaddwd`` (AVX2), a scalar path; row sums / border tables outside the inner loop;
+tap), 6 x 64 register tiles of ``vpdpbusd`` on zmm (AVX-512 VNNI), 6 x 16 of ``vpdpbusd``
+on ymm (AVX-VNNI, for CPUs without AVX-512) or 4 x 16 of ``vpmaddubsw`` + ``vpmaddwd``
+(AVX2), a scalar path; row sums / border tables outside the inner loop;
 the epilogue fused into the store. 2-bit codes run on the same int8 VNNI path: on the
 development CPU it measured faster than bit-serial popcount and vpshufb lookup-table
 inner loops (``bench/w2a2_microbench.cpp``).
@@ -30,9 +31,11 @@ Threads: ``torch.get_num_threads()`` unless :func:`set_num_threads` (or the envi
 variable ``QGNN_CPU_THREADS``) sets a count; small ops run on one thread regardless.
 The worker threads poll for the next op for ``QGNN_CPU_SPIN_US`` microseconds (default
 200, 0 = never) before they sleep: consecutive layers then start without a wake-up.
-Instruction set: AVX-512 VNNI, AVX2 or scalar, detected at run time;
-``QGNN_CPU_ISA=scalar|avx2|avx512vnni`` or :func:`force_isa` forces one (never above
-what the CPU has).
+Instruction set: the fastest of :data:`ISAS` this CPU runs, detected at run time;
+``QGNN_CPU_ISA=auto|scalar|avx2|avxvnni|avx512vnni|amx`` or :func:`force_isa` forces one.
+An unknown name, or a path this CPU cannot run, is an error naming the valid ones and
+what the CPU has (:func:`isa_blocker`), never a silent fallback. AMX is detected
+(:func:`amx_probe`) but has no kernels yet.
 """
 from __future__ import annotations
 
@@ -91,27 +94,52 @@ def get_num_threads() -> int:
     return max(1, torch.get_num_threads())
 
 
+#: instruction-set paths of the kernels, slowest first (the ``QGNN_CPU_ISA`` values besides
+#: ``auto``); dispatch takes the fastest one this process can run. ``amx`` is detected but has
+#: no kernels yet, so it is never runnable (:func:`isa_blocker` says why).
+ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni", "amx")
+
+
 def force_isa(name: Optional[str]) -> None:
-    """Force ``scalar`` / ``avx2`` / ``avx512vnni`` (clamped to the CPU); ``None`` = auto."""
+    """Force one of :data:`ISAS`; ``None`` / ``"auto"`` goes back to ``QGNN_CPU_ISA`` / detected.
+
+    Raises KernelArgumentError for an unknown name and BackendUnavailableError for a path
+    this CPU cannot run (both name the valid ones and what this CPU has).
+    """
     _call(_ext().force_isa, name or "auto")
 
 
 def active_isa() -> str:
-    return _ext().active_isa()
+    """The ISA path the next op runs on: forced, else ``QGNN_CPU_ISA`` (read once per
+    process), else :func:`detected_isa`. A bad ``QGNN_CPU_ISA`` raises here and in every op
+    (KernelArgumentError: unknown name; BackendUnavailableError: not runnable here)."""
+    return _call(_ext().active_isa)
 
 
 def detected_isa() -> str:
+    """The fastest ISA path this CPU, OS and build can run."""
     return _ext().detected_isa()
 
 
-#: instruction-set paths of the kernels, slowest first (``QGNN_CPU_ISA`` values)
-ISAS = ("scalar", "avx2", "avx512vnni")
+def isa_blocker(name: str) -> str:
+    """``""`` when this process can run ISA path ``name``, else why not (missing CPU
+    features, OS state, or no kernels in this build)."""
+    return _call(_ext().isa_blocker, name)
 
 
 def available_isas() -> list:
-    """The ISA paths this CPU can run (each can be forced with ``QGNN_CPU_ISA``), slowest first."""
-    have = ISAS.index(detected_isa())
-    return list(ISAS[:have + 1])
+    """The ISA paths this CPU can run (each can be forced with ``QGNN_CPU_ISA``), slowest first.
+
+    Not always a prefix of :data:`ISAS`: e.g. a Cascade Lake has AVX-512 VNNI but no AVX-VNNI.
+    """
+    return [n for n in ISAS if not isa_blocker(n)]
+
+
+def amx_probe() -> dict:
+    """This CPU's AMX detection: CPUID leaf 7 EDX (bits 24/25 AMX-TILE/INT8), OSXSAVE, XCR0
+    (bits 17/18 tile state), leaf 0x1D palette 1 geometry, the ``arch_prctl`` tile-data
+    permission (``perm_errno``: 0 granted, -1 not asked) and ``blocker`` ("" = usable)."""
+    return _ext().amx_probe()
 
 
 def _call(fn, *args, **kwargs):
@@ -120,6 +148,8 @@ def _call(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except _ext().KernelArgumentError as e:
         raise KernelArgumentError(str(e)) from None
+    except _ext().IsaUnavailableError as e:
+        raise BackendUnavailableError(str(e)) from None
     except TypeError as e:  # pybind11 overload mismatch: a wrong Python type
         raise KernelArgumentError(str(e).splitlines()[0]) from None
 
@@ -356,6 +386,7 @@ def cpu_bmm_acc(a: Tensor, v: Tensor, a_bits: int = 8, v_bits: int = 8) -> Tuple
 __all__ = [
     "cpu_quantize", "cpu_qlinear", "cpu_qconv2d", "cpu_qbmm", "cpu_pack", "cpu_unpack",
     "cpu_prepack", "cpu_linear_acc", "cpu_conv2d_acc", "cpu_bmm_acc", "set_num_threads",
-    "get_num_threads", "force_isa", "active_isa", "detected_isa", "available_isas", "ISAS",
+    "get_num_threads", "force_isa", "active_isa", "detected_isa", "isa_blocker", "available_isas",
+    "amx_probe", "ISAS",
     "is_available",
 ]

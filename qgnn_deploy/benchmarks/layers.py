@@ -1,21 +1,40 @@
-"""Per-layer CPU benchmarks: the cpu backend vs torch FP32 and onnxruntime int8.
+"""Per-layer CPU benchmarks: the cpu backend vs what a user of the same CPU would run instead.
 
 Workloads (DESIGN.md section 6): every ResNet-12 conv shape of the 32 px model at
 batch 100 (3x3 C->C and 1x1 C->C at 64@32x32, 128@16x16, 256@8x8, 512@4x4) and the
 graph aggregation at N = 10 and 30 with 40 tasks. Per workload, in one process and
 interleaved round by round (so machine noise hits every variant alike):
 
-* ``torch_fp32``: ``F.conv2d`` / ``torch.bmm`` in FP32, NCHW, same thread count;
-* ``onnxruntime_int8``: a one-node QLinearConv / QLinearMatMul graph (uint8 activations,
-  int8 weights, uint8 output) -- codes in, codes out, like ours;
+* ``torch_fp32``: ``F.conv2d`` in FP32, channels_last (torch's fast CPU layout; oneDNN)
+  / ``torch.bmm``, same thread count;
+* ``torch_bf16``: the same under ``torch.autocast("cpu", torch.bfloat16)``, operands
+  already bf16 as inside an autocast forward; only where the CPU has AMX-BF16 or
+  AVX512-BF16 (else emulated, not what a user would pick);
+* ``torch_int8``: a ``torch.ao`` quantized ``Conv2d`` on the onednn engine (where torch
+  has it): uint8 activations, int8 per-channel symmetric weights, channels_last, uint8
+  out. Not for the aggregation: torch.ao has no int8 batched matmul;
+* ``onnxruntime_int8``: a one-node QLinearConv (uint8 activations, int8 symmetric
+  weights -> MLAS's direct symmetric conv) / QLinearMatMul (both operands uint8 with
+  zero points) graph -- codes in, codes out, like ours;
+* ``onnxruntime_int8_asym``: QLinearConv with int8 weights and non-zero per-channel zero
+  points (MLAS's im2col + QGEMM route); conv only, the aggregation row above is already
+  asymmetric;
 * ``cpu``: :func:`qgnn_deploy.backends.cpu.cpu_qconv2d` with the folded-BN + LeakyReLU
   epilogue and re-quantization fused (codes in, codes out), weights prepacked once.
 
+Each row names the ISA it ran on (``isa``): the cpu kernels' path; for torch the oneDNN
+implementation it executed (read from oneDNN's verbose log), or the BLAS it calls;
+onnxruntime has no such query, so its rows name MLAS and the best int8 ISA of this CPU.
 Speed-ups are ratios of p50 latencies from the same run.
 """
 from __future__ import annotations
 
+import ctypes
+import os
+import re
+import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -36,7 +55,10 @@ CONV_SHAPES = [
 ]
 #: (name, tasks, N, D) of the graph aggregation
 AGG_SHAPES = [("aggregation_N10_T40", 40, 10, 128), ("aggregation_N30_T40", 40, 30, 128)]
-
+#: every variant, in the order rows are reported
+BACKENDS = ("torch_fp32", "torch_bf16", "torch_int8", "onnxruntime_int8", "onnxruntime_int8_asym", "cpu")
+#: the baselines each row's ``speedup_vs_<name>`` compares against
+SPEEDUP_BASELINES = ("torch_fp32", "torch_bf16", "torch_int8", "onnxruntime_int8")
 
 _ORT_SETTLE_MS = 80.0
 
@@ -51,11 +73,75 @@ class _Variant:
     #: after a 512@4x4 QLinearConv), longer than ``gap_ms``; without it the next variant
     #: in the round (the cpu kernels) ran on one core instead of two.
     settle_ms: float = 0.0
+    isa: str = ""
 
 
 def _percentile(xs: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs, dtype=np.float64), q))
 
+
+# ------------------------------------------------------------------ which ISA a row ran on
+
+def cpu_flags() -> set:
+    """This CPU's feature flags as Linux names them (empty where /proc/cpuinfo is absent)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def has_native_bf16() -> bool:
+    """AMX-BF16 or AVX512-BF16: bf16 matmuls in hardware rather than emulated in fp32."""
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+
+
+def onednn_implementation(fn: Callable[[], object]) -> Optional[str]:
+    """The oneDNN implementation ``fn``'s compute primitive ran (e.g.
+    ``brg_conv_fwd:avx512_core_vnni``), from one call under ``ONEDNN_VERBOSE``; None when
+    it ran no oneDNN primitive. oneDNN prints with C stdio, so fd 1 is captured."""
+    libc = ctypes.CDLL(None)
+    with tempfile.TemporaryFile() as log:
+        libc.fflush(None)
+        saved = os.dup(1)
+        os.dup2(log.fileno(), 1)
+        try:
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                fn()
+            libc.fflush(None)
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+        log.seek(0)
+        lines = log.read().decode(errors="replace").splitlines()
+    # onednn_verbose,v1,primitive,exec,cpu,<kind>,<implementation>,...
+    impls = [ln.split(",") for ln in lines if ",primitive,exec,cpu," in ln]
+    impls = [f[6] for f in impls if len(f) > 6 and f[5] != "reorder"]
+    return impls[-1] if impls else None
+
+
+def _torch_isa(fn: Callable[[], object]) -> str:
+    impl = onednn_implementation(fn)
+    if impl:
+        return f"onednn {impl}"
+    blas = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
+    return f"{blas.group(1) if blas else 'blas'} (its own dispatch)"
+
+
+def _mlas_isa() -> str:
+    """MLAS (onnxruntime's kernels) picks its int8 kernels by CPUID and cannot be asked
+    which: the label names the best int8 ISA this CPU offers it."""
+    from ..backends import cpu as cpu_backend  # noqa: PLC0415
+
+    best = "amx" if not cpu_backend.amx_probe()["blocker"] else next(
+        (i for i in ("avx512vnni", "avxvnni", "avx2") if i in cpu_backend.available_isas()), "sse")
+    return f"mlas, cpu has {best}"
+
+
+# ------------------------------------------------------------------ onnxruntime graphs
 
 def _ort_session(model, threads: int):
     import onnxruntime as ort  # noqa: PLC0415
@@ -67,8 +153,9 @@ def _ort_session(model, threads: int):
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def _ort_qlinearconv(x_u8_nchw: np.ndarray, w_i8: np.ndarray, pad: int, threads: int):
-    """One QLinearConv node, uint8 activations x int8 per-channel weights -> uint8."""
+def _ort_qlinearconv(x_u8_nchw: np.ndarray, w_i8: np.ndarray, w_zero: np.ndarray, pad: int, threads: int):
+    """One QLinearConv node, uint8 activations x int8 per-channel weights (zero points
+    ``w_zero``) -> uint8."""
     from onnx import TensorProto, helper  # noqa: PLC0415
 
     o = w_i8.shape[0]
@@ -77,7 +164,7 @@ def _ort_qlinearconv(x_u8_nchw: np.ndarray, w_i8: np.ndarray, pad: int, threads:
         helper.make_tensor("xz", TensorProto.UINT8, [], [3]),
         helper.make_tensor("w", TensorProto.INT8, list(w_i8.shape), w_i8.flatten().tolist()),
         helper.make_tensor("ws", TensorProto.FLOAT, [o], [0.01] * o),
-        helper.make_tensor("wz", TensorProto.INT8, [o], [0] * o),
+        helper.make_tensor("wz", TensorProto.INT8, [o], w_zero.tolist()),
         helper.make_tensor("ys", TensorProto.FLOAT, [], [0.2]),
         helper.make_tensor("yz", TensorProto.UINT8, [], [8]),
     ]
@@ -118,8 +205,52 @@ def _ort_qlinearmatmul(a_u8: np.ndarray, v_u8: np.ndarray, threads: int):
     return lambda: sess.run(None, feed)
 
 
+# ------------------------------------------------------------------ torch baselines
+
+def _torch_int8_conv(x_codes_nhwc: torch.Tensor, w_centred: torch.Tensor, pad: int):
+    """torch.ao quantized Conv2d on the onednn engine: uint8 activations (the codes, zero
+    point 3), int8 per-channel symmetric weights ``w_centred`` [O, C, k, k], uint8 out."""
+    import torch.ao.nn.quantized as nnq  # noqa: PLC0415
+
+    o, c, k, _ = w_centred.shape
+    with warnings.catch_warnings():  # quantized tensor constructors warn of their deprecation
+        warnings.simplefilter("ignore")
+        xq = torch._make_per_tensor_quantized_tensor(x_codes_nhwc.permute(0, 3, 1, 2), 0.05, 3)
+        xq = xq.contiguous(memory_format=torch.channels_last)
+        wq = torch._make_per_channel_quantized_tensor(w_centred, torch.full((o,), 0.01, dtype=torch.float64),
+                                                      torch.zeros(o, dtype=torch.int64), 0)
+        conv = nnq.Conv2d(c, o, k, padding=pad, bias=False)
+        conv.set_weight_bias(wq, None)
+    conv.scale, conv.zero_point = 0.2, 8
+    return lambda: conv(xq)
+
+
+def _autocast_bf16(fn: Callable[[], object]) -> Callable[[], object]:
+    def run():
+        with torch.autocast("cpu", torch.bfloat16):
+            return fn()
+    return run
+
+
+# ------------------------------------------------------------------ variants per workload
+
+def _cpu_variants(run: Callable[[], object], cpu_isas: Optional[Sequence[str]]) -> List[_Variant]:
+    """``cpu`` on the active ISA path, or with ``cpu_isas`` one ``cpu:<isa>`` per path forced."""
+    from ..backends import cpu as cpu_backend  # noqa: PLC0415
+
+    if not cpu_isas:
+        return [_Variant("cpu", run, [])]
+
+    def forced(isa):
+        def call():
+            cpu_backend.force_isa(isa)
+            return run()
+        return call
+    return [_Variant(f"cpu:{isa}", forced(isa), [], isa=isa) for isa in cpu_isas]
+
+
 def _conv_variants(cin: int, cout: int, k: int, h: int, bits: int, batch: int, threads: int,
-                   backends: Sequence[str]) -> List[_Variant]:
+                   backends: Sequence[str], cpu_isas: Optional[Sequence[str]]) -> List[_Variant]:
     from ..backends import cpu as cpu_backend  # noqa: PLC0415
     from ..ops.packing import pack_codes  # noqa: PLC0415
 
@@ -128,16 +259,28 @@ def _conv_variants(cin: int, cout: int, k: int, h: int, bits: int, batch: int, t
     qmax = 2 ** bits - 1
     x_codes = torch.randint(0, qmax + 1, (batch, h, h, cin), dtype=torch.uint8, generator=g)
     w_codes = torch.randint(0, qmax + 1, (cout, k * k * cin), dtype=torch.uint8, generator=g)
+    # the codes centred into int8 [O, C, k, k] (symmetric around the code range's middle)
+    w_centred = (w_codes.view(cout, k, k, cin).permute(0, 3, 1, 2).to(torch.int16) - (qmax + 1) // 2).to(torch.int8)
     out: List[_Variant] = []
-    if "torch_fp32" in backends:
-        xf = torch.randn(batch, cin, h, h, generator=g)
-        wf = torch.randn(cout, cin, k, k, generator=g)
-        out.append(_Variant("torch_fp32", lambda: F.conv2d(xf, wf, padding=pad), []))
+    if "torch_fp32" in backends or "torch_bf16" in backends:
+        xf = torch.randn(batch, cin, h, h, generator=g).contiguous(memory_format=torch.channels_last)
+        wf = torch.randn(cout, cin, k, k, generator=g).contiguous(memory_format=torch.channels_last)
+        if "torch_fp32" in backends:
+            out.append(_Variant("torch_fp32", lambda: F.conv2d(xf, wf, padding=pad), []))
+        if "torch_bf16" in backends and has_native_bf16():
+            xb, wb = xf.bfloat16(), wf.bfloat16()
+            out.append(_Variant("torch_bf16", _autocast_bf16(lambda: F.conv2d(xb, wb, padding=pad)), []))
+    if "torch_int8" in backends and torch.backends.quantized.engine == "onednn":
+        out.append(_Variant("torch_int8", _torch_int8_conv(x_codes, w_centred, pad), []))
+    x_nchw = np.ascontiguousarray(x_codes.permute(0, 3, 1, 2).numpy())
+    w_i8 = np.ascontiguousarray(w_centred.numpy())
     if "onnxruntime_int8" in backends:
-        x_nchw = np.ascontiguousarray(x_codes.permute(0, 3, 1, 2).numpy())
-        w_i8 = (w_codes.view(cout, k, k, cin).permute(0, 3, 1, 2).to(torch.int16) - (qmax + 1) // 2)
-        w_i8 = np.ascontiguousarray(w_i8.to(torch.int8).numpy())
-        out.append(_Variant("onnxruntime_int8", _ort_qlinearconv(x_nchw, w_i8, pad, threads), [], _ORT_SETTLE_MS))
+        out.append(_Variant("onnxruntime_int8", _ort_qlinearconv(x_nchw, w_i8, np.zeros(cout, np.int8), pad, threads),
+                            [], _ORT_SETTLE_MS, _mlas_isa()))
+    if "onnxruntime_int8_asym" in backends:
+        w_zero = (np.arange(cout) % 3 + 1).astype(np.int8)  # non-zero: MLAS leaves its symmetric path
+        out.append(_Variant("onnxruntime_int8_asym", _ort_qlinearconv(x_nchw, w_i8, w_zero, pad, threads),
+                            [], _ORT_SETTLE_MS, _mlas_isa()))
     if "cpu" in backends:
         wp = cpu_backend.cpu_prepack(pack_codes(w_codes, bits), bits, k * k * cin, k * k)
         ws = torch.full((cout,), 0.01)
@@ -148,11 +291,12 @@ def _conv_variants(cin: int, cout: int, k: int, h: int, bits: int, batch: int, t
             return cpu_backend.cpu_qconv2d(x_codes, wp, bits, bits, k, 1, pad, ws, wo, 0.05, -0.1,
                                            post_scale=ps, post_shift=sh, slope=0.1, out_l=-1.0,
                                            out_s=0.1, out_bits=bits)
-        out.append(_Variant("cpu", run_cpu, []))
+        out += _cpu_variants(run_cpu, cpu_isas)
     return out
 
 
-def _agg_variants(tasks: int, n: int, d: int, bits: int, threads: int, backends: Sequence[str]) -> List[_Variant]:
+def _agg_variants(tasks: int, n: int, d: int, bits: int, threads: int, backends: Sequence[str],
+                  cpu_isas: Optional[Sequence[str]]) -> List[_Variant]:
     from ..backends import cpu as cpu_backend  # noqa: PLC0415
 
     g = torch.Generator().manual_seed(1)
@@ -160,15 +304,28 @@ def _agg_variants(tasks: int, n: int, d: int, bits: int, threads: int, backends:
     a = torch.randint(0, qmax + 1, (tasks, n, n), dtype=torch.uint8, generator=g)
     v = torch.randint(0, qmax + 1, (tasks, n, d), dtype=torch.uint8, generator=g)
     out: List[_Variant] = []
+    af, vf = torch.rand(tasks, n, n, generator=g), torch.randn(tasks, n, d, generator=g)
     if "torch_fp32" in backends:
-        af, vf = torch.rand(tasks, n, n, generator=g), torch.randn(tasks, n, d, generator=g)
         out.append(_Variant("torch_fp32", lambda: torch.bmm(af, vf), []))
+    if "torch_bf16" in backends and has_native_bf16():
+        ab, vb = af.bfloat16(), vf.bfloat16()
+        out.append(_Variant("torch_bf16", _autocast_bf16(lambda: torch.bmm(ab, vb)), []))
     if "onnxruntime_int8" in backends:
         out.append(_Variant("onnxruntime_int8", _ort_qlinearmatmul(a.numpy(), v.numpy(), threads), [],
-                            _ORT_SETTLE_MS))
+                            _ORT_SETTLE_MS, _mlas_isa()))
     if "cpu" in backends:
-        out.append(_Variant("cpu", lambda: cpu_backend.cpu_qbmm(a, v, bits, bits, 0.01, 0.0, 0.1, -0.2), []))
+        out += _cpu_variants(lambda: cpu_backend.cpu_qbmm(a, v, bits, bits, 0.01, 0.0, 0.1, -0.2), cpu_isas)
     return out
+
+
+def _label(variants: List[_Variant]) -> None:
+    """Fill in each variant's ``isa`` (after its warm-up: oneDNN logs the call it runs)."""
+    from ..backends import cpu as cpu_backend  # noqa: PLC0415
+
+    for v in variants:
+        if v.isa:
+            continue
+        v.isa = cpu_backend.active_isa() if v.backend == "cpu" else _torch_isa(v.fn)
 
 
 def _measure(variants: List[_Variant], repeats: int, warmup: int, gap_ms: float = 0.0, burst: int = 5,
@@ -211,65 +368,83 @@ def _measure(variants: List[_Variant], repeats: int, warmup: int, gap_ms: float 
 
 
 def run_layer_benchmarks(bits: Sequence[int] = (4, 2), threads: Optional[int] = None, repeats: int = 20,
-                         warmup: int = 3, batch: int = 100,
-                         backends: Sequence[str] = ("torch_fp32", "onnxruntime_int8", "cpu"),
+                         warmup: int = 3, batch: int = 100, backends: Sequence[str] = BACKENDS,
                          workloads: Optional[Sequence[str]] = None, gap_ms: float = 20.0,
-                         burst: int = 5) -> List[Dict]:
+                         burst: int = 5, cpu_isas: Optional[Sequence[str]] = None) -> List[Dict]:
     """Time every per-layer workload; returns one dict per (workload, backend).
 
-    Keys: ``workload`` (name plus ``_w{b}a{b}``), ``backend``, ``bits``, ``threads``,
-    ``p50_ms``, ``p90_ms``, ``speedup_vs_torch_fp32``, ``speedup_vs_onnxruntime_int8``
-    (ratios of p50s; None where that baseline was not run), ``gmacs``.
-    ``threads`` defaults to ``torch.get_num_threads()``; torch, onnxruntime and the cpu
-    kernels all get the same count for the duration of the call. ``gap_ms`` of idle time
-    precede every variant's round: onnxruntime's and torch's (libgomp) worker threads
-    spin-wait after a run, and without the gap they occupy the cores while the next
-    variant in the round runs (measured: up to 6x slower short kernels, whichever came
-    after onnxruntime). Calls come in rounds of ``burst`` back-to-back calls per variant
-    (see :func:`_measure`).
+    Keys: ``workload`` (name plus ``_w{b}a{b}``), ``backend``, ``isa`` (what it ran on, see
+    the module docstring), ``bits``, ``threads``, ``p50_ms``, ``p90_ms``, ``gmacs`` and
+    ``speedup_vs_{torch_fp32,torch_bf16,torch_int8,onnxruntime_int8}`` (ratios of p50s;
+    None where that baseline did not run). ``threads`` defaults to
+    ``torch.get_num_threads()``; torch, onnxruntime and the cpu kernels all get the same
+    count for the duration of the call. ``gap_ms`` of idle time precede every variant's
+    round: onnxruntime's and torch's (libgomp) worker threads spin-wait after a run, and
+    without the gap they occupy the cores while the next variant in the round runs
+    (measured: up to 6x slower short kernels, whichever came after onnxruntime). Calls
+    come in rounds of ``burst`` back-to-back calls per variant (see :func:`_measure`).
+    ``cpu_isas`` (e.g. ``("avx2", "avxvnni", "avx512vnni")``) times the cpu kernels once per
+    ISA path, as backends ``cpu:<isa>``, instead of once on the active path.
     """
     from ..backends import cpu as cpu_backend  # noqa: PLC0415
+    from ..errors import BackendUnavailableError, ConfigError  # noqa: PLC0415
 
+    unknown = sorted(set(backends) - set(BACKENDS))
+    if unknown:
+        raise ConfigError(f"unknown layer-benchmark variants {unknown}; choose from {list(BACKENDS)}")
+    for isa in cpu_isas or ():
+        why = cpu_backend.isa_blocker(isa)  # KernelArgumentError for an unknown name
+        if why:
+            raise BackendUnavailableError(f"cpu_isas: {isa} cannot run here: {why}; this CPU runs "
+                                          f"{', '.join(cpu_backend.available_isas())}")
     threads = threads or torch.get_num_threads()
     old_torch, old_cpu = torch.get_num_threads(), cpu_backend._threads_override
+    old_engine = torch.backends.quantized.engine
     torch.set_num_threads(threads)
     cpu_backend.set_num_threads(threads)
+    if "onednn" in torch.backends.quantized.supported_engines:
+        torch.backends.quantized.engine = "onednn"
     results: List[Dict] = []
     try:
         for b in bits:
-            jobs = [(name, lambda c=c, o=o, k=k, h=h: _conv_variants(c, o, k, h, b, batch, threads, backends),
+            jobs = [(name, lambda c=c, o=o, k=k, h=h: _conv_variants(c, o, k, h, b, batch, threads, backends,
+                                                                      cpu_isas),
                      batch * h * h * o * k * k * c) for name, c, o, k, h in CONV_SHAPES]
-            jobs += [(name, lambda t=t, n=n, d=d: _agg_variants(t, n, d, b, threads, backends), t * n * n * d)
-                     for name, t, n, d in AGG_SHAPES]
+            jobs += [(name, lambda t=t, n=n, d=d: _agg_variants(t, n, d, b, threads, backends, cpu_isas),
+                      t * n * n * d) for name, t, n, d in AGG_SHAPES]
             for name, make, macs in jobs:
                 if workloads and name not in workloads:
                     continue
                 variants = make()
                 _measure(variants, repeats, warmup, gap_ms, burst)
+                _label(variants)
                 p50 = {v.backend: _percentile(v.times, 50) for v in variants}
                 for v in variants:
-                    results.append({
-                        "workload": f"{name}_w{b}a{b}", "backend": v.backend, "bits": b, "threads": threads,
-                        "p50_ms": p50[v.backend], "p90_ms": _percentile(v.times, 90),
-                        "speedup_vs_torch_fp32": (p50["torch_fp32"] / p50[v.backend]) if "torch_fp32" in p50 else None,
-                        "speedup_vs_onnxruntime_int8": (p50["onnxruntime_int8"] / p50[v.backend])
-                        if "onnxruntime_int8" in p50 else None,
-                        "gmacs": macs / (p50[v.backend] * 1e6),
-                    })
+                    row = {"workload": f"{name}_w{b}a{b}", "backend": v.backend, "isa": v.isa, "bits": b,
+                           "threads": threads, "p50_ms": p50[v.backend], "p90_ms": _percentile(v.times, 90),
+                           "gmacs": macs / (p50[v.backend] * 1e6)}
+                    for base in SPEEDUP_BASELINES:
+                        row[f"speedup_vs_{base}"] = p50[base] / p50[v.backend] if base in p50 else None
+                    results.append(row)
     finally:
         torch.set_num_threads(old_torch)
         cpu_backend.set_num_threads(old_cpu)
+        torch.backends.quantized.engine = old_engine
+        if cpu_isas:
+            cpu_backend.force_isa(None)
     return results
 
 
 def format_table(results: List[Dict]) -> str:
     """Markdown table of :func:`run_layer_benchmarks` results."""
-    lines = ["| workload | backend | p50 ms | p90 ms | GMAC/s | vs torch FP32 | vs ORT int8 |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| workload | backend | isa | p50 ms | p90 ms | GMAC/s | vs torch FP32 | vs torch bf16 | "
+             "vs torch int8 | vs ORT int8 |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     for r in results:
-        lines.append(f"| {r['workload']} | {r['backend']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
-                     f"{r['gmacs']:.0f} | {f(r['speedup_vs_torch_fp32'])} | {f(r['speedup_vs_onnxruntime_int8'])} |")
+        lines.append(f"| {r['workload']} | {r['backend']} | {r['isa']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
+                     f"{r['gmacs']:.0f} | {f(r['speedup_vs_torch_fp32'])} | {f(r['speedup_vs_torch_bf16'])} | "
+                     f"{f(r['speedup_vs_torch_int8'])} | {f(r['speedup_vs_onnxruntime_int8'])} |")
     return "\n".join(lines)
 
 
@@ -283,12 +458,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--workloads", nargs="*", default=None)
+    p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    p.add_argument("--cpu-isas", nargs="+", default=None, help="time the cpu kernels on each of these ISA paths")
     p.add_argument("--gap-ms", type=float, default=20.0)
     p.add_argument("--burst", type=int, default=5, help="back-to-back calls per variant and round")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    res = run_layer_benchmarks(tuple(a.bits), a.threads, a.repeats, a.warmup, workloads=a.workloads,
-                               gap_ms=a.gap_ms, burst=a.burst)
+    res = run_layer_benchmarks(tuple(a.bits), a.threads, a.repeats, a.warmup, backends=a.backends,
+                               workloads=a.workloads, gap_ms=a.gap_ms, burst=a.burst, cpu_isas=a.cpu_isas)
     print(json.dumps(res, indent=1) if a.json else format_table(res))
 
 

@@ -58,6 +58,14 @@ def _predictor(backend: str, int_model, float_model, threads):
     return predict
 
 
+def _cpu_isa(backend: str):
+    """The ISA path the cpu kernels ran on (None for other backends)."""
+    if backend not in ("cpu", "cpu-eager"):
+        return None
+    from ..backends import backend_module
+    return backend_module("cpu").active_isa()
+
+
 def run(args) -> int:
     import copy
 
@@ -96,7 +104,8 @@ def run(args) -> int:
     out = {"backend": args.backend, "source": src.label, "episodes": res["episodes"],
            "queries": res["queries"], "accuracy": res["accuracy"], "ci95": res["ci95"],
            "seconds": res["seconds"], "threads": torch.get_num_threads(),
-           "generations": int_model.generations, "zero_point": int_model.zero_point}
+           "generations": int_model.generations, "zero_point": int_model.zero_point,
+           "isa": _cpu_isa(args.backend)}
     if args.backend != "reference":
         int_model.backend = "reference"
         ref = evaluate(lambda i, s: int_model(i, s).logits, config, desc="reference", **kw)

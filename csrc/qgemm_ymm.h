@@ -1,0 +1,177 @@
+// 256-bit (ymm) register tile shared by the AVX2 and AVX-VNNI translation units: R rows x
+// 16 columns of int32 accumulators (two ymm per row, 16 registers in all), the int8
+// products supplied by the including file's Mac, the fp32 epilogue on 8 columns at a
+// time in ref_epilogue's order.
+//
+// Include it after the file's `#pragma GCC target` (so this code is compiled for that
+// target) and after <immintrin.h> / qgnn_cpu.h. Everything here has internal linkage: the
+// two translation units' copies, compiled for different targets, never merge (ODR).
+#pragma once
+
+namespace qgnn {
+void epi_store_scalar(const Epi& e, int64_t m, int o, int32_t acc, int32_t as);
+
+namespace {  // one copy per including ISA translation unit, on purpose
+
+inline int32_t load32(const uint8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// Epi's scalars and pointers copied to locals once per block: the uint8 output stores may
+// alias anything, and would otherwise force a reload of every Epi field after each store.
+struct EpiY {
+  const float *c1, *c3, *post_scale, *post_shift, *residual;
+  const int32_t* nzw;
+  float* out_f;
+  uint8_t* out_q[kMaxRequant];
+  int32_t* acc_out;
+  int64_t O;
+  int32_t wbias;
+  float slope, out_l[kMaxRequant], inv_out_s[kMaxRequant], out_s[kMaxRequant], qmax[kMaxRequant];
+  int nq;
+  bool as_first, has_slope;
+  explicit EpiY(const Epi& e)
+      : c1(e.c1), c3(e.c3), post_scale(e.post_scale), post_shift(e.post_shift), residual(e.residual), nzw(e.nzw),
+        out_f(e.out_f), acc_out(e.acc_out), O(e.O), wbias(e.wbias), slope(e.slope), nq(e.nq), as_first(e.as_first),
+        has_slope(e.has_slope) {
+    for (int k = 0; k < kMaxRequant; ++k) {
+      out_q[k] = e.out_q[k];
+      out_l[k] = e.out_l[k];
+      inv_out_s[k] = e.inv_out_s[k];
+      out_s[k] = e.out_s[k];
+      qmax[k] = e.qmax[k];
+    }
+  }
+};
+
+// Per-row operands: the border pattern's rows of the c2*WS', za*WS' and c4*CNT tables
+// (precomputed with the same fp32 products) and the row's AS / AS'.
+struct RowY {
+  const float* t2;
+  const int32_t* zws;
+  const float* t4;
+  int32_t as;
+  float asp;
+};
+
+// 8 full columns [o, o+8) of row m, order as ref_epilogue
+inline void epi8(const EpiY& e, const RowY& rw, int64_t m, int o, __m256i acc) {
+  const int64_t base = m * e.O + o;
+  const __m256i asv = _mm256_set1_epi32(rw.as);
+  if (e.acc_out)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(e.acc_out + base), _mm256_add_epi32(acc, _mm256_set1_epi32(e.wbias * rw.as)));
+  // ACC' = ACC + (wbias - zw)*AS - za*WS'   (int32, wrapping like the reference's int32)
+  acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(e.nzw + o)), asv));
+  acc = _mm256_sub_epi32(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rw.zws + o)));
+  const __m256 t2 = _mm256_loadu_ps(rw.t2 + o);
+  const __m256 t3 = _mm256_mul_ps(_mm256_loadu_ps(e.c3 + o), _mm256_set1_ps(rw.asp));
+  __m256 y = _mm256_mul_ps(_mm256_loadu_ps(e.c1 + o), _mm256_cvtepi32_ps(acc));
+  y = e.as_first ? _mm256_add_ps(_mm256_add_ps(y, t3), t2) : _mm256_add_ps(_mm256_add_ps(y, t2), t3);
+  y = _mm256_add_ps(y, _mm256_loadu_ps(rw.t4 + o));
+  if (e.post_scale) y = _mm256_mul_ps(y, _mm256_loadu_ps(e.post_scale + o));
+  if (e.post_shift) y = _mm256_add_ps(y, _mm256_loadu_ps(e.post_shift + o));
+  if (e.residual) y = _mm256_add_ps(y, _mm256_loadu_ps(e.residual + base));
+  if (e.has_slope) {
+    const __m256 pos = _mm256_cmp_ps(y, _mm256_setzero_ps(), _CMP_GE_OQ);
+    y = _mm256_blendv_ps(_mm256_mul_ps(y, _mm256_set1_ps(e.slope)), y, pos);
+  }
+  if (e.nq) {
+    // rne((y - l) / s) via the reciprocal, lanes within 1e-4 of a half-integer redone with
+    // the exact division: the argument of epi16 in qgemm_avx512.cpp
+    for (int k = 0; k < e.nq; ++k) {
+      const __m256 num = _mm256_sub_ps(y, _mm256_set1_ps(e.out_l[k]));
+      __m256 u = _mm256_mul_ps(num, _mm256_set1_ps(e.inv_out_s[k]));
+      const __m256 frac = _mm256_sub_ps(u, _mm256_round_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      const __m256 absfrac = _mm256_andnot_ps(_mm256_set1_ps(-0.f), frac);
+      const __m256 near = _mm256_cmp_ps(absfrac, _mm256_set1_ps(0.4999f), _CMP_GT_OQ);
+      if (!_mm256_testz_ps(near, near)) u = _mm256_blendv_ps(u, _mm256_div_ps(num, _mm256_set1_ps(e.out_s[k])), near);
+      u = _mm256_round_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      u = _mm256_max_ps(u, _mm256_setzero_ps());  // NaN in the first operand -> 0
+      u = _mm256_min_ps(u, _mm256_set1_ps(e.qmax[k]));
+      const __m256i q = _mm256_cvttps_epi32(u);                      // 8 x int32 in 0..255
+      const __m128i w16 = _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+      const __m128i b8 = _mm_packus_epi16(w16, w16);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(e.out_q[k] + base), b8);
+    }
+  } else {
+    _mm256_storeu_ps(e.out_f + base, y);
+  }
+}
+
+// R rows x 16 columns [oc, oc+16) of the 64-column weight block wb (ocb: oc within it).
+// Mac::step(acc, a, w) adds, per int32 lane, the 4 products of a's uint8 codes and w's int8.
+template <class Mac, int R>
+inline void ymm_block(const TileArgs& t, const int8_t* wb, int r0, int ocb, int oc) {
+  __m256i acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  const uint8_t* const* P = t.ptrs + static_cast<size_t>(r0) * t.taps;
+  const int8_t* w = wb + ocb * 4;
+  for (int tap = 0; tap < t.taps; ++tap) {
+    const uint8_t* p[R];
+    for (int r = 0; r < R; ++r) p[r] = P[r * t.taps + tap];
+    for (int c4 = 0; c4 < t.c4n; ++c4, w += 256) {
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32));
+      for (int r = 0; r < R; ++r) {
+        const __m256i av = _mm256_set1_epi32(load32(p[r] + 4 * c4));
+        acc[r][0] = Mac::step(acc[r][0], av, w0);
+        acc[r][1] = Mac::step(acc[r][1], av, w1);
+      }
+    }
+  }
+  const Epi& e = *t.e;
+  const EpiY ey(e);
+  for (int r = 0; r < R; ++r) {
+    const int64_t m = static_cast<int64_t>(t.m0) + r0 + r;
+    const int pat = t.rpat ? t.rpat[r0 + r] : 0;
+    const int64_t prow = static_cast<int64_t>(pat) * e.O;
+    const int32_t cnti = e.cnt_tab[pat];
+    const int32_t as = t.as[r0 + r];
+    const RowY rw{e.t2_tab + prow, e.zws_tab + prow, e.t4_tab + prow, as,
+                  static_cast<float>(static_cast<int32_t>(static_cast<uint32_t>(as) - static_cast<uint32_t>(e.za) * static_cast<uint32_t>(cnti)))};
+    for (int j = 0; j < 2; ++j) {
+      const int o = oc + 8 * j;
+      if (o + 8 <= e.O) {
+        epi8(ey, rw, m, o, acc[r][j]);
+      } else if (o < e.O) {
+        alignas(32) int32_t tmp[8];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), acc[r][j]);
+        for (int c = 0; o + c < e.O; ++c) epi_store_scalar(e, m, o + c, tmp[c], as);
+      }
+    }
+  }
+}
+
+// the last rows % MR rows of a column group: one ymm_block<Mac, left>
+template <class Mac, int R>
+inline void ymm_tail(const TileArgs& t, const int8_t* wb, int r0, int ocb, int oc, int left) {
+  if constexpr (R > 0) {
+    if (left == R)
+      ymm_block<Mac, R>(t, wb, r0, ocb, oc);
+    else
+      ymm_tail<Mac, R - 1>(t, wb, r0, ocb, oc, left);
+  }
+}
+
+// The whole TileArgs contract: every 16-column group of every weight block, MR rows at a time.
+template <class Mac, int MR>
+void ymm_tile(const TileArgs& t) {
+  const Epi& e = *t.e;
+  if (e.as_out && t.ob0 == 0)
+    for (int r = 0; r < t.rows; ++r) e.as_out[t.m0 + r] = t.as[r];
+  for (int ob = t.ob0; ob < t.ob0 + t.nblk; ++ob) {
+    const int8_t* wb = t.wdata + static_cast<size_t>(ob) * t.Kp * 64;
+    for (int q = 0; q < 4; ++q) {
+      const int oc = ob * 64 + q * 16;
+      if (oc >= t.O) break;
+      int r0 = 0;
+      for (; r0 + MR <= t.rows; r0 += MR) ymm_block<Mac, MR>(t, wb, r0, q * 16, oc);
+      ymm_tail<Mac, MR - 1>(t, wb, r0, q * 16, oc, t.rows - r0);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace qgnn
