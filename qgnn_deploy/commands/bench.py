@@ -1,14 +1,18 @@
-"""``qgnn-deploy bench``: end-to-end episode latency of every backend vs torch FP32 and onnxruntime.
+"""``qgnn-deploy bench``: end-to-end episode latency of our engines against what a user would run instead.
 
 Examples::
 
-    qgnn-deploy bench --preset resnet12-cifarfs --bits 4
-    qgnn-deploy bench model.qgnn --backends cpu onnx --threads 2 --json
+    qgnn-deploy bench --preset resnet12-cifarfs --bits 4 --tasks 1
+    qgnn-deploy bench --preset tiny --bits 4 --zero-point snap --threads 2 --json
+    qgnn-deploy bench model.qgnn --backends cpu onnx --threads 2
     qgnn-deploy bench ckpt.pt --layers              # + per-layer kernels vs onnxruntime int8
 
-Method (DESIGN.md section 6): one episode batch (10 tasks x N images by default), warm-up
+Method (DESIGN.md section 6): one episode batch (``--tasks`` tasks x N images), warm-up
 runs, then round-robin timed runs of every variant in this process; p50 / p90 per
-variant; speed-ups are ratios of p50s from the same run.
+variant; speed-ups are ratios of p50s from the same run. Baselines: torch FP32 and bf16
+autocast (channels_last), onnxruntime on the FP32 export and on its int8 QDQ
+quantization by onnxruntime's ``quantize_static``; every variant's accuracy on the same
+synthetic test episodes sits next to its latency (``--accuracy-episodes``).
 """
 from __future__ import annotations
 
@@ -17,15 +21,22 @@ import json
 import os
 import sys
 
-BACKEND_CHOICES = ("reference", "cpu", "triton", "onnx")
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..benchmarks.variants import BASELINES, DEFAULT_ENGINES, ENGINES
     from ..cli import add_source_arguments
     add_source_arguments(p)
-    p.add_argument("--backends", nargs="+", choices=BACKEND_CHOICES, default=["cpu", "triton", "onnx"],
-                   help="engines to time next to torch FP32 and onnxruntime FP32 "
-                        "(default: cpu triton onnx; reference is slow, ask for it)")
+    p.add_argument("--backends", nargs="+", choices=ENGINES, default=list(DEFAULT_ENGINES),
+                   help="our engines to time; onnx is onnxruntime on our integer export "
+                        f"(default: {' '.join(DEFAULT_ENGINES)}; reference is slow and triton "
+                        "needs a CUDA GPU: ask for them)")
+    p.add_argument("--baselines", nargs="*", choices=BASELINES, default=list(BASELINES),
+                   help="what a user would run instead (default: all; none with a bare --baselines)")
+    p.add_argument("--zero-point", choices=("exact", "snap"), default=None,
+                   help="fold a checkpoint with real offsets (exact, the default) or offsets on the "
+                        "grid (snap); the integer ONNX export follows. A .qgnn file keeps its own")
+    p.add_argument("--accuracy-episodes", type=int, default=200,
+                   help="synthetic test episodes every variant is evaluated on (default 200; 0 skips)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch, onnxruntime and the C++ kernels (default: all cores)")
     p.add_argument("--tasks", type=int, default=10, help="tasks per episode batch (default 10)")
@@ -37,8 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
 
-def load_models(src, quiet: bool = False):
-    """(float model or None, integer model or None, {stage: reason})."""
+def load_models(src, zero_point=None, quiet: bool = False):
+    """(float model or None, integer model or None, {stage: reason}); a checkpoint or preset
+    is folded with ``zero_point`` (None: exact), an artifact must match it."""
+    from ..errors import ConfigError
     from ..sources import load_float_model
     why = {}
     if src.kind == "artifact":
@@ -46,13 +59,23 @@ def load_models(src, quiet: bool = False):
             from ..artifact import load_int_model
         except ImportError as e:
             return None, None, {"artifact": f"reading .qgnn is unavailable in this build ({e})"}
-        return None, load_int_model(src.path), why
+        int_model = load_int_model(src.path)
+        if zero_point is not None and zero_point != int_model.zero_point:
+            raise ConfigError(f"{src.path!r} was folded with --zero-point {int_model.zero_point}, not "
+                              f"{zero_point}: fold the checkpoint again with --zero-point {zero_point}")
+        return None, int_model, why
     model = load_float_model(src, quiet=quiet)
     try:
         from ..fold import fold
     except ImportError as e:
         return model, None, {"fold": f"fold is unavailable in this build ({e})"}
-    return model, fold(model), why
+    return model, fold(model, zero_point=zero_point or "exact"), why
+
+
+def source_trained(src) -> bool:
+    """False for a preset with no shipped checkpoint (calibrated only: accuracy is chance)."""
+    from ..sources import embedded_checkpoint
+    return src.kind != "preset" or embedded_checkpoint(src.preset, src.bits) is not None
 
 
 def layer_results(model, threads, repeats, warmup, log):
@@ -71,18 +94,22 @@ def run(args) -> int:
     from ..benchmarks.episode import format_results, run_episode_bench
     from ..errors import ConfigError
     from ..sources import parse_source
-    if args.repeats < 1 or args.warmup < 0 or args.tasks < 1:
-        raise ConfigError("--repeats and --tasks must be >= 1, --warmup >= 0")
+    if args.repeats < 1 or args.warmup < 0 or args.tasks < 1 or args.accuracy_episodes < 0:
+        raise ConfigError("--repeats and --tasks must be >= 1, --warmup and --accuracy-episodes >= 0")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
     threads = args.threads or os.cpu_count() or 1
     log = lambda s: print(f"bench: {s}", file=sys.stderr)  # noqa: E731
     src = parse_source(args)
-    float_model, int_model, why = load_models(src)
+    float_model, int_model, why = load_models(src, args.zero_point)
     for stage, reason in why.items():
         log(f"{stage}: unavailable: {reason}")
-    out = run_episode_bench(float_model, int_model, backends=args.backends, tasks=args.tasks,
-                            threads=threads, repeats=args.repeats, warmup=args.warmup,
+    out = run_episode_bench(float_model, int_model, backends=args.backends, baselines=args.baselines,
+                            tasks=args.tasks, threads=threads, repeats=args.repeats,
+                            warmup=args.warmup, accuracy_episodes=args.accuracy_episodes,
                             progress=not args.no_progress, log=log)
     out["source"] = src.label
+    out["source_trained"] = source_trained(src)
     out["unavailable"].update(why)
     if args.layers:
         res, reason = layer_results(float_model or int_model, threads, args.repeats, args.warmup, log)
@@ -97,9 +124,16 @@ def run(args) -> int:
     print(f"device: {d['cpu']} ({d['cpu_count']} cores{', CUDA ' + d.get('gpu', '') if d['cuda'] else ''}), "
           f"threads {out['threads']}, batch {out['batch']['tasks']} tasks x "
           f"{out['batch']['images'] // out['batch']['tasks']} images of {out['batch']['image_size']} px, "
-          f"{out['warmup']} warm-up + {out['repeats']} timed runs each")
+          f"{out['warmup']} warm-up + {out['repeats']} timed runs each, zero point {out['zero_point']}")
+    print("cpu flags: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in d["cpu_flags"].items()))
     print("versions: " + ", ".join(f"{k} {v}" for k, v in out["versions"].items() if v))
     print(format_results(out["results"]))
+    acc = out["accuracy"]
+    if acc:
+        print(f"accuracy: {acc['way']}-way {acc['shot']}-shot, {acc['episodes']} synthetic test episodes "
+              f"(seed {acc['seed']}), +- is the 95% interval"
+              + ("" if out["source_trained"] else "; the model is UNTRAINED (calibrated only): "
+                 "accuracy is chance, it only shows the variants agree"))
     for k, v in out["unavailable"].items():
         print(f"{k}: unavailable: {v}")
     return 0

@@ -10,6 +10,10 @@ implementation is missing in this build is recorded as ``"unavailable: <reason>"
 one that breaks is recorded as failed with its error (exit status 1); no figure is
 ever filled in for a stage that did not run.
 
+The latency stage times one episode (T=1, what a deployed classifier sees) and the
+10-task batch (T=10) on our ``cpu`` engine against torch FP32 (channels_last), torch bf16
+autocast (where the CPU has bf16) and onnxruntime on the FP32 export.
+
 ``--quick`` cuts the evaluation episodes and the benchmark repeats (CI smoke test).
 """
 from __future__ import annotations
@@ -23,6 +27,10 @@ import traceback
 from typing import Any, Callable, Dict
 
 DEFAULT_PRESET, DEFAULT_BITS = "tiny", 4
+#: the latency line: our engine against what a user would run instead, at T=1 and T=10
+LATENCY_ENGINE = "cpu"
+LATENCY_BASELINES = ("torch_fp32", "torch_bf16", "onnxruntime_fp32")
+LATENCY_TASKS = (1, 10)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -169,16 +177,13 @@ def run(args) -> int:
 
     # 4. ONNX export + onnxruntime check -------------------------------------------
     def export_stage():
-        from ..backends.onnx import export_module
-        from ..benchmarks.episode import _ort_session
+        from ..backends.onnx import OnnxSession, export_module
         from ..fold import accuracy as acc_of
         from ..fold import compare_engines
         export = export_module()
         info = export.export_onnx(ctx["int_model"], path("model.onnx"))
-        sess = _ort_session(path("model.onnx"), threads)
-        names = [i.name for i in sess.get_inputs()]
-        logits = torch.cat([torch.from_numpy(sess.run(None, dict(zip(names, (x.numpy(), y.numpy()))))[0])
-                            for x, y, _ in ctx["batches"]])
+        sess = OnnxSession(path("model.onnx"), threads=threads)
+        logits = torch.cat([sess(x, y) for x, y, _ in ctx["batches"]])
         cmp = compare_engines(ctx["ref_logits"], logits)
         return {"file": path("model.onnx"), "onnx_bytes": os.path.getsize(path("model.onnx")),
                 "export": {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool))},
@@ -209,24 +214,15 @@ def run(args) -> int:
 
     # 6. latency --------------------------------------------------------------------
     def bench_stage():
-        from ..benchmarks.episode import run_episode_bench
-        r = run_episode_bench(ctx["model"], ctx.get("int_model"), backends=("cpu", "triton", "onnx"),
-                              tasks=2 if quick else 10, threads=threads,
-                              repeats=3 if quick else 20, warmup=1 if quick else 3,
-                              progress=not args.json or sys.stderr.isatty(), log=log)
+        figures = latency_figures(ctx["model"], ctx["int_model"], threads, quick,
+                                  progress=not args.json or sys.stderr.isatty(), log=log)
         with open(path("bench.json"), "w") as f:
-            json.dump(r, f, indent=1)
-        slim = [{k: x[k] for k in ("backend", "p50_ms", "p90_ms", "speedup_vs_torch_fp32")}
-                for x in r["results"]]
-        return {"file": path("bench.json"), "workload": r["results"][0]["workload"] if r["results"] else None,
-                "threads": r["threads"], "repeats": r["repeats"], "warmup": r["warmup"],
-                "device": r["device"], "results": slim,
-                "unavailable": {k: f"unavailable: {v}" for k, v in r["unavailable"].items()},
-                **({"note": "--quick: 3 timed runs on 2 tasks, rough figures"} if quick else {})}
+            json.dump(figures.pop("full"), f, indent=1)
+        return {"file": path("bench.json"), **figures}
     if args.no_bench:
         st.unavailable("bench", "skipped (--no-bench)")
     else:
-        st.run("bench", bench_stage, needs=("checkpoint",))
+        st.run("bench", bench_stage, needs=("fold",))
 
     summary = {"preset": args.preset, "bits": args.bits, "quick": quick, "out": out,
                "threads": threads, "seconds": round(time.perf_counter() - t_start, 1),
@@ -241,6 +237,61 @@ def run(args) -> int:
         print(text)
     failed = [k for k, v in st.summary.items() if v.get("status") == "failed"]
     return 1 if failed else 0
+
+
+def latency_figures(model, int_model, threads: int, quick: bool, progress: bool = False,
+                    log: Callable[[str], None] = lambda s: None) -> Dict[str, Any]:
+    """p50 / p90 of :data:`LATENCY_ENGINE` and :data:`LATENCY_BASELINES` at each of
+    :data:`LATENCY_TASKS` tasks, interleaved per workload. Returns the summary figures
+    (``results``: one slim row per workload and variant, ``unavailable``) and under
+    ``full`` the whole benchmark object (written to ``bench.json``)."""
+    from ..benchmarks.episode import (bench_threads, build_engines, device_info, time_engines,
+                                      versions)
+    repeats, warmup = (3, 1) if quick else (20, 3)
+    with bench_threads(threads):
+        engines, unavailable, exports = build_engines(model, int_model, (LATENCY_ENGINE,),
+                                                      LATENCY_BASELINES, threads, log)
+        results = []
+        for tasks in LATENCY_TASKS:
+            for row in time_engines(engines, model.config, tasks, int_model.generations, repeats,
+                                    warmup, progress):
+                results.append({"tasks": tasks, **row})
+    keys = ("tasks", "workload", "backend", "p50_ms", "p90_ms", "speedup_vs_torch_fp32",
+            "speedup_vs_torch_bf16", "speedup_vs_onnxruntime_fp32", "layout", "isa")
+    full = {"device": device_info(), "threads": threads, "repeats": repeats, "warmup": warmup,
+            "versions": versions(), "results": results, "unavailable": unavailable, "exports": exports}
+    return {"threads": threads, "repeats": repeats, "warmup": warmup, "device": full["device"],
+            "results": [{k: r[k] for k in keys if k in r} for r in results],
+            "unavailable": {k: f"unavailable: {v}" for k, v in unavailable.items()},
+            **({"note": f"--quick: {repeats} timed runs, rough figures"} if quick else {}),
+            "full": full}
+
+
+#: how the latency line names the baselines
+_LATENCY_LABELS = {"torch_fp32": "torch FP32 channels_last", "torch_bf16": "torch bf16",
+                   "onnxruntime_fp32": "onnxruntime FP32"}
+
+
+def latency_lines(b: Dict[str, Any]) -> list:
+    """The latency stage in a few lines: per workload, our engine's p50 and how it compares
+    with each baseline (``Nx`` = baseline p50 / ours: above 1 we are faster)."""
+    lines = [f"  latency:    p50 on {b['threads']} threads, {LATENCY_ENGINE} engine vs each baseline "
+             "(x = baseline time / ours)"]
+    for tasks in LATENCY_TASKS:
+        rows = {r["backend"]: r for r in b["results"] if r["tasks"] == tasks}
+        ours = rows.get(LATENCY_ENGINE)
+        head = f"T={tasks}: {LATENCY_ENGINE} " + (f"{ours['p50_ms']:.3g} ms" if ours else "not run")
+        parts = []
+        for base in LATENCY_BASELINES:
+            if base not in rows:
+                parts.append(f"{_LATENCY_LABELS[base]} n/a")
+            elif ours:
+                parts.append(f"{_LATENCY_LABELS[base]} {rows[base]['p50_ms']:.3g} ms "
+                             f"({ours['speedup_vs_' + base]:.2f}x)")
+            else:
+                parts.append(f"{_LATENCY_LABELS[base]} {rows[base]['p50_ms']:.3g} ms")
+        lines.append(f"              {head}; " + "; ".join(parts))
+    return lines
 
 
 def human_summary(s: Dict[str, Any]) -> str:
@@ -277,12 +328,8 @@ def human_summary(s: Dict[str, Any]) -> str:
                  f"({p['bit_flops_reduction']:.1f}x fewer), weights {p['fp32_bytes'] / 1e6:.3g} MB -> "
                  f"{p['packed_bytes'] / 1e6:.3g} MB ({p['compression']:.1f}x smaller)"
                  if ok("report") else status("report")))
-    b = g.get("bench", {})
     if ok("bench"):
-        parts = [f"{x['backend']} {x['p50_ms']:.0f} ms"
-                 + (f" ({x['speedup_vs_torch_fp32']:.2f}x)" if x.get("speedup_vs_torch_fp32") else "")
-                 for x in b["results"]]
-        lines.append(f"  latency:    p50 per {b['workload']} on {b['threads']} threads: " + ", ".join(parts))
+        lines += latency_lines(g["bench"])
     else:
         lines.append("  latency:    " + status("bench"))
     lines.append(f"  details:    {os.path.join(s['out'], 'summary.json')}")
