@@ -130,18 +130,32 @@ void nchw_to_nhwc(const float* x, int64_t B, int C, int H, int W, float* y) {
 namespace {
 // One output row (b, oh) of a max-pool; parameters by value and restrict pointers: with
 // uint8 maps every store may alias anything the lambda captured by reference, and the
-// loop re-read C from memory per byte (measured: 6% of a whole episode).
+// loop re-read C from memory per byte (measured: 6% of a whole episode). Windows inside
+// the input skip the bounds checks.
 template <class T>
 void max_pool_row(const T* __restrict x, T* __restrict y, int64_t b, int oh, int H, int W, int C, int ks,
-                  int stride, int pad, int Wo) {
+                  int stride, int pad, int Ho, int Wo) {
+  const int ih0 = oh * stride - pad;
+  const bool rows_in = ih0 >= 0 && ih0 + ks <= H;
   for (int ow = 0; ow < Wo; ++ow) {
-    T* __restrict out = y + ((b * ((H + 2 * pad - ks) / stride + 1) + oh) * Wo + ow) * C;
+    T* __restrict out = y + ((b * Ho + oh) * Wo + ow) * C;
+    const int iw0 = ow * stride - pad;
+    if (rows_in && iw0 >= 0 && iw0 + ks <= W) {
+      const T* __restrict in = x + ((b * H + ih0) * W + iw0) * C;
+      for (int c = 0; c < C; ++c) out[c] = in[c];
+      for (int i = 0; i < ks; ++i)
+        for (int j = 0; j < ks; ++j) {
+          const T* __restrict tap = in + (int64_t(i) * W + j) * C;
+          for (int c = 0; c < C; ++c) out[c] = std::max(out[c], tap[c]);
+        }
+      continue;
+    }
     bool first = true;
     for (int i = 0; i < ks; ++i) {
-      const int ih = oh * stride - pad + i;
+      const int ih = ih0 + i;
       if (ih < 0 || ih >= H) continue;
       for (int j = 0; j < ks; ++j) {
-        const int iw = ow * stride - pad + j;
+        const int iw = iw0 + j;
         if (iw < 0 || iw >= W) continue;
         const T* __restrict in = x + ((b * H + ih) * W + iw) * C;
         if (first) {
@@ -161,7 +175,7 @@ void max_pool_nhwc(const T* x, int64_t B, int H, int W, int C, int ks, int strid
   const int Ho = (H + 2 * pad - ks) / stride + 1, Wo = (W + 2 * pad - ks) / stride + 1;
   const int nt = B * H * W * int64_t(C) * static_cast<int64_t>(sizeof(T)) > (1 << 20) ? nthreads : 1;
   parallel_for(nt, B * Ho, [=](int64_t bo, int) {
-    max_pool_row<T>(x, y, bo / Ho, static_cast<int>(bo % Ho), H, W, C, ks, stride, pad, Wo);
+    max_pool_row<T>(x, y, bo / Ho, static_cast<int>(bo % Ho), H, W, C, ks, stride, pad, Ho, Wo);
   });
 }
 template void max_pool_nhwc<float>(const float*, int64_t, int, int, int, int, int, int, float*, int);

@@ -6,6 +6,7 @@ Examples::
     qgnn-deploy bench --preset tiny --bits 4 --zero-point snap --threads 2 --json
     qgnn-deploy bench model.qgnn --backends cpu onnx --threads 2
     qgnn-deploy bench ckpt.pt --layers              # + per-layer kernels vs onnxruntime int8
+    qgnn-deploy bench --preset tiny --bits 4 --profile --backends cpu --baselines   # where cpu's time goes
 
 Method (DESIGN.md section 6): one episode batch (``--tasks`` tasks x N images), warm-up
 runs, then round-robin timed runs of every variant in this process; p50 / p90 per
@@ -44,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed runs per variant first (default 3)")
     p.add_argument("--layers", action="store_true",
                    help="also time the per-layer workloads (conv shapes at batch 100, aggregation)")
+    p.add_argument("--profile", action="store_true",
+                   help="also time every step of the cpu backend's compiled plan (per step and per kind)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
@@ -90,6 +93,37 @@ def layer_results(model, threads, repeats, warmup, log):
     return run_layer_benchmarks(bits=(bits,), threads=threads, repeats=repeats, warmup=warmup), None
 
 
+def plan_profile(int_model, tasks: int, threads: int, repeats: int) -> dict:
+    """Per-step wall time of the compiled plan on the benchmark's episode batch (medians of
+    ``repeats`` runs): ``{"total_ms", "by_kind": {kind: ms}, "steps": [{index, kind, name, ms}]}``."""
+    from ..backends import cpu as cpu_backend
+    from ..report import default_episode
+    images, labels = default_episode(int_model.config, tasks, 0)
+    old = cpu_backend._threads_override
+    cpu_backend.set_num_threads(threads)
+    try:
+        int_model.profile(images, labels)  # warm-up: compiles the plan, fills the arena
+        steps = int_model.profile(images, labels, repeats=repeats)
+    finally:
+        cpu_backend.set_num_threads(old)
+    by_kind = {}
+    for st in steps:
+        by_kind[st["kind"]] = by_kind.get(st["kind"], 0.0) + st["ms"]
+    return {"total_ms": sum(by_kind.values()), "tasks": tasks, "threads": threads,
+            "by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])), "steps": steps}
+
+
+def format_profile(prof: dict, top: int = 12) -> str:
+    total = prof["total_ms"] or 1.0
+    lines = [f"cpu plan profile ({prof['tasks']} tasks, {prof['threads']} threads): {prof['total_ms']:.2f} ms "
+             f"in {len(prof['steps'])} steps",
+             "  by kind: " + ", ".join(f"{k} {v:.2f} ms ({100 * v / total:.0f}%)" for k, v in prof["by_kind"].items()
+                                       if v >= 0.005 * total)]
+    for st in sorted(prof["steps"], key=lambda s: -s["ms"])[:top]:
+        lines.append(f"  {st['ms']:8.3f} ms  {st['kind']:<20s} {st['name']}")
+    return "\n".join(lines)
+
+
 def run(args) -> int:
     from ..benchmarks.episode import format_results, run_episode_bench
     from ..errors import ConfigError
@@ -117,6 +151,13 @@ def run(args) -> int:
             out["unavailable"]["layers"] = reason
         else:
             out["results"] += res
+    if args.profile:
+        from ..backends import is_backend_available
+        if int_model is None or not is_backend_available("cpu"):
+            out["unavailable"]["profile"] = "needs the integer model and the cpu backend"
+        else:
+            log("profiling the cpu plan")
+            out["profile"] = plan_profile(int_model, args.tasks, threads, args.repeats)
     if args.json:
         print(json.dumps(out))
         return 0
@@ -134,6 +175,8 @@ def run(args) -> int:
               f"(seed {acc['seed']}), +- is the 95% interval"
               + ("" if out["source_trained"] else "; the model is UNTRAINED (calibrated only): "
                  "accuracy is chance, it only shows the variants agree"))
+    if "profile" in out:
+        print(format_profile(out["profile"]))
     for k, v in out["unavailable"].items():
         print(f"{k}: unavailable: {v}")
     return 0
