@@ -282,6 +282,10 @@ def test_mixed_bits_and_per_channel():
     assert c.w_granularity == "channel" and c.w_scale.unique().numel() > 1
 
 
+def _pauta_quantizers(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, PautaQuantizer)]
+
+
 def test_snap_puts_offsets_on_the_grid():
     model = calibrated("tiny", 3)
     im = fold(model, zero_point="snap")
@@ -291,9 +295,22 @@ def test_snap_puts_offsets_on_the_grid():
             assert abs(ratio - round(ratio)) < 1e-3, name
             wr = -m.w_offset / m.w_scale
             assert (wr - wr.round()).abs().max() < 1e-3, name
+    params = dict(model.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items() if n.endswith(("_quant.l", "_quant.r"))}
     snapped = snap_zero_points(model)
-    assert snapped is not model and not torch.equal(
-        snapped.backbone.layer1[0].conv1.act_quant.l, model.backbone.layer1[0].conv1.act_quant.l) or True
+    assert snapped is not model
+    assert all(torch.equal(params[n], v) for n, v in before.items())  # the source is untouched
+    pairs = list(zip(_pauta_quantizers(snapped), _pauta_quantizers(model)))
+    assert len(pairs) == len(before) // 2
+    moved = 0
+    for (name, q), (_, src) in pairs:
+        z = -q.l.detach() / q.step()
+        assert (z - z.round()).abs().max() <= 1e-4, name                   # on the grid
+        assert torch.allclose(q.step(), src.step(), rtol=1e-6), name          # step kept
+        assert (q.l.detach() - src.l.detach()).abs().max() <= 0.5 * src.step().max() * (1 + 1e-5), name
+        moved += int(not torch.equal(q.l, src.l))
+    # calibrated offsets are real numbers: snapping moved every one (72 of 72 measured)
+    assert moved == len(pairs), (moved, len(pairs))
 
 
 def test_refuses_uninitialised_quantizers():
