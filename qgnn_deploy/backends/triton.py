@@ -181,11 +181,12 @@ def _shift(bits: int) -> int:
 
 # ------------------------------------------------------------------------ launching
 
-def _launch(name: str, kernel, grid, args: tuple, const: dict) -> None:
-    """Interpreter: the one small config. GPU: the autotuned kernel, FMA contraction off."""
+def _launch(name: str, kernel, grid, args: tuple, const: dict, rows: int, cols: int) -> None:
+    """Interpreter: the config sized to the ``rows`` x ``cols`` output. GPU: the autotuned
+    kernel, FMA contraction off."""
     k = kernels()
     if k.INTERPRETED:
-        meta = dict(k.interpreter_meta(name))
+        meta = dict(k.interpreter_meta(name, rows, cols))
         meta.update({m: v for m, v in const.items() if m in meta})
         const = {m: v for m, v in const.items() if m not in meta}
         kernel[grid(meta)](*args, **const, **meta)
@@ -296,7 +297,7 @@ def _linear_core(x: Tensor, tw, a_bits: int, mode: int, vecs: tuple, scal: tuple
             out, as_out, m, o, kdim, tw.kp, x.stride(0), za, slope, out_l, out_s)
         _launch("qgemm", kp.qgemm_kernel,
                 lambda META: (triton_cdiv(m, META["BLOCK_M"]) * triton_cdiv(o, META["BLOCK_N"]),),
-                args, const)
+                args, const, rows=m, cols=o)
         return out, as_out
     # small-M path: tiles sized to M; split K when there are too few column tiles
     bm = max(1, 1 << (m - 1).bit_length())
@@ -348,7 +349,7 @@ def triton_quantize(x: Tensor, l: float, s: float, bits: int) -> Tensor:
     n = xc.numel()
     if n:
         kp = kernels()
-        block = 256 if kp.INTERPRETED else 1024
+        block = kp.interpreter_rows(n, 256, 1 << 16) if kp.INTERPRETED else 1024
         opts = {} if kp.INTERPRETED else dict(num_warps=4, enable_fp_fusion=False)
         kp.quantize_kernel[(triton_cdiv(n, block),)](xc, out, n, l, s, QMAX=float(2 ** bits - 1),
                                                       BLOCK=block, **opts)
@@ -429,7 +430,7 @@ def _conv_core(x: Tensor, tw, a_bits: int, ksize: int, stride: int, pad: int, mo
                      W_SHIFT=_shift(tw.bits), **flags)
         _launch("qconv", kp.qconv_kernel,
                 lambda META: (triton_cdiv(m, META["BLOCK_M"]) * triton_cdiv(o, META["BLOCK_N"]),),
-                args, const)
+                args, const, rows=m, cols=o)
     return out, as_out, ws_out, cnt_out, (b, ho, wo)
 
 
@@ -510,7 +511,7 @@ def _bmm_core(a: Tensor, v: Tensor, a_bits: int, v_bits: int, mode: int, scal: t
         _launch("qbmm", kp.qbmm_kernel,
                 lambda META: (triton_cdiv(t, META["TASKS_PER_PROG"]), triton_cdiv(n, bi),
                               triton_cdiv(d, META["BLOCK_D"])),
-                (a, v, out, as_out, vs_out, t, n, d) + scal, const)
+                (a, v, out, as_out, vs_out, t, n, d) + scal, const, rows=t, cols=d)
     return out, as_out, vs_out
 
 
