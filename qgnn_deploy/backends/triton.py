@@ -28,7 +28,6 @@ Raw entry points for exact tests: :func:`triton_linear_acc`, :func:`triton_conv2
 from __future__ import annotations
 
 import importlib
-import os
 import threading
 import weakref
 from typing import Optional, Tuple
@@ -44,8 +43,6 @@ Tensor = torch.Tensor
 
 #: M at or below which linear layers take the tl.sum / split-K path instead of tl.dot.
 SMALL_M = 8
-#: Check that activation codes fit their bit-width (one device sync per call on GPU).
-CHECK_CODE_RANGE = os.environ.get("QGNN_TRITON_CHECK_CODES", "1") != "0"
 
 _LOCK = threading.Lock()
 _KERNELS = None
@@ -389,7 +386,7 @@ def triton_qlinear(x: Tensor, w_packed, w_bits: int, a_bits: int, w_scale: Tenso
 def _qlinear(x, w_packed, w_bits, a_bits, w_scale, w_offset, a_scale, a_offset, post_scale=None,
              post_shift=None, residual=None, slope=None, out_l=None, out_s=None, out_bits=None,
              path: str = "auto", split_k: Optional[int] = None) -> Tensor:
-    check_codes(x, "x", 2, a_bits if CHECK_CODE_RANGE else None)
+    check_codes(x, "x", 2, a_bits)
     if a_bits not in PACKABLE_BITS:
         raise KernelArgumentError(f"a_bits must be one of {PACKABLE_BITS}, got {a_bits!r}")
     m, k = x.shape
@@ -475,7 +472,7 @@ def triton_qconv2d(x: Tensor, w_packed, w_bits: int, a_bits: int, kernel_size: i
                    out_s: Optional[float] = None, out_bits: Optional[int] = None) -> Tensor:
     """Quantized conv2d (cf. ``ref_qconv2d``): x uint8 NHWC [B, H, W, C] -> float32
     [B, Ho, Wo, O], or uint8 codes when ``out_s`` is given."""
-    check_codes(x, "x", 4, a_bits if CHECK_CODE_RANGE else None)
+    check_codes(x, "x", 4, a_bits)
     if a_bits not in PACKABLE_BITS:
         raise KernelArgumentError(f"a_bits must be one of {PACKABLE_BITS}, got {a_bits!r}")
     _check_geometry(x, kernel_size, stride, padding)
@@ -516,8 +513,8 @@ def _bmm_core(a: Tensor, v: Tensor, a_bits: int, v_bits: int, mode: int, scal: t
 
 
 def _check_bmm(a, v, a_bits, v_bits):
-    check_codes(a, "a", 3, a_bits if CHECK_CODE_RANGE else None)
-    check_codes(v, "v", 3, v_bits if CHECK_CODE_RANGE else None)
+    check_codes(a, "a", 3, a_bits)
+    check_codes(v, "v", 3, v_bits)
     for name, bits in (("a_bits", a_bits), ("v_bits", v_bits)):
         if bits not in PACKABLE_BITS:
             raise KernelArgumentError(f"{name} must be one of {PACKABLE_BITS}, got {bits!r}")
