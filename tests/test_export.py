@@ -119,9 +119,29 @@ def test_qconv2d_fast_form_snapped(bits):
     gb.add_output(y, "y", FLOAT, [b, h, h, o])
     gb.add_output(L.quantize(y, -0.5, 0.125, 4), "q", onnx.TensorProto.UINT8, [b, h, h, o])
     out, q = _session(gb.model(21, {})).run(None, {"x": x.numpy()})
+    # merged constants round differently by a few ulps (measured <= 4e-6 at 8 bits)
     np.testing.assert_allclose(out, ref.numpy(), atol=1e-5, rtol=1e-5)
-    flips = (q != ref_quantize(ref, -0.5, 0.125, 4).numpy())
-    assert flips.mean() <= 0.01
+    assert_codes_within_contract(q, ref.numpy(), -0.5, 0.125, 4)
+
+
+#: how close to a rounding boundary (in steps) a value whose code flips must lie: the two
+#: sides differ by a few fp32 ulps, so a flip is a tie (measured flip margins <= 7e-6)
+TIE_MARGIN = 1e-4
+
+
+def assert_codes_within_contract(got: np.ndarray, want_value: np.ndarray, l: float, s: float,
+                                 bits: int) -> None:
+    """DESIGN.md section 3 for output codes: identical except fp32 rounding ties, at most
+    0.1% of elements (rounded down: none on a small output), by 1. ``want_value`` is the
+    reference's fp32 value the codes quantize with (``l``, ``s``, ``bits``); every flipped element must
+    lie within :data:`TIE_MARGIN` steps of a rounding boundary."""
+    want = ref_quantize(torch.from_numpy(want_value), l, s, bits).numpy()
+    diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
+    flipped = diff != 0
+    assert int(flipped.sum()) <= flipped.size // 1000, (int(flipped.sum()), flipped.size)
+    assert int(diff.max(initial=0)) <= 1
+    u = (want_value[flipped].astype(np.float64) - l) / s
+    assert np.all(np.abs(u - np.floor(u) - 0.5) <= TIE_MARGIN), u
 
 
 def test_matmul_integer_to_float_is_cast_mul_add():
@@ -468,7 +488,7 @@ def test_onnx_session_caches_and_runs(int_tiny4, tmp_path):
     out = s2(images, labels)
     assert isinstance(out, torch.Tensor) and out.shape == (2, 5, 5)
     ref = int_tiny4(images, labels).logits
-    assert (out - ref).abs().max() <= 1e-3
+    assert (out - ref).abs().max() <= 1e-6  # measured 3e-8 (contract: 1e-3)
     from qgnn_deploy.errors import InputError
     with pytest.raises(InputError):
         s2(images[:, :3], labels)
