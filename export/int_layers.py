@@ -1,6 +1,6 @@
-"""Integer layers of an :class:`~qgnn_deploy.intmodel.IntModel` as standard ONNX ops.
+"""Integer layers of an :class:`~qgnn_deploy.intmodel.IntModel` as ONNX ops.
 
-Forms (``IntLayers(form=...)``):
+Forms (``IntLayers(form=...)``; which runtimes run each: ``qgnn_deploy.export.FORM_RUNTIMES``):
 
 ``"integer"`` (bit-exact for real-valued *and* snapped offsets), channels-last
     Activations stay NHWC ([rows, channels]) between layers, so every conv and linear is
@@ -31,6 +31,12 @@ Forms (``IntLayers(form=...)``):
     LeakyRelu, QuantizeLinear, Clip. Codes may differ from the reference on fp32
     rounding ties (measured 0 of 9.3M on resnet12-cifarfs 4-bit, see --check); layers
     with real offsets are emitted exactly as in ``"integer"``.
+
+``"standard"``: ``"integer"`` in standard ONNX ops only (default domain, no contrib op), for
+    runtimes other than onnxruntime: the GEMM output is Cast -> Mul -> Add (what
+    MatMulIntegerToFloat computes, bit for bit) and MaxPool is a standard MaxPool on the
+    fp32 values (NCHW between two Transposes) whose quantizers then read it. Reproduces
+    the reference engine's codes bit for bit, as ``"integer"`` does.
 
 ``"qdq"`` (snapped offsets only, ``l = -z s``)
     QuantizeLinear(x, s, z) -> Clip to the n-bit range -> DequantizeLinear  (QCDQ)
@@ -111,11 +117,12 @@ class IntLayers:
         #: up to fp32 rounding ties (measured by ``--check``)
         self.merged = self.form == "fast"
         #: onnxruntime contrib ops (com.microsoft MatMulIntegerToFloat, NhwcMaxPool): part
-        #: of every stock onnxruntime build, no custom op library
+        #: of every stock onnxruntime build, no custom op library, but no other runtime
+        #: has them; "standard" is the integer form without them
         self.contrib = self.form in ("integer", "fast")
-        #: activation layout between layers: the integer form keeps NHWC (rows of
+        #: activation layout between layers: the integer forms keep NHWC (rows of
         #: channels) so every conv is a MatMulInteger; the qdq form stays NCHW
-        self.layout = "nhwc" if self.form in ("integer", "fast") else "nchw"
+        self.layout = "nchw" if self.form == "qdq" else "nhwc"
         self.weights_format, self.opset = weights_format, opset
         self.layers = dict(model.named_layers())
         self._qcache: Dict[Tuple, str] = {}
@@ -482,8 +489,14 @@ class IntLayers:
         """MaxPool of an NHWC fp32 tensor, built lazily: quantizing commutes with max
         (the quantizer is monotone, ``q(max x) == max q(x)`` exactly), so a quantizer of the
         pooled tensor pools the uint8 codes instead (4x less data); only a float consumer
-        (the GAP of the last block) pools in fp32."""
+        (the GAP of the last block) pools in fp32. Without contrib ops: a standard MaxPool
+        on the fp32 values (NCHW between two Transposes), which its quantizers then read."""
         g = self.g
+        if not self.contrib:
+            y = g.op("Transpose", [self.materialize(x)], "to_nchw", perm=[0, 3, 1, 2])
+            y = g.op("MaxPool", [y], "maxpool", kernel_shape=[kernel, kernel], strides=[stride, stride],
+                     pads=[pad] * 4)
+            return g.op("Transpose", [y], "to_nhwc", perm=[0, 2, 3, 1])
 
         def emit(t: str, codes: bool) -> str:
             if codes:

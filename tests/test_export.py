@@ -513,3 +513,49 @@ def test_export_command_json_check(tmp_path, capsys):
     assert rc == 0 and out.exists()
     assert res["kind"] == "integer" and res["check"]["passed"]
     assert res["check"]["episodes"] == 2 and res["bytes"] == out.stat().st_size
+
+
+# ------------------------------------------------------------------ portability
+
+@pytest.mark.parametrize("bits,zero_point", [(4, "exact"), (2, "snap")])
+def test_standard_form_uses_default_domain_ops_only_and_is_exact(bits, zero_point):
+    """``standard``: the integer form without onnxruntime's contrib ops, so any ONNX runtime
+    runs it, still exact: with the FP32 layers resynced every code and logit equals the
+    reference engine's (the free-running run shares the FP32 stem's float noise with the
+    other forms)."""
+    im = _folded(bits, zero_point)
+    res, proto, info = _check(im, tasks=2, form="standard")
+    domains = {n.domain for n in proto.graph.node}
+    assert domains <= {"", "ai.onnx"}, domains
+    assert [o.domain for o in proto.opset_import] == [""]
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"MatMulInteger", "MaxPool"} <= ops and not {"MatMulIntegerToFloat", "NhwcMaxPool"} & ops
+    assert info["form"] == "standard" and info["portability"]["standard_ops_only"]
+    assert info["portability"]["contrib_ops"] == []
+    rs = res["resynced"]
+    assert rs["code_mismatches"] == 0 and rs["code_elements"] > 0, rs
+    assert rs["max_logit_diff"] <= 1e-6 and rs["identical_predictions"], rs
+    assert res["code_mismatch_rate"] <= 1e-3 and res["code_max_diff"] <= 1, res
+    # the standard form computes what the integer form computes, node for node in value
+    ref, _, _ = _check(im, tasks=2, form="integer")
+    assert res["max_logit_diff"] == ref["max_logit_diff"] and res["code_mismatches"] == ref["code_mismatches"]
+
+
+@pytest.mark.parametrize("form", ["integer", "fast"])
+def test_contrib_forms_report_onnxruntime_only(int_tiny4, form):
+    proto, info = E.build_onnx(int_tiny4, form=form)
+    p = info["portability"]
+    assert p["contrib_ops"] == ["MatMulIntegerToFloat", "NhwcMaxPool"] and not p["standard_ops_only"]
+    assert "com.microsoft" in p["domains"] and p["runtimes"].startswith("onnxruntime only")
+    assert {o.domain for o in proto.opset_import} == {"", "com.microsoft"}
+
+
+def test_export_command_reports_portability(tmp_path, capsys):
+    from qgnn_deploy.cli import main
+    out = tmp_path / "s.onnx"
+    rc = main(["export", "--preset", "tiny", "--bits", "4", "--form", "standard", "--out", str(out), "--json"])
+    res = json.loads(capsys.readouterr().out)
+    assert rc == 0 and res["form"] == "standard" and res["portability"]["standard_ops_only"]
+    rc = main(["export", "--preset", "tiny", "--bits", "4", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0 and "runs on: onnxruntime only (com.microsoft contrib ops" in text

@@ -11,7 +11,9 @@ A ``.qgnn`` artifact exports as is; a fake-quant checkpoint / preset is folded f
 (``--zero-point``); an FP32 model exports as float. ``--check`` runs the export in
 onnxruntime next to the reference engine on sample episodes and prints the parity
 figures (``--json``: one JSON object on stdout; notes go to stderr). The exit status
-is 1 when the check fails its bars (DESIGN.md section 3).
+is 1 when the check fails its bars (DESIGN.md section 3). Every result says which
+runtimes run the file (``portability``: its op domains, contrib ops, and the runtimes
+known to run the form).
 """
 from __future__ import annotations
 
@@ -24,11 +26,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..cli import add_source_arguments
     add_source_arguments(p)
     p.add_argument("--out", required=True, help="the .onnx file to write")
-    p.add_argument("--form", default="auto", choices=["auto", "integer", "fast", "qdq"],
+    p.add_argument("--form", default="auto", choices=["auto", "integer", "fast", "standard", "qdq"],
                    help="integer layers as channels-last MatMulInteger + the contract's fp32 "
                         "epilogue ('integer', bit-exact), the same with merged epilogue constants on "
                         "snapped layers ('fast', = auto: the fastest; codes identical up to fp32 "
-                        "ties, 0 measured), or QCDQ + float conv ('qdq', snapped offsets only)")
+                        "ties, 0 measured) -- both use onnxruntime contrib ops, so only onnxruntime "
+                        "runs them --, the integer form in standard ONNX ops only ('standard', "
+                        "bit-exact, any runtime), or QCDQ + float conv ('qdq', snapped offsets only)")
     p.add_argument("--weights-format", default="native", choices=["native", "uint8"],
                    help="'native': 4-bit weights as UINT4 (opset 21), 2-bit as UINT2 (opset 25), "
                         "3-bit in UINT8; 'uint8': every code in a UINT8 container")
@@ -108,6 +112,7 @@ def run(args) -> int:
     else:
         print(f"wrote {args.out}: {result['bytes']} bytes, {result['kind']} ({result['form']}), "
               f"opset {result['opset']}, IR {result['ir_version']}")
+        print(f"runs on: {result['portability']['runtimes']}")
         if args.check:
             c = result["check"]
             print(f"check vs {'torch FP32' if int_model is None else 'the reference engine'}: "
