@@ -361,5 +361,18 @@ def test_fold_command_reports_layerwise_and_verdict(tmp_path, capsys):
     assert {"max_code_mismatch_rate", "max_code_diff", "max_rel_error", "worst_layer",
             "passed"} <= set(lw)
     assert lw["passed"] and lw["failing_layers"] == {} and lw["batches"] == 1
+    assert r["verdict"] == "pass"  # the shipped 3-bit model: agreement 1.0, max diff ~3e-8
     verdicts = [l for l in cap.err.splitlines() if l.startswith("fold verdict:")]
-    assert len(verdicts) == 1 and "layer-wise PASS" in verdicts[0], cap.err
+    assert len(verdicts) == 1 and verdicts[0].startswith("fold verdict: pass;"), cap.err
+    assert "layer-wise PASS" in verdicts[0], cap.err
+
+
+def test_parity_verdicts():
+    from qgnn_deploy.fold import VERDICTS, episode_parity_ok, parity_verdict
+    assert VERDICTS == ("pass", "layerwise-only", "fail")
+    assert episode_parity_ok(1.0, 1e-3) and not episode_parity_ok(0.998, 0.0)
+    assert not episode_parity_ok(1.0, 1.01e-3)
+    assert parity_verdict(True, True) == "pass"
+    # the untrained paper-size case: episodes miss through near-tie logits, layers are right
+    assert parity_verdict(episode_parity_ok(0.50, 0.029), True) == "layerwise-only"
+    assert parity_verdict(True, False) == parity_verdict(False, False) == "fail"
