@@ -50,7 +50,10 @@ FORM_RUNTIMES = {
     "integer": "onnxruntime only (com.microsoft contrib ops MatMulIntegerToFloat, NhwcMaxPool)",
     "fast": "onnxruntime only (com.microsoft contrib ops MatMulIntegerToFloat, NhwcMaxPool)",
     "standard": "any ONNX runtime: default-domain ops only (MatMulInteger, QuantizeLinear, MaxPool, ...; "
-                "opset 21, 25 with UINT2 weights; --weights-format uint8 avoids UINT4/UINT2 tensors)",
+                "opset 21, 25 with UINT2 weights; --weights-format uint8 avoids UINT4/UINT2 tensors); "
+                "measured: onnxruntime (exact), OpenVINO 2026.4 with f32 precision (snapped offsets "
+                "within 1e-7 of the reference; its quantizer fusion breaks exactness on real-valued "
+                "offsets; UINT2 refused)",
     "float": "any ONNX runtime with the standard opset (the FP32 export)",
     "qdq": "any runtime that reads standard QDQ (QuantizeLinear / DequantizeLinear around float "
            "Conv / MatMul); measured: onnxruntime, OpenVINO 2026.4",

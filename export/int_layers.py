@@ -259,7 +259,9 @@ class IntLayers:
     def epilogue(self, y: str, m, channel_shape: Tuple[int, ...], residual: Optional[str]) -> str:
         """``y * post_scale + post_shift``, + residual, LeakyRelu (channels on ``channel_shape``)."""
         g = self.g
-        if self.layout == "nhwc" and channel_shape == (-1,) and m.post_scale is not None and m.post_shift is not None:
+        if self.contrib and channel_shape == (-1,) and m.post_scale is not None and m.post_shift is not None:
+            # one pass in onnxruntime; the standard form keeps Mul then Add (same bits):
+            # OpenVINO 2026.4 scrambles the Reshape back from BatchNormalization's rows
             y = self.channel_affine(y, m.post_scale, m.post_shift, m, "post_affine", "post_")
         else:
             if m.post_scale is not None:
