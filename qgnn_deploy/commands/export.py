@@ -30,9 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="integer layers as channels-last MatMulInteger + the contract's fp32 "
                         "epilogue ('integer', bit-exact), the same with merged epilogue constants on "
                         "snapped layers ('fast', = auto: the fastest; codes identical up to fp32 "
-                        "ties, 0 measured) -- both use onnxruntime contrib ops, so only onnxruntime "
-                        "runs them --, the integer form in standard ONNX ops only ('standard', "
-                        "bit-exact, any runtime), or QCDQ + float conv ('qdq', snapped offsets only)")
+                        "ties) -- both use onnxruntime contrib ops, so only onnxruntime runs them --, "
+                        "the integer form in standard ONNX ops only ('standard', bit-exact in "
+                        "onnxruntime, for other runtimes too), or QCDQ + float conv ('qdq', snapped "
+                        "offsets only)")
     p.add_argument("--weights-format", default="native", choices=["native", "uint8"],
                    help="'native': 4-bit weights as UINT4 (opset 21), 2-bit as UINT2 (opset 25), "
                         "3-bit in UINT8; 'uint8': every code in a UINT8 container")
