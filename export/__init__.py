@@ -27,9 +27,12 @@ The episode structure is written once (:mod:`.episode`) over two layer emitters:
 :mod:`.float_layers` (FP32 model, NCHW) and :mod:`.int_layers` (integer model, three
 forms: ``"integer"`` -- channels-last activations, every conv a MatMulInteger with int32
 accumulators and the contract's fp32 epilogue, exact for real-valued and snapped
-offsets --, ``"fast"`` -- the same with merged epilogue constants on snapped layers --
-and ``"qdq"`` -- QCDQ activations and DequantizeLinear weights around float Conv /
-MatMul, NCHW, the standard QDQ form for snapped offsets). See :func:`export_onnx`.
+offsets --, ``"fast"`` -- the same with merged epilogue constants on snapped layers --,
+``"standard"`` -- the integer form without onnxruntime's contrib ops -- and ``"qdq"`` --
+QCDQ activations and DequantizeLinear weights around float Conv / MatMul, NCHW, the
+standard QDQ form for snapped offsets). ``integer`` and ``fast`` use com.microsoft contrib
+ops (MatMulIntegerToFloat, NhwcMaxPool), so only onnxruntime runs them; ``standard`` and
+``qdq`` use the default ONNX domain only. See :func:`export_onnx` and :func:`portability`.
 """
 from __future__ import annotations
 
@@ -41,7 +44,20 @@ from typing import Any, Dict, Optional
 from qgnn_deploy.errors import ConfigError, ExportError
 
 WEIGHT_FORMATS = ("native", "uint8")
-FORMS = ("auto", "integer", "fast", "qdq")
+FORMS = ("auto", "integer", "fast", "standard", "qdq")
+#: which runtimes run each form (``export --check`` reports it with the file's op domains)
+FORM_RUNTIMES = {
+    "integer": "onnxruntime only (com.microsoft contrib ops MatMulIntegerToFloat, NhwcMaxPool)",
+    "fast": "onnxruntime only (com.microsoft contrib ops MatMulIntegerToFloat, NhwcMaxPool)",
+    "standard": "any ONNX runtime: default-domain ops only (MatMulInteger, QuantizeLinear, MaxPool, ...; "
+                "opset 21, 25 with UINT2 weights; --weights-format uint8 avoids UINT4/UINT2 tensors); "
+                "measured: onnxruntime (exact), OpenVINO 2026.4 with f32 precision (snapped offsets "
+                "within 1e-7 of the reference; its quantizer fusion breaks exactness on real-valued "
+                "offsets; UINT2 refused)",
+    "float": "any ONNX runtime with the standard opset (the FP32 export)",
+    "qdq": "any runtime that reads standard QDQ (QuantizeLinear / DequantizeLinear around float "
+           "Conv / MatMul); measured: onnxruntime, OpenVINO 2026.4",
+}
 DEFAULT_OPSET = 21
 #: bumped whenever the emitted graph changes for the same model and options (the onnx
 #: backend's cache key includes it): 2 = MatMulIntegerToFloat / NhwcMaxPool, auto = fast
@@ -54,10 +70,13 @@ class ExportOptions:
 
     form: integer layers as ``"integer"`` (channels-last MatMulInteger + the contract's
         fp32 epilogue, exact for any offsets), ``"fast"`` (the same, epilogue constants
-        merged on snapped layers: codes identical up to fp32 ties), ``"qdq"`` (QCDQ +
-        float conv; snapped offsets only), or ``"auto"`` (``"fast"``: the fastest in
-        onnxruntime; 0 code mismatches against the reference engine measured on the
-        parity tests, resnet12-cifarfs and tiny at 2/3/4 bits).
+        merged on snapped layers: codes identical up to fp32 ties), ``"standard"`` (the
+        integer form in standard ONNX ops only, for runtimes without onnxruntime's contrib
+        ops; exact), ``"qdq"`` (QCDQ + float conv; snapped offsets only), or ``"auto"``
+        (``"fast"``: the fastest in onnxruntime; measured against the reference engine:
+        0 code mismatches on resnet12-cifarfs; on tiny 4-bit snapped one tie flip that
+        cascaded to 394 of 4.5 M codes, logits within 1e-7).
+        ``integer`` / ``fast`` run in onnxruntime only (``portability`` in the result).
     weights_format: ``"native"``: weight codes at their true width where ONNX has the
         type (UINT4 for 4-bit at opset >= 21, UINT2 for 2-bit at opset >= 25; 3-bit in
         UINT8); ``"uint8"``: every code in a UINT8 container.
@@ -139,7 +158,7 @@ def build_onnx(model, **options: Any):
         EpisodeGraph(g, config, layers, getattr(model, "generations", None)).build()
     finally:
         model.train(was_training)
-    info = {"kind": kind, "form": form, "opset": opset,
+    info = {"kind": kind, "form": form, "opset": opset, "portability": portability(g.nodes, form),
             "weights_format": opts.weights_format if kind == "integer" else "fp32",
             "layer_bits": bits, "code_tensors": dict(getattr(layers, "code_tensors", {})),
             "float_tensors": dict(getattr(layers, "float_tensors", {}))}
@@ -154,6 +173,14 @@ def build_onnx(model, **options: Any):
     except onnx.checker.ValidationError as e:  # our bug, but never write a broken file
         raise ExportError(f"the exported graph fails onnx.checker: {str(e).splitlines()[0]}") from None
     return proto, info
+
+
+def portability(nodes, form: str) -> Dict[str, Any]:
+    """Which runtimes run an export of ``form`` made of ``nodes``: the op domains it uses,
+    its non-standard (contrib) ops, and the runtimes known to run the form."""
+    contrib = sorted({n.op_type for n in nodes if n.domain not in ("", "ai.onnx")})
+    return {"domains": sorted({n.domain or "ai.onnx" for n in nodes}), "contrib_ops": contrib,
+            "standard_ops_only": not contrib, "runtimes": FORM_RUNTIMES[form]}
 
 
 def _fold(model, zero_point: str):
@@ -204,4 +231,5 @@ def read_metadata(path: str) -> Dict[str, Any]:
     return out
 
 
-__all__ = ["export_onnx", "build_onnx", "ExportOptions", "read_metadata", "WEIGHT_FORMATS", "FORMS", "EXPORT_FORMAT"]
+__all__ = ["export_onnx", "build_onnx", "ExportOptions", "read_metadata", "portability", "WEIGHT_FORMATS", "FORMS",
+           "FORM_RUNTIMES", "EXPORT_FORMAT"]

@@ -138,7 +138,7 @@ def check_parity(int_model, proto: onnx.ModelProto, code_tensors: Dict[str, str]
     boundary its code flips, and a low-bit model can amplify one flip into lost episode
     parity. The resynced run compares everything the export computes in integers and in
     the contract's fp32 epilogue, without that float noise. ``verdict``: ``"pass"``
-    (free-running bar met), ``"fp32-cascade"`` (only the resynced run meets it: the
+    (free-running bar met), ``"layerwise-only"`` (only the resynced run meets it: the
     divergence starts in the FP32 layers' float sums) or ``"fail"``.
     """
     import onnxruntime as ort
@@ -213,6 +213,6 @@ def check_parity(int_model, proto: onnx.ModelProto, code_tensors: Dict[str, str]
     if float_tensors:
         out["resynced"] = summary(acc["resynced"])
         if not out["passed"] and out["resynced"]["passed"]:
-            verdict = "fp32-cascade"
+            verdict = "layerwise-only"
     out["verdict"] = verdict
     return out

@@ -1,6 +1,6 @@
-"""Integer layers of an :class:`~qgnn_deploy.intmodel.IntModel` as standard ONNX ops.
+"""Integer layers of an :class:`~qgnn_deploy.intmodel.IntModel` as ONNX ops.
 
-Forms (``IntLayers(form=...)``):
+Forms (``IntLayers(form=...)``; which runtimes run each: ``qgnn_deploy.export.FORM_RUNTIMES``):
 
 ``"integer"`` (bit-exact for real-valued *and* snapped offsets), channels-last
     Activations stay NHWC ([rows, channels]) between layers, so every conv and linear is
@@ -29,8 +29,15 @@ Forms (``IntLayers(form=...)``):
     ``float(ACC') * (c1 post_scale) + post_shift`` -- and snapped quantizers as
     ``QuantizeLinear(y, s, z)`` (no Sub): per conv, one GEMM writing fp32, [+ residual],
     LeakyRelu, QuantizeLinear, Clip. Codes may differ from the reference on fp32
-    rounding ties (measured 0 of 9.3M on resnet12-cifarfs 4-bit, see --check); layers
-    with real offsets are emitted exactly as in ``"integer"``.
+    rounding ties (measured 0 of 9.3M on resnet12-cifarfs 4-bit; tiny 4-bit snapped: one
+    flip cascading to 394 of 4.5M codes, by up to 2, logits within 1e-7); layers with real
+    offsets are emitted exactly as in ``"integer"``.
+
+``"standard"``: ``"integer"`` in standard ONNX ops only (default domain, no contrib op), for
+    runtimes other than onnxruntime: the GEMM output is Cast -> Mul -> Add (what
+    MatMulIntegerToFloat computes, bit for bit) and MaxPool is a standard MaxPool on the
+    fp32 values (NCHW between two Transposes) whose quantizers then read it. Reproduces
+    the reference engine's codes bit for bit, as ``"integer"`` does.
 
 ``"qdq"`` (snapped offsets only, ``l = -z s``)
     QuantizeLinear(x, s, z) -> Clip to the n-bit range -> DequantizeLinear  (QCDQ)
@@ -111,13 +118,12 @@ class IntLayers:
         #: up to fp32 rounding ties (measured by ``--check``)
         self.merged = self.form == "fast"
         #: onnxruntime contrib ops (com.microsoft MatMulIntegerToFloat, NhwcMaxPool): part
-        #: of every stock onnxruntime build, no custom op library
+        #: of every stock onnxruntime build, no custom op library, but no other runtime
+        #: has them; "standard" is the integer form without them
         self.contrib = self.form in ("integer", "fast")
-        self._residual: Optional[str] = None
-        self._merge_now = False
-        #: activation layout between layers: the integer form keeps NHWC (rows of
+        #: activation layout between layers: the integer forms keep NHWC (rows of
         #: channels) so every conv is a MatMulInteger; the qdq form stays NCHW
-        self.layout = "nhwc" if self.form in ("integer", "fast") else "nchw"
+        self.layout = "nchw" if self.form == "qdq" else "nhwc"
         self.weights_format, self.opset = weights_format, opset
         self.layers = dict(model.named_layers())
         self._qcache: Dict[Tuple, str] = {}
@@ -126,7 +132,6 @@ class IntLayers:
         #: tensor quantizes the source and applies the op to the uint8 codes
         self._lazy: Dict[str, Tuple[str, object]] = {}
         self._materialized: Dict[str, str] = {}
-        self.exact_codes = False
         #: layer name (":adj"/":nodes" for aggregations) -> uint8 code tensor in the graph
         self.code_tensors: Dict[str, str] = {}
         #: FP32 layer name -> (fp32 output tensor in the graph, its layout "nchw" / "last"):
@@ -196,13 +201,6 @@ class IntLayers:
             return tname, dtype
         return self.g.const(codes.astype(np.uint8), tname), UINT8
 
-    def uint8_weight(self, name: str, codes: np.ndarray, bits: int) -> str:
-        """Weight codes as a UINT8 tensor (Cast from the stored width; folded by onnxruntime)."""
-        tname, dtype = self.weight_initializer(name, codes, bits)
-        if dtype == UINT8:
-            return tname
-        return self.g.op("Cast", [tname], "weight_u8", to=UINT8)
-
     # ----------------------------------------------------------- activations
     def quantize(self, x: str, l: float, s: float, bits: int) -> str:
         """fp32 x -> uint8 codes ``clamp(rne((x - l) / s), 0, 2^bits - 1)`` (cached per input)."""
@@ -236,14 +234,9 @@ class IntLayers:
             return self._qcache[key]
         g = self.g
         sc, zp = g.f32(_np(_f32(s))), g.const(np.uint8(round(-l / s)))
-        if self.exact_codes:
-            # codes as the reference computes them, rne((x - l) / s); the DQ zero point
-            # z = -l/s then restores the value
-            q = self.quantize(x, l, s, bits)
-        else:
-            q = g.op("QuantizeLinear", [x, sc, zp], "quantize")
-            if bits < 8:
-                q = g.op("Clip", [q, g.const(np.uint8(0)), g.const(np.uint8(2 ** bits - 1))], "clip")
+        q = g.op("QuantizeLinear", [x, sc, zp], "quantize")
+        if bits < 8:
+            q = g.op("Clip", [q, g.const(np.uint8(0)), g.const(np.uint8(2 ** bits - 1))], "clip")
         out = g.op("DequantizeLinear", [q, sc, zp], "dequantize")
         self._qcache[key] = out
         self._qcache[key + ("codes",)] = q
@@ -265,53 +258,42 @@ class IntLayers:
 
     # -------------------------------------------------------------- epilogue
     def epilogue(self, y: str, m, channel_shape: Tuple[int, ...], residual: Optional[str]) -> str:
+        """``y * post_scale + post_shift``, + residual, LeakyRelu (channels on ``channel_shape``)."""
         g = self.g
-        if self.layout == "nhwc" and channel_shape == (-1,) and m.post_scale is not None and m.post_shift is not None:
-            # y * post_scale + post_shift in one pass: BatchNormalization with mean 0, var 1,
-            # epsilon 0 computes exactly that (1/sqrt(1) == 1; bit-identical to Mul then Add,
-            # checked by the tests); BatchNormalization wants channels on axis 1: [rows, O]
-            o = int(m.post_scale.numel())
-            rows = g.op("Reshape", [y, g.i64([-1, o])], "rows")
-            bn = g.op("BatchNormalization", [rows, g.f32(_np(m.post_scale), f"{m.name}.post_scale"),
-                                             g.f32(_np(m.post_shift), f"{m.name}.post_shift"),
-                                             g.f32(np.zeros(o, np.float32), f"const/zeros_{o}"),
-                                             g.f32(np.ones(o, np.float32), f"const/ones_{o}")],
-                      "post_affine", epsilon=0.0)
-            y = g.op("Reshape", [bn, g.op("Shape", [y], "shape")], "unrows")
-            if residual is not None:
-                y = g.op("Add", [y, residual], "residual")
-            if m.slope is not None:
-                y = g.op("LeakyRelu", [y], "lrelu", alpha=float(m.slope))
-            return y
-        if m.post_scale is not None:
-            y = g.op("Mul", [y, g.f32(_np(m.post_scale).reshape(channel_shape), f"{m.name}.post_scale")], "post_scale")
-        if m.post_shift is not None:
-            y = g.op("Add", [y, g.f32(_np(m.post_shift).reshape(channel_shape), f"{m.name}.post_shift")], "post_shift")
+        if self.contrib and channel_shape == (-1,) and m.post_scale is not None and m.post_shift is not None:
+            # one pass in onnxruntime; the standard form keeps Mul then Add (same bits):
+            # OpenVINO 2026.4 scrambles the Reshape back from BatchNormalization's rows
+            y = self.channel_affine(y, m.post_scale, m.post_shift, m, "post_affine", "post_")
+        else:
+            if m.post_scale is not None:
+                y = g.op("Mul", [y, g.f32(_np(m.post_scale).reshape(channel_shape), f"{m.name}.post_scale")],
+                         "post_scale")
+            if m.post_shift is not None:
+                y = g.op("Add", [y, g.f32(_np(m.post_shift).reshape(channel_shape), f"{m.name}.post_shift")],
+                         "post_shift")
+        return self.residual_and_slope(y, m, residual)
+
+    def channel_affine(self, y: str, scale, shift, m, hint: str, prefix: str = "") -> str:
+        """``y * scale + shift`` per last-axis channel in one pass: BatchNormalization with
+        mean 0, var 1, epsilon 0 computes exactly that (1/sqrt(1) == 1; bit-identical to
+        Mul then Add, checked by the tests); it wants channels on axis 1: [rows, O]."""
+        g = self.g
+        o = int(scale.numel())
+        rows = g.op("Reshape", [y, g.i64([-1, o])], "rows")
+        bn = g.op("BatchNormalization", [rows, g.f32(_np(scale), f"{m.name}.{prefix}scale"),
+                                         g.f32(_np(shift), f"{m.name}.{prefix}shift"),
+                                         g.f32(np.zeros(o, np.float32), f"const/zeros_{o}"),
+                                         g.f32(np.ones(o, np.float32), f"const/ones_{o}")],
+                  hint, epsilon=0.0)
+        return g.op("Reshape", [bn, g.op("Shape", [y], "shape")], "unrows")
+
+    def residual_and_slope(self, y: str, m, residual: Optional[str]) -> str:
+        g = self.g
         if residual is not None:
             y = g.op("Add", [y, residual], "residual")
         if m.slope is not None:
             y = g.op("LeakyRelu", [y], "lrelu", alpha=float(m.slope))
         return y
-
-    def centred_acc(self, op: str, q: str, w_u8: str, ones: str, m, channel_shape, **attrs) -> Tuple[str, str]:
-        """Exact int32 ``ACC' = sum (qa - za)(qw - zw)`` and ``AS' = sum (qa - za)`` over the
-        valid taps (ConvInteger pads with the activation zero point, so padded taps add 0).
-
-        onnxruntime's ConvInteger takes a per-tensor weight zero point only: per-channel
-        ones are subtracted as ``zw * AS'`` in int32 (exact)."""
-        g = self.g
-        _, za = self.zero_split_act(m)
-        zw, _ = self.zero_split_w(m)
-        za_t = g.const(np.uint8(int(za)), f"{m.name}.act_zero_point")
-        as_ = g.op(op, [q, ones, za_t], "act_sum", **attrs)
-        if bool((zw == zw[0]).all()):
-            acc = g.op(op, [q, w_u8, za_t, g.const(np.uint8(int(zw[0])), f"{m.name}.weight_zero_point")],
-                       "acc", **attrs)
-        else:
-            acc = g.op(op, [q, w_u8, za_t], "acc_raw", **attrs)
-            zw_t = g.const(_np(zw).astype(np.int32).reshape(channel_shape), f"{m.name}.weight_zero_point")
-            acc = g.op("Sub", [acc, g.op("Mul", [as_, zw_t], "zw_x_asum")], "acc")
-        return acc, as_
 
     def zero_split_act(self, m):
         """(remainder d fp32, zero point z int32) of the activation offset (ref_zero_split)."""
@@ -321,27 +303,6 @@ class IntLayers:
     def zero_split_w(self, m):
         z, d = ref_zero_split(m.w_offset, m.w_scale)
         return z, d
-
-    def offset_terms(self, acc: str, as_: str, m, ws: torch.Tensor, cnt: torch.Tensor,
-                     channel_shape, to_layout) -> str:
-        """((c1*ACC' + t2) + c3*AS') + t4, the centred identity of ``ref_epilogue``:
-        c1 = sw*sa, c3 = dw*sa, t2 = (sw*da)*WS', t4 = (dw*da)*CNT, with
-        WS' = WS - zw*CNT (constants; ``ws``/``cnt`` broadcast to [..., O])."""
-        g = self.g
-        sw, sa = m.w_scale.float(), _f32(m.a_scale)
-        da, za = self.zero_split_act(m)
-        zw, dw = self.zero_split_w(m)
-        wsp = (ws.long() - zw.long() * cnt.long()).to(torch.int32)
-        t2 = to_layout((sw * da) * wsp.float())
-        t4 = to_layout((dw * da) * cnt.float())
-        y = g.op("Mul", [g.op("Cast", [acc], "acc_f32", to=FLOAT),
-                         g.f32(_np(sw * sa).reshape(channel_shape), f"{m.name}.c_acc")], "scale_acc")
-        y = g.op("Add", [y, g.f32(t2, f"{m.name}.t_wsum")], "add_wsum")
-        t3 = g.op("Mul", [g.op("Cast", [as_], "asum_f32", to=FLOAT),
-                          g.f32(_np(dw * sa).reshape(channel_shape), f"{m.name}.c_asum")], "scale_asum")
-        y = g.op("Add", [y, t3], "add_asum")
-        return g.op("Add", [y, g.f32(t4, f"{m.name}.t_count")], "add_count")
-
 
     # --------------------------------------------------- integer form (NHWC rows)
     def mmi_weight(self, name: str, m, codes_ko: np.ndarray) -> Tuple[str, Optional[str]]:
@@ -380,36 +341,36 @@ class IntLayers:
             as_ = g.op("MatMulInteger", [a, ones, za_t], "act_sum")
         return acc, as_
 
-    def affine(self, acc: str, as_: Optional[str], m, ws: torch.Tensor, cnt: torch.Tensor) -> str:
-        """``((c1*ACC' + t2) + c3*AS') + t4`` in ref_epilogue's order (c1 = sw*sa,
-        t2 = (sw*da)*WS', c3 = dw*sa, t4 = (dw*da)*CNT), over channels-last tensors.
-        ``ws`` [..., O] and ``cnt`` [..., 1] are the (border-dependent) WS and CNT. Terms
-        whose constant is exactly zero (snapped offsets: da = dw = 0) are left out:
-        adding +0.0 changes nothing but the sign of a zero, which no later op or
-        quantizer tells apart."""
-        g = self.g
+    def affine_constants(self, m, ws: torch.Tensor, cnt: torch.Tensor):
+        """``(c1, t2, c3, t4)`` of ref_epilogue's centred identity: c1 = sw*sa,
+        t2 = (sw*da)*WS', c3 = dw*sa, t4 = (dw*da)*CNT with WS' = WS - zw*CNT; ``ws``
+        [..., O] and ``cnt`` [..., 1] are the (border-dependent) WS and CNT."""
         sw, sa = m.w_scale.float(), _f32(m.a_scale)
         da, _ = self.zero_split_act(m)
         zw, dw = self.zero_split_w(m)
         wsp = (ws.long() - zw.long() * cnt.long()).to(torch.int32)
-        if self._merge_now:
-            return self._merged_affine(acc, as_, m, sw * sa, (sw * da) * wsp.float(), dw * sa,
-                                       (dw * da) * cnt.float())
-        t2 = (sw * da) * wsp.float()
+        return sw * sa, (sw * da) * wsp.float(), dw * sa, (dw * da) * cnt.float()
+
+    def affine(self, acc: str, as_: Optional[str], m, ws: torch.Tensor, cnt: torch.Tensor) -> str:
+        """``((c1*ACC' + t2) + c3*AS') + t4`` in ref_epilogue's order (see
+        :meth:`affine_constants`), over channels-last tensors. Terms whose constant is
+        exactly zero (snapped offsets: da = dw = 0) are left out: adding +0.0 changes
+        nothing but the sign of a zero, which no later op or quantizer tells apart."""
+        g = self.g
+        c1, t2, c3, t4 = self.affine_constants(m, ws, cnt)
         has_t2 = bool((t2 != 0).any())
-        y = self._gemm_to_float(acc, sw * sa, t2 if has_t2 and t2.dim() == 1 else None, m)
+        y = self._gemm_to_float(acc, c1, t2 if has_t2 and t2.dim() == 1 else None, m)
         if y is None:
-            y = g.op("Mul", [g.op("Cast", [acc], "acc_f32", to=FLOAT), g.f32(_np(sw * sa), f"{m.name}.c_acc")],
+            y = g.op("Mul", [g.op("Cast", [acc], "acc_f32", to=FLOAT), g.f32(_np(c1), f"{m.name}.c_acc")],
                      "scale_acc")
             if has_t2:
                 y = g.op("Add", [y, g.f32(_np(t2), f"{m.name}.t_wsum")], "add_wsum")
         elif has_t2 and t2.dim() != 1:
             y = g.op("Add", [y, g.f32(_np(t2), f"{m.name}.t_wsum")], "add_wsum")
         if as_ is not None:
-            t3 = g.op("Mul", [g.op("Cast", [as_], "asum_f32", to=FLOAT), g.f32(_np(dw * sa), f"{m.name}.c_asum")],
+            t3 = g.op("Mul", [g.op("Cast", [as_], "asum_f32", to=FLOAT), g.f32(_np(c3), f"{m.name}.c_asum")],
                       "scale_asum")
             y = g.op("Add", [y, t3], "add_asum")
-        t4 = (dw * da) * cnt.float()
         if bool((t4 != 0).any()):
             y = g.op("Add", [y, g.f32(_np(t4), f"{m.name}.t_count")], "add_count")
         return y
@@ -419,13 +380,9 @@ class IntLayers:
         # the merged epilogue only for snapped layers (da = dw = 0: y = c1*ACC'); with real
         # offsets merging the border terms into the shift measurably flips codes
         snapped = as_ is None and float(self.zero_split_act(m)[0]) == 0.0
-        if not (self.merged and snapped):
-            return self.epilogue(self.affine(acc, as_, m, ws, cnt), m, (-1,), residual)
-        self._residual, self._merge_now = residual, True
-        try:
-            return self.affine(acc, as_, m, ws, cnt)
-        finally:
-            self._residual, self._merge_now = None, False
+        if self.merged and snapped:
+            return self._merged_epilogue(acc, m, ws, cnt, residual)
+        return self.epilogue(self.affine(acc, as_, m, ws, cnt), m, (-1,), residual)
 
     def _gemm_to_float(self, acc: str, scale: torch.Tensor, bias: Optional[torch.Tensor], m,
                        hint: str = "gemm_scale") -> Optional[str]:
@@ -454,45 +411,23 @@ class IntLayers:
             ins.append(g.f32(_np(bias.float().reshape(-1)), f"{m.name}.{hint}_bias"))
         return g.op("MatMulIntegerToFloat", ins, hint, domain="com.microsoft")
 
-    def _merged_affine(self, acc: str, as_: Optional[str], m, c1, t2, c3, t4) -> str:
-        """The "fast" form: ``y = ACC' * (c1 ps) [+ AS' * (c3 ps)] + ((t2 + t4) ps + shift)``,
-        the post affine (folded BN) merged in; per-channel constants run as one
-        BatchNormalization (mean 0, var 1, epsilon 0: x * scale + bias in one pass)."""
+    def _merged_epilogue(self, acc: str, m, ws, cnt, residual: Optional[str]) -> str:
+        """The "fast" form of a snapped layer (da = dw = 0, no AS' term): ``y = ACC' * (c1 ps)
+        + shift`` with the post affine (folded BN) merged in, one MatMulIntegerToFloat, or
+        one BatchNormalization (mean 0, var 1, epsilon 0: x * scale + bias in one pass)
+        where the contrib op is not used; then + residual, LeakyRelu."""
         g = self.g
+        c1, t2, _, t4 = self.affine_constants(m, ws, cnt)
         ps = m.post_scale.float() if m.post_scale is not None else torch.ones_like(c1)
         sh = m.post_shift.float() if m.post_shift is not None else torch.zeros_like(c1)
-        shift = (t2 + t4) * ps + sh                                           # [..., O]
-        scale = c1 * ps
         o = int(c1.numel())
-        if shift.dim() > 1 and bool((shift == shift.reshape(-1, o)[:1].reshape(o)).all()):
-            shift = shift.reshape(-1, o)[0].clone()   # the same at every position (t2 = t4 = 0)
-        y = self._gemm_to_float(acc, scale, shift if shift.dim() == 1 else None, m, "gemm_affine") \
-            if as_ is None else None
-        if y is not None:
-            if shift.dim() > 1:   # border-dependent shift (an offset remainder da != 0)
-                y = g.op("Add", [y, g.f32(_np(shift), f"{m.name}.shift")], "shift")
-        else:
-            y = g.op("Cast", [acc], "acc_f32", to=FLOAT)
-            if as_ is None and shift.dim() == 1:
-                rows = g.op("Reshape", [y, g.i64([-1, o])], "rows")
-                bn = g.op("BatchNormalization", [rows, g.f32(_np(scale), f"{m.name}.scale"),
-                                                 g.f32(_np(shift), f"{m.name}.shift"),
-                                                 g.f32(np.zeros(o, np.float32), f"const/zeros_{o}"),
-                                                 g.f32(np.ones(o, np.float32), f"const/ones_{o}")],
-                          "affine", epsilon=0.0)
-                y = g.op("Reshape", [bn, g.op("Shape", [y], "shape")], "unrows")
-            else:
-                y = g.op("Mul", [y, g.f32(_np(scale), f"{m.name}.scale")], "scale")
-                if as_ is not None:
-                    y = g.op("Add", [y, g.op("Mul", [g.op("Cast", [as_], "asum_f32", to=FLOAT),
-                                                     g.f32(_np(c3 * ps), f"{m.name}.c_asum")],
-                                             "scale_asum")], "add_asum")
-                y = g.op("Add", [y, g.f32(_np(shift), f"{m.name}.shift")], "shift")
-        if self._residual is not None:
-            y = g.op("Add", [y, self._residual], "residual")
-        if m.slope is not None:
-            y = g.op("LeakyRelu", [y], "lrelu", alpha=float(m.slope))
-        return y
+        # t2 and t4 are zeros here (da = dw = 0): the shift is the same at every position
+        shift = ((t2 + t4) * ps + sh).reshape(-1, o)[0]
+        scale = c1 * ps
+        y = self._gemm_to_float(acc, scale, shift, m, "gemm_affine")
+        if y is None:
+            y = self.channel_affine(g.op("Cast", [acc], "acc_f32", to=FLOAT), scale, shift, m, "affine")
+        return self.residual_and_slope(y, m, residual)
 
     def im2col(self, q: str, m, hw: Tuple[int, int], za: int) -> Tuple[str, int, int]:
         """NHWC codes [B, H, W, C] -> patches [B, Ho, Wo, k*k*C] in (kh, kw, C) order:
@@ -557,8 +492,14 @@ class IntLayers:
         """MaxPool of an NHWC fp32 tensor, built lazily: quantizing commutes with max
         (the quantizer is monotone, ``q(max x) == max q(x)`` exactly), so a quantizer of the
         pooled tensor pools the uint8 codes instead (4x less data); only a float consumer
-        (the GAP of the last block) pools in fp32."""
+        (the GAP of the last block) pools in fp32. Without contrib ops: a standard MaxPool
+        on the fp32 values (NCHW between two Transposes), which its quantizers then read."""
         g = self.g
+        if not self.contrib:
+            y = g.op("Transpose", [self.materialize(x)], "to_nchw", perm=[0, 3, 1, 2])
+            y = g.op("MaxPool", [y], "maxpool", kernel_shape=[kernel, kernel], strides=[stride, stride],
+                     pads=[pad] * 4)
+            return g.op("Transpose", [y], "to_nhwc", perm=[0, 2, 3, 1])
 
         def emit(t: str, codes: bool) -> str:
             if codes:
@@ -609,32 +550,12 @@ class IntLayers:
             raise ExportError(f"layer {name!r}: expected a conv layer, found {type(m).__name__}")
         if self.layout == "nhwc":
             return self._conv_nhwc(m, x, residual, hw)
-        g = self.g
+        # the qdq form (NCHW): QCDQ activations, dequantized weights, a float Conv
         k, st, pad = m.kernel_size, m.stride, m.padding
-        attrs = dict(kernel_shape=[k, k], strides=[st, st], pads=[pad] * 4)
-        codes = self.weight_codes(name, m)
-        cshape = (-1, 1, 1)
-        if self.form == "qdq":
-            xd = self.qcdq(x, m.a_offset, m.a_scale, m.a_bits, record=name)
-            y = g.op("Conv", [xd, self.dq_weight(name, m, codes, axis=0)], "conv", **attrs)
-            return self.epilogue(y, m, cshape, residual)
-        q = self.code_tensors[name] = self.quantize(x, m.a_offset, m.a_scale, m.a_bits)
-        ones = g.const(np.ones((1, m.in_channels, k, k), np.uint8), f"{name}.ones")
-        acc, as_ = self.centred_acc("ConvInteger", q, self.uint8_weight(name, codes, m.w_bits), ones,
-                                    m, cshape, **attrs)
-        if pad == 0 and st == 1:
-            hw = (k, k)  # every tap is valid: the terms are the same at every position
-        elif hw is None:
-            raise ExportError(f"layer {name!r}: padded conv needs its input size to precompute "
-                              "the border terms")
-        w_codes = torch.from_numpy(codes).permute(0, 2, 3, 1).reshape(m.out_channels, -1)
-        zero = torch.zeros(1, hw[0], hw[1], m.in_channels, dtype=torch.uint8)
-        _, _, ws, cnt = ref_conv2d_acc(zero, w_codes, k, k, st, pad)      # [Ho,Wo,O], [Ho,Wo]
-        if pad == 0 and st == 1:
-            ws, cnt = ws[:1, :1], cnt[:1, :1]
-        to_nchw = lambda t: np.ascontiguousarray(_np(t.permute(2, 0, 1)))  # noqa: E731
-        y = self.offset_terms(acc, as_, m, ws, cnt.unsqueeze(-1).expand_as(ws), cshape, to_nchw)
-        return self.epilogue(y, m, cshape, residual)
+        xd = self.qcdq(x, m.a_offset, m.a_scale, m.a_bits, record=name)
+        y = self.g.op("Conv", [xd, self.dq_weight(name, m, self.weight_codes(name, m), axis=0)], "conv",
+                      kernel_shape=[k, k], strides=[st, st], pads=[pad] * 4)
+        return self.epilogue(y, m, (-1, 1, 1), residual)
 
     def _float_conv(self, m, x: str, residual: Optional[str], nchw_input: bool = False) -> str:
         g = self.g

@@ -19,7 +19,7 @@ The Python launchers with the reference-op signatures live in
 ``qgnn_deploy.backends.triton``.
 """
 from ._common import MAX_REDUCTION
-from .autotune import INTERPRETED, STDLIB_INTERPRETED, interpreter_meta, tuned
+from .autotune import INTERPRETED, STDLIB_INTERPRETED, interpreter_meta, interpreter_rows, tuned
 from .layout import K_ALIGN, TritonWeight, repack
 from .qbmm import qbmm_kernel
 from .qconv import qconv_kernel
@@ -28,5 +28,5 @@ from .qgemv import qgemv_finish_kernel, qgemv_kernel
 from .quantize import quantize_kernel
 
 __all__ = ["INTERPRETED", "STDLIB_INTERPRETED", "K_ALIGN", "MAX_REDUCTION", "TritonWeight",
-           "interpreter_meta", "qbmm_kernel", "qconv_kernel", "qgemm_kernel", "qgemv_finish_kernel", "qgemv_kernel",
+           "interpreter_meta", "interpreter_rows", "qbmm_kernel", "qconv_kernel", "qgemm_kernel", "qgemv_finish_kernel", "qgemv_kernel",
            "quantize_kernel", "repack", "tuned"]

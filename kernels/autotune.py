@@ -5,8 +5,8 @@ arguments (and the bit-width, which changes the weight bytes per tile). Configs 
 pipelined tiles do not fit the device's shared memory, or whose tiles dwarf the
 problem (a 256-wide N tile for 64 output channels), are pruned before timing.
 
-Under ``TRITON_INTERPRET=1`` there is no autotuning: every launch uses the single
-small configuration from ``interpreter_meta`` so CPU tests stay fast.
+Under ``TRITON_INTERPRET=1`` there is no autotuning: every launch uses the configuration
+from ``interpreter_meta`` (tiles sized to the problem) so CPU tests stay fast.
 """
 from __future__ import annotations
 
@@ -96,10 +96,21 @@ def tuned(name: str):
     raise KeyError(name)
 
 
-def interpreter_meta(name: str) -> dict:
-    """The one configuration used under TRITON_INTERPRET=1 (small tiles, fast numpy)."""
+def interpreter_rows(rows: int, smallest: int = 16, largest: int = 4096) -> int:
+    """Rows (or elements) per program under TRITON_INTERPRET=1: a quarter of ``rows``,
+    a power of two in [smallest, largest]. The interpreter's cost is Python work per
+    program and op, nearly independent of the tile size (a 10x32x32x16 3x3 conv: 61 s
+    with 16-row tiles, under 1 s with 1024), so big problems get big tiles, and the small
+    shapes of the kernel tests still span several tiles."""
+    return min(largest, max(smallest, triton.next_power_of_2(-(-rows // 4))))
+
+
+def interpreter_meta(name: str, rows: int, cols: int) -> dict:
+    """The configuration used under TRITON_INTERPRET=1 for a launch over ``rows`` output
+    rows and ``cols`` output channels (the aggregation: tasks and feature columns)."""
     if name in ("qgemm", "qconv"):
-        return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
+        return {"BLOCK_M": interpreter_rows(rows), "BLOCK_N": 64 if cols >= 64 else 32,
+                "BLOCK_K": 32, "GROUP_M": 2}
     if name == "qbmm":
         return {"TASKS_PER_PROG": 2, "BLOCK_D": 32}
     raise KeyError(name)

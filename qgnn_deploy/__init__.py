@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
+import types
 
 __version__ = "0.1.0"
 
@@ -51,5 +53,27 @@ __all__ = sorted(_LAZY) + ["__version__"]
 
 def __getattr__(name: str):
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # bound once; _Package keeps submodule imports off it
+        return value
     raise AttributeError(f"module 'qgnn_deploy' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """The package module. Importing a submodule makes Python set the package attribute
+    of the submodule's name to the module (``import qgnn_deploy.fold`` sets
+    ``qgnn_deploy.fold``); where that name is an exported function, the function stays.
+    The submodule itself is in ``sys.modules`` (``from qgnn_deploy.fold import x`` works;
+    ``import qgnn_deploy.fold as m`` gives the function, as attribute access does)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

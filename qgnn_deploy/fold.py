@@ -388,6 +388,23 @@ REL_ERROR_BAR = 1e-4
 #: episode level (DESIGN.md section 3)
 AGREEMENT_BAR = 0.999
 LOGIT_DIFF_BAR = 1e-3
+#: verdicts of a parity check, what ``fold --json`` and ``run --json`` carry as ``verdict``
+VERDICTS = ("pass", "layerwise-only", "fail")
+
+
+def episode_parity_ok(agreement: float, max_logit_diff: float) -> bool:
+    """The episode-level bars: >= 99.9% same predictions, max |logit diff| <= 1e-3."""
+    return bool(agreement >= AGREEMENT_BAR and max_logit_diff <= LOGIT_DIFF_BAR)
+
+
+def parity_verdict(episode_ok: bool, layerwise_ok: bool) -> str:
+    """One of :data:`VERDICTS`: ``pass`` -- the episode-level bars are met (and every layer,
+    where checked); ``layerwise-only`` -- every layer reproduces its counterpart fed the same
+    input, but the episode bars are missed: the model amplifies fp32 rounding ties (a code
+    flipped at a rounding boundary cascades), not a wrong fold; ``fail`` -- a layer is wrong."""
+    if not layerwise_ok:
+        return "fail"
+    return "pass" if episode_ok else "layerwise-only"
 
 
 def _fq_output_points(fq: QGNNModel) -> Dict[str, Tuple[nn.Module, Optional[float], Optional[nn.Module]]]:
@@ -666,4 +683,4 @@ __all__ = ["fold", "check_foldable", "snap_zero_points", "snap_quantizer", "prun
            "fake_quant_counterpart", "compare_engines", "episode_logits_of", "accuracy",
            "ZERO_POINT_MODES", "layerwise_parity", "layerwise_parity_batches", "LayerwiseParity",
            "format_layerwise", "CODE_MISMATCH_BAR", "CODE_DIFF_BAR", "REL_ERROR_BAR",
-           "AGREEMENT_BAR", "LOGIT_DIFF_BAR"]
+           "AGREEMENT_BAR", "LOGIT_DIFF_BAR", "VERDICTS", "episode_parity_ok", "parity_verdict"]

@@ -1,25 +1,62 @@
 """`qgnn-deploy bench` and the episode latency harness (issue 8)."""
 import json
-import time
+
+import numpy as np
+import pytest
 
 from qgnn_deploy.benchmarks.episode import Variant, measure, summarize
 
 RESULT_KEYS = {"workload", "backend", "p50_ms", "p90_ms", "speedup_vs_torch_fp32"}
 
 
-def test_interleaved_timing_and_speedups():
+class FakeClock:
+    """Stands in for the ``time`` module of the harness: a variant's run advances it by a
+    scripted duration, ``sleep`` (the untimed settle gap) by the time asked."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.slept = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.now += seconds
+        self.slept += seconds
+
+    def run(self, order, name, durations_ms):
+        it = iter(durations_ms)
+
+        def fn():
+            order.append(name)
+            self.now += next(it) / 1e3
+        return fn
+
+
+def test_interleaved_timing_and_speedups(monkeypatch):
+    from qgnn_deploy.benchmarks import episode
+    clock = FakeClock()
+    monkeypatch.setattr(episode, "time", clock)
     order = []
-    fast = Variant("cpu", lambda: (order.append("cpu"), time.sleep(0.001)))
-    slow = Variant("torch_fp32", lambda: (order.append("torch_fp32"), time.sleep(0.004)))
+    # 2 warm-up runs then 5 timed ones per variant (warm-up durations must not count)
+    slow_ms = [90.0, 80.0, 4.0, 5.0, 3.0, 6.0, 4.5]
+    fast_ms = [70.0, 60.0, 1.0, 2.0, 1.25, 1.0, 3.0]
+    slow = Variant("torch_fp32", clock.run(order, "torch_fp32", slow_ms))
+    fast = Variant("cpu", clock.run(order, "cpu", fast_ms))
     measure([slow, fast], repeats=5, warmup=2, progress=False)
-    assert len(slow.times_ms) == len(fast.times_ms) == 5
     # warm-up per variant first, then one run of each per round
-    assert order[4:] == ["torch_fp32", "cpu"] * 5
+    assert order == ["torch_fp32"] * 2 + ["cpu"] * 2 + ["torch_fp32", "cpu"] * 5
+    assert slow.times_ms == pytest.approx(slow_ms[2:], abs=1e-9)   # the settle gap is not timed
+    assert fast.times_ms == pytest.approx(fast_ms[2:], abs=1e-9)
+    assert clock.slept == pytest.approx(10 * episode.SETTLE_MS / 1e3)
     res = {r["backend"]: r for r in summarize([slow, fast], "w")}
-    assert RESULT_KEYS <= set(res["cpu"])
+    assert RESULT_KEYS <= set(res["cpu"]) and res["cpu"]["workload"] == "w"
+    assert res["torch_fp32"]["p50_ms"] == pytest.approx(4.5) and res["cpu"]["p50_ms"] == pytest.approx(1.25)
+    assert res["cpu"]["p90_ms"] == pytest.approx(float(np.percentile(fast_ms[2:], 90)))
+    assert res["cpu"]["runs"] == 5 and res["cpu"]["min_ms"] == pytest.approx(1.0)
     assert res["torch_fp32"]["speedup_vs_torch_fp32"] == 1.0
-    assert res["cpu"]["speedup_vs_torch_fp32"] == res["torch_fp32"]["p50_ms"] / res["cpu"]["p50_ms"] > 1.5
-    assert res["cpu"]["p90_ms"] >= res["cpu"]["p50_ms"]
+    assert res["cpu"]["speedup_vs_torch_fp32"] == pytest.approx(4.5 / 1.25)  # ratio of p50s
+    assert res["cpu"]["speedup_vs_onnxruntime_fp32"] is None  # no such variant in this run
 
 
 def test_bench_command_json(capsys):
@@ -33,8 +70,10 @@ def test_bench_command_json(capsys):
     assert d["threads"] == 1 and d["batch"]["tasks"] == 1
     backends = {r["backend"] for r in d["results"]}
     assert "torch_fp32" in backends
+    base = next(r["p50_ms"] for r in d["results"] if r["backend"] == "torch_fp32")
     for r in d["results"]:
-        assert RESULT_KEYS <= set(r) and r["p50_ms"] > 0
+        assert RESULT_KEYS <= set(r) and 0 < r["p50_ms"] <= r["p90_ms"]
+        assert r["speedup_vs_torch_fp32"] == pytest.approx(base / r["p50_ms"])  # p50s of this run
     # every asked-for engine is either timed or reported unavailable with a reason
     for b in ("cpu", "reference"):
         assert b in backends or b in d["unavailable"]

@@ -81,26 +81,41 @@ def test_threads_match_sequential(artifact, backend, threads, rounds):
         assert torch.equal(out, sequential[i % threads]), f"thread result {i} differs from sequential"
 
 
-def test_mixed_backends_per_thread(artifact):
+def test_mixed_backends_per_thread(artifact, monkeypatch):
     """Threads selecting different backends with use_backend on one shared model
-    (backend=None) each get their own backend's answer."""
+    (backend=None) each run every op on their own backend and get its answer."""
     _need("cpu")
     from qgnn_deploy.artifact import load_int_model
     from qgnn_deploy.backends import use_backend
+    from qgnn_deploy.ops import registry
     path, config = artifact
     (e,) = _episodes(config, 1)
     im = load_int_model(path, backend=None)
-    with use_backend("cpu"):
+    with use_backend("cpu-eager"):  # the module path: every op dispatches (cpu runs the plan)
         want_cpu = im(*e).logits
     with use_backend("reference"):
         want_ref = im(*e).logits
+    # the C++ kernels reproduce the reference bit for bit on this model (measured: every
+    # logit equal), so the answers alone cannot tell the backends apart: record the
+    # backend each op dispatched to, per thread
+    assert torch.equal(want_cpu, want_ref)
+    dispatched = {}
+    lookup = registry.backend_function
+
+    def recording(name, op):
+        dispatched.setdefault(threading.get_ident(), set()).add(name)
+        return lookup(name, op)
+    monkeypatch.setattr(registry, "backend_function", recording)
 
     def job(name):
         with use_backend(name):
-            return name, im(*e).logits
+            return name, threading.get_ident(), im(*e).logits
 
-    for name, out in _run_threads(job, ["cpu", "reference", "cpu"], 3):  # one reference pass
-        assert torch.equal(out, want_cpu if name == "cpu" else want_ref)
+    results = _run_threads(job, ["cpu-eager", "reference", "cpu-eager"], 3)  # one reference pass
+    assert len({ident for _, ident, _ in results}) == 3
+    for name, ident, out in results:
+        assert dispatched[ident] == {name}, (name, dispatched[ident])
+        assert torch.equal(out, want_cpu if name == "cpu-eager" else want_ref)
 
 
 def test_failing_thread_does_not_disturb_others(artifact):

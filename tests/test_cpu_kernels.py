@@ -39,11 +39,12 @@ def epilogue_kwargs(o, out_shape, full=True):
                 slope=0.1)
 
 
-def assert_codes_close(got, want):
+def assert_codes_equal(got, want):
+    """Output codes are identical: the kernels' fused epilogue evaluates the reference's fp32
+    operations in its order (no FMA contraction), so even rounding ties round alike
+    (measured: 0 mismatches over 300 fuzz examples per kernel)."""
     assert got.dtype == want.dtype == torch.uint8 and got.shape == want.shape
-    diff = (got.int() - want.int()).abs()
-    assert int(diff.max()) <= 1
-    assert int((diff > 0).sum()) <= max(1, want.numel() // 1000)
+    assert torch.equal(got, want), f"{int((got != want).sum())} of {want.numel()} codes differ"
 
 
 def wparams(o):
@@ -101,9 +102,9 @@ def test_qlinear_exact(cpu_isa, threads, wb, ab, m, k, o):
     assert torch.equal(cpu.cpu_qlinear(*args, **kw), R.ref_qlinear(*args, **kw))
     assert torch.equal(cpu.cpu_qlinear(*args), R.ref_qlinear(*args))
     q = dict(out_l=-0.9, out_s=0.15, out_bits=ab)
-    assert_codes_close(cpu.cpu_qlinear(*args, **kw, **q), R.ref_qlinear(*args, **kw, **q))
+    assert_codes_equal(cpu.cpu_qlinear(*args, **kw, **q), R.ref_qlinear(*args, **kw, **q))
     kw.pop("residual")  # the conv + BN + LeakyReLU + re-quantize combination (specialised)
-    assert_codes_close(cpu.cpu_qlinear(*args, **kw, **q), R.ref_qlinear(*args, **kw, **q))
+    assert_codes_equal(cpu.cpu_qlinear(*args, **kw, **q), R.ref_qlinear(*args, **kw, **q))
 
 
 # ------------------------------------------------------------------ conv
@@ -126,7 +127,7 @@ def test_qconv2d_exact(cpu_isa, threads, bits, ks, stride, pad):
     kw = epilogue_kwargs(o, (b, ho, wo_, o))
     assert torch.equal(cpu.cpu_qconv2d(*args, **kw), R.ref_qconv2d(*args, **kw))
     q = dict(out_l=-1.3, out_s=0.2, out_bits=4)
-    assert_codes_close(cpu.cpu_qconv2d(*args, **kw, **q), R.ref_qconv2d(*args, **kw, **q))
+    assert_codes_equal(cpu.cpu_qconv2d(*args, **kw, **q), R.ref_qconv2d(*args, **kw, **q))
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -141,7 +142,7 @@ def test_qconv2d_model_shapes_batch1(bits):
             args = (x, wp, bits, bits, ks, 1, pad, ws, wo, 0.02, 0.1)
             kw = dict(post_scale=torch.rand(64), post_shift=torch.randn(64), slope=0.1,
                       out_l=-0.5, out_s=0.05, out_bits=bits)
-            assert_codes_close(cpu.cpu_qconv2d(*args, **kw), R.ref_qconv2d(*args, **kw))
+            assert_codes_equal(cpu.cpu_qconv2d(*args, **kw), R.ref_qconv2d(*args, **kw))
             assert torch.equal(cpu.cpu_qconv2d(*args), R.ref_qconv2d(*args))
     finally:
         cpu.set_num_threads(None)

@@ -119,9 +119,29 @@ def test_qconv2d_fast_form_snapped(bits):
     gb.add_output(y, "y", FLOAT, [b, h, h, o])
     gb.add_output(L.quantize(y, -0.5, 0.125, 4), "q", onnx.TensorProto.UINT8, [b, h, h, o])
     out, q = _session(gb.model(21, {})).run(None, {"x": x.numpy()})
+    # merged constants round differently by a few ulps (measured <= 4e-6 at 8 bits)
     np.testing.assert_allclose(out, ref.numpy(), atol=1e-5, rtol=1e-5)
-    flips = (q != ref_quantize(ref, -0.5, 0.125, 4).numpy())
-    assert flips.mean() <= 0.01
+    assert_codes_within_contract(q, ref.numpy(), -0.5, 0.125, 4)
+
+
+#: how close to a rounding boundary (in steps) a value whose code flips must lie: the two
+#: sides differ by a few fp32 ulps, so a flip is a tie (measured flip margins <= 7e-6)
+TIE_MARGIN = 1e-4
+
+
+def assert_codes_within_contract(got: np.ndarray, want_value: np.ndarray, l: float, s: float,
+                                 bits: int) -> None:
+    """DESIGN.md section 3 for output codes: identical except fp32 rounding ties, at most
+    0.1% of elements (rounded down: none on a small output), by 1. ``want_value`` is the
+    reference's fp32 value the codes quantize with (``l``, ``s``, ``bits``); every flipped element must
+    lie within :data:`TIE_MARGIN` steps of a rounding boundary."""
+    want = ref_quantize(torch.from_numpy(want_value), l, s, bits).numpy()
+    diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
+    flipped = diff != 0
+    assert int(flipped.sum()) <= flipped.size // 1000, (int(flipped.sum()), flipped.size)
+    assert int(diff.max(initial=0)) <= 1
+    u = (want_value[flipped].astype(np.float64) - l) / s
+    assert np.all(np.abs(u - np.floor(u) - 0.5) <= TIE_MARGIN), u
 
 
 def test_matmul_integer_to_float_is_cast_mul_add():
@@ -382,7 +402,7 @@ def test_integer_export_resnet12_matrix(bits, zero_point):
         if form == "integer":
             assert rs["code_mismatches"] == 0 and rs["max_logit_diff"] <= 1e-6, (form, rs)
         if (bits, zero_point) in _RESNET12_FP32_CASCADES:
-            assert res["verdict"] in ("pass", "fp32-cascade"), (form, res)
+            assert res["verdict"] in ("pass", "layerwise-only"), (form, res)
             if not res["passed"]:
                 assert res["first_mismatch_layer"] == "backbone.layer1.0.conv", (form, res)
         else:
@@ -435,7 +455,7 @@ def test_fp32_stem_tie_flip_is_diagnosed_and_resynced_parity_is_exact(monkeypatc
     assert ref_quantize(torch.tensor([float(tie)]), float(l), float(s), 2).item() == 2
     assert res["first_mismatch_layer"] == "backbone.layer1.0.conv", res
     assert res["code_mismatch_layers"]["backbone.layer1.0.conv"] == 1, res
-    assert res["verdict"] in ("pass", "fp32-cascade"), res
+    assert res["verdict"] in ("pass", "layerwise-only"), res
     rs = res["resynced"]
     assert rs["code_mismatches"] == 0 and rs["first_mismatch_layer"] is None, rs
     assert rs["max_logit_diff"] <= 1e-6 and rs["identical_predictions"] and rs["passed"], rs
@@ -468,7 +488,7 @@ def test_onnx_session_caches_and_runs(int_tiny4, tmp_path):
     out = s2(images, labels)
     assert isinstance(out, torch.Tensor) and out.shape == (2, 5, 5)
     ref = int_tiny4(images, labels).logits
-    assert (out - ref).abs().max() <= 1e-3
+    assert (out - ref).abs().max() <= 1e-6  # measured 3e-8 (contract: 1e-3)
     from qgnn_deploy.errors import InputError
     with pytest.raises(InputError):
         s2(images[:, :3], labels)
@@ -493,3 +513,71 @@ def test_export_command_json_check(tmp_path, capsys):
     assert rc == 0 and out.exists()
     assert res["kind"] == "integer" and res["check"]["passed"]
     assert res["check"]["episodes"] == 2 and res["bytes"] == out.stat().st_size
+
+
+# ------------------------------------------------------------------ portability
+
+@pytest.mark.parametrize("bits,zero_point", [(4, "exact"), (2, "snap")])
+def test_standard_form_uses_default_domain_ops_only_and_is_exact(bits, zero_point):
+    """``standard``: the integer form without onnxruntime's contrib ops, so any ONNX runtime
+    runs it, still exact: with the FP32 layers resynced every code and logit equals the
+    reference engine's (the free-running run shares the FP32 stem's float noise with the
+    other forms)."""
+    im = _folded(bits, zero_point)
+    res, proto, info = _check(im, tasks=2, form="standard")
+    domains = {n.domain for n in proto.graph.node}
+    assert domains <= {"", "ai.onnx"}, domains
+    assert [o.domain for o in proto.opset_import] == [""]
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"MatMulInteger", "MaxPool"} <= ops and not {"MatMulIntegerToFloat", "NhwcMaxPool"} & ops
+    assert info["form"] == "standard" and info["portability"]["standard_ops_only"]
+    assert info["portability"]["contrib_ops"] == []
+    rs = res["resynced"]
+    assert rs["code_mismatches"] == 0 and rs["code_elements"] > 0, rs
+    assert rs["max_logit_diff"] <= 1e-6 and rs["identical_predictions"], rs
+    assert res["code_mismatch_rate"] <= 1e-3 and res["code_max_diff"] <= 1, res
+    # the standard form computes what the integer form computes, node for node in value
+    ref, _, _ = _check(im, tasks=2, form="integer")
+    assert res["max_logit_diff"] == ref["max_logit_diff"] and res["code_mismatches"] == ref["code_mismatches"]
+
+
+@pytest.mark.parametrize("form", ["integer", "fast"])
+def test_contrib_forms_report_onnxruntime_only(int_tiny4, form):
+    proto, info = E.build_onnx(int_tiny4, form=form)
+    p = info["portability"]
+    assert p["contrib_ops"] == ["MatMulIntegerToFloat", "NhwcMaxPool"] and not p["standard_ops_only"]
+    assert "com.microsoft" in p["domains"] and p["runtimes"].startswith("onnxruntime only")
+    assert {o.domain for o in proto.opset_import} == {"", "com.microsoft"}
+
+
+def test_export_command_reports_portability(tmp_path, capsys):
+    from qgnn_deploy.cli import main
+    out = tmp_path / "s.onnx"
+    rc = main(["export", "--preset", "tiny", "--bits", "4", "--form", "standard", "--out", str(out), "--json"])
+    res = json.loads(capsys.readouterr().out)
+    assert rc == 0 and res["form"] == "standard" and res["portability"]["standard_ops_only"]
+    rc = main(["export", "--preset", "tiny", "--bits", "4", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0 and "runs on: onnxruntime only (com.microsoft contrib ops" in text
+
+
+def test_standard_form_in_openvino():
+    """Optional (OpenVINO is not a dependency): a runtime without onnxruntime's contrib ops
+    runs the standard form. Measured on the shipped 4-bit model, snapped offsets: logits
+    within 7.5e-8 of the reference engine. OpenVINO must run in f32 (its CPU default on
+    bf16-capable CPUs is bf16), and real-valued offsets lose exactness to its fusion of the
+    quantizer chain (measured up to 7.8e-3 at 4 bits; intermediate outputs make it exact)."""
+    ov = pytest.importorskip("openvino")
+    from qgnn_deploy.checkpoint import load_checkpoint
+    from qgnn_deploy.data import episode_batches
+    from qgnn_deploy.fold import fold
+    from qgnn_deploy.sources import embedded_checkpoint
+    im = fold(load_checkpoint(embedded_checkpoint("tiny", 4)), zero_point="snap", backend="reference")
+    images, labels, _ = next(episode_batches(im.config, 4, seed=0, split="test", tasks_per_batch=4))
+    proto, _ = E.build_onnx(im, form="standard")
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(proto.SerializeToString(), b""), "CPU",
+                                  {"INFERENCE_PRECISION_HINT": "f32"})
+    got = compiled({"images": images.numpy(), "support_labels": labels.numpy()})[compiled.output(0)]
+    ref = im(images, labels).logits.numpy()
+    assert np.abs(got - ref).max() <= 1e-6 and (got.argmax(-1) == ref.argmax(-1)).all()

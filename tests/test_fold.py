@@ -282,6 +282,10 @@ def test_mixed_bits_and_per_channel():
     assert c.w_granularity == "channel" and c.w_scale.unique().numel() > 1
 
 
+def _pauta_quantizers(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, PautaQuantizer)]
+
+
 def test_snap_puts_offsets_on_the_grid():
     model = calibrated("tiny", 3)
     im = fold(model, zero_point="snap")
@@ -291,9 +295,22 @@ def test_snap_puts_offsets_on_the_grid():
             assert abs(ratio - round(ratio)) < 1e-3, name
             wr = -m.w_offset / m.w_scale
             assert (wr - wr.round()).abs().max() < 1e-3, name
+    params = dict(model.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items() if n.endswith(("_quant.l", "_quant.r"))}
     snapped = snap_zero_points(model)
-    assert snapped is not model and not torch.equal(
-        snapped.backbone.layer1[0].conv1.act_quant.l, model.backbone.layer1[0].conv1.act_quant.l) or True
+    assert snapped is not model
+    assert all(torch.equal(params[n], v) for n, v in before.items())  # the source is untouched
+    pairs = list(zip(_pauta_quantizers(snapped), _pauta_quantizers(model)))
+    assert len(pairs) == len(before) // 2
+    moved = 0
+    for (name, q), (_, src) in pairs:
+        z = -q.l.detach() / q.step()
+        assert (z - z.round()).abs().max() <= 1e-4, name                   # on the grid
+        assert torch.allclose(q.step(), src.step(), rtol=1e-6), name          # step kept
+        assert (q.l.detach() - src.l.detach()).abs().max() <= 0.5 * src.step().max() * (1 + 1e-5), name
+        moved += int(not torch.equal(q.l, src.l))
+    # calibrated offsets are real numbers: snapping moved every one (72 of 72 measured)
+    assert moved == len(pairs), (moved, len(pairs))
 
 
 def test_refuses_uninitialised_quantizers():
@@ -344,5 +361,18 @@ def test_fold_command_reports_layerwise_and_verdict(tmp_path, capsys):
     assert {"max_code_mismatch_rate", "max_code_diff", "max_rel_error", "worst_layer",
             "passed"} <= set(lw)
     assert lw["passed"] and lw["failing_layers"] == {} and lw["batches"] == 1
+    assert r["verdict"] == "pass"  # the shipped 3-bit model: agreement 1.0, max diff ~3e-8
     verdicts = [l for l in cap.err.splitlines() if l.startswith("fold verdict:")]
-    assert len(verdicts) == 1 and "layer-wise PASS" in verdicts[0], cap.err
+    assert len(verdicts) == 1 and verdicts[0].startswith("fold verdict: pass;"), cap.err
+    assert "layer-wise PASS" in verdicts[0], cap.err
+
+
+def test_parity_verdicts():
+    from qgnn_deploy.fold import VERDICTS, episode_parity_ok, parity_verdict
+    assert VERDICTS == ("pass", "layerwise-only", "fail")
+    assert episode_parity_ok(1.0, 1e-3) and not episode_parity_ok(0.998, 0.0)
+    assert not episode_parity_ok(1.0, 1.01e-3)
+    assert parity_verdict(True, True) == "pass"
+    # the untrained paper-size case: episodes miss through near-tie logits, layers are right
+    assert parity_verdict(episode_parity_ok(0.50, 0.029), True) == "layerwise-only"
+    assert parity_verdict(True, False) == parity_verdict(False, False) == "fail"

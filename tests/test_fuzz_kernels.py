@@ -5,8 +5,9 @@ Property-based tests over shapes, strides, dtypes, bit-widths and offsets for ev
 launcher (Triton's interpreter without a GPU; tests/conftest.py sets TRITON_INTERPRET).
 
 Where the arguments are valid the result is compared with the ``ref_*`` spec, on every
-ISA path this CPU runs (the ``cpu_isa`` fixture of conftest.py): integer parts exactly,
-fp32 outputs to rounding, output codes identical except fp32 ties (DESIGN.md section 3). Where they are not, the call must raise KernelArgumentError (a
+ISA path this CPU runs (the ``cpu_isa`` fixture of conftest.py): integer parts, fp32
+outputs and output codes exactly (the kernels keep the reference's fp32 operation order,
+so the rounding ties DESIGN.md section 3 admits do not occur). Where they are not, the call must raise KernelArgumentError (a
 QGNNError); any other exception type, a crash or a silent result fails.
 """
 from __future__ import annotations
@@ -101,15 +102,10 @@ def _epilogue(o, g, flags, out_rows_shape):
 
 def _compare(out, ref, what=""):
     assert out.dtype == ref.dtype and out.shape == ref.shape, (what, out.dtype, out.shape, ref.dtype, ref.shape)
-    if ref.dtype == torch.uint8:
-        d = (out.to(torch.int16) - ref.to(torch.int16)).abs()
-        assert int(d.max()) <= 1 if d.numel() else True, what
-        # fp32 ties only: at most 0.1% of elements (and at least one allowed on tiny outputs)
-        assert int((d != 0).sum()) <= max(1, int(0.001 * d.numel())), what
-    else:
-        assert bool(torch.isfinite(out).all()) == bool(torch.isfinite(ref).all())
-        tol = 1e-5 * (1.0 + float(ref.abs().max())) if ref.numel() else 0
-        assert float((out - ref).abs().max()) <= tol if ref.numel() else True, what
+    # identical, fp32 outputs and codes alike: the kernels evaluate the reference's fp32
+    # epilogue in its order, so even rounding ties round alike (0 mismatches measured over
+    # 300 examples per kernel)
+    assert torch.equal(out, ref), (what, int((out != ref).sum()), ref.numel())
 
 
 FLAGS = st.tuples(st.booleans(), st.booleans(), st.booleans(), st.booleans(),

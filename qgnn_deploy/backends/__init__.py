@@ -104,7 +104,9 @@ def backend_module(name: str):
 
 
 def backend_function(name: str, op: str) -> Callable:
-    """The function implementing ``op`` on backend ``name`` (``{prefix}_{op}``)."""
+    """The function implementing ``op`` on backend ``name`` (``{prefix}_{op}``; ``cpu-eager``
+    names the cpu op backend)."""
+    name = op_backend_of(name)
     key = (name, op)
     fn = _fn_cache.get(key)
     if fn is not None:
@@ -152,7 +154,9 @@ def default_backend() -> str:
 
 
 def current_backend() -> str:
-    """The backend the ``qgnn::`` ops dispatch to right now (default: :func:`default_backend`)."""
+    """The backend in force right now (default: :func:`default_backend`): the ``qgnn::`` ops
+    dispatch to it (``cpu-eager``: the cpu op backend), an IntModel without a backend of
+    its own runs on it (``cpu``: its compiled plan)."""
     name = _current.get()
     return name if name else default_backend()
 
@@ -160,7 +164,7 @@ def current_backend() -> str:
 def set_backend(name: str) -> contextvars.Token:
     """Select op backend ``name`` for this context (prefer :func:`use_backend`)."""
     backend_module(name)  # fail now, with the fix, rather than inside the first op
-    return _current.set(op_backend_of(name))
+    return _current.set(name)
 
 
 @contextlib.contextmanager

@@ -28,7 +28,6 @@ Raw entry points for exact tests: :func:`triton_linear_acc`, :func:`triton_conv2
 from __future__ import annotations
 
 import importlib
-import os
 import threading
 import weakref
 from typing import Optional, Tuple
@@ -44,8 +43,6 @@ Tensor = torch.Tensor
 
 #: M at or below which linear layers take the tl.sum / split-K path instead of tl.dot.
 SMALL_M = 8
-#: Check that activation codes fit their bit-width (one device sync per call on GPU).
-CHECK_CODE_RANGE = os.environ.get("QGNN_TRITON_CHECK_CODES", "1") != "0"
 
 _LOCK = threading.Lock()
 _KERNELS = None
@@ -181,11 +178,12 @@ def _shift(bits: int) -> int:
 
 # ------------------------------------------------------------------------ launching
 
-def _launch(name: str, kernel, grid, args: tuple, const: dict) -> None:
-    """Interpreter: the one small config. GPU: the autotuned kernel, FMA contraction off."""
+def _launch(name: str, kernel, grid, args: tuple, const: dict, rows: int, cols: int) -> None:
+    """Interpreter: the config sized to the ``rows`` x ``cols`` output. GPU: the autotuned
+    kernel, FMA contraction off."""
     k = kernels()
     if k.INTERPRETED:
-        meta = dict(k.interpreter_meta(name))
+        meta = dict(k.interpreter_meta(name, rows, cols))
         meta.update({m: v for m, v in const.items() if m in meta})
         const = {m: v for m, v in const.items() if m not in meta}
         kernel[grid(meta)](*args, **const, **meta)
@@ -296,7 +294,7 @@ def _linear_core(x: Tensor, tw, a_bits: int, mode: int, vecs: tuple, scal: tuple
             out, as_out, m, o, kdim, tw.kp, x.stride(0), za, slope, out_l, out_s)
         _launch("qgemm", kp.qgemm_kernel,
                 lambda META: (triton_cdiv(m, META["BLOCK_M"]) * triton_cdiv(o, META["BLOCK_N"]),),
-                args, const)
+                args, const, rows=m, cols=o)
         return out, as_out
     # small-M path: tiles sized to M; split K when there are too few column tiles
     bm = max(1, 1 << (m - 1).bit_length())
@@ -348,7 +346,7 @@ def triton_quantize(x: Tensor, l: float, s: float, bits: int) -> Tensor:
     n = xc.numel()
     if n:
         kp = kernels()
-        block = 256 if kp.INTERPRETED else 1024
+        block = kp.interpreter_rows(n, 256, 1 << 16) if kp.INTERPRETED else 1024
         opts = {} if kp.INTERPRETED else dict(num_warps=4, enable_fp_fusion=False)
         kp.quantize_kernel[(triton_cdiv(n, block),)](xc, out, n, l, s, QMAX=float(2 ** bits - 1),
                                                       BLOCK=block, **opts)
@@ -388,7 +386,7 @@ def triton_qlinear(x: Tensor, w_packed, w_bits: int, a_bits: int, w_scale: Tenso
 def _qlinear(x, w_packed, w_bits, a_bits, w_scale, w_offset, a_scale, a_offset, post_scale=None,
              post_shift=None, residual=None, slope=None, out_l=None, out_s=None, out_bits=None,
              path: str = "auto", split_k: Optional[int] = None) -> Tensor:
-    check_codes(x, "x", 2, a_bits if CHECK_CODE_RANGE else None)
+    check_codes(x, "x", 2, a_bits)
     if a_bits not in PACKABLE_BITS:
         raise KernelArgumentError(f"a_bits must be one of {PACKABLE_BITS}, got {a_bits!r}")
     m, k = x.shape
@@ -429,7 +427,7 @@ def _conv_core(x: Tensor, tw, a_bits: int, ksize: int, stride: int, pad: int, mo
                      W_SHIFT=_shift(tw.bits), **flags)
         _launch("qconv", kp.qconv_kernel,
                 lambda META: (triton_cdiv(m, META["BLOCK_M"]) * triton_cdiv(o, META["BLOCK_N"]),),
-                args, const)
+                args, const, rows=m, cols=o)
     return out, as_out, ws_out, cnt_out, (b, ho, wo)
 
 
@@ -474,7 +472,7 @@ def triton_qconv2d(x: Tensor, w_packed, w_bits: int, a_bits: int, kernel_size: i
                    out_s: Optional[float] = None, out_bits: Optional[int] = None) -> Tensor:
     """Quantized conv2d (cf. ``ref_qconv2d``): x uint8 NHWC [B, H, W, C] -> float32
     [B, Ho, Wo, O], or uint8 codes when ``out_s`` is given."""
-    check_codes(x, "x", 4, a_bits if CHECK_CODE_RANGE else None)
+    check_codes(x, "x", 4, a_bits)
     if a_bits not in PACKABLE_BITS:
         raise KernelArgumentError(f"a_bits must be one of {PACKABLE_BITS}, got {a_bits!r}")
     _check_geometry(x, kernel_size, stride, padding)
@@ -510,13 +508,13 @@ def _bmm_core(a: Tensor, v: Tensor, a_bits: int, v_bits: int, mode: int, scal: t
         _launch("qbmm", kp.qbmm_kernel,
                 lambda META: (triton_cdiv(t, META["TASKS_PER_PROG"]), triton_cdiv(n, bi),
                               triton_cdiv(d, META["BLOCK_D"])),
-                (a, v, out, as_out, vs_out, t, n, d) + scal, const)
+                (a, v, out, as_out, vs_out, t, n, d) + scal, const, rows=t, cols=d)
     return out, as_out, vs_out
 
 
 def _check_bmm(a, v, a_bits, v_bits):
-    check_codes(a, "a", 3, a_bits if CHECK_CODE_RANGE else None)
-    check_codes(v, "v", 3, v_bits if CHECK_CODE_RANGE else None)
+    check_codes(a, "a", 3, a_bits)
+    check_codes(v, "v", 3, v_bits)
     for name, bits in (("a_bits", a_bits), ("v_bits", v_bits)):
         if bits not in PACKABLE_BITS:
             raise KernelArgumentError(f"{name} must be one of {PACKABLE_BITS}, got {bits!r}")

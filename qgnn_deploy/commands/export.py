@@ -11,7 +11,9 @@ A ``.qgnn`` artifact exports as is; a fake-quant checkpoint / preset is folded f
 (``--zero-point``); an FP32 model exports as float. ``--check`` runs the export in
 onnxruntime next to the reference engine on sample episodes and prints the parity
 figures (``--json``: one JSON object on stdout; notes go to stderr). The exit status
-is 1 when the check fails its bars (DESIGN.md section 3).
+is 1 when the check fails its bars (DESIGN.md section 3). Every result says which
+runtimes run the file (``portability``: its op domains, contrib ops, and the runtimes
+known to run the form).
 """
 from __future__ import annotations
 
@@ -24,11 +26,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..cli import add_source_arguments
     add_source_arguments(p)
     p.add_argument("--out", required=True, help="the .onnx file to write")
-    p.add_argument("--form", default="auto", choices=["auto", "integer", "fast", "qdq"],
+    p.add_argument("--form", default="auto", choices=["auto", "integer", "fast", "standard", "qdq"],
                    help="integer layers as channels-last MatMulInteger + the contract's fp32 "
                         "epilogue ('integer', bit-exact), the same with merged epilogue constants on "
                         "snapped layers ('fast', = auto: the fastest; codes identical up to fp32 "
-                        "ties, 0 measured), or QCDQ + float conv ('qdq', snapped offsets only)")
+                        "ties) -- both use onnxruntime contrib ops, so only onnxruntime runs them --, "
+                        "the integer form in standard ONNX ops only ('standard', bit-exact in "
+                        "onnxruntime, for other runtimes too), or QCDQ + float conv ('qdq', snapped "
+                        "offsets only)")
     p.add_argument("--weights-format", default="native", choices=["native", "uint8"],
                    help="'native': 4-bit weights as UINT4 (opset 21), 2-bit as UINT2 (opset 25), "
                         "3-bit in UINT8; 'uint8': every code in a UINT8 container")
@@ -99,15 +104,16 @@ def run(args) -> int:
             chk = check_parity(int_model, proto, code_tensors, batches, threads=args.threads,
                                float_tensors=float_tensors)
             result["check"] = chk
-        # "fp32-cascade": every integer layer is exact once the FP32 layers' outputs are
+        # "layerwise-only": every integer layer is exact once the FP32 layers' outputs are
         # shared; the free-running gap comes from onnxruntime's own fp32 conv sums
         verdict = result["check"].get("verdict", "pass" if result["check"]["passed"] else "fail")
-        status = 0 if verdict in ("pass", "fp32-cascade") else 1
+        status = 0 if verdict in ("pass", "layerwise-only") else 1
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
         print(f"wrote {args.out}: {result['bytes']} bytes, {result['kind']} ({result['form']}), "
               f"opset {result['opset']}, IR {result['ir_version']}")
+        print(f"runs on: {result['portability']['runtimes']}")
         if args.check:
             c = result["check"]
             print(f"check vs {'torch FP32' if int_model is None else 'the reference engine'}: "
@@ -116,7 +122,7 @@ def run(args) -> int:
                   + (f", code mismatches {c['code_mismatches']}/{c['code_elements']}"
                      if 'code_mismatches' in c else "")
                   + (" -- PASSED" if c["passed"] else " -- FAILED"))
-            if c.get("verdict") == "fp32-cascade":
+            if c.get("verdict") == "layerwise-only":
                 print(f"  integer layers exact when fed the export's FP32-layer outputs; the gap starts "
                       f"at {c.get('first_mismatch_layer')} from an fp32 rounding tie in an FP32 layer")
     if status:

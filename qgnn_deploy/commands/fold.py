@@ -12,7 +12,10 @@ quantized, its output compared at the same point (``layerwise``: worst code-mism
 and difference, worst fp32 relative error, the worst layer). Episode-level agreement of a
 4-bit model can miss the bar through the model's own sensitivity (one fp32 rounding
 difference flips a code at a rounding boundary and the flip cascades); the layer-wise
-figures say whether the fold itself is right. One verdict line goes to stderr.
+figures say whether the fold itself is right. ``verdict`` (also one line on stderr) says it
+for scripts: ``pass`` (episode bars met, every layer right), ``layerwise-only`` (every layer
+right, episode bars missed through the model's sensitivity), ``fail`` (a layer is wrong);
+null with ``--episodes 0``.
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ def run(args) -> int:
 
     from ..artifact import expected_artifact_bytes, save_int_model
     from ..errors import ConfigError
-    from ..fold import fake_quant_counterpart, fold
+    from ..fold import episode_parity_ok, fake_quant_counterpart, fold, parity_verdict
     from ..sources import load_float_model, parse_source
 
     if not args.out.endswith(".qgnn"):
@@ -59,7 +62,7 @@ def run(args) -> int:
               "generations": int_model.generations, "artifact_bytes": size,
               "expected_bytes": budget["total"], "packed_weight_bytes": budget["packed"],
               "fp32_bytes": budget["fp32"], "episodes": 0, "agreement": None,
-              "max_logit_diff": None}
+              "max_logit_diff": None, "verdict": None}
     if args.episodes:
         fq = fake_quant_counterpart(model, args.zero_point, args.generations)
         check = _verify(fq, int_model, args, "fold check")
@@ -68,6 +71,8 @@ def run(args) -> int:
                       accuracy=check["accuracy"], fake_quant_accuracy=check["reference_accuracy"],
                       ci95=check["ci95"])
         result["layerwise"] = _layerwise(fq, int_model, args)
+        result["verdict"] = parity_verdict(episode_parity_ok(check["agreement"], check["max_logit_diff"]),
+                                           result["layerwise"]["passed"])
         if args.zero_point == "snap":
             exact = fold(model, zero_point="exact", generations=args.generations, backend="reference")
             acc_exact = _accuracy(exact, args, "exact fold")
@@ -103,22 +108,22 @@ def _row_ok(row) -> bool:
 
 def verdict(result) -> str:
     """The one-line verdict of a fold check (episode level and layer-wise)."""
-    from ..fold import AGREEMENT_BAR, LOGIT_DIFF_BAR
+    from ..fold import AGREEMENT_BAR, LOGIT_DIFF_BAR, episode_parity_ok
     lw = result["layerwise"]
-    episode_ok = (result["agreement"] >= AGREEMENT_BAR and result["max_logit_diff"] <= LOGIT_DIFF_BAR)
+    episode_ok = episode_parity_ok(result["agreement"], result["max_logit_diff"])
     ep = (f"episode parity {'PASS' if episode_ok else 'MISS'} (agreement {result['agreement']:.4f} "
           f"[bar >= {AGREEMENT_BAR}], max |logit diff| {result['max_logit_diff']:.2e} "
           f"[bar <= {LOGIT_DIFF_BAR:g}], {result['episodes']} episodes)")
     layer = (f"layer-wise {'PASS' if lw['passed'] else 'FAIL'} (codes off on "
              f"{100 * lw['max_code_mismatch_rate']:.4f}% max, by <= {lw['max_code_diff']}; fp32 "
              f"rel err {lw['max_rel_error']:.1e}; worst {lw['worst_layer']})")
-    if not lw["passed"]:
-        head = "fold verdict: FAIL: the folded model is wrong at layer " + str(lw["worst_layer"])
-    elif episode_ok:
-        head = "fold verdict: PASS"
+    if result["verdict"] == "fail":
+        head = "fold verdict: fail: the folded model is wrong at layer " + str(lw["worst_layer"])
+    elif result["verdict"] == "pass":
+        head = "fold verdict: pass"
     else:
-        head = ("fold verdict: fold verified layer-wise, but episode-level parity missed: the "
-                "model amplifies fp32 rounding ties (code flips at rounding boundaries cascade)")
+        head = ("fold verdict: layerwise-only: fold verified layer-wise, but episode-level parity "
+                "missed: the model amplifies fp32 rounding ties (code flips at rounding boundaries cascade)")
     return f"{head}; {ep}; {layer}"
 
 

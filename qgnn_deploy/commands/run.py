@@ -5,7 +5,8 @@ Backends: ``reference`` / ``cpu`` / ``triton`` (the IntModel on that op backend)
 model; needs a checkpoint or preset). A checkpoint or preset SOURCE is folded in
 memory (exact offsets). For every backend but ``reference`` the reference engine also
 runs on the same episodes and ``agreement_with_reference`` /
-``max_logit_diff_vs_reference`` are reported.
+``max_logit_diff_vs_reference`` are reported, with ``verdict`` (``pass``,
+``layerwise-only``, ``fail``: see :func:`qgnn_deploy.fold.parity_verdict`).
 """
 from __future__ import annotations
 
@@ -113,6 +114,7 @@ def run(args) -> int:
         out.update(agreement_with_reference=cmp["agreement"],
                    max_logit_diff_vs_reference=cmp["max_logit_diff"],
                    reference_accuracy=ref["accuracy"])
+        out["verdict"] = _verdict(args, cmp, int_model, float_model)
     if args.json:
         print(json.dumps(out))
     else:
@@ -120,6 +122,30 @@ def run(args) -> int:
                 f"{out['episodes']} episodes ({out['seconds']:.1f} s)")
         if "agreement_with_reference" in out:
             line += (f"; vs reference: agreement {out['agreement_with_reference']:.4f}, max |logit "
-                     f"diff| {out['max_logit_diff_vs_reference']:.3g}")
+                     f"diff| {out['max_logit_diff_vs_reference']:.3g}, verdict {out['verdict']}")
         print(line)
     return 0
+
+
+def _verdict(args, cmp, int_model, float_model) -> str:
+    """``fold.parity_verdict`` of the cross-backend check. Where the episode bars are missed,
+    the layer-wise diagnosis: ``torch`` -- every folded layer fed the fake-quant layer's
+    input (``fold.layerwise_parity``); ``onnx`` -- the export with its FP32 layers resynced
+    to the reference (``export --check``); the integer kernels must match outright."""
+    from ..data import episode_batches
+    from ..fold import episode_parity_ok, fake_quant_counterpart, layerwise_parity_batches, parity_verdict
+    episode_ok = episode_parity_ok(cmp["agreement"], cmp["max_logit_diff"])
+    if episode_ok or args.backend not in ("torch", "onnx"):
+        return parity_verdict(episode_ok, episode_ok)
+    batches = episode_batches(int_model.config, min(args.episodes, 10), args.seed, "test", args.dataset,
+                              args.data_dir)
+    if args.backend == "torch":
+        lw = layerwise_parity_batches(fake_quant_counterpart(float_model, int_model.zero_point,
+                                                             int_model.generations), int_model, batches)
+        return parity_verdict(False, lw["passed"])
+    from ..backends.onnx import export_module
+    from qgnn_deploy.export.check import check_parity
+    proto, info = export_module().build_onnx(int_model)
+    chk = check_parity(int_model, proto, info["code_tensors"], batches, threads=args.threads,
+                       float_tensors=info["float_tensors"])
+    return parity_verdict(False, chk["resynced"]["passed"])
