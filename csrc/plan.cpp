@@ -101,7 +101,12 @@ void Plan::exec(const PlanStep& st, int64_t T, const std::vector<void*>& ptrs, i
       const int64_t rows = st.kind == StepKind::QConv ? st.count * T * L.Ho * L.Wo : st.count * T;
       uint8_t* codes[kMaxRequant] = {};
       for (size_t k = 0; k < st.codes.size(); ++k) codes[k] = static_cast<uint8_t*>(ptrs[st.codes[k]]);
-      run_layer(L, in_u8(0), rows, in_f(1), st.codes.empty() ? out_f : nullptr, codes, nullptr, nullptr, nthreads, &bad);
+      if (st.qlayer_s)
+        run_layer_with_shortcut(L, in_u8(0), *st.qlayer_s, in_u8(1), rows, st.codes.empty() ? out_f : nullptr, codes,
+                                nthreads, &bad);
+      else
+        run_layer(L, in_u8(0), rows, in_f(1), st.codes.empty() ? out_f : nullptr, codes, nullptr, nullptr, nthreads,
+                  &bad);
       break;
     }
     case StepKind::QBmm:

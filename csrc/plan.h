@@ -53,6 +53,8 @@ struct PlanStep {
   float sa = 1.f, la = 0.f, sv = 1.f, lv = 0.f;
   std::unique_ptr<PackedW> packed;   // qconv / qlinear
   std::unique_ptr<QLayer> qlayer;
+  std::unique_ptr<PackedW> packed_s;  // qlinear with a fused shortcut: the residual's layer,
+  std::unique_ptr<QLayer> qlayer_s;   // run on input 1
   std::unique_ptr<FloatLayer> flayer;  // conv_f32 / linear_f32
   std::vector<ConcatPart> parts;
 };

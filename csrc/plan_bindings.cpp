@@ -114,20 +114,23 @@ void read_geometry(PlanStep& st, const StepReader& r) {
   if (st.h + 2 * st.pad < st.ks || st.w + 2 * st.pad < st.ks) throw ArgError(r.where + ": input smaller than the kernel");
 }
 
-void read_qlayer(PlanStep& st, const StepReader& r, const Plan& p, bool conv, const std::vector<int>& outs) {
+// Prepacks the weights of one quantized layer described by r and derives its constants;
+// the geometry (conv) comes from st. Returns the layer's K.
+int build_qlayer(const StepReader& r, const PlanStep& st, bool conv, std::unique_ptr<qgnn::PackedW>& packed,
+                 std::unique_ptr<qgnn::QLayer>& layer) {
   const int w_bits = r.i32("w_bits", 2, 8), a_bits = r.i32("a_bits", 2, 8);
   for (int b : {w_bits, a_bits})
     if (b != 2 && b != 3 && b != 4 && b != 8) throw ArgError(r.where + ": bits must be one of (2, 3, 4, 8)");
   const int K = conv ? st.ks * st.ks * st.c : r.i32("k");
-  py::array packed = py::reinterpret_borrow<py::array>(r.at("w_packed"));
-  if (!packed.dtype().is(py::dtype::of<uint8_t>()) || packed.ndim() != 2 || !(packed.flags() & py::array::c_style))
+  py::array wp = py::reinterpret_borrow<py::array>(r.at("w_packed"));
+  if (!wp.dtype().is(py::dtype::of<uint8_t>()) || wp.ndim() != 2 || !(wp.flags() & py::array::c_style))
     throw ArgError(r.where + ": w_packed must be a C-contiguous 2-D uint8 array");
-  if (packed.shape(1) != int64_t(K + 7) / 8 * w_bits || packed.shape(0) < 1)
+  if (wp.shape(1) != int64_t(K + 7) / 8 * w_bits || wp.shape(0) < 1)
     throw ArgError(r.where + ": w_packed rows do not hold K=" + std::to_string(K) + " codes of " +
                    std::to_string(w_bits) + " bits");
-  const int O = static_cast<int>(packed.shape(0));
-  st.packed.reset(new qgnn::PackedW());
-  qgnn::prepack(static_cast<const uint8_t*>(packed.data()), O, K, w_bits, conv ? st.ks * st.ks : 1, st.packed.get());
+  const int O = static_cast<int>(wp.shape(0));
+  packed.reset(new qgnn::PackedW());
+  qgnn::prepack(static_cast<const uint8_t*>(wp.data()), O, K, w_bits, conv ? st.ks * st.ks : 1, packed.get());
   std::vector<py::array_t<float>> keep;
   qgnn::LayerParams lp;
   lp.w_scale = r.opt_f32("w_scale", O, keep);
@@ -142,13 +145,30 @@ void read_qlayer(PlanStep& st, const StepReader& r, const Plan& p, bool conv, co
     lp.slope = r.f32("slope");
   }
   lp.nq = read_requant(r, lp.out_l, lp.out_s, lp.out_bits);
-  st.qlayer.reset(new qgnn::QLayer());
-  qgnn::prepare_layer(*st.qlayer, *st.packed, a_bits, lp, conv ? st.ks : 0, st.stride, st.pad, st.h, st.w, st.c);
+  layer.reset(new qgnn::QLayer());
+  qgnn::prepare_layer(*layer, *packed, a_bits, lp, conv ? st.ks : 0, st.stride, st.pad, st.h, st.w, st.c);
+  return K;
+}
+
+// A qconv / qlinear step. Inputs: codes, then the fp32 residual (or -1); a qlinear with a
+// "shortcut" (the layer computing its residual, fused) takes that layer's codes instead.
+void read_qlayer(PlanStep& st, const StepReader& r, const Plan& p, bool conv, const std::vector<int>& outs) {
+  const int K = build_qlayer(r, st, conv, st.packed, st.qlayer);
   const qgnn::QLayer& L = *st.qlayer;
+  const int O = L.w->O;
   const int64_t in_n = conv ? st.count * st.h * st.w * st.c : st.count * K;
   const int64_t out_n = conv ? st.count * L.Ho * L.Wo * O : st.count * O;
   expect(p, r, st.in[0], DType::U8, in_n, "input");
-  expect_outputs(p, r, st, outs, lp.nq, out_n);
+  expect_outputs(p, r, st, outs, L.epi.nq, out_n);
+  if (!conv && r.has("shortcut")) {
+    const py::dict sd = py::reinterpret_borrow<py::dict>(r.at("shortcut"));
+    const StepReader rs{sd, r.where + " shortcut"};
+    if (st.in.size() != 2 || st.in[1] < 0) throw ArgError(r.where + ": a fused shortcut reads input 1");
+    const int Ks = build_qlayer(rs, st, false, st.packed_s, st.qlayer_s);
+    if (st.qlayer_s->w->O != O || st.qlayer_s->epi.nq) throw ArgError(rs.where + ": must give O fp32 outputs");
+    expect(p, r, st.in[1], DType::U8, st.count * Ks, "shortcut input");
+    return;
+  }
   if (st.in.size() > 1 && st.in[1] >= 0) expect(p, r, st.in[1], DType::F32, out_n, "residual");
 }
 

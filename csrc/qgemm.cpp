@@ -397,50 +397,88 @@ Split pick_split(int64_t M, int Kp, int nblk, int nthreads, double macs) {
   return s;
 }
 
-void run_linear(const QLayer& L, const uint8_t* x, int M, Epi& e, int nthreads, int* bad_code) {
+// Rows [m0, m0 + rows) of a linear layer's input: pointers (read in place, or copied into
+// the zero-padded panel when K is not a multiple of 4), row sums, the OR of the codes.
+void gather_rows(const uint8_t* x, int K, int Kp, int m0, int rows, bool avx512, uint8_t* panel,
+                 const uint8_t** pr, int32_t* as, uint8_t* orv) {
+  const uint8_t* x0 = x + static_cast<size_t>(m0) * K;
+  if (K == Kp) {
+    for (int r = 0; r < rows; ++r) pr[r] = x0 + static_cast<size_t>(r) * K;
+  } else {
+    for (int r = 0; r < rows; ++r) {
+      uint8_t* dst = panel + static_cast<size_t>(r) * Kp;
+      std::memcpy(dst, x0 + static_cast<size_t>(r) * K, K);
+      std::memset(dst + K, 0, Kp - K);
+      pr[r] = dst;
+    }
+  }
+#if defined(__x86_64__)
+  if (avx512) {
+    rowsums_avx512(x0, rows, K, as, orv);
+    return;
+  }
+#endif
+  for (int r = 0; r < rows; ++r) as[r] = rowsum_u8(pr[r], K, orv);
+}
+
+// A linear layer; with S, the layer whose fp32 output is L's residual (a ResNet block's
+// shortcut, same rows and outputs) runs inside the same tasks: per M-tile and column group
+// S's epilogue writes its outputs into a per-thread scratch tile, which L's epilogue adds as
+// the residual, so that residual map is never written to memory.
+void run_linear(const QLayer& L, const uint8_t* x, int M, Epi& e, int nthreads, int* bad_code,
+                const QLayer* S = nullptr, const uint8_t* xs = nullptr) {
   const PackedW& w = *L.w;
-  const int K = w.K, Kp = w.Kp, nblk = w.Op / 64;
-  bool split;
+  const int K = w.K, Kp = w.Kp, nblk = w.Op / 64, O = w.O;
+  bool split, split_s = false;
   TileFn tile = pick_tile(w, L.a_bits, &split);
-  const Split sp = pick_split(M, Kp, nblk, nthreads, double(M) * Kp * w.Op);
+  TileFn tile_s = S ? pick_tile(*S->w, S->a_bits, &split_s) : nullptr;
+  const int Kmax = S ? std::max(Kp, S->w->Kp) : Kp;
+  const double macs = double(M) * w.Op * (Kp + (S ? S->w->Kp : 0));
+  const Split sp = pick_split(M, Kmax, nblk, nthreads, macs);
   const int mb = sp.mb;
-  const bool direct = (K == Kp);  // rows already a multiple of 4 codes: read in place
   const bool avx512 = active_isa() == Isa::Avx512Vnni;
-  std::vector<std::unique_ptr<AlignedBuf>> panels;
+  std::vector<std::unique_ptr<AlignedBuf>> panels, scratch;
   std::vector<std::vector<int32_t>> ass(sp.nt, std::vector<int32_t>(mb));
   std::vector<std::vector<const uint8_t*>> ptrs(sp.nt, std::vector<const uint8_t*>(mb));
-  std::vector<uint8_t> orvs(sp.nt, 0);
-  for (int i = 0; i < sp.nt; ++i) panels.emplace_back(new AlignedBuf(direct ? 64 : static_cast<size_t>(mb) * Kp));
+  std::vector<uint8_t> orvs(sp.nt, 0), orvs_s(sp.nt, 0);
+  for (int i = 0; i < sp.nt; ++i) {
+    panels.emplace_back(new AlignedBuf(static_cast<size_t>(mb) * Kmax));
+    if (S) scratch.emplace_back(new AlignedBuf(static_cast<size_t>(mb) * O * sizeof(float)));
+  }
   parallel_for(sp.nt, sp.ntm * sp.ncg, [&](int64_t task, int tid) {
     const int64_t ti = task % sp.ntm;
-    const int ob0 = static_cast<int>(task / sp.ntm) * sp.bpg;
+    const int ob0 = static_cast<int>(task / sp.ntm) * sp.bpg, nb = std::min(sp.bpg, nblk - ob0);
     int32_t* as = ass[tid].data();
     const uint8_t** pr = ptrs[tid].data();
-    uint8_t& orv = orvs[tid];
     const int m0 = static_cast<int>(ti) * mb, rows = std::min(mb, M - m0);
-    const uint8_t* x0 = x + static_cast<size_t>(m0) * K;
-    if (direct) {
-      for (int r = 0; r < rows; ++r) pr[r] = x0 + static_cast<size_t>(r) * K;
-    } else {
-      for (int r = 0; r < rows; ++r) {
-        uint8_t* dst = panels[tid]->p + static_cast<size_t>(r) * Kp;
-        std::memcpy(dst, x0 + static_cast<size_t>(r) * K, K);
-        std::memset(dst + K, 0, Kp - K);
-        pr[r] = dst;
-      }
+    if (!S) {
+      gather_rows(x, K, Kp, m0, rows, avx512, panels[tid]->p, pr, as, &orvs[tid]);
+      TileArgs t{pr, 1, Kp / 4, rows, m0, w.data.data(), Kp, ob0, nb, O, as, nullptr, &e, split};
+      tile(t);
+      return;
     }
-#if defined(__x86_64__)
-    if (avx512) {
-      rowsums_avx512(x0, rows, K, as, &orv);
-    } else
-#endif
-    for (int r = 0; r < rows; ++r) as[r] = rowsum_u8(pr[r], K, &orv);
-    TileArgs t{pr, 1, Kp / 4, rows, m0, w.data.data(), Kp, ob0, std::min(sp.bpg, nblk - ob0), w.O, as, nullptr, &e, split};
+    // the tile's rows indexed from 0: S writes scratch rows, L's outputs are offset to m0
+    float* res = reinterpret_cast<float*>(scratch[tid]->p);
+    const PackedW& ws = *S->w;
+    Epi es = S->epi;
+    es.out_f = res;
+    gather_rows(xs, ws.K, ws.Kp, m0, rows, avx512, panels[tid]->p, pr, as, &orvs_s[tid]);
+    TileArgs ts{pr, 1, ws.Kp / 4, rows, 0, ws.data.data(), ws.Kp, ob0, nb, O, as, nullptr, &es, split_s};
+    tile_s(ts);
+    Epi el = e;
+    el.residual = res;
+    if (el.out_f) el.out_f += static_cast<int64_t>(m0) * O;
+    for (int k = 0; k < el.nq; ++k) el.out_q[k] += static_cast<int64_t>(m0) * O;
+    gather_rows(x, K, Kp, m0, rows, avx512, panels[tid]->p, pr, as, &orvs[tid]);
+    TileArgs t{pr, 1, Kp / 4, rows, 0, w.data.data(), Kp, ob0, nb, O, as, nullptr, &el, split};
     tile(t);
   });
-  uint8_t orv_all = 0;
-  for (uint8_t v : orvs) orv_all |= v;
-  *bad_code = L.a_bits < 8 && (orv_all >> L.a_bits) != 0;
+  uint8_t orv_all = 0, orv_s = 0;
+  for (int i = 0; i < sp.nt; ++i) {
+    orv_all |= orvs[i];
+    orv_s |= orvs_s[i];
+  }
+  *bad_code = (L.a_bits < 8 && (orv_all >> L.a_bits) != 0) || (S && S->a_bits < 8 && (orv_s >> S->a_bits) != 0);
 }
 
 void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, int* bad_code) {
@@ -573,6 +611,18 @@ void run_layer(const QLayer& L, const uint8_t* x, int64_t rows, const float* res
     run_conv(L, x, static_cast<int>(rows / (int64_t(L.Ho) * L.Wo)), e, nthreads, bad_code);
   else
     run_linear(L, x, static_cast<int>(rows), e, nthreads, bad_code);
+}
+
+void run_layer_with_shortcut(const QLayer& L, const uint8_t* x, const QLayer& S, const uint8_t* xs, int64_t rows,
+                             float* out_f, uint8_t* const* out_q, int nthreads, int* bad_code) {
+  *bad_code = 0;
+  if (rows <= 0) return;
+  if (L.conv || S.conv || S.epi.nq || S.w->O != L.w->O)
+    throw ArgError("a fused shortcut needs two linear layers with the same outputs, the shortcut's in fp32");
+  Epi e = L.epi;
+  e.out_f = out_f;
+  for (int k = 0; k < e.nq; ++k) e.out_q[k] = out_q[k];
+  run_linear(L, x, static_cast<int>(rows), e, nthreads, bad_code, &S, xs);
 }
 
 void qbmm(const uint8_t* a, const uint8_t* v, int T, int N, int D, int a_bits, int v_bits,

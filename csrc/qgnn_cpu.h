@@ -219,6 +219,11 @@ void prepare_layer(QLayer& L, const PackedW& w, int a_bits, const LayerParams& p
 // when an input code is >= 2^a_bits.
 void run_layer(const QLayer& L, const uint8_t* x, int64_t rows, const float* residual, float* out_f,
                uint8_t* const* out_q, int32_t* acc_out, int32_t* as_out, int nthreads, int* bad_code);
+// L (linear) with its residual computed by S (linear, fp32 output, same rows and outputs)
+// on xs inside the same tasks: S's output never goes to memory. Results as run_layer with
+// residual = S's output.
+void run_layer_with_shortcut(const QLayer& L, const uint8_t* x, const QLayer& S, const uint8_t* xs, int64_t rows,
+                             float* out_f, uint8_t* const* out_q, int nthreads, int* bad_code);
 
 // ------------------------------------------------------------------ ops
 // Threads: M-tiles (or tasks) spread over `nthreads` (thread_pool.h); ops under ~2 MMAC

@@ -525,7 +525,6 @@ class IntModel(nn.Module):
         self._backend: Optional[str] = None
         self.backend = backend
         self._plan = _PlanSlot()
-        self._stamp_refs = None
 
     # -- backend ------------------------------------------------------------
     @property
@@ -605,42 +604,42 @@ class IntModel(nn.Module):
 
     def compiled(self):
         """The compiled plan on the cpu executor (:class:`~qgnn_deploy.backends.cpu_plan.CpuPlan`),
-        built on first use and rebuilt when a weight or constant tensor has changed since."""
-        from .backends.cpu_plan import CpuPlan
-        stamp = self._plan_stamp()
+        built on first use. It is a snapshot of the layers' constants: after editing a layer's
+        tensors in place (or its requantization), call :meth:`recompile`; ``load_state_dict``
+        and device / dtype moves discard it themselves."""
         plan = self._plan.get()
-        if plan is None or plan.stamp != stamp:
-            plan = CpuPlan(self, stamp)
+        if plan is None:
+            from .backends.cpu_plan import CpuPlan
+            plan = CpuPlan(self)
             self._plan.set(plan)
         return plan
 
-    def _plan_stamp(self) -> tuple:
-        """Identity and in-place version of every tensor of the layers (a changed one
-        invalidates the plan), plus their fused requantizations."""
-        if self._stamp_refs is None:  # the layer set is fixed at construction
-            layers = [m for _, m in self.named_layers()]
-            self._stamp_refs = ([m for m in layers if isinstance(m, _IntWeightLayer)],
-                                [(m._buffers, n) for m in layers for n in m._buffers])
-        fusing, refs = self._stamp_refs
-        tensors = [bufs[n] for bufs, n in refs]
-        return (tuple(id(t) for t in tensors), tuple(t._version for t in tensors if t is not None),
-                tuple((m.out_l, m.out_s, m.out_bits) for m in fusing))
+    def recompile(self) -> None:
+        """Discard the compiled plan; the next cpu call lowers the model again."""
+        self._plan.set(None)
+
+    def load_state_dict(self, *args, **kwargs):
+        self.recompile()
+        return super().load_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.recompile()
+        return super()._apply(fn, *args, **kwargs)
 
     @torch.no_grad()
     def profile(self, images: Tensor, support_labels: Tensor, repeats: int = 1):
         """Per-step wall times of the compiled plan on this episode batch (cpu backend):
         [{index, kind, name, ms}] in plan order, medians over ``repeats`` runs."""
         check_episode(images, support_labels, self.config)
-        graph = episode_graph(support_labels.long(), self.config.way, images.device)
-        return self.compiled().profile(images, graph, repeats)
+        return self.compiled().profile(images, support_labels, repeats)
 
     @torch.no_grad()
     def forward(self, images: Tensor, support_labels: Tensor) -> EpisodeOutput:
         check_episode(images, support_labels, self.config)
-        graph = episode_graph(support_labels.long(), self.config.way, images.device)
         from .backends import current_backend
         if (self._backend or current_backend()) == "cpu":
-            return self.compiled().run(images, graph)
+            return self.compiled().run(images, support_labels)
+        graph = episode_graph(support_labels.long(), self.config.way, images.device)
         with self._backend_context():
             return self.episode(TORCH_OPS, images, graph)
 

@@ -115,7 +115,7 @@ def test_plan_tasks_axis_is_dynamic_and_shapes_are_checked():
     assert im.compiled() is plan  # errors are caught before the plan, which stays valid
 
 
-def test_plan_follows_in_place_edits_and_copies():
+def test_plan_is_a_snapshot_recompiled_on_request_and_copies():
     model = model_for(4)
     im = fold(model, backend="cpu")
     images, labels = calibration_episodes(model.config, tasks=2, seed=2)
@@ -124,11 +124,17 @@ def test_plan_follows_in_place_edits_and_copies():
     clone = copy.deepcopy(im)  # the native plan is not copied: the copy compiles its own
     assert outputs_equal(before, clone(images, labels)) and clone.compiled() is not plan
     layer = im.layer("backbone.layer2.0.conv2")
-    layer.post_shift.add_(0.5)  # in-place edit: the plan must not serve stale constants
+    layer.post_shift.add_(0.5)  # an in-place edit: the compiled snapshot keeps the old constants
+    assert outputs_equal(before, im(images, labels)) and im.compiled() is plan
+    im.recompile()
     after = im(images, labels)
-    assert im.compiled() is not plan
+    assert im.compiled() is not plan and not torch.equal(before.logits, after.logits)
     im.backend = "reference"
-    assert outputs_equal(im(images, labels), after) and not torch.equal(before.logits, after.logits)
+    assert outputs_equal(im(images, labels), after)
+    im.backend = "cpu"
+    plan = im.compiled()
+    im.load_state_dict(clone.state_dict())  # restores the weights and discards the plan
+    assert im.compiled() is not plan and outputs_equal(before, im(images, labels))
 
 
 def test_plan_concurrent_callers():
@@ -165,19 +171,20 @@ def test_plan_profile_lists_every_step():
     assert {"conv_f32", "qconv", "qlinear", "qbmm", "max_pool", "edge_update", "label_scores"} <= kinds
 
 
-def test_plan_fuses_requantization_into_producers():
+def test_plan_fuses_requantization_and_shortcuts_into_producers():
     """The stem and blocks 1-3's conv3 emit the codes of every quantizer they feed (pools
-    run on codes); block 4's conv3 feeds the mean pool and stays fp32."""
+    run on codes); block 4's conv3 feeds the mean pool and stays fp32; every block's
+    shortcut conv runs inside its conv3 (no residual map)."""
     plan = compile_plan(fold(model_for(4)))
-    by_name = {st.name: st for st in plan.steps}
+    by_name = {st.name.split(" + ")[0]: st for st in plan.steps}
     dtype = lambda b: plan.buffers[b].dtype  # noqa: E731
     assert len(by_name["backbone.conv1"].params["requant"]) == 2
-    for i, n in ((1, 2), (2, 2), (3, 3)):
+    for i, n in ((1, 2), (2, 2), (3, 3), (4, 0)):
         st = by_name[f"backbone.layer{i}.0.conv3"]
-        assert len(st.params["requant"]) == n and all(dtype(b) == "u8" for b in st.outputs)
-    assert "requant" not in by_name["backbone.layer4.0.conv3"].params
-    assert sum(st.kind == "quantize" for st in plan.steps) == len(
-        [n for n in by_name if n.endswith(".quantize")])
+        assert st.name == f"backbone.layer{i}.0.conv3 + backbone.layer{i}.0.conv"
+        assert "shortcut" in st.params and dtype(st.inputs[1]) == "u8"
+        assert f"backbone.layer{i}.0.conv" not in by_name
+        assert len(st.params.get("requant", [])) == n and all(dtype(b) == ("u8" if n else "f32") for b in st.outputs)
     assert not any(st.name.startswith("backbone.layer2") and st.kind == "quantize" for st in plan.steps)
     pools = [st for st in plan.steps if st.kind == "max_pool"]
     assert sum(dtype(st.inputs[0]) == "u8" for st in pools) == 2 + 2 + 3 + 1  # + layer_second's pool(2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,31 +36,45 @@ def label_edges(labels: torch.Tensor) -> torch.Tensor:
     return (labels.unsqueeze(-1) == labels.unsqueeze(-2)).float()
 
 
+def initial_graph_arrays(support_labels: np.ndarray, num_queries: int):
+    """DPGN's initial graph as numpy float32 arrays (support_labels int [T, NS]):
+    distribution_node [T, N, NS], point_edge [T, N, N], distribution_edge [T, N, N]."""
+    t, ns = support_labels.shape
+    n = ns + num_queries
+    same = (support_labels[:, :, None] == support_labels[:, None, :]).astype(np.float32)
+    dist_node = np.empty((t, n, ns), np.float32)
+    dist_node[:, :ns] = same
+    dist_node[:, ns:] = np.float32(1.0 / ns)
+    edge = np.zeros((t, n, n), np.float32)
+    edge[:, :ns, :ns] = same
+    edge[:, ns:, :ns] = np.float32(1.0 / ns)
+    edge[:, :ns, ns:] = np.float32(1.0 / ns)
+    edge[:, ns:, ns:] = np.eye(num_queries, dtype=np.float32)
+    return dist_node, edge, edge.copy()
+
+
+def episode_graph_arrays(support_labels: np.ndarray, way: int):
+    """:func:`episode_graph` in numpy: the initial graph and the one-hot labels [T, NS, way]."""
+    onehot = (support_labels[:, :, None] == np.arange(way)).astype(np.float32)
+    return (*initial_graph_arrays(support_labels, way), onehot)
+
+
 def initial_graph(support_labels: torch.Tensor, num_queries: int):
     """DPGN's initial distribution nodes and point / distribution edges.
 
     Args: support_labels int64 [T, NS].
     Returns: distribution_node [T, N, NS], point_edge [T, N, N], distribution_edge [T, N, N].
     """
-    t, ns = support_labels.shape
-    n = ns + num_queries
-    dist_node = torch.cat([label_edges(support_labels),
-                           torch.full((t, num_queries, ns), 1.0 / ns)], dim=1)
-    edge = torch.zeros(t, n, n)
-    edge[:, :ns, :ns] = label_edges(support_labels)
-    edge[:, ns:, :ns] = 1.0 / ns
-    edge[:, :ns, ns:] = 1.0 / ns
-    edge[:, ns:, ns:] = torch.eye(num_queries)
-    return dist_node, edge, edge.clone()
+    arrays = initial_graph_arrays(support_labels.detach().cpu().numpy(), num_queries)
+    return tuple(torch.from_numpy(a) for a in arrays)
 
 
 def episode_graph(support_labels: torch.Tensor, way: int, device=None):
     """The episode's label-derived inputs: DPGN's initial graph (distribution_node [T, N, NS],
     point_edge [T, N, N], distribution_edge [T, N, N]) and the support one-hot labels
     [T, NS, way] float32."""
-    dist_node, point_edge, dist_edge = initial_graph(support_labels, way)
-    onehot = F.one_hot(support_labels, way).float()
-    return tuple(t.to(device) for t in (dist_node, point_edge, dist_edge, onehot))
+    arrays = episode_graph_arrays(support_labels.detach().cpu().numpy(), way)
+    return tuple(torch.from_numpy(a).to(device) for a in arrays)
 
 
 def check_episode(images: torch.Tensor, support_labels: torch.Tensor, config: ModelConfig) -> None:
@@ -75,14 +90,22 @@ def check_episode(images: torch.Tensor, support_labels: torch.Tensor, config: Mo
                          f"({config.num_supports} support + {config.way} query), got {images.shape[1]}")
     if tuple(images.shape[2:]) != (3, s, s):
         raise InputError(f"images must be 3x{s}x{s} for this model, got {tuple(images.shape[2:])}")
-    if not bool(torch.isfinite(images).all()):
+    # numpy on CPU tensors: single-threaded, and it leaves torch's OpenMP workers asleep
+    # (waking them here slowed the compiled plan's own threads that follow)
+    finite = (np.isfinite(images.detach().numpy()).all()
+              if images.device.type == "cpu" and images.dtype in (torch.float32, torch.float64, torch.float16)
+              else torch.isfinite(images).all())
+    if not bool(finite):
         raise InputError("images contain NaN or Inf values")
-    if support_labels.dtype not in (torch.int64, torch.int32) or tuple(support_labels.shape) != (
-            images.shape[0], config.num_supports):
-        raise InputError(f"support_labels must be int64 [{images.shape[0]}, {config.num_supports}], "
-                         f"got {support_labels.dtype} {tuple(support_labels.shape)}")
-    if support_labels.numel() and (int(support_labels.min()) < 0 or int(support_labels.max()) >= config.way):
-        raise InputError(f"support labels must lie in [0, {config.way})")
+    if not isinstance(support_labels, torch.Tensor) or support_labels.dtype not in (
+            torch.int64, torch.int32) or tuple(support_labels.shape) != (images.shape[0], config.num_supports):
+        got = (f"{support_labels.dtype} {tuple(support_labels.shape)}" if isinstance(support_labels, torch.Tensor)
+               else type(support_labels).__name__)
+        raise InputError(f"support_labels must be int64 [{images.shape[0]}, {config.num_supports}], got {got}")
+    if support_labels.numel():
+        lab = support_labels.detach().cpu().numpy()
+        if int(lab.min()) < 0 or int(lab.max()) >= config.way:
+            raise InputError(f"support labels must lie in [0, {config.way})")
 
 
 class QGNNModel(nn.Module):

@@ -13,6 +13,9 @@ The ``cpu`` backend runs a plan in one native call per episode batch
 from __future__ import annotations
 
 from .builder import PlanBuilder, Value
+
+#: the label-derived inputs of an episode plan, in ``episode_graph`` order
+GRAPH_INPUTS = ("distribution_node", "point_edge", "distribution_edge", "onehot")
 from .plan import Buffer, Plan, Step
 
 
@@ -23,8 +26,9 @@ def compile_plan(model) -> Plan:
     n, s, ns = cfg.num_nodes, cfg.image_size, cfg.num_supports
     b = PlanBuilder()
     images = b.input("images", (n, 3, s, s))
-    graph = (b.input("distribution_node", (n, ns)), b.input("point_edge", (n, n)),
-             b.input("distribution_edge", (n, n)), b.input("onehot", (ns, cfg.way)))
+    shapes = {"distribution_node": (n, ns), "point_edge": (n, n), "distribution_edge": (n, n),
+              "onehot": (ns, cfg.way)}
+    graph = tuple(b.input(name, shapes[name]) for name in GRAPH_INPUTS)
     out = model.episode(b, images, graph)
     return b.finish({"logits": out.logits, "point_edges": list(out.point_edges),
                      "node_similarities": list(out.node_similarities),

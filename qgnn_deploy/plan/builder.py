@@ -91,6 +91,7 @@ class PlanBuilder:
                 vals[i] = v
             names[key] = [v.buf for v in vals] if isinstance(val, list) else vals[0].buf
         self._fuse_requantization()
+        self._fuse_shortcuts()
         self._residual_in_place()
         return self._compact(names, meta)
 
@@ -158,6 +159,35 @@ class PlanBuilder:
                 st.inputs[:] = [rename.get(b, b) for b in st.inputs]
                 steps.append(st)
         self.steps = steps
+
+    def _fuse_shortcuts(self) -> None:
+        """A pointwise layer whose fp32 output is only another pointwise layer's residual (a
+        ResNet block's shortcut conv feeding conv3) runs inside that layer's step, tile by
+        tile: the residual map (4 bytes per element, the largest tensor of a block) is
+        never written to memory."""
+        producer, readers = {}, {}
+        for i, st in enumerate(self.steps):
+            for b in st.outputs:
+                producer[b] = i
+            for b in st.inputs:
+                readers.setdefault(b, []).append(i)
+        drop = set()
+        for i, st in enumerate(self.steps):
+            if st.kind != "qlinear" or len(st.inputs) < 2 or st.inputs[1] < 0:
+                continue
+            res = st.inputs[1]
+            j = producer.get(res)
+            sc = self.steps[j] if j is not None else None
+            if (sc is None or sc.kind != "qlinear" or "requant" in sc.params or len(sc.outputs) != 1
+                    or (len(sc.inputs) > 1 and sc.inputs[1] >= 0) or readers.get(res) != [i]
+                    or self.buffers[res].role != "temp" or sc.params["rows"] != st.params["rows"]
+                    or sc.params["w_packed"].shape[0] != st.params["w_packed"].shape[0]):
+                continue
+            st.params["shortcut"] = {k: v for k, v in sc.params.items() if k != "rows"}
+            st.inputs[1] = sc.inputs[0]
+            st.name = f"{st.name} + {sc.name}"
+            drop.add(j)
+        self.steps = [st for i, st in enumerate(self.steps) if i not in drop]
 
     def _compact(self, names: Dict[str, object], meta) -> Plan:
         """The plan without the buffers no step uses any more, renumbered in order."""
