@@ -38,21 +38,22 @@ def test_interleaved_timing_and_speedups(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(episode, "time", clock)
     order = []
-    # 2 warm-up runs then 5 timed ones per variant (warm-up durations must not count)
-    slow_ms = [90.0, 80.0, 4.0, 5.0, 3.0, 6.0, 4.5]
-    fast_ms = [70.0, 60.0, 1.0, 2.0, 1.25, 1.0, 3.0]
+    # 2 warm-up runs, then rounds of one untimed run + a burst of timed ones (3, then 2)
+    slow_ms = [90.0, 80.0, 50.0, 4.0, 5.0, 3.0, 40.0, 6.0, 4.5]
+    fast_ms = [70.0, 60.0, 30.0, 1.0, 2.0, 1.25, 20.0, 1.0, 3.0]
     slow = Variant("torch_fp32", clock.run(order, "torch_fp32", slow_ms))
     fast = Variant("cpu", clock.run(order, "cpu", fast_ms))
-    measure([slow, fast], repeats=5, warmup=2, progress=False)
-    # warm-up per variant first, then one run of each per round
-    assert order == ["torch_fp32"] * 2 + ["cpu"] * 2 + ["torch_fp32", "cpu"] * 5
-    assert slow.times_ms == pytest.approx(slow_ms[2:], abs=1e-9)   # the settle gap is not timed
-    assert fast.times_ms == pytest.approx(fast_ms[2:], abs=1e-9)
-    assert clock.slept == pytest.approx(10 * episode.SETTLE_MS / 1e3)
+    measure([slow, fast], repeats=5, warmup=2, progress=False, burst=3)
+    assert order == (["torch_fp32"] * 2 + ["cpu"] * 2 + ["torch_fp32"] * 4 + ["cpu"] * 4
+                     + ["torch_fp32"] * 3 + ["cpu"] * 3)
+    timed = lambda ms: ms[3:6] + ms[7:]  # noqa: E731 - warm-up and the untimed first call of a round excluded
+    assert slow.times_ms == pytest.approx(timed(slow_ms), abs=1e-9)   # the settle gap is not timed
+    assert fast.times_ms == pytest.approx(timed(fast_ms), abs=1e-9)
+    assert clock.slept == pytest.approx(4 * episode.SETTLE_MS / 1e3)  # one gap per variant and round
     res = {r["backend"]: r for r in summarize([slow, fast], "w")}
     assert RESULT_KEYS <= set(res["cpu"]) and res["cpu"]["workload"] == "w"
     assert res["torch_fp32"]["p50_ms"] == pytest.approx(4.5) and res["cpu"]["p50_ms"] == pytest.approx(1.25)
-    assert res["cpu"]["p90_ms"] == pytest.approx(float(np.percentile(fast_ms[2:], 90)))
+    assert res["cpu"]["p90_ms"] == pytest.approx(float(np.percentile(timed(fast_ms), 90)))
     assert res["cpu"]["runs"] == 5 and res["cpu"]["min_ms"] == pytest.approx(1.0)
     assert res["torch_fp32"]["speedup_vs_torch_fp32"] == 1.0
     assert res["cpu"]["speedup_vs_torch_fp32"] == pytest.approx(4.5 / 1.25)  # ratio of p50s
