@@ -61,7 +61,7 @@ FORM_RUNTIMES = {
 DEFAULT_OPSET = 21
 #: bumped whenever the emitted graph changes for the same model and options (the onnx
 #: backend's cache key includes it): 2 = MatMulIntegerToFloat / NhwcMaxPool, auto = fast
-EXPORT_FORMAT = 2
+EXPORT_FORMAT = 3
 
 
 @dataclass

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .builder import FLOAT, INT64, GraphBuilder
+from .builder import DOUBLE, FLOAT, INT64, GraphBuilder
 
 GRAPH_SLOPE = 0.01  # nn.LeakyReLU() default in the official graph modules
 STEM_SLOPE = 0.01
@@ -51,6 +51,15 @@ class EpisodeGraph:
             def __exit__(self_, *exc):
                 g.scope = self_.prev
         return _Scope()
+
+    def f64(self, op_type: str, tensors, hint: str, extra=(), **attrs) -> str:
+        """``op_type`` on the float64 casts of ``tensors`` (then the ``extra`` inputs, e.g.
+        reduction axes), rounded once to float32: the reductions, the sigmoid and the logits
+        of ops/episode_ops.py, which every engine computes this way so that none of them
+        can flip a downstream code."""
+        g = self.g
+        cast = [g.op("Cast", [x], f"{hint}_f64in", to=DOUBLE) for x in tensors]
+        return g.op("Cast", [g.op(op_type, cast + list(extra), f"{hint}_f64", **attrs)], hint, to=FLOAT)
 
     def lrelu(self, x: str, slope: float) -> str:
         return self.g.op("LeakyRelu", [x], "lrelu", alpha=float(slope))
@@ -92,7 +101,7 @@ class EpisodeGraph:
             axes = g.i64([1, 2], "axes/hw_nhwc") if self.nhwc else g.i64([2, 3], "axes/hw")
             if self.nhwc:
                 x = self.L.materialize(x)
-            pooled = g.op("ReduceMean", [x, axes], "gap", keepdims=0)
+            pooled = self.f64("ReduceMean", [x], "gap", [axes], keepdims=0)
             last = self.L.linear("backbone.layer_last.0", pooled, bn="backbone.layer_last.1")
             last = g.op("Reshape", [last, shape], "nodes")
         with self.scoped("backbone.layer_second"):
@@ -135,7 +144,7 @@ class EpisodeGraph:
     def l1_normalize(self, x: str) -> str:
         """``F.normalize(x, p=1, dim=-1)``: x / max(sum |x|, 1e-12)."""
         g = self.g
-        norm = g.op("ReduceL1", [x, g.i64([-1], "axes/last")], "l1", keepdims=1)
+        norm = self.f64("ReduceSum", [g.op("Abs", [x], "abs")], "l1", [g.i64([-1], "axes/last")], keepdims=1)
         norm = g.op("Max", [norm, g.f32(1e-12, "const/eps_normalize")], "l1_clamp")
         return g.op("Div", [x, norm], "normalize")
 
@@ -144,11 +153,11 @@ class EpisodeGraph:
         off, eye_eps = self.eye_consts()
         last = g.i64([-1], "axes/last")
         prev = g.op("Mul", [prev_edge, off], "mask_diag")
-        prev_sum = g.op("ReduceSum", [prev, last], "prev_sum", keepdims=1)
+        prev_sum = self.f64("ReduceSum", [prev], "prev_sum", [last], keepdims=1)
         edge = self.l1_normalize(g.op("Mul", [sim, prev], "sim_x_prev"))
         edge = g.op("Mul", [edge, prev_sum], "rescale")
         edge = g.op("Add", [edge, eye_eps], "add_eye")
-        total = g.op("ReduceSum", [edge, last], "row_sum", keepdims=1)
+        total = self.f64("ReduceSum", [edge], "row_sum", [last], keepdims=1)
         return g.op("Div", [edge, total], "rownorm")
 
     def similarity(self, name: str, nodes: str, prev_edge: str, dropout: bool) -> str:
@@ -169,7 +178,7 @@ class EpisodeGraph:
             idx = (4, 8) if dropout else (3, 6)
             x = self.L.conv(f"{t}.{idx[0]}", x, bn=f"{t}.{idx[0] + 1}", slope=GRAPH_SLOPE)
             x = self.L.conv(f"{t}.{idx[1]}", x)  # FP32 by design, with bias
-            sim = g.op("Sigmoid", [x], "sigmoid")
+            sim = self.f64("Sigmoid", [x], "sigmoid")
             sim = g.op("Squeeze", [sim, g.i64([3], "axes/3") if self.nhwc else g.i64([1], "axes/1")], "sim")
             return self.update_edges(sim, prev_edge)
 
@@ -208,7 +217,7 @@ class EpisodeGraph:
             lab = g.op("Unsqueeze", [labels, g.i64([-1], "axes/last")], "labels")
             onehot = g.op("Equal", [lab, g.i64(np.arange(way), "prediction/classes")], "eq")
             onehot = g.op("Cast", [onehot], "onehot", to=FLOAT)
-            return g.op("MatMul", [rows, onehot], "logits")
+            return self.f64("MatMul", [rows, onehot], "logits")
 
     # ---------------------------------------------------------------- build
     def build(self) -> None:

@@ -66,7 +66,7 @@ from qgnn_deploy.errors import ExportError
 from qgnn_deploy.ops.packing import unpack_codes
 from qgnn_deploy.ops.reference import ref_conv2d_acc, ref_zero_split
 
-from .builder import FLOAT, INT8, INT32, UINT8, GraphBuilder
+from .builder import DOUBLE, FLOAT, INT8, INT32, UINT8, GraphBuilder
 
 #: ONNX element types able to store n-bit codes natively, and the opset they need
 NATIVE_TYPES = {4: (TensorProto.UINT4, 21), 2: (TensorProto.UINT2, 25)}
@@ -429,17 +429,17 @@ class IntLayers:
             y = self.channel_affine(g.op("Cast", [acc], "acc_f32", to=FLOAT), scale, shift, m, "affine")
         return self.residual_and_slope(y, m, residual)
 
-    def im2col(self, q: str, m, hw: Tuple[int, int], za: int) -> Tuple[str, int, int]:
-        """NHWC codes [B, H, W, C] -> patches [B, Ho, Wo, k*k*C] in (kh, kw, C) order:
-        Pad with the activation zero point (padded taps add 0 to ACC' and AS'), then one
-        Gather of whole C-rows by a precomputed index."""
+    def im2col(self, q: str, m, hw: Tuple[int, int], pad_value) -> Tuple[str, int, int]:
+        """NHWC [B, H, W, C] -> patches [B, Ho, Wo, k*k*C] in (kh, kw, C) order: Pad with
+        ``pad_value`` (codes: the activation zero point, so padded taps add 0 to ACC' and AS';
+        fp32: 0.0), then one Gather of whole C-rows by a precomputed index."""
         g = self.g
         k, st, pad, c = m.kernel_size, m.stride, m.padding, m.in_channels
         h, w = hw
         ho, wo = (h + 2 * pad - k) // st + 1, (w + 2 * pad - k) // st + 1
         if pad:
             q = g.op("Pad", [q, g.i64([0, pad, pad, 0, 0, pad, pad, 0]),
-                             g.const(np.uint8(za), f"{m.name}.act_zero_point")], "pad", mode="constant")
+                             g.const(pad_value, f"{m.name}.pad_value")], "pad", mode="constant")
         hp, wp = h + 2 * pad, w + 2 * pad
         flat = g.op("Reshape", [q, g.i64([0, hp * wp, c])], "rows")
         oy, ox = np.meshgrid(np.arange(ho), np.arange(wo), indexing="ij")
@@ -467,7 +467,7 @@ class IntLayers:
         if hw is None:
             raise ExportError(f"layer {m.name!r}: padded conv needs its input size to precompute "
                               "the border terms")
-        patches, _, _ = self.im2col(q, m, hw, za)
+        patches, _, _ = self.im2col(q, m, hw, np.uint8(za))
         acc, as_ = self.integer_gemm(patches, m, codes_ko)
         zero = torch.zeros(1, hw[0], hw[1], m.in_channels, dtype=torch.uint8)
         _, _, ws, cnt = ref_conv2d_acc(zero, torch.from_numpy(codes), k, k, st, pad)  # [Ho,Wo,O], [Ho,Wo]
@@ -545,7 +545,7 @@ class IntLayers:
         if residual is not None and not getattr(m, "residual", False):
             raise ExportError(f"layer {name!r}: the graph adds a residual but the layer does not")
         if m.kind == "conv2d_fp32":
-            return self._float_conv(m, x, residual, nchw_input)
+            return self._float_conv(m, x, residual, nchw_input, hw)
         if m.kind != "conv2d":
             raise ExportError(f"layer {name!r}: expected a conv layer, found {type(m).__name__}")
         if self.layout == "nhwc":
@@ -557,29 +557,41 @@ class IntLayers:
                       kernel_shape=[k, k], strides=[st, st], pads=[pad] * 4)
         return self.epilogue(y, m, (-1, 1, 1), residual)
 
-    def _float_conv(self, m, x: str, residual: Optional[str], nchw_input: bool = False) -> str:
+    def _f64_matmul(self, x: str, w_ko: np.ndarray, bias, name: str) -> str:
+        """x float [..., K] @ w [K, O] (+ bias), products summed in float64 and rounded once:
+        the FP32 layers' contract (ops/episode_ops.py), so onnxruntime's summation order
+        cannot flip a downstream code (its Conv has no float64 kernel; its MatMul has)."""
+        g = self.g
+        y = g.op("MatMul", [g.op("Cast", [x], "to_f64", to=DOUBLE),
+                            g.const(np.ascontiguousarray(w_ko, dtype=np.float64), f"{name}.weight_t64")],
+                 "matmul_f64")
+        if bias is not None:
+            y = g.op("Add", [y, g.const(_np(bias).astype(np.float64), f"{name}.bias64")], "bias_f64")
+        return g.op("Cast", [y], "to_f32", to=FLOAT)
+
+    def _float_conv(self, m, x: str, residual: Optional[str], nchw_input: bool = False,
+                    hw: Optional[Tuple[int, int]] = None) -> str:
         g = self.g
         k = m.kernel_size
-        if self.layout == "nhwc" and not nchw_input and k == 1 and m.padding == 0 and m.stride == 1:
-            # a 1x1 conv on channels-last rows is a MatMul
-            w = np.ascontiguousarray(_np(m.weight).reshape(m.out_channels, -1).T)
-            y = g.op("MatMul", [self.materialize(x), g.f32(w, f"{m.name}.weight_t")], "matmul")
-            if m.bias is not None:
-                y = g.op("Add", [y, g.f32(_np(m.bias), f"{m.name}.bias")], "bias")
+        if self.layout == "nhwc":
+            # channels-last rows (im2col patches for k > 1) times the (kh, kw, C)-ordered weight
+            x = self.materialize(x)
+            if nchw_input:
+                x = g.op("Transpose", [x], "to_nhwc", perm=[0, 2, 3, 1])
+                hw = hw or (self.model.config.image_size,) * 2
+            if not (k == 1 and m.padding == 0 and m.stride == 1):
+                if hw is None:
+                    raise ExportError(f"layer {m.name!r}: an FP32 conv needs its input size")
+                x, _, _ = self.im2col(x, m, hw, np.float32(0.0))
+            w = _np(m.weight).transpose(0, 2, 3, 1).reshape(m.out_channels, -1).T   # [K, O]
+            y = self._f64_matmul(x, w, m.bias, m.name)
             return self._record_float(m, self.epilogue(y, m, (-1,), residual), "last")
-        if self.layout == "nhwc" and not nchw_input:
-            x = g.op("Transpose", [self.materialize(x)], "to_nchw", perm=[0, 3, 1, 2])
         ins = [x, g.f32(_np(m.weight), f"{m.name}.weight")]
         if m.bias is not None:
             ins.append(g.f32(_np(m.bias), f"{m.name}.bias"))
         y = g.op("Conv", ins, "conv", kernel_shape=[k, k], strides=[m.stride] * 2,
                  pads=[m.padding] * 4)
-        if self.layout != "nhwc":
-            return self._record_float(m, self.epilogue(y, m, (-1, 1, 1), residual), "nchw")
-        if residual is not None:
-            raise ExportError(f"layer {m.name!r}: an FP32 conv with a residual is not supported "
-                              "in the NHWC integer form")
-        return self.from_nchw(self._record_float(m, self.epilogue(y, m, (-1, 1, 1), None), "nchw"))
+        return self._record_float(m, self.epilogue(y, m, (-1, 1, 1), residual), "nchw")
 
     def _record_float(self, m, y: str, layout: str) -> str:
         self.float_tensors[m.name] = (y, layout)
@@ -595,10 +607,13 @@ class IntLayers:
             if getattr(m, "input_hwc", None) and self.layout != "nhwc":
                 h, wd, c = m.input_hwc
                 w = w.reshape(-1, h, wd, c).transpose(0, 3, 1, 2).reshape(w.shape[0], -1)
-            y = g.op("MatMul", [self.materialize(x), g.f32(np.ascontiguousarray(w.T), f"{name}.weight_t")],
-                     "matmul")
-            if m.bias is not None:
-                y = g.op("Add", [y, g.f32(_np(m.bias), f"{name}.bias")], "bias")
+            if self.layout == "nhwc":
+                y = self._f64_matmul(self.materialize(x), w.T, m.bias, name)
+            else:
+                y = g.op("MatMul", [self.materialize(x), g.f32(np.ascontiguousarray(w.T), f"{name}.weight_t")],
+                         "matmul")
+                if m.bias is not None:
+                    y = g.op("Add", [y, g.f32(_np(m.bias), f"{name}.bias")], "bias")
             return self._record_float(m, self.epilogue(y, m, (-1,), residual), "last")
         if m.kind != "linear":
             raise ExportError(f"layer {name!r}: expected a linear layer, found {type(m).__name__}")
@@ -618,6 +633,10 @@ class IntLayers:
         m = self.layer(name)
         g = self.g
         if m.kind == "bmm_fp32":
+            if self.layout == "nhwc":  # float64 sums, as FloatAggregation
+                y = g.op("MatMul", [g.op("Cast", [adj], "adj_f64", to=DOUBLE),
+                                    g.op("Cast", [nodes], "nodes_f64", to=DOUBLE)], "aggregate_f64")
+                return self._record_float(m, g.op("Cast", [y], "to_f32", to=FLOAT), "last")
             return self._record_float(m, g.op("MatMul", [adj, nodes], "aggregate"), "last")
         if self.form == "qdq":
             a = self.qcdq(adj, m.a_offset, m.a_scale, m.a_bits, record=f"{name}:adj")

@@ -6,10 +6,10 @@ has), ``onnx`` (the exported graph in onnxruntime) and ``triton`` (Triton's inte
 without a GPU). DESIGN.md section 3 says what must agree: integer intermediates exactly,
 output codes up to fp32 ties, episode logits within 1e-3 with >= 99.9% same predictions.
 The C++ and Triton kernels keep the reference's fp32 operation order, so there every
-logit and every edge is identical. The ONNX export computes its own FP32 layers (the
-stem conv, the last edge-MLP convs) in onnxruntime's summation order; fed the reference's
-FP32-layer outputs ("resynced") it is exact too, free-running a last-ulp difference on a
-quantizer's rounding boundary can cascade through a low-bit model (see KNOWN_FP32_CASCADES).
+logit and every edge is identical. The ONNX export sums its FP32 layers, reductions and
+sigmoid in float64 like the reference (ops/episode_ops.py): its standard form is
+bit-identical too; the fast form merges epilogue constants, whose rare fp32 tie flips can
+cascade through a low-bit model.
 """
 from __future__ import annotations
 
@@ -122,12 +122,6 @@ def test_qgnn_cpu_isa_environment_variable_forces_each_path():
 
 # ------------------------------------------------------------------ onnx
 
-#: free-running ONNX episodes that miss the contract through the FP32 layers (measured on
-#: these 2 + 4 episodes): onnxruntime sums the FP32 stem conv in another order than torch;
-#: a last-ulp difference on the rounding boundary of the quantizer reading it flips a
-#: code, which the model amplifies (4-bit exact: max |logit diff| 1.95e-3 on 8 test
-#: episodes, codes off by up to 3 downstream). Resynced, every code is identical.
-KNOWN_FP32_CASCADES = {(4, "exact")}
 #: fast-form cases where a merged-constant tie flip cascades past the contract's "codes off
 #: by at most 1" (measured on these episodes: 394 of 4.5 M codes, by up to 2; the logits
 #: stay within 9e-8); ``export --check`` reports them as failed
@@ -159,16 +153,18 @@ def test_onnx_matches_reference(bits, zero_point, form, tmp_path):
         assert rs["code_mismatch_rate"] <= 1e-3, rs
     else:
         assert rs["code_mismatches"] == 0, rs
-    if (bits, zero_point) in KNOWN_FP32_CASCADES:
-        assert chk["verdict"] in ("pass", "layerwise-only"), chk
-        assert chk["first_mismatch_layer"] in ("backbone.layer1.0.conv", "backbone.layer1.0.conv1"), chk
-        assert cmp["agreement"] >= 0.999 and chk["agreement"] >= 0.999, (cmp, chk)
+    # free running: the export sums its FP32 layers, reductions and sigmoid in float64 as
+    # the reference does (ops/episode_ops.py), so the standard form reproduces the reference
+    # bit for bit (measured: every code, logits max |diff| 0.0); the fast form's merged
+    # constants flip a tie now and then (measured: max |logit diff| <= 3e-8)
+    if form == "standard":
+        assert chk["code_mismatches"] == 0 and chk["verdict"] == "pass", chk
+        assert cmp["agreement"] == 1.0 and cmp["max_logit_diff"] == 0.0, cmp
     else:
-        # measured: max |logit diff| <= 1.6e-6, codes off on <= 0.009%
         assert chk["max_logit_diff"] <= 1e-5 and chk["agreement"] == 1.0, chk
         assert chk["code_mismatch_rate"] <= 1e-4, chk
         assert cmp["agreement"] == 1.0 and cmp["max_logit_diff"] <= 1e-5, cmp
-        tie_cascade = form == "fast" and (bits, zero_point) in FAST_TIE_CASCADES
+        tie_cascade = (bits, zero_point) in FAST_TIE_CASCADES
         assert chk["code_max_diff"] <= (2 if tie_cascade else 1), chk
         assert chk["verdict"] == ("fail" if tie_cascade else "pass"), chk
 

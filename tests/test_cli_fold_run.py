@@ -31,13 +31,13 @@ def test_fold_then_run_reference_and_torch(tmp_path, capsys):
     assert r["max_logit_diff_vs_reference"] <= 1e-6  # measured ~3e-8
 
 
-def test_run_onnx_verdict_names_the_fp32_cascade(capsys):
-    """The shipped 4-bit model, exact offsets: onnxruntime's own sums in the FP32 stem flip
-    codes on rounding boundaries and 40 episodes reach max |logit diff| 1.95e-3 (> 1e-3);
-    with the FP32 layers resynced the export is exact, so the verdict is layerwise-only."""
+def test_run_onnx_and_cpu_verdicts_pass(capsys):
+    """The shipped 4-bit model, exact offsets: the export sums its FP32 layers in float64 as
+    the reference does, so onnxruntime agrees on every query (measured: max |logit diff|
+    0 with the standard form, 3e-8 with the default fast form) and the verdict is pass."""
     r = _json(capsys, ["run", "--preset", "tiny", "--bits", "4", "--backend", "onnx", "--episodes", "40",
                        "--threads", "1", "--json"])
-    assert r["max_logit_diff_vs_reference"] > 1e-3 and r["verdict"] == "layerwise-only", r
+    assert r["max_logit_diff_vs_reference"] <= 1e-6 and r["verdict"] == "pass", r
     assert main(["run", "--preset", "tiny", "--bits", "4", "--backend", "cpu", "--episodes", "4"]) == 0
     assert "verdict pass" in capsys.readouterr().out
 
