@@ -1,6 +1,6 @@
 """GPU benchmark of the Triton packed-int kernels vs torch FP32 / FP16 (cuDNN).
 
-Workloads (DESIGN.md section 6): every ResNet-12 conv shape of the 32 px backbone at
+Workloads (docs/measuring.md): every ResNet-12 conv shape of the 32 px backbone at
 batch 100 (NHWC codes in, codes out, fused BN + LeakyReLU epilogue), W2/3/4 A4; the
 graph aggregation at N = 10 and 30 with 40 and 100 tasks. Timing: triton.testing.do_bench
 (median and p90 over repeated runs, L2 flushed between runs). Baselines: torch conv2d /

@@ -159,13 +159,13 @@ void read_qlayer(PlanStep& st, const StepReader& r, const Plan& p, bool conv, co
   const int64_t in_n = conv ? st.count * st.h * st.w * st.c : st.count * K;
   const int64_t out_n = conv ? st.count * L.Ho * L.Wo * O : st.count * O;
   expect(p, r, st.in[0], DType::U8, in_n, "input");
-  expect_outputs(p, r, st, outs, L.epi.nq, out_n);
+  expect_outputs(p, r, st, outs, L.epi.rq.nq, out_n);
   if (!conv && r.has("shortcut")) {
     const py::dict sd = py::reinterpret_borrow<py::dict>(r.at("shortcut"));
     const StepReader rs{sd, r.where + " shortcut"};
     if (st.in.size() != 2 || st.in[1] < 0) throw ArgError(r.where + ": a fused shortcut reads input 1");
     const int Ks = build_qlayer(rs, st, false, st.packed_s, st.qlayer_s);
-    if (st.qlayer_s->w->O != O || st.qlayer_s->epi.nq) throw ArgError(rs.where + ": must give O fp32 outputs");
+    if (st.qlayer_s->w->O != O || st.qlayer_s->epi.rq.nq) throw ArgError(rs.where + ": must give O fp32 outputs");
     expect(p, r, st.in[1], DType::U8, st.count * Ks, "shortcut input");
     return;
   }

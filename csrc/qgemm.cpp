@@ -134,8 +134,8 @@ void epi_store_scalar(const Epi& e, int64_t m, int o, int32_t acc, int32_t as) {
   const int pat = e.pid ? e.pid[m % e.P] : 0;
   if (e.acc_out) e.acc_out[m * e.O + o] = wrap(int64_t(acc) + int64_t(e.wbias) * as);
   const float y = epi_value(e, acc, as, pat, o, m);
-  if (e.nq)
-    for (int k = 0; k < e.nq; ++k) e.out_q[k][m * e.O + o] = quant_value(y, e.out_l[k], e.out_s[k], e.qmax[k]);
+  if (e.rq.nq)
+    for (int k = 0; k < e.rq.nq; ++k) e.rq.out_q[k][m * e.O + o] = quant_value(y, e.rq.out_l[k], e.rq.out_s[k], e.rq.qmax[k]);
   else
     e.out_f[m * e.O + o] = y;
 }
@@ -170,7 +170,7 @@ void centre(Epi& e, const int32_t* ws_raw, const int32_t* cnt, int npat, Centred
   e.cnt_tab = t.cnt.data();
   e.t2_tab = t.t2.data();
   e.t4_tab = t.t4.data();
-  for (int k = 0; k < e.nq; ++k) e.inv_out_s[k] = 1.f / e.out_s[k];
+  for (int k = 0; k < e.rq.nq; ++k) e.rq.inv_out_s[k] = 1.f / e.rq.out_s[k];
 }
 
 void tile_scalar(const TileArgs& t) {
@@ -308,11 +308,11 @@ void prepare_layer(QLayer& L, const PackedW& w, int a_bits, const LayerParams& p
   e.post_shift = p.post_shift ? L.post_shift.data() : nullptr;
   e.has_slope = p.has_slope;
   e.slope = p.slope;
-  e.nq = p.nq;
+  e.rq.nq = p.nq;
   for (int k = 0; k < p.nq; ++k) {
-    e.out_l[k] = p.out_l[k];
-    e.out_s[k] = p.out_s[k];
-    e.qmax[k] = static_cast<float>((1 << p.out_bits[k]) - 1);
+    e.rq.out_l[k] = p.out_l[k];
+    e.rq.out_s[k] = p.out_s[k];
+    e.rq.qmax[k] = static_cast<float>((1 << p.out_bits[k]) - 1);
   }
   e.O = O;
   e.wbias = w.bias;
@@ -468,7 +468,7 @@ void run_linear(const QLayer& L, const uint8_t* x, int M, Epi& e, int nthreads, 
     Epi el = e;
     el.residual = res;
     if (el.out_f) el.out_f += static_cast<int64_t>(m0) * O;
-    for (int k = 0; k < el.nq; ++k) el.out_q[k] += static_cast<int64_t>(m0) * O;
+    for (int k = 0; k < el.rq.nq; ++k) el.rq.out_q[k] += static_cast<int64_t>(m0) * O;
     gather_rows(x, K, Kp, m0, rows, avx512, panels[tid]->p, pr, as, &orvs[tid]);
     TileArgs t{pr, 1, Kp / 4, rows, 0, w.data.data(), Kp, ob0, nb, O, as, nullptr, &el, split};
     tile(t);
@@ -604,7 +604,7 @@ void run_layer(const QLayer& L, const uint8_t* x, int64_t rows, const float* res
   Epi e = L.epi;
   e.residual = residual;
   e.out_f = out_f;
-  for (int k = 0; k < e.nq; ++k) e.out_q[k] = out_q[k];
+  for (int k = 0; k < e.rq.nq; ++k) e.rq.out_q[k] = out_q[k];
   e.acc_out = acc_out;
   e.as_out = as_out;
   if (L.conv)
@@ -617,11 +617,11 @@ void run_layer_with_shortcut(const QLayer& L, const uint8_t* x, const QLayer& S,
                              float* out_f, uint8_t* const* out_q, int nthreads, int* bad_code) {
   *bad_code = 0;
   if (rows <= 0) return;
-  if (L.conv || S.conv || S.epi.nq || S.w->O != L.w->O)
+  if (L.conv || S.conv || S.epi.rq.nq || S.w->O != L.w->O)
     throw ArgError("a fused shortcut needs two linear layers with the same outputs, the shortcut's in fp32");
   Epi e = L.epi;
   e.out_f = out_f;
-  for (int k = 0; k < e.nq; ++k) e.out_q[k] = out_q[k];
+  for (int k = 0; k < e.rq.nq; ++k) e.rq.out_q[k] = out_q[k];
   run_linear(L, x, static_cast<int>(rows), e, nthreads, bad_code, &S, xs);
 }
 

@@ -38,7 +38,7 @@ constexpr int kBnResLreluQuant = kBnResLrelu | kQUANT;
 
 inline int epi_flags(const Epi& e) {
   return (e.post_scale ? kPS : 0) | (e.post_shift ? kSH : 0) | (e.residual ? kRES : 0) | (e.has_slope ? kSLOPE : 0) |
-         (e.nq ? kQUANT : 0) | (e.as_first ? kASFIRST : 0) | (e.acc_out ? kACC : 0);
+         (e.rq.nq ? kQUANT : 0) | (e.as_first ? kASFIRST : 0) | (e.acc_out ? kACC : 0);
 }
 
 // The per-column operands of one 16-column group, loaded once for all rows of a block.
@@ -62,25 +62,16 @@ struct Row {
 struct EpiK {
   const float* residual;
   float* out_f;
-  uint8_t* out_q[kMaxRequant];
   int32_t* acc_out;
   int64_t O;
   int32_t wbias;
-  float slope, out_l[kMaxRequant], inv_out_s[kMaxRequant], out_s[kMaxRequant], qmax[kMaxRequant];
-  int nq;
+  float slope;
+  Requant rq;
   bool ps, sh, res, has_slope, as_first;
   explicit EpiK(const Epi& e)
-      : residual(e.residual), out_f(e.out_f), acc_out(e.acc_out), O(e.O), wbias(e.wbias), slope(e.slope), nq(e.nq),
+      : residual(e.residual), out_f(e.out_f), acc_out(e.acc_out), O(e.O), wbias(e.wbias), slope(e.slope), rq(e.rq),
         ps(e.post_scale != nullptr), sh(e.post_shift != nullptr), res(e.residual != nullptr),
-        has_slope(e.has_slope), as_first(e.as_first) {
-    for (int k = 0; k < kMaxRequant; ++k) {
-      out_q[k] = e.out_q[k];
-      out_l[k] = e.out_l[k];
-      inv_out_s[k] = e.inv_out_s[k];
-      out_s[k] = e.out_s[k];
-      qmax[k] = e.qmax[k];
-    }
-  }
+        has_slope(e.has_slope), as_first(e.as_first) {}
 };
 
 inline Cols load_cols(const Epi& e, int o, __mmask16 mk) {
@@ -119,22 +110,22 @@ inline void epi16(const EpiK& e, const Cols& c, const Row& rw, int64_t m, int o,
     const __mmask16 neg = _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_NGE_UQ);
     y = _mm512_mask_mul_ps(y, neg, y, _mm512_set1_ps(e.slope));
   }
-  if (HAS(kQUANT, e.nq != 0)) {
+  if (HAS(kQUANT, e.rq.nq != 0)) {
     // rne((y - l) / s) via the reciprocal: relative error <= 2^-23, i.e. < 1e-4 absolute
     // for |u| < 512, so the rounding can only differ within 1e-4 of a half-integer; those
     // lanes (rare; vreduceps gives u - rne(u)) take the exact IEEE division. For
     // |u| >= 512 the clamp to [0, qmax <= 255] decides whatever the rounding. Clamping
     // before rounding is the same as after (integer bounds, rounding is monotone).
-    for (int k = 0; k < e.nq; ++k) {
-      const __m512 num = _mm512_sub_ps(y, _mm512_set1_ps(e.out_l[k]));
-      __m512 u = _mm512_mul_ps(num, _mm512_set1_ps(e.inv_out_s[k]));
+    for (int k = 0; k < e.rq.nq; ++k) {
+      const __m512 num = _mm512_sub_ps(y, _mm512_set1_ps(e.rq.out_l[k]));
+      __m512 u = _mm512_mul_ps(num, _mm512_set1_ps(e.rq.inv_out_s[k]));
       const __m512 frac = _mm512_reduce_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       const __mmask16 near = _mm512_cmp_ps_mask(_mm512_abs_ps(frac), _mm512_set1_ps(0.4999f), _CMP_GT_OQ);
-      if (near) u = _mm512_mask_div_ps(u, near, num, _mm512_set1_ps(e.out_s[k]));
+      if (near) u = _mm512_mask_div_ps(u, near, num, _mm512_set1_ps(e.rq.out_s[k]));
       // NaN: max(NaN, 0) returns the second operand (0)
-      u = _mm512_min_ps(_mm512_max_ps(u, _mm512_setzero_ps()), _mm512_set1_ps(e.qmax[k]));
+      u = _mm512_min_ps(_mm512_max_ps(u, _mm512_setzero_ps()), _mm512_set1_ps(e.rq.qmax[k]));
       const __m512i q = _mm512_cvt_roundps_epi32(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      _mm_mask_storeu_epi8(e.out_q[k] + base, mk, _mm512_cvtepi32_epi8(q));
+      _mm_mask_storeu_epi8(e.rq.out_q[k] + base, mk, _mm512_cvtepi32_epi8(q));
     }
   } else {
     _mm512_mask_storeu_ps(e.out_f + base, mk, y);

@@ -25,25 +25,16 @@ struct EpiY {
   const float *c1, *c3, *post_scale, *post_shift, *residual;
   const int32_t* nzw;
   float* out_f;
-  uint8_t* out_q[kMaxRequant];
   int32_t* acc_out;
   int64_t O;
   int32_t wbias;
-  float slope, out_l[kMaxRequant], inv_out_s[kMaxRequant], out_s[kMaxRequant], qmax[kMaxRequant];
-  int nq;
+  float slope;
+  Requant rq;
   bool as_first, has_slope;
   explicit EpiY(const Epi& e)
       : c1(e.c1), c3(e.c3), post_scale(e.post_scale), post_shift(e.post_shift), residual(e.residual), nzw(e.nzw),
-        out_f(e.out_f), acc_out(e.acc_out), O(e.O), wbias(e.wbias), slope(e.slope), nq(e.nq), as_first(e.as_first),
-        has_slope(e.has_slope) {
-    for (int k = 0; k < kMaxRequant; ++k) {
-      out_q[k] = e.out_q[k];
-      out_l[k] = e.out_l[k];
-      inv_out_s[k] = e.inv_out_s[k];
-      out_s[k] = e.out_s[k];
-      qmax[k] = e.qmax[k];
-    }
-  }
+        out_f(e.out_f), acc_out(e.acc_out), O(e.O), wbias(e.wbias), slope(e.slope), rq(e.rq), as_first(e.as_first),
+        has_slope(e.has_slope) {}
 };
 
 // Per-row operands: the border pattern's rows of the c2*WS', za*WS' and c4*CNT tables
@@ -77,23 +68,23 @@ inline void epi8(const EpiY& e, const RowY& rw, int64_t m, int o, __m256i acc) {
     const __m256 pos = _mm256_cmp_ps(y, _mm256_setzero_ps(), _CMP_GE_OQ);
     y = _mm256_blendv_ps(_mm256_mul_ps(y, _mm256_set1_ps(e.slope)), y, pos);
   }
-  if (e.nq) {
+  if (e.rq.nq) {
     // rne((y - l) / s) via the reciprocal, lanes within 1e-4 of a half-integer redone with
     // the exact division: the argument of epi16 in qgemm_avx512.cpp
-    for (int k = 0; k < e.nq; ++k) {
-      const __m256 num = _mm256_sub_ps(y, _mm256_set1_ps(e.out_l[k]));
-      __m256 u = _mm256_mul_ps(num, _mm256_set1_ps(e.inv_out_s[k]));
+    for (int k = 0; k < e.rq.nq; ++k) {
+      const __m256 num = _mm256_sub_ps(y, _mm256_set1_ps(e.rq.out_l[k]));
+      __m256 u = _mm256_mul_ps(num, _mm256_set1_ps(e.rq.inv_out_s[k]));
       const __m256 frac = _mm256_sub_ps(u, _mm256_round_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
       const __m256 absfrac = _mm256_andnot_ps(_mm256_set1_ps(-0.f), frac);
       const __m256 near = _mm256_cmp_ps(absfrac, _mm256_set1_ps(0.4999f), _CMP_GT_OQ);
-      if (!_mm256_testz_ps(near, near)) u = _mm256_blendv_ps(u, _mm256_div_ps(num, _mm256_set1_ps(e.out_s[k])), near);
+      if (!_mm256_testz_ps(near, near)) u = _mm256_blendv_ps(u, _mm256_div_ps(num, _mm256_set1_ps(e.rq.out_s[k])), near);
       u = _mm256_round_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       u = _mm256_max_ps(u, _mm256_setzero_ps());  // NaN in the first operand -> 0
-      u = _mm256_min_ps(u, _mm256_set1_ps(e.qmax[k]));
+      u = _mm256_min_ps(u, _mm256_set1_ps(e.rq.qmax[k]));
       const __m256i q = _mm256_cvttps_epi32(u);                      // 8 x int32 in 0..255
       const __m128i w16 = _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
       const __m128i b8 = _mm_packus_epi16(w16, w16);
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(e.out_q[k] + base), b8);
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(e.rq.out_q[k] + base), b8);
     }
   } else {
     _mm256_storeu_ps(e.out_f + base, y);

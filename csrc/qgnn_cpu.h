@@ -103,6 +103,15 @@ void pack_row(const uint8_t* codes, int K, int bits, uint8_t* row);     // codes
 // A layer whose output only feeds quantizers (directly or through a max-pool, which
 // commutes with them) emits their codes -- up to kMaxRequant sets -- instead of fp32.
 constexpr int kMaxRequant = 3;
+// The requantized outputs of an epilogue: nq quantizers, codes clamp(rne((y - l) / s), 0, qmax)
+// of quantizer k into out_q[k] [M, O]; inv_out_s = 1/out_s, the tiles' fast path. Raw fields
+// only (the ISA translation units copy it into their locals).
+struct Requant {
+  int nq = 0;
+  float out_l[kMaxRequant] = {}, out_s[kMaxRequant] = {1.f, 1.f, 1.f}, qmax[kMaxRequant] = {};
+  float inv_out_s[kMaxRequant] = {1.f, 1.f, 1.f};
+  uint8_t* out_q[kMaxRequant] = {};
+};
 
 // The centred identity of ref_epilogue: zero points zw[o] (column operand, e.g. weights)
 // and za (row operand, e.g. activations) move into exact int32 parts
@@ -117,10 +126,8 @@ struct Epi {
   const float* residual = nullptr;                                          // [M, O] or null
   bool has_slope = false;
   float slope = 0.f;
-  int nq = 0;                    // requantized outputs: 0 = one fp32 output out_f
-  float out_l[kMaxRequant] = {}, out_s[kMaxRequant] = {1.f, 1.f, 1.f}, qmax[kMaxRequant] = {};
-  float* out_f = nullptr;        // [M, O] when nq == 0
-  uint8_t* out_q[kMaxRequant] = {};  // [M, O] codes of quantizer k < nq
+  Requant rq;                    // requantized outputs: rq.nq == 0 = one fp32 output out_f
+  float* out_f = nullptr;        // [M, O] when rq.nq == 0
   int O = 0;
   bool as_first = false;
   int32_t wbias = 0;             // raw ACC = kernel ACC + wbias * AS (8-bit weights)
@@ -133,7 +140,6 @@ struct Epi {
   const int32_t* nzw = nullptr;      // wbias - zw[o]  [>= Op]
   const float* t2_tab = nullptr;     // c2[o] * float(WS')  [patterns][O] (same fp32 product)
   const float* t4_tab = nullptr;     // c4[o] * float(CNT)  [patterns][O]
-  float inv_out_s[kMaxRequant] = {1.f, 1.f, 1.f};  // 1/out_s: fast path of the re-quantization (see epi16)
   const int32_t* pid = nullptr;      // [P] or null (pattern 0)
   int P = 1;
   // optional raw outputs for exact tests (int32 [M, O] / [M]); epilogue still runs

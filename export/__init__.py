@@ -12,7 +12,7 @@ Route: direct graph building with ``onnx.helper`` (not the dynamo exporter with 
 
 * the integer layers need initializers of exact ONNX element types (UINT4 at opset 21,
   UINT2 at opset 25, 3-bit codes in UINT8) and constants precomputed per layer (the
-  border terms WS/CNT of DESIGN.md section 3, the fp32 epilogue products in the
+  border terms WS/CNT of docs/integer-contract.md, the fp32 epilogue products in the
   reference's order). The custom ops carry weights as *packed* uint8 tensors; a
   translation function would have to unpack bit streams inside the graph or rely on
   constant folding, and onnxscript offers no say over the stored width;

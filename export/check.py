@@ -3,7 +3,7 @@
 Runs the export in onnxruntime next to the :class:`~qgnn_deploy.intmodel.IntModel` on
 the ``reference`` op backend, episode batch by episode batch, and compares
 
-* logits: max |diff|, share of queries with the same prediction (DESIGN.md section 3:
+* logits: max |diff|, share of queries with the same prediction (docs/integer-contract.md:
   <= 1e-3 and >= 99.9%);
 * every quantized layer's input codes: the graph's code tensors are added as extra
   outputs of a private copy of the model and compared with the codes the reference
@@ -112,7 +112,7 @@ def _resync_hooks(int_model, float_tensors: Dict[str, Tuple[str, str]], res: Dic
 
 
 def _bar(max_diff: float, agreement: float, mismatches: int, elements: int, code_max: int) -> bool:
-    """DESIGN.md section 3: logits within 1e-3, >= 99.9% same predictions, codes off on at
+    """docs/integer-contract.md: logits within 1e-3, >= 99.9% same predictions, codes off on at
     most 0.1% of elements and by at most 1."""
     return bool(max_diff <= 1e-3 and agreement >= 0.999
                 and mismatches <= 0.001 * max(elements, 1) and code_max <= 1)
@@ -128,7 +128,7 @@ def check_parity(int_model, proto: onnx.ModelProto, code_tensors: Dict[str, str]
     ``identical_predictions``, ``max_logit_diff``, ``code_elements``,
     ``code_mismatches``, ``code_max_diff``, ``code_mismatch_layers`` (worst 10),
     ``first_mismatch_layer`` (the first layer in graph order whose input codes differ, or
-    None) and ``passed`` (the DESIGN.md section 3 bar on the free-running engines).
+    None) and ``passed`` (the docs/integer-contract.md bar on the free-running engines).
 
     ``float_tensors`` (``build_onnx``'s ``info["float_tensors"]``): also run the
     reference with its FP32 layers (the stem conv, the last edge-MLP convs, bits=32

@@ -1,6 +1,6 @@
 """Building blocks shared by the kernel families: weight-tile unpacking, exact
 round-half-to-even, the exact int32 corrections and the fused (centred) fp32 epilogue
-of DESIGN.md section 3.
+of docs/integer-contract.md.
 
 Signedness: ``tl.dot`` on int8 needs signed operands. Codes of <= 7 bits (every
 2/3/4-bit layer) are already valid int8 and go in unchanged (shift 0). 8-bit codes are

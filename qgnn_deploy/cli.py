@@ -1,4 +1,4 @@
-"""``qgnn-deploy`` command line (DESIGN.md section 5).
+"""``qgnn-deploy`` command line (docs/cli.md).
 
 Each subcommand lives in ``qgnn_deploy/commands/<name>.py`` with ``add_arguments(parser)``
 and ``run(args) -> int``; this file only dispatches, so ``qgnn-deploy --help`` imports

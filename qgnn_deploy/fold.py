@@ -1,6 +1,6 @@
 """Fold a QAT (fake-quant) QGNN-IC model into an :class:`~qgnn_deploy.intmodel.IntModel`.
 
-What folding does, layer by layer (DESIGN.md sections 3-4):
+What folding does, layer by layer (docs/integer-contract.md):
 
 * weights -> unsigned n-bit codes under the layer's PQ range (per tensor or per output
   channel; per-tensor (l, s) broadcast to [O] vectors), conv weights reordered to
@@ -345,7 +345,7 @@ def fake_quant_counterpart(model: QGNNModel, zero_point: str = "exact",
 @torch.no_grad()
 def compare_engines(reference_logits: torch.Tensor, candidate_logits: torch.Tensor) -> Dict[str, float]:
     """Agreement of two engines' logits [E, way, way]: fraction of queries with the same
-    argmax, and max |logit difference| (the parity metrics of DESIGN.md section 3)."""
+    argmax, and max |logit difference| (the parity metrics of docs/integer-contract.md)."""
     if reference_logits.shape != candidate_logits.shape:
         raise ConfigError(f"logit shapes differ: {tuple(reference_logits.shape)} vs "
                           f"{tuple(candidate_logits.shape)}")
@@ -375,7 +375,7 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 # ------------------------------------------------------- layer-wise parity
 
-#: DESIGN.md section 3: output codes may differ only at fp32 rounding ties, on at most
+#: docs/integer-contract.md: output codes may differ only at fp32 rounding ties, on at most
 #: 0.1% of a layer's elements, by 1.
 CODE_MISMATCH_BAR = 1e-3
 CODE_DIFF_BAR = 1
@@ -385,7 +385,7 @@ CODE_DIFF_BAR = 1
 #: reductions and still catches any folding mistake (a wrong BN constant, a transposed
 #: layout, a missing border term are all >= 1e-2).
 REL_ERROR_BAR = 1e-4
-#: episode level (DESIGN.md section 3)
+#: episode level (docs/integer-contract.md)
 AGREEMENT_BAR = 0.999
 LOGIT_DIFF_BAR = 1e-3
 #: verdicts of a parity check, what ``fold --json`` and ``run --json`` carry as ``verdict``

@@ -11,7 +11,7 @@ Units, everywhere in this module and in every table it prints:
 * **MAC**: one multiply-accumulate of a conv / linear / matmul.
 * **FLOPs** = 2 x MACs (one multiply + one add). Elementwise work is counted in FLOPs
   directly (cost table :data:`ELEMENTWISE_COST`) and kept apart from the layer FLOPs.
-* **Bit-FLOPs** = FLOPs x b_w x b_a (REFERENCE.md section 3): FP32 layers at 32 x 32,
+* **Bit-FLOPs** = FLOPs x b_w x b_a (docs/bit-flops.md): FP32 layers at 32 x 32,
   the graph aggregation ``A @ V`` at b_adjacency x b_nodes (both are activations).
   ``fp32_bit_flops`` is the same layer at 32 x 32.
 * **OPs (binary-net convention)** = FLOPs of the FP32 layers + Bit-FLOPs of the
@@ -677,11 +677,20 @@ def count_bit_flops(model: nn.Module, images: Optional[torch.Tensor] = None,
     was_training = model.training
     model.eval()
     counter = BitFlopCounter(model)
+    # the counter sees torch and qgnn:: ops; an IntModel's compiled plan (backend cpu) runs
+    # natively in one call, so count its module path, which executes the same layers
+    plan_backend = getattr(model, "backend", None) in ("cpu", None) and hasattr(model, "compiled")
+    prev = getattr(model, "backend", None)
     try:
+        if plan_backend:
+            from .backends import is_backend_available
+            model.backend = "cpu-eager" if is_backend_available("cpu") else "reference"
         with torch.no_grad(), counter:
             model(images, support_labels)
     finally:
         model.train(was_training)
+        if plan_backend:
+            model.backend = prev
     scale = None
     workload = {"tasks": t, "nodes_per_task": n, "images": t * n,
                 "image_size": int(images.shape[-1]),

@@ -3,7 +3,7 @@
 The shipped tiny checkpoints at 2/3/4 bits, folded with exact and snapped offsets, run on
 the reference engine and on ``cpu`` and ``cpu-eager`` (every instruction-set path this CPU
 has), ``onnx`` (the exported graph in onnxruntime) and ``triton`` (Triton's interpreter
-without a GPU). DESIGN.md section 3 says what must agree: integer intermediates exactly,
+without a GPU). docs/integer-contract.md says what must agree: integer intermediates exactly,
 output codes up to fp32 ties, episode logits within 1e-3 with >= 99.9% same predictions.
 The C++ and Triton kernels keep the reference's fp32 operation order, so there every
 logit and every edge is identical. The ONNX export sums its FP32 layers, reductions and

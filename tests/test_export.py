@@ -131,7 +131,7 @@ TIE_MARGIN = 1e-4
 
 def assert_codes_within_contract(got: np.ndarray, want_value: np.ndarray, l: float, s: float,
                                  bits: int) -> None:
-    """DESIGN.md section 3 for output codes: identical except fp32 rounding ties, at most
+    """docs/integer-contract.md for output codes: identical except fp32 rounding ties, at most
     0.1% of elements (rounded down: none on a small output), by 1. ``want_value`` is the
     reference's fp32 value the codes quantize with (``l``, ``s``, ``bits``); every flipped element must
     lie within :data:`TIE_MARGIN` steps of a rounding boundary."""

@@ -1,4 +1,4 @@
-"""fold(): QAT model -> IntModel on the reference engine, vs the fake-quant model (DESIGN.md s3)."""
+"""fold(): QAT model -> IntModel on the reference engine, vs the fake-quant model (docs/integer-contract.md)."""
 import pytest
 import torch
 
@@ -56,7 +56,7 @@ def episodes(cfg, tasks, seed):
 
 
 def check_parity(model, zero_point, tasks=4, generations=None):
-    """Episode-level parity (DESIGN.md s3) on random images; returns the IntModel."""
+    """Episode-level parity (docs/integer-contract.md) on random images; returns the IntModel."""
     im = fold(model, zero_point=zero_point, generations=generations, backend="reference")
     fq = fake_quant_counterpart(model, zero_point, generations)
     images, labels = episodes(model.config, tasks, seed=11)
@@ -218,7 +218,7 @@ _CASCADE_3_EXACT = ("3-bit exact, w32 weights calibrated (no QAT): fp32 rounding
     (2, "exact"), (2, "snap"), _measured_cascade(3, "exact", _CASCADE_3_EXACT), (3, "snap"), (4, "snap"),
     _measured_cascade(4, "exact", _CASCADE_4_EXACT)])
 def test_tiny_episode_parity_trained_weights(bits, zero_point):
-    """The DESIGN.md s3 bar, reference engine vs fake-quant model in eval mode, on trained
+    """The docs/integer-contract.md bar, reference engine vs fake-quant model in eval mode, on trained
     weights: >= 99.9% same predictions and max |logit diff| <= 1e-3."""
     model, which = trained_tiny(bits)
     im = fold(model, zero_point=zero_point, backend="reference")

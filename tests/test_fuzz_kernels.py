@@ -7,7 +7,7 @@ launcher (Triton's interpreter without a GPU; tests/conftest.py sets TRITON_INTE
 Where the arguments are valid the result is compared with the ``ref_*`` spec, on every
 ISA path this CPU runs (the ``cpu_isa`` fixture of conftest.py): integer parts, fp32
 outputs and output codes exactly (the kernels keep the reference's fp32 operation order,
-so the rounding ties DESIGN.md section 3 admits do not occur). Where they are not, the call must raise KernelArgumentError (a
+so the rounding ties docs/integer-contract.md admits do not occur). Where they are not, the call must raise KernelArgumentError (a
 QGNNError); any other exception type, a crash or a silent result fails.
 """
 from __future__ import annotations

@@ -116,7 +116,7 @@ def test_paper_fp32_bit_flops_within_0_1_percent(paper_fp32_report):
     assert pc["fp32_match_within_0.1pct"]
     ours = pc["paper_count"]["fp32_bit_flops"]
     assert abs(ours - 503.9534e9) / 503.9534e9 < 1e-3
-    # conv/linear MACs of one image + one 10-node, 6-generation task (REFERENCE.md section 2)
+    # conv/linear MACs of one image + one 10-node, 6-generation task (docs/model.md)
     assert pc["paper_count"]["macs"] == 190_709_760 + 51_929_040
     t = paper_fp32_report.total()
     assert t["params"] == 5_101_377

@@ -1,6 +1,6 @@
 """End-to-end episode latency (and accuracy) of our engines against what a user would run instead.
 
-Workload (DESIGN.md section 6): one episode batch -- ``tasks`` tasks of ``N`` images each
+Workload (docs/measuring.md): one episode batch -- ``tasks`` tasks of ``N`` images each
 (10 for 5-way 1-shot) at the model's image size, all generations -- from images to
 logits; T=1 is the latency a deployed classifier sees. Variants, all in this process,
 timed round-robin (one run of each per round, so machine noise hits them alike) after

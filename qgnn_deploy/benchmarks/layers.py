@@ -1,6 +1,6 @@
 """Per-layer CPU benchmarks: the cpu backend vs what a user of the same CPU would run instead.
 
-Workloads (DESIGN.md section 6): every ResNet-12 conv shape of the 32 px model at
+Workloads (docs/measuring.md): every ResNet-12 conv shape of the 32 px model at
 batch 100 (3x3 C->C and 1x1 C->C at 64@32x32, 128@16x16, 256@8x8, 512@4x4) and the
 graph aggregation at N = 10 and 30 with 40 tasks. Per workload, in one process and
 interleaved round by round (so machine noise hits every variant alike):
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-#: (name, C_in, C_out, kernel, H) of the 32 px ResNet-12 (REFERENCE.md section 4)
+#: (name, C_in, C_out, kernel, H) of the 32 px ResNet-12 (docs/onnx.md)
 CONV_SHAPES = [
     ("conv3x3_64_32x32", 64, 64, 3, 32),
     ("conv1x1_64_32x32", 64, 64, 1, 32),

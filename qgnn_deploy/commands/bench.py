@@ -8,7 +8,7 @@ Examples::
     qgnn-deploy bench ckpt.pt --layers              # + per-layer kernels vs onnxruntime int8
     qgnn-deploy bench --preset tiny --bits 4 --profile --backends cpu --baselines   # where cpu's time goes
 
-Method (DESIGN.md section 6): one episode batch (``--tasks`` tasks x N images), warm-up
+Method (docs/measuring.md): one episode batch (``--tasks`` tasks x N images), warm-up
 runs, then round-robin timed runs of every variant in this process; p50 / p90 per
 variant; speed-ups are ratios of p50s from the same run. Baselines: torch FP32 and bf16
 autocast (channels_last), onnxruntime on the FP32 export and on its int8 QDQ

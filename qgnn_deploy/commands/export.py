@@ -11,7 +11,7 @@ A ``.qgnn`` artifact exports as is; a fake-quant checkpoint / preset is folded f
 (``--zero-point``); an FP32 model exports as float. ``--check`` runs the export in
 onnxruntime next to the reference engine on sample episodes and prints the parity
 figures (``--json``: one JSON object on stdout; notes go to stderr). The exit status
-is 1 when the check fails its bars (DESIGN.md section 3). Every result says which
+is 1 when the check fails its bars (docs/integer-contract.md). Every result says which
 runtimes run the file (``portability``: its op domains, contrib ops, and the runtimes
 known to run the form).
 """
@@ -105,7 +105,7 @@ def run(args) -> int:
                                float_tensors=float_tensors)
             result["check"] = chk
         # "layerwise-only": every integer layer is exact once the FP32 layers' outputs are
-        # shared; the free-running gap comes from onnxruntime's own fp32 conv sums
+        # shared; the free-running gap comes from rounding-tie flips the model amplifies
         verdict = result["check"].get("verdict", "pass" if result["check"]["passed"] else "fail")
         status = 0 if verdict in ("pass", "layerwise-only") else 1
     if args.json:

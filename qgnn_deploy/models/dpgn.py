@@ -1,4 +1,4 @@
-"""DPGN graph network (REFERENCE.md section 2), FP or PQ-quantized.
+"""DPGN graph network (docs/model.md), FP or PQ-quantized.
 
 Module names follow the official ``dpgn.py`` (``initial_edge``,
 ``point_sim_generation_{l}``, ``point2distribution_generation_{l}``,

@@ -1,4 +1,4 @@
-"""ResNet-12 backbone of DPGN (REFERENCE.md section 2), FP or PQ-quantized.
+"""ResNet-12 backbone of DPGN (docs/model.md), FP or PQ-quantized.
 
 Module and parameter names follow the official DPGN ``backbone.py`` so its
 ``enc_module_state_dict`` loads as is. The stem conv stays FP32 (as in the paper).

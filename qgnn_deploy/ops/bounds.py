@@ -1,4 +1,4 @@
-"""The int32 accumulator bound of the integer kernels (DESIGN.md section 3).
+"""The int32 accumulator bound of the integer kernels (docs/integer-contract.md).
 
 Every backend accumulates ``ACC = sum_k qw[o,k] * qa[k,p]`` (and ``AS``, ``WS``, ``CNT``)
 in int32. This module proves that no supported layer can overflow it and gives the

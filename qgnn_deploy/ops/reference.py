@@ -3,9 +3,9 @@
 Plain PyTorch integer arithmetic (int32 accumulation, no float matmul on dequantized
 values), written to be read. The C++ (``cpu_*``), Triton (``triton_*``) and ONNX paths
 are tested against these functions: integer intermediates exactly (atol=0), fp32
-outputs to the parity of DESIGN.md section 3.
+outputs to the parity of docs/integer-contract.md.
 
-Semantics (DESIGN.md section 3). A quantized layer with weight codes ``qw`` (per output
+Semantics (docs/integer-contract.md). A quantized layer with weight codes ``qw`` (per output
 channel offset ``lw[o]``, step ``sw[o]``; per-tensor weights repeat one value) and input
 codes ``qa`` (offset ``la``, step ``sa``, per tensor) computes::
 
@@ -252,7 +252,7 @@ def ref_epilogue(acc: Tensor, as_: Tensor, ws: Tensor, cnt: Tensor, w_scale: Ten
                  residual: Optional[Tensor] = None, slope: Optional[float] = None,
                  out_l: Optional[float] = None, out_s: Optional[float] = None,
                  out_bits: Optional[int] = None) -> Tensor:
-    """The fp32 epilogue of DESIGN.md section 3, broadcast over the last dim (channels).
+    """The fp32 epilogue of docs/integer-contract.md, broadcast over the last dim (channels).
 
     acc [..., O]; as_ [...] ; ws broadcastable to [..., O]; cnt broadcastable to [...].
 

@@ -1,4 +1,4 @@
-"""DPGN's training loss (REFERENCE.md section 2).
+"""DPGN's training loss (docs/model.md).
 
 Per generation l: edge BCE on the query edges of the point graph plus 0.1 x the same
 on the distribution graph, plus 0.1 x the node cross-entropy of the query rows of the
