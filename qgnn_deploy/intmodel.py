@@ -138,7 +138,16 @@ class _IntWeightLayer(nn.Module):
         return f"{self.name}: w_bits={self.w_bits}, a_bits={self.a_bits}, slope={self.slope}{fused}"
 
 
-class IntConv2d(_IntWeightLayer):
+class _ConvShape:
+    """The ``pointwise`` test of a conv layer with kernel_size, stride and padding."""
+
+    @property
+    def pointwise(self) -> bool:
+        """1x1, stride 1, no padding: a linear map of the last dim (any leading shape)."""
+        return self.kernel_size == 1 and self.stride == 1 and self.padding == 0
+
+
+class IntConv2d(_ConvShape, _IntWeightLayer):
     """Quantized conv, NHWC: uint8 codes or fp32 [B, H, W, C] -> fp32 [B, Ho, Wo, O]
     (uint8 codes when requantization is fused)."""
 
@@ -155,11 +164,6 @@ class IntConv2d(_IntWeightLayer):
     @property
     def reduction(self) -> int:
         return self.kernel_size * self.kernel_size * self.in_channels
-
-    @property
-    def pointwise(self) -> bool:
-        """1x1, stride 1, no padding: a linear map of the last dim (any leading shape)."""
-        return self.kernel_size == 1 and self.stride == 1 and self.padding == 0
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         return qops.qconv2d(self._codes(x), self.w_packed, self.w_bits, self.a_bits, self.kernel_size,
@@ -240,7 +244,7 @@ def _epilogue(y: Tensor, post_scale, post_shift, residual, slope, channel_dim: i
     return y
 
 
-class FloatConv2d(nn.Module):
+class FloatConv2d(_ConvShape, nn.Module):
     """An FP32 conv (stem, last edge-MLP convs, bits=32 layers), NHWC in and out; products
     summed in float64 and rounded once (ops/episode_ops.py: identical on every engine)."""
 
@@ -261,11 +265,6 @@ class FloatConv2d(nn.Module):
         self.slope = _f(slope)
         self.residual = bool(residual)
         self.w_bits = self.a_bits = 32
-
-    @property
-    def pointwise(self) -> bool:
-        """1x1, stride 1, no padding: a linear map of the last dim (any leading shape)."""
-        return self.kernel_size == 1 and self.stride == 1 and self.padding == 0
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         if x.dtype == torch.uint8:

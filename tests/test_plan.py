@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from qgnn_deploy.backends import cpu as cpu_backend
+from qgnn_deploy.backends.cpu_plan import native_description
 from qgnn_deploy.checkpoint import load_checkpoint
 from qgnn_deploy.data import calibration_episodes
 from qgnn_deploy.errors import InputError, KernelArgumentError
@@ -190,6 +191,17 @@ def test_plan_fuses_requantization_and_shortcuts_into_producers():
     assert sum(dtype(st.inputs[0]) == "u8" for st in pools) == 2 + 2 + 3 + 1  # + layer_second's pool(2)
 
 
+def test_plan_fp32_layer_writes_over_the_residual_it_last_reads():
+    """Block 4's conv3 at FP32 cannot take the fused shortcut (a qlinear path), so it adds
+    the stored residual and writes its output over it; the result stays bit-identical."""
+    model = calibrated_model("tiny", 4, quiet=True, layer_bits={"backbone.layer4.0.conv3": 32})
+    im = fold(model)
+    st = next(s for s in compile_plan(im).steps if s.name == "backbone.layer4.0.conv3")
+    assert st.kind == "linear_f32" and st.outputs == [st.inputs[1]]
+    images, labels = calibration_episodes(model.config, tasks=2, seed=7)
+    assert outputs_equal(run(im, "reference", images, labels), run(im, "cpu", images, labels))
+
+
 def test_plan_layout_shares_memory_between_disjoint_lifetimes():
     plan = compile_plan(fold(model_for(4)))
     offsets, arena = plan.layout()
@@ -209,21 +221,12 @@ def test_plan_layout_shares_memory_between_disjoint_lifetimes():
 
 # ------------------------------------------------------------------ the native boundary
 
-def _native_spec(plan):
-    from qgnn_deploy.backends.cpu_plan import _DTYPE, _ROLE
-    offsets, arena = plan.layout()
-    buffers = [[_DTYPE[b.dtype], b.numel, _ROLE[b.role], max(offsets[b.id], 0)] for b in plan.buffers]
-    steps = [dict(st.params, kind=st.kind, name=st.name, **{"in": list(st.inputs), "out": list(st.outputs)})
-             for st in plan.steps]
-    return buffers, steps, arena
-
-
 def _build(buffers, steps, arena):
     return cpu_backend._call(cpu_backend._ext().Plan, buffers, steps, arena)
 
 
 def test_native_plan_rejects_inconsistent_descriptions():
-    buffers, steps, arena = _native_spec(compile_plan(fold(model_for(4))))
+    buffers, steps, arena = native_description(compile_plan(fold(model_for(4))))
     _build(buffers, steps, arena)  # the real one builds
     k = next(i for i, s in enumerate(steps) if s["kind"] == "qconv")
     cases = {

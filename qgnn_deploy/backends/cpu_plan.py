@@ -27,6 +27,16 @@ _DTYPE = {"u8": 0, "f32": 1}
 _ROLE = {"input": 0, "output": 1, "temp": 2}
 
 
+def native_description(plan):
+    """What ``_C.Plan`` is built from: (buffers [dtype, numel, role, arena offset] per task,
+    steps as dicts of their parameters with "kind", "name", "in", "out", arena bytes per task)."""
+    offsets, arena = plan.layout()
+    buffers = [[_DTYPE[b.dtype], b.numel, _ROLE[b.role], max(offsets[b.id], 0)] for b in plan.buffers]
+    steps = [dict(st.params, kind=st.kind, name=st.name, **{"in": list(st.inputs), "out": list(st.outputs)})
+             for st in plan.steps]
+    return buffers, steps, arena
+
+
 class CpuPlan:
     """An IntModel's plan on the C++ executor: a snapshot of the model's constants (weights
     are repacked and epilogue tables derived here, once)."""
@@ -34,13 +44,8 @@ class CpuPlan:
     def __init__(self, model):
         from ..plan import compile_plan
         self.plan = compile_plan(model)
-        offsets, arena = self.plan.layout()
-        buffers = [[_DTYPE[b.dtype], b.numel, _ROLE[b.role], max(offsets[b.id], 0)] for b in self.plan.buffers]
-        steps = [dict(st.params, kind=st.kind, name=st.name, **{"in": st.inputs, "out": st.outputs})
-                 for st in self.plan.steps]
-        self.native = cpu_ops._call(cpu_ops._ext().Plan, buffers, steps, arena)
+        self.native = cpu_ops._call(cpu_ops._ext().Plan, *native_description(self.plan))
         self.input_ids = self.plan.inputs
-        self.arena_bytes_per_task = arena
 
     def _run(self, images: torch.Tensor, support_labels: torch.Tensor, profile: bool):
         t = int(images.shape[0])
@@ -73,4 +78,4 @@ class CpuPlan:
                 for i, st in enumerate(self.plan.steps)]
 
 
-__all__ = ["CpuPlan"]
+__all__ = ["CpuPlan", "native_description"]

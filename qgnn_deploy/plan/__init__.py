@@ -13,10 +13,10 @@ The ``cpu`` backend runs a plan in one native call per episode batch
 from __future__ import annotations
 
 from .builder import PlanBuilder, Value
+from .plan import Buffer, Plan, Step
 
 #: the label-derived inputs of an episode plan, in ``episode_graph`` order
 GRAPH_INPUTS = ("distribution_node", "point_edge", "distribution_edge", "onehot")
-from .plan import Buffer, Plan, Step
 
 
 def compile_plan(model) -> Plan:

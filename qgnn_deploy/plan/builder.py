@@ -95,16 +95,21 @@ class PlanBuilder:
         self._residual_in_place()
         return self._compact(names, meta)
 
+    def _readers(self) -> Dict[int, List[int]]:
+        """buffer id -> the steps reading it, in order."""
+        readers: Dict[int, List[int]] = {}
+        for i, st in enumerate(self.steps):
+            for b in st.inputs:
+                readers.setdefault(b, []).append(i)
+        return readers
+
     def _fuse_requantization(self) -> None:
         """A layer whose fp32 output only feeds quantizers -- directly, or through max-pools,
         which commute with them (the quantizer is monotone) -- emits the codes itself, one set
         per distinct quantizer (at most 3), and the max-pools run on codes: the fp32 map is
         never written (the stem; a ResNet block's conv3, whose pooled output feeds the next
         block's two convs and, pooled again, layer_second)."""
-        readers: Dict[int, List[int]] = {}
-        for i, st in enumerate(self.steps):
-            for b in st.inputs:
-                readers.setdefault(b, []).append(i)
+        readers = self._readers()
 
         def uses(buf: int, path: tuple):
             """[(quantize step, max-pool steps on the way)] of ``buf``, or None."""
@@ -165,12 +170,8 @@ class PlanBuilder:
         ResNet block's shortcut conv feeding conv3) runs inside that layer's step, tile by
         tile: the residual map (4 bytes per element, the largest tensor of a block) is
         never written to memory."""
-        producer, readers = {}, {}
-        for i, st in enumerate(self.steps):
-            for b in st.outputs:
-                producer[b] = i
-            for b in st.inputs:
-                readers.setdefault(b, []).append(i)
+        producer = {b: i for i, st in enumerate(self.steps) for b in st.outputs}
+        readers = self._readers()
         drop = set()
         for i, st in enumerate(self.steps):
             if st.kind != "qlinear" or len(st.inputs) < 2 or st.inputs[1] < 0:

@@ -31,7 +31,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Tuple
 
-import numpy as np
 
 ALIGN = 64  # bytes; per-task slot offsets are multiples of it, so T * offset stays aligned
 DTYPE_BYTES = {"u8": 1, "f32": 4}
@@ -101,9 +100,6 @@ class Plan:
             live.append((off, need, last[bid]))
             size = max(size, off + need)
         return offsets, size
-
-    def weight_bytes(self) -> int:
-        return sum(v.nbytes for st in self.steps for v in st.params.values() if isinstance(v, np.ndarray))
 
     def summary(self) -> str:
         """One line per step: kind, name, shapes (per task)."""
