@@ -45,11 +45,7 @@ void prepare_float_layer(FloatLayer& L, const float* weight, int O, int K, const
                          int ks, int stride, int pad, int H, int W, int C, int nq, const float* out_l,
                          const float* out_s, const int* out_bits) {
   if (O <= 0 || K <= 0) throw ArgError("FP32 layer: O and K must be positive");
-  if (nq < 0 || nq > kMaxRequant) throw ArgError("at most 3 requantized outputs");
-  for (int k = 0; k < nq; ++k)
-    if (!std::isfinite(out_l[k]) || !std::isfinite(out_s[k]) || !(out_s[k] > 0.f) ||
-        (out_bits[k] != 2 && out_bits[k] != 3 && out_bits[k] != 4 && out_bits[k] != 8))
-      throw ArgError("FP32 layer: bad requantization (l, s, bits)");
+  const Requant rq = make_requant(nq, out_l, out_s, out_bits);
   for (int64_t i = 0; i < int64_t(O) * K; ++i)
     if (!std::isfinite(weight[i])) throw ArgError("FP32 layer weights hold NaN or Inf values");
   for (const float* v : {bias, post_scale, post_shift})
@@ -89,12 +85,7 @@ void prepare_float_layer(FloatLayer& L, const float* weight, int O, int K, const
   a.O = O;
   a.Op = Op;
   a.K = K;
-  a.nq = nq;
-  for (int k = 0; k < nq; ++k) {
-    a.out_l[k] = out_l[k];
-    a.out_s[k] = out_s[k];
-    a.qmax[k] = static_cast<float>((1 << out_bits[k]) - 1);
-  }
+  a.rq = rq;
   if (ks > 0) {
     if (K != ks * ks * C) throw ArgError("FP32 conv: K must be ks*ks*C");
     a.ks = ks;

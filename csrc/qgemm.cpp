@@ -170,7 +170,23 @@ void centre(Epi& e, const int32_t* ws_raw, const int32_t* cnt, int npat, Centred
   e.cnt_tab = t.cnt.data();
   e.t2_tab = t.t2.data();
   e.t4_tab = t.t4.data();
-  for (int k = 0; k < e.rq.nq; ++k) e.rq.inv_out_s[k] = 1.f / e.rq.out_s[k];
+}
+
+Requant make_requant(int nq, const float* out_l, const float* out_s, const int* out_bits) {
+  if (nq < 0 || nq > kMaxRequant) throw ArgError("at most 3 requantized outputs");
+  Requant rq;
+  rq.nq = nq;
+  for (int k = 0; k < nq; ++k) {
+    if (!std::isfinite(out_l[k]) || !std::isfinite(out_s[k]) || !(out_s[k] > 0.f))
+      throw ArgError("out_l must be finite, out_s finite and > 0");
+    if (out_bits[k] != 2 && out_bits[k] != 3 && out_bits[k] != 4 && out_bits[k] != 8)
+      throw ArgError("out_bits must be one of (2, 3, 4, 8)");
+    rq.out_l[k] = out_l[k];
+    rq.out_s[k] = out_s[k];
+    rq.qmax[k] = static_cast<float>((1 << out_bits[k]) - 1);
+    rq.inv_out_s[k] = 1.f / out_s[k];
+  }
+  return rq;
 }
 
 void tile_scalar(const TileArgs& t) {
@@ -289,13 +305,7 @@ void prepare_layer(QLayer& L, const PackedW& w, int a_bits, const LayerParams& p
   if (p.post_scale) L.post_scale.assign(p.post_scale, p.post_scale + O);
   if (p.post_shift) L.post_shift.assign(p.post_shift, p.post_shift + O);
   if (p.has_slope && !std::isfinite(p.slope)) throw ArgError("slope must be finite");
-  if (p.nq < 0 || p.nq > kMaxRequant) throw ArgError("at most 3 requantized outputs");
-  for (int k = 0; k < p.nq; ++k) {
-    if (!std::isfinite(p.out_l[k]) || !std::isfinite(p.out_s[k]) || !(p.out_s[k] > 0.f))
-      throw ArgError("out_l must be finite, out_s finite and > 0");
-    if (p.out_bits[k] != 2 && p.out_bits[k] != 3 && p.out_bits[k] != 4 && p.out_bits[k] != 8)
-      throw ArgError("out_bits must be one of (2, 3, 4, 8)");
-  }
+  const Requant rq = make_requant(p.nq, p.out_l, p.out_s, p.out_bits);
   Epi& e = L.epi;
   e = Epi{};
   e.c1 = L.c1.data();
@@ -308,12 +318,7 @@ void prepare_layer(QLayer& L, const PackedW& w, int a_bits, const LayerParams& p
   e.post_shift = p.post_shift ? L.post_shift.data() : nullptr;
   e.has_slope = p.has_slope;
   e.slope = p.slope;
-  e.rq.nq = p.nq;
-  for (int k = 0; k < p.nq; ++k) {
-    e.rq.out_l[k] = p.out_l[k];
-    e.rq.out_s[k] = p.out_s[k];
-    e.rq.qmax[k] = static_cast<float>((1 << p.out_bits[k]) - 1);
-  }
+  e.rq = rq;
   e.O = O;
   e.wbias = w.bias;
   if (ks == 0) {  // linear

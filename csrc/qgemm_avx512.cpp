@@ -47,16 +47,6 @@ struct Cols {
   __m512 c1, c3, ps, sh;
 };
 
-// Per-row operands: the border pattern's rows of the c2*WS', za*WS' and c4*CNT tables
-// (precomputed with the same fp32 products) and the row's AS / AS'.
-struct Row {
-  const float* t2;
-  const int32_t* zws;
-  const float* t4;
-  int32_t as;
-  float asp;
-};
-
 // Scalars and pointers of Epi copied to locals: the uint8 output stores may alias
 // anything, and would otherwise force a reload of every Epi field after each store.
 struct EpiK {
@@ -85,7 +75,7 @@ inline Cols load_cols(const Epi& e, int o, __mmask16 mk) {
 }
 
 template <int F>
-inline void epi16(const EpiK& e, const Cols& c, const Row& rw, int64_t m, int o, __mmask16 mk, __m512i acc) {
+inline void epi16(const EpiK& e, const Cols& c, const EpiRow& rw, int64_t m, int o, __mmask16 mk, __m512i acc) {
   const int64_t base = m * e.O + o;
 #define HAS(flag, rt) (F < 0 ? (rt) : (F & (flag)) != 0)
   if (HAS(kACC, e.acc_out != nullptr))
@@ -171,15 +161,8 @@ inline void block(const TileArgs& t, const int8_t* wb, int r0, int o0, const __m
   }
   const Epi& e = *t.e;
   const EpiK ek(e);
-  Row rows[R];
-  for (int r = 0; r < R; ++r) {
-    const int pat = t.rpat ? t.rpat[r0 + r] : 0;
-    const int64_t prow = static_cast<int64_t>(pat) * e.O;
-    const int32_t cnti = e.cnt_tab[pat];
-    const int32_t as = t.as[r0 + r];
-    rows[r] = Row{e.t2_tab + prow, e.zws_tab + prow, e.t4_tab + prow, as,
-                  static_cast<float>(static_cast<int32_t>(static_cast<uint32_t>(as) - static_cast<uint32_t>(e.za) * static_cast<uint32_t>(cnti)))};
-  }
+  EpiRow rows[R];
+  for (int r = 0; r < R; ++r) rows[r] = epi_row(e, t.rpat ? t.rpat[r0 + r] : 0, t.as[r0 + r]);
   const int64_t m0 = static_cast<int64_t>(t.m0) + r0;
   for (int j = 0; j < NV; ++j) {
     if (!mk[j]) continue;

@@ -37,18 +37,8 @@ struct EpiY {
         has_slope(e.has_slope) {}
 };
 
-// Per-row operands: the border pattern's rows of the c2*WS', za*WS' and c4*CNT tables
-// (precomputed with the same fp32 products) and the row's AS / AS'.
-struct RowY {
-  const float* t2;
-  const int32_t* zws;
-  const float* t4;
-  int32_t as;
-  float asp;
-};
-
 // 8 full columns [o, o+8) of row m, order as ref_epilogue
-inline void epi8(const EpiY& e, const RowY& rw, int64_t m, int o, __m256i acc) {
+inline void epi8(const EpiY& e, const EpiRow& rw, int64_t m, int o, __m256i acc) {
   const int64_t base = m * e.O + o;
   const __m256i asv = _mm256_set1_epi32(rw.as);
   if (e.acc_out)
@@ -116,12 +106,8 @@ inline void ymm_block(const TileArgs& t, const int8_t* wb, int r0, int ocb, int 
   const EpiY ey(e);
   for (int r = 0; r < R; ++r) {
     const int64_t m = static_cast<int64_t>(t.m0) + r0 + r;
-    const int pat = t.rpat ? t.rpat[r0 + r] : 0;
-    const int64_t prow = static_cast<int64_t>(pat) * e.O;
-    const int32_t cnti = e.cnt_tab[pat];
     const int32_t as = t.as[r0 + r];
-    const RowY rw{e.t2_tab + prow, e.zws_tab + prow, e.t4_tab + prow, as,
-                  static_cast<float>(static_cast<int32_t>(static_cast<uint32_t>(as) - static_cast<uint32_t>(e.za) * static_cast<uint32_t>(cnti)))};
+    const EpiRow rw = epi_row(e, t.rpat ? t.rpat[r0 + r] : 0, as);
     for (int j = 0; j < 2; ++j) {
       const int o = oc + 8 * j;
       if (o + 8 <= e.O) {

@@ -112,6 +112,9 @@ struct Requant {
   float inv_out_s[kMaxRequant] = {1.f, 1.f, 1.f};
   uint8_t* out_q[kMaxRequant] = {};
 };
+// The Requant of nq quantizers (l, s, bits), checked: l and s finite, s > 0, bits one of
+// (2, 3, 4, 8); out_q is left for the caller. Every layer kind derives its quantizers here.
+Requant make_requant(int nq, const float* out_l, const float* out_s, const int* out_bits);
 
 // The centred identity of ref_epilogue: zero points zw[o] (column operand, e.g. weights)
 // and za (row operand, e.g. activations) move into exact int32 parts
@@ -146,6 +149,22 @@ struct Epi {
   int32_t* acc_out = nullptr;
   int32_t* as_out = nullptr;
 };
+
+// A tile row's epilogue operands: its border pattern's rows of the c2*WS', za*WS' and
+// c4*CNT tables, its AS, and AS' = AS - za*CNT (int32, wrapping) in fp32. The ISA tiles
+// build it with epi_row; internal linkage, so each target's translation unit keeps its own.
+struct EpiRow {
+  const float* t2;
+  const int32_t* zws;
+  const float* t4;
+  int32_t as;
+  float asp;
+};
+static inline EpiRow epi_row(const Epi& e, int pat, int32_t as) {
+  const int64_t prow = static_cast<int64_t>(pat) * e.O;
+  const uint32_t asp = static_cast<uint32_t>(as) - static_cast<uint32_t>(e.za) * static_cast<uint32_t>(e.cnt_tab[pat]);
+  return EpiRow{e.t2_tab + prow, e.zws_tab + prow, e.t4_tab + prow, as, static_cast<float>(static_cast<int32_t>(asp))};
+}
 
 // ref_zero_split: z = clamp(rne(-offset / scale), 0, 255), d = offset + scale * z (fp32)
 void zero_split(float offset, float scale, int32_t* z, float* d);
@@ -258,8 +277,7 @@ struct F64Args {
   float slope = 0.f;
   int O = 0, Op = 0, K = 0;      // Op: O rounded up to 8
   int ks = 0, stride = 1, pad = 0, H = 1, W = 1, C = 0, Ho = 1, Wo = 1;  // conv geometry; ks = 0: linear
-  int nq = 0;                    // requantized outputs (codes = clamp(rne((y - l) / s), 0, qmax))
-  float out_l[kMaxRequant] = {}, out_s[kMaxRequant] = {1.f, 1.f, 1.f}, qmax[kMaxRequant] = {};
+  Requant rq;                    // requantized outputs (rq.out_q unused: the rows take out_q)
 };
 // output rows [r0, r1): linear x [rows, K]; conv x NHWC [B, H, W, C]; res / out_f / the
 // nq out_q [rows, O]
