@@ -126,6 +126,8 @@ namespace {
 template <class T>
 void max_pool_row(const T* __restrict x, T* __restrict y, int64_t b, int oh, int H, int W, int C, int ks,
                   int stride, int pad, int Ho, int Wo) {
+  constexpr int V = 16 / sizeof(T);
+  typedef T Vec __attribute__((vector_size(16)));
   const int ih0 = oh * stride - pad;
   const bool rows_in = ih0 >= 0 && ih0 + ks <= H;
   for (int ow = 0; ow < Wo; ++ow) {
@@ -133,12 +135,25 @@ void max_pool_row(const T* __restrict x, T* __restrict y, int64_t b, int oh, int
     const int iw0 = ow * stride - pad;
     if (rows_in && iw0 >= 0 && iw0 + ks <= W) {
       const T* __restrict in = x + ((b * H + ih0) * W + iw0) * C;
-      for (int c = 0; c < C; ++c) out[c] = in[c];
-      for (int i = 0; i < ks; ++i)
-        for (int j = 0; j < ks; ++j) {
-          const T* __restrict tap = in + (int64_t(i) * W + j) * C;
-          for (int c = 0; c < C; ++c) out[c] = std::max(out[c], tap[c]);
-        }
+      int c = 0;
+      // 16-byte chunks of channels held in a register across the window's taps
+      for (; c + V <= C; c += V) {
+        Vec m;
+        std::memcpy(&m, in + c, sizeof(Vec));
+        for (int i = 0; i < ks; ++i)
+          for (int j = 0; j < ks; ++j) {
+            Vec t;
+            std::memcpy(&t, in + (int64_t(i) * W + j) * C + c, sizeof(Vec));
+            m = m < t ? t : m;  // std::max's order (NaN as std::max)
+          }
+        std::memcpy(out + c, &m, sizeof(Vec));
+      }
+      for (; c < C; ++c) {
+        T m = in[c];
+        for (int i = 0; i < ks; ++i)
+          for (int j = 0; j < ks; ++j) m = std::max(m, in[(int64_t(i) * W + j) * C + c]);
+        out[c] = m;
+      }
       continue;
     }
     bool first = true;
@@ -164,7 +179,7 @@ void max_pool_row(const T* __restrict x, T* __restrict y, int64_t b, int oh, int
 template <class T>
 void max_pool_nhwc(const T* x, int64_t B, int H, int W, int C, int ks, int stride, int pad, T* y, int nthreads) {
   const int Ho = (H + 2 * pad - ks) / stride + 1, Wo = (W + 2 * pad - ks) / stride + 1;
-  const int nt = B * H * W * int64_t(C) * static_cast<int64_t>(sizeof(T)) > (1 << 20) ? nthreads : 1;
+  const int nt = B * H * W * int64_t(C) * static_cast<int64_t>(sizeof(T)) > (1 << 16) ? nthreads : 1;
   parallel_for(nt, B * Ho, [=](int64_t bo, int) {
     max_pool_row<T>(x, y, bo / Ho, static_cast<int>(bo % Ho), H, W, C, ks, stride, pad, Ho, Wo);
   });

@@ -164,6 +164,8 @@ void centre(Epi& e, const int32_t* ws_raw, const int32_t* cnt, int npat, Centred
       t.t2[i] = e.c2[o] * static_cast<float>(t.wsp[i]);
       t.t4[i] = e.c4[o] * static_cast<float>(cnt[q]);
     }
+  e.zero_rem = true;
+  for (int o = 0; o < O; ++o) e.zero_rem = e.zero_rem && e.c2[o] == 0.f && e.c3[o] == 0.f && e.c4[o] == 0.f;
   e.ws_tab = t.wsp.data();
   e.zws_tab = t.zws.data();
   e.nzw = t.nzw.data();

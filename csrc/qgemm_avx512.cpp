@@ -28,17 +28,19 @@ inline int32_t load32(const uint8_t* p) {
 
 // Epilogue on 16 columns [o, o+16) of row m (mask = columns < O); order as ref_epilogue.
 // F: compile-time epilogue flags (kPS | kSH | ...), or -1 to read them from e at run time.
-constexpr int kPS = 1, kSH = 2, kRES = 4, kSLOPE = 8, kQUANT = 16, kASFIRST = 32, kACC = 64;
+constexpr int kPS = 1, kSH = 2, kRES = 4, kSLOPE = 8, kQUANT = 16, kASFIRST = 32, kACC = 64, kZREM = 128;
 // the folded layers' epilogues (BN + LeakyReLU to codes; BN only; BN + LeakyReLU; BN +
 // residual + LeakyReLU, to fp32 or codes), compiled with their flags known; any other
-// combination reads them
+// combination reads them. kZREM (code outputs of a snapped layer): y = c1*ACC' alone,
+// since its remainder terms are signed zeros (Epi::zero_rem)
 constexpr int kConvBnLrelu = kPS | kSH | kSLOPE | kQUANT;
 constexpr int kBn = kPS | kSH, kBnLrelu = kPS | kSH | kSLOPE, kBnResLrelu = kPS | kSH | kRES | kSLOPE;
 constexpr int kBnResLreluQuant = kBnResLrelu | kQUANT;
 
 inline int epi_flags(const Epi& e) {
   return (e.post_scale ? kPS : 0) | (e.post_shift ? kSH : 0) | (e.residual ? kRES : 0) | (e.has_slope ? kSLOPE : 0) |
-         (e.rq.nq ? kQUANT : 0) | (e.as_first ? kASFIRST : 0) | (e.acc_out ? kACC : 0);
+         (e.rq.nq ? kQUANT : 0) | (e.as_first ? kASFIRST : 0) | (e.acc_out ? kACC : 0) |
+         (e.zero_rem && e.rq.nq ? kZREM : 0);
 }
 
 // The per-column operands of one 16-column group, loaded once for all rows of a block.
@@ -57,11 +59,11 @@ struct EpiK {
   int32_t wbias;
   float slope;
   Requant rq;
-  bool ps, sh, res, has_slope, as_first;
+  bool ps, sh, res, has_slope, as_first, zrem;
   explicit EpiK(const Epi& e)
       : residual(e.residual), out_f(e.out_f), acc_out(e.acc_out), O(e.O), wbias(e.wbias), slope(e.slope), rq(e.rq),
         ps(e.post_scale != nullptr), sh(e.post_shift != nullptr), res(e.residual != nullptr),
-        has_slope(e.has_slope), as_first(e.as_first) {}
+        has_slope(e.has_slope), as_first(e.as_first), zrem(e.zero_rem && e.rq.nq) {}
 };
 
 inline Cols load_cols(const Epi& e, int o, __mmask16 mk) {
@@ -83,15 +85,17 @@ inline void epi16(const EpiK& e, const Cols& c, const EpiRow& rw, int64_t m, int
   // ACC' = ACC + (wbias - zw)*AS - za*WS'   (int32, wrapping like the reference's int32)
   acc = _mm512_add_epi32(acc, _mm512_mullo_epi32(c.nzw, _mm512_set1_epi32(rw.as)));
   acc = _mm512_sub_epi32(acc, _mm512_maskz_loadu_epi32(mk, rw.zws + o));
-  const __m512 t3 = _mm512_mul_ps(c.c3, _mm512_set1_ps(rw.asp));
-  const __m512 t2 = _mm512_maskz_loadu_ps(mk, rw.t2 + o);
   __m512 y = _mm512_mul_ps(c.c1, _mm512_cvtepi32_ps(acc));
-  if (HAS(kASFIRST, e.as_first)) {
-    y = _mm512_add_ps(_mm512_add_ps(y, t3), t2);
-  } else {
-    y = _mm512_add_ps(_mm512_add_ps(y, t2), t3);
+  if (!HAS(kZREM, e.zrem)) {
+    const __m512 t3 = _mm512_mul_ps(c.c3, _mm512_set1_ps(rw.asp));
+    const __m512 t2 = _mm512_maskz_loadu_ps(mk, rw.t2 + o);
+    if (HAS(kASFIRST, e.as_first)) {
+      y = _mm512_add_ps(_mm512_add_ps(y, t3), t2);
+    } else {
+      y = _mm512_add_ps(_mm512_add_ps(y, t2), t3);
+    }
+    y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mk, rw.t4 + o));
   }
-  y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mk, rw.t4 + o));
   if (HAS(kPS, e.ps)) y = _mm512_mul_ps(y, c.ps);
   if (HAS(kSH, e.sh)) y = _mm512_add_ps(y, c.sh);
   if (HAS(kRES, e.res)) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mk, e.residual + base));
@@ -233,6 +237,8 @@ void tile_avx512(const TileArgs& t) {
       case kBnLrelu: run_block<kBnLrelu>(t, wb, o0, mk, ncols); break;
       case kBnResLrelu: run_block<kBnResLrelu>(t, wb, o0, mk, ncols); break;
       case kBnResLreluQuant: run_block<kBnResLreluQuant>(t, wb, o0, mk, ncols); break;
+      case kConvBnLrelu | kZREM: run_block<kConvBnLrelu | kZREM>(t, wb, o0, mk, ncols); break;
+      case kBnResLreluQuant | kZREM: run_block<kBnResLreluQuant | kZREM>(t, wb, o0, mk, ncols); break;
       default: run_block<-1>(t, wb, o0, mk, ncols); break;
     }
   }

@@ -30,11 +30,11 @@ struct EpiY {
   int32_t wbias;
   float slope;
   Requant rq;
-  bool as_first, has_slope;
+  bool as_first, has_slope, zrem;
   explicit EpiY(const Epi& e)
       : c1(e.c1), c3(e.c3), post_scale(e.post_scale), post_shift(e.post_shift), residual(e.residual), nzw(e.nzw),
         out_f(e.out_f), acc_out(e.acc_out), O(e.O), wbias(e.wbias), slope(e.slope), rq(e.rq), as_first(e.as_first),
-        has_slope(e.has_slope) {}
+        has_slope(e.has_slope), zrem(e.zero_rem && e.rq.nq) {}
 };
 
 // 8 full columns [o, o+8) of row m, order as ref_epilogue
@@ -46,11 +46,13 @@ inline void epi8(const EpiY& e, const EpiRow& rw, int64_t m, int o, __m256i acc)
   // ACC' = ACC + (wbias - zw)*AS - za*WS'   (int32, wrapping like the reference's int32)
   acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(e.nzw + o)), asv));
   acc = _mm256_sub_epi32(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rw.zws + o)));
-  const __m256 t2 = _mm256_loadu_ps(rw.t2 + o);
-  const __m256 t3 = _mm256_mul_ps(_mm256_loadu_ps(e.c3 + o), _mm256_set1_ps(rw.asp));
   __m256 y = _mm256_mul_ps(_mm256_loadu_ps(e.c1 + o), _mm256_cvtepi32_ps(acc));
-  y = e.as_first ? _mm256_add_ps(_mm256_add_ps(y, t3), t2) : _mm256_add_ps(_mm256_add_ps(y, t2), t3);
-  y = _mm256_add_ps(y, _mm256_loadu_ps(rw.t4 + o));
+  if (!e.zrem) {  // the remainder terms (signed zeros for code outputs of a snapped layer)
+    const __m256 t2 = _mm256_loadu_ps(rw.t2 + o);
+    const __m256 t3 = _mm256_mul_ps(_mm256_loadu_ps(e.c3 + o), _mm256_set1_ps(rw.asp));
+    y = e.as_first ? _mm256_add_ps(_mm256_add_ps(y, t3), t2) : _mm256_add_ps(_mm256_add_ps(y, t2), t3);
+    y = _mm256_add_ps(y, _mm256_loadu_ps(rw.t4 + o));
+  }
   if (e.post_scale) y = _mm256_mul_ps(y, _mm256_loadu_ps(e.post_scale + o));
   if (e.post_shift) y = _mm256_add_ps(y, _mm256_loadu_ps(e.post_shift + o));
   if (e.residual) y = _mm256_add_ps(y, _mm256_loadu_ps(e.residual + base));

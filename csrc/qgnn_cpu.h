@@ -133,6 +133,9 @@ struct Epi {
   float* out_f = nullptr;        // [M, O] when rq.nq == 0
   int O = 0;
   bool as_first = false;
+  // c2, c3, c4 all zero (zero_point="snap": offsets on the grid): the remainder terms add
+  // only signed zeros, which change no code -- so code outputs may skip them (centre())
+  bool zero_rem = false;
   int32_t wbias = 0;             // raw ACC = kernel ACC + wbias * AS (8-bit weights)
   const int32_t* zw = nullptr;   // [>= O] column zero points (binding)
   int32_t za = 0;                // row zero point (binding)

@@ -68,6 +68,16 @@ def test_plan_other_episode_geometries(overrides):
     assert outputs_equal(run(im, "reference", images, labels), run(im, "cpu", images, labels))
 
 
+@pytest.mark.parametrize("zero_point", ["exact", "snap"])
+def test_plan_wide_fp32_stem_and_per_channel_weights(zero_point):
+    """A 64-wide FP32 stem (the paper model's; its rows run in pixel pairs) and per-channel
+    weight offsets (column zero points that differ) at 3 bits."""
+    model = model_for(3, widths=(64, 16, 16, 16), weight_granularity="channel")
+    im = fold(model, zero_point=zero_point)
+    images, labels = calibration_episodes(model.config, tasks=2, seed=11)
+    assert outputs_equal(run(im, "reference", images, labels), run(im, "cpu", images, labels))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("bits", [2, 4])
 def test_plan_on_the_paper_model(bits):
@@ -77,9 +87,10 @@ def test_plan_on_the_paper_model(bits):
     assert outputs_equal(run(im, "reference", images, labels), run(im, "cpu", images, labels))
 
 
-def test_plan_on_every_isa_and_thread_count():
+@pytest.mark.parametrize("zero_point", ["exact", "snap"])
+def test_plan_on_every_isa_and_thread_count(zero_point):
     model = model_for(3)
-    im = fold(model)
+    im = fold(model, zero_point=zero_point)
     images, labels = calibration_episodes(model.config, tasks=2, seed=7)
     want = run(im, "reference", images, labels)
     im.backend = "cpu"

@@ -215,8 +215,9 @@ class PlanBuilder:
                 continue
             res, out = st.inputs[1], st.outputs[0]
             rb, ob = self.buffers[res], self.buffers[out]
+            # a fused shortcut's second input is its u8 codes, not a residual
             if (last.get(res) != i or rb.role != "temp" or ob.role != "temp" or ob.dtype != "f32"
-                    or rb.numel != ob.numel or res == st.inputs[0]):
+                    or rb.dtype != "f32" or rb.numel != ob.numel or res == st.inputs[0]):
                 continue
             st.outputs[0] = res
             for later in self.steps[i + 1:]:
