@@ -67,13 +67,14 @@ void prepare_float_layer(FloatLayer& L, const float* weight, int O, int K, const
     for (int o = 0; o < O; ++o) L.bias[o] = bias[o];
   L.post_scale.clear();
   L.post_shift.clear();
+  const int Op16 = (O + 15) / 16 * 16;  // the row epilogue reads 16 floats at a time
   if (post_scale) {
     L.post_scale.assign(post_scale, post_scale + O);
-    L.post_scale.resize(Op, 0.f);
+    L.post_scale.resize(Op16, 0.f);
   }
   if (post_shift) {
     L.post_shift.assign(post_shift, post_shift + O);
-    L.post_shift.resize(Op, 0.f);
+    L.post_shift.resize(Op16, 0.f);
   }
   F64Args& a = L.args;
   a.wt = L.wt.data();
