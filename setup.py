@@ -66,6 +66,7 @@ setup(
         "qgnn_deploy.training",
         "qgnn_deploy.commands",
         "qgnn_deploy.benchmarks",
+        "qgnn_deploy.serving",
         "qgnn_deploy.kernels",
         "qgnn_deploy.export",
     ],
@@ -80,7 +81,9 @@ setup(
     cmdclass={"build_ext": build_ext},
     install_requires=install_requires,
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "pytest-xdist>=3"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "pytest-xdist>=3",
+                 "tritonclient[grpc]>=2.40"],
+        "serve": ["ray[serve]>=2.40"],
     },
     entry_points={"console_scripts": ["qgnn-deploy=qgnn_deploy.cli:main"]},
 )

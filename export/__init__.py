@@ -114,7 +114,8 @@ def _is_int_model(model) -> bool:
 
 
 def _is_quantized(model) -> bool:
-    return any(getattr(m, "bits", 32) < 32 for m in model.modules())
+    from qgnn_deploy.models import has_quantized_layers
+    return has_quantized_layers(model)
 
 
 def build_onnx(model, **options: Any):
@@ -192,6 +193,16 @@ def _fold(model, zero_point: str):
     return fold(model, zero_point=zero_point)
 
 
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename (a reader never
+    sees half a model), creating the parent folder."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
 def export_onnx(model, path: str, **options: Any) -> Dict[str, Any]:
     """Export ``model`` to the ONNX file ``path`` (written atomically).
 
@@ -209,11 +220,7 @@ def export_onnx(model, path: str, **options: Any) -> Dict[str, Any]:
     """
     proto, info = build_onnx(model, **options)
     data = proto.SerializeToString()
-    tmp = f"{path}.tmp-{os.getpid()}"
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, data)
     info.update(path=path, bytes=len(data), ir_version=proto.ir_version)
     return info
 

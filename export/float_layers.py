@@ -34,8 +34,8 @@ class FloatLayers:
             raise ExportError(f"layer {name!r}: not found in the model") from None
         if not isinstance(m, kinds):
             raise ExportError(f"layer {name!r}: expected {kinds}, found {type(m).__name__}")
-        if getattr(m, "bits", 32) < 32:
-            raise ExportError(f"layer {name!r}: fake-quant layer ({m.bits} bits) in a float "
+        if getattr(m, "quantized", False):
+            raise ExportError(f"layer {name!r}: fake-quant layer (w{m.bits.w}a{m.bits.a}) in a float "
                               "export; fold the model first (export_onnx does it for QGNNModel)")
         return m
 
@@ -90,6 +90,6 @@ class FloatLayers:
     def bmm(self, name: str, adj: str, nodes: str) -> str:
         """adj [T, N, N] @ nodes [T, N, D]."""
         m = self.model.get_submodule(name)
-        if getattr(m, "bits", 32) < 32:
+        if getattr(m, "quantized", False):
             raise ExportError(f"layer {name!r}: fake-quant aggregation in a float export")
         return self.g.op("MatMul", [adj, nodes], "aggregate")

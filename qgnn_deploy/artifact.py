@@ -20,6 +20,11 @@ Layout::
 Per-tensor weight quantizers store ``w_scale``/``w_offset`` as header numbers (the
 IntModel broadcasts them to [O]); JSON numbers round-trip fp32 values exactly.
 
+Bits are recorded twice and must agree (loading checks it): each layer record's
+``w_bits``/``a_bits`` (aggregation: ``a_bits`` adjacency, ``v_bits`` nodes) and the config's
+``layer_bits`` ``{name: {"w", "a"}}`` (mixed precision, docs/mixed-precision.md; older
+files' ``{name: bits}`` read as w = a) over its default ``bits``.
+
 Loading reads the whole file once, checks the safetensors framing itself before any
 allocation (header length against the file size, every tensor's byte range inside the
 data region), the header hash, format and version, every tensor's dtype and shape
@@ -391,6 +396,17 @@ def _read(path: str) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
     return header, tensors
 
 
+def _check_layer_bits(config, layers: Dict[str, nn.Module]) -> None:
+    """Every quantizable layer's record has the bits its config resolves to."""
+    from .bits_config import quantizable_layer_names
+    from .intmodel import layer_bits
+    for name in quantizable_layer_names(config):
+        if name in layers and layer_bits(layers[name]) != config.bits_for(name):
+            got, want = layer_bits(layers[name]), config.bits_for(name)
+            raise ArtifactError(f"layer {name} holds w={got.w} a={got.a} bits but the header's config "
+                                f"says w={want.w} a={want.a}")
+
+
 def load_int_model(path: str, backend: Optional[str] = None):
     """Load a .qgnn file as an :class:`~qgnn_deploy.intmodel.IntModel` (or raise ArtifactError)."""
     from .config import ModelConfig
@@ -410,6 +426,7 @@ def load_int_model(path: str, backend: Optional[str] = None):
             raise ArtifactError(f"generations must be an integer, got {gens!r}")
         model = IntModel(config, layers, generations=gens, zero_point=header.get("zero_point"),
                          backend=backend)
+        _check_layer_bits(config, layers)
         check_int_model(model)  # int32 accumulators cannot overflow for any layer it holds
     except ArtifactError as e:
         raise ArtifactError(f"{path!r}: {e}") from None

@@ -19,15 +19,20 @@ COMMANDS = {
     "export": "export a model to ONNX that stock onnxruntime runs",
     "report": "Bit-FLOPs, parameters and bytes per layer vs the FP32 model",
     "bench": "latency of every backend vs torch FP32 and onnxruntime",
+    "quantize": "post-training quantization of an FP checkpoint (PQ ranges calibrated, no training)",
+    "serve": "serve an integer model over HTTP on Ray Serve (local instance or a cluster)",
     "demo": "the whole pipeline on the embedded default model",
 }
 
 
 def add_source_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
-    """SOURCE: a checkpoint, a .qgnn artifact, or --preset P --bits B."""
+    """SOURCE: a checkpoint, a .qgnn artifact, or --preset P with --bits B or --bits-config FILE."""
     p.add_argument("source", nargs="?", help="checkpoint (.pt) or integer model (.qgnn)")
     p.add_argument("--preset", help="model preset (tiny, resnet12-cifarfs) instead of a file")
-    p.add_argument("--bits", type=int, help="bit-width with --preset (2, 3, 4, 8 or 32)")
+    bits = p.add_mutually_exclusive_group()
+    bits.add_argument("--bits", type=int, help="bit-width with --preset (2, 3, 4, 8 or 32)")
+    bits.add_argument("--bits-config", metavar="FILE.json",
+                      help="per-layer weight/activation bits with --preset (docs/mixed-precision.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:

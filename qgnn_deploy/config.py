@@ -1,23 +1,66 @@
 """Model configuration and presets.
 
 ``ModelConfig`` fixes the architecture (ResNet-12 + DPGN) and the quantization
-bit-widths. ``bits`` is the default for every quantizable layer; ``layer_bits``
-overrides it per layer (mixed precision) by the layer's qualified name in the
-model, e.g. ``"backbone.layer2.0.conv2"`` or ``"gnn.point_sim_generation_0.point_sim_transform.0"``,
-or ``"gnn.distribution2point_generation_3.aggregation"`` for a graph aggregation.
-A bit-width of 32 means the layer runs in floating point.
+bit-widths. ``bits`` is the default for both operands of every quantizable layer;
+``layer_bits`` overrides it per layer (mixed precision, docs/mixed-precision.md) by the
+layer's qualified name in the model, e.g. ``"backbone.layer2.0.conv2"`` or
+``"gnn.point_sim_generation_0.point_sim_transform.0"``, or
+``"gnn.distribution2point_generation_3.aggregation"`` for a graph aggregation, with a
+:class:`LayerBits` pair ``(w, a)``: the weight and the input-activation bit-widths (for an
+aggregation ``A @ V``: w = the adjacency ``A``, a = the node features ``V``). A bit-width of
+32 means the layer runs in floating point, for both operands together.
+
+``layer_bits`` accepts a plain ``bits`` value per layer (w = a, the form of older
+checkpoints and artifacts) or ``{"w": ..., "a": ...}``; it is stored as ``LayerBits`` and
+written as ``{"w": ..., "a": ...}``. Resolving a bits-config file
+(:mod:`qgnn_deploy.bits_config`) lists every quantizable layer.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, NamedTuple, Tuple
 
 from .errors import ConfigError
 
 SUPPORTED_BITS = (2, 3, 4, 8, 32)
 QUANT_BITS = (2, 3, 4, 8)
 SUPPORTED_IMAGE_SIZES = (32, 84)
+
+
+class LayerBits(NamedTuple):
+    """Bit-widths of one layer: ``w`` the weight (aggregation: adjacency), ``a`` the input
+    activation (aggregation: node features). Both 32 = the layer runs in FP32."""
+
+    w: int
+    a: int
+
+    @property
+    def quantized(self) -> bool:
+        return self.w < 32
+
+    def to_dict(self) -> Dict[str, int]:
+        return {"w": self.w, "a": self.a}
+
+
+FP32_LAYER = LayerBits(32, 32)
+
+
+def check_layer_bits(bits: Any, what: str) -> LayerBits:
+    """``bits`` (an int for w = a, ``{"w", "a"}`` or a LayerBits) as a valid LayerBits."""
+    if isinstance(bits, dict):
+        if set(bits) != {"w", "a"}:
+            raise ConfigError(f"{what} must have exactly the keys 'w' and 'a', got {sorted(bits)}")
+        pair = LayerBits(bits["w"], bits["a"])
+    elif isinstance(bits, tuple) and len(bits) == 2:
+        pair = LayerBits(*bits)
+    else:
+        pair = LayerBits(bits, bits)
+    for key, b in zip("wa", pair):
+        check_bits(b, f"{what}.{key}")
+    if (pair.w == 32) != (pair.a == 32):
+        raise ConfigError(f"{what}: 32 (FP32) goes for both operands together, got w={pair.w} a={pair.a}")
+    return pair
 
 
 @dataclass(frozen=True)
@@ -33,7 +76,8 @@ class ModelConfig:
         generations: number of DPGN generations.
         dropout: Dropout2d rate in every generation but the last (as DPGN).
         bits: default bit-width of weights and input activations of quantized layers.
-        layer_bits: per-layer overrides ``{qualified_name: bits}``.
+        layer_bits: per-layer overrides ``{qualified_name: LayerBits(w, a)}`` (given as
+            ints or ``{"w", "a"}`` dicts too).
         weight_granularity: ``"tensor"`` (the paper) or ``"channel"`` (per output channel).
         leaky_slope_backbone: LeakyReLU slope inside the residual blocks (0.2).
     """
@@ -46,9 +90,16 @@ class ModelConfig:
     generations: int = 6
     dropout: float = 0.1
     bits: int = 32
-    layer_bits: Dict[str, int] = field(default_factory=dict)
+    layer_bits: Dict[str, LayerBits] = field(default_factory=dict)
     weight_granularity: str = "tensor"
     leaky_slope_backbone: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.layer_bits, dict):
+            raise ConfigError(f"layer_bits must be a dict, got {type(self.layer_bits).__name__}")
+        # one stored form (frozen dataclass: set through object.__setattr__)
+        object.__setattr__(self, "layer_bits", {
+            str(name): check_layer_bits(b, f"layer_bits[{name!r}]") for name, b in self.layer_bits.items()})
 
     @property
     def num_supports(self) -> int:
@@ -73,15 +124,19 @@ class ModelConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         check_bits(self.bits, "bits")
-        for name, b in self.layer_bits.items():
-            check_bits(b, f"layer_bits[{name!r}]")
         if self.weight_granularity not in ("tensor", "channel"):
             raise ConfigError(
                 f"weight_granularity must be 'tensor' or 'channel', got {self.weight_granularity!r}")
         return self
 
-    def bits_for(self, name: str) -> int:
-        return int(self.layer_bits.get(name, self.bits))
+    def bits_for(self, name: str) -> LayerBits:
+        """The (w, a) bit-widths of layer ``name``."""
+        return self.layer_bits.get(name, LayerBits(self.bits, self.bits))
+
+    @property
+    def quantized(self) -> bool:
+        """Whether any layer is quantized (``bits`` or an override below 32)."""
+        return self.bits < 32 or any(b.quantized for b in self.layer_bits.values())
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes).validate()
@@ -89,7 +144,7 @@ class ModelConfig:
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
         d["widths"] = list(self.widths)
-        d["layer_bits"] = dict(self.layer_bits)
+        d["layer_bits"] = {name: b.to_dict() for name, b in self.layer_bits.items()}
         return d
 
     @classmethod
@@ -104,8 +159,6 @@ class ModelConfig:
         try:
             if "widths" in d:
                 d["widths"] = tuple(int(w) for w in d["widths"])
-            if "layer_bits" in d:
-                d["layer_bits"] = {str(k): int(v) for k, v in dict(d["layer_bits"]).items()}
             config = cls(**d)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"invalid model config: {e}") from None

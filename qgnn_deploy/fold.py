@@ -61,18 +61,18 @@ def check_foldable(model: QGNNModel) -> None:
     if not isinstance(model, QGNNModel):
         raise ConfigError(f"fold expects a QGNNModel, got {type(model).__name__}")
     for name, layer in quantizable_layers(model).items():
-        if layer.bits == 32:
+        if not layer.quantized:
             continue
-        if layer.bits not in PACKABLE_BITS:
-            raise ConfigError(f"layer {name}: {layer.bits}-bit quantization is not supported by "
-                              f"the integer engine (supported: {PACKABLE_BITS} and 32 for FP32)")
         quants = _quantizers(layer)
         if len(quants) != 2:
-            raise CheckpointError(f"layer {name} has bits={layer.bits} but lacks its quantizers")
-        for qname, q in quants:
+            raise CheckpointError(f"layer {name} has bits={tuple(layer.bits)} but lacks its quantizers")
+        for (qname, q), want in zip(quants, layer.bits):  # (weight | adjacency, input | nodes)
             where = f"{name}.{qname}"
-            if q.bits != layer.bits:
-                raise ConfigError(f"{where}: quantizer has {q.bits} bits, layer says {layer.bits}")
+            if want not in PACKABLE_BITS:
+                raise ConfigError(f"layer {name}: {want}-bit {qname} is not supported by the integer "
+                                  f"engine (supported: {PACKABLE_BITS} and 32 for FP32)")
+            if q.bits != want:
+                raise ConfigError(f"{where}: quantizer has {q.bits} bits, layer says {want}")
             if not bool(q.initialized):
                 raise CheckpointError(
                     f"{where} is uninitialised: its PQ range never saw data (a checkpoint without "
@@ -183,7 +183,7 @@ def fold_conv(name: str, conv: nn.Conv2d, bn: Optional[nn.Module], slope: Option
     rows = codes.permute(0, 2, 3, 1).reshape(o, -1).contiguous()  # (kh, kw, C_in) order
     a_l, a_s, a_bits = act_params(conv.act_quant)
     return IntConv2d(name, conv.in_channels, conv.out_channels, k[0], st[0], pad[0], residual=residual,
-                     w_packed=pack_codes(rows, conv.bits), w_bits=conv.bits, a_bits=a_bits,
+                     w_packed=pack_codes(rows, conv.bits.w), w_bits=conv.bits.w, a_bits=a_bits,
                      w_scale=w_scale, w_offset=w_offset, a_scale=a_s, a_offset=a_l,
                      post_scale=post_scale, post_shift=post_shift, slope=slope, out_quant=None,
                      w_granularity=gran)
@@ -209,7 +209,7 @@ def fold_linear(name: str, lin: nn.Linear, bn: Optional[nn.Module], slope: Optio
     codes, w_scale, w_offset, gran = weight_codes(lin)
     a_l, a_s, a_bits = act_params(lin.act_quant)
     return IntLinear(name, lin.in_features, lin.out_features, input_hwc=input_hwc,
-                     w_packed=pack_codes(reorder(codes), lin.bits), w_bits=lin.bits, a_bits=a_bits,
+                     w_packed=pack_codes(reorder(codes), lin.bits.w), w_bits=lin.bits.w, a_bits=a_bits,
                      w_scale=w_scale, w_offset=w_offset, a_scale=a_s, a_offset=a_l,
                      post_scale=post_scale, post_shift=post_shift, slope=slope, out_quant=None,
                      w_granularity=gran)

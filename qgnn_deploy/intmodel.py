@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
+from .config import LayerBits, ModelConfig
 from .errors import ArtifactError, ConfigError
 from .models.qgnn import EpisodeOutput, check_episode, episode_graph
 from .ops import registry as qops
@@ -77,6 +77,14 @@ def _opt_buffer(module: nn.Module, name: str, value: Optional[Tensor]) -> None:
 
 def _f(x) -> Optional[float]:
     return None if x is None else float(x)
+
+
+def layer_bits(layer: nn.Module) -> LayerBits:
+    """(w, a) of an IntModel layer as ModelConfig.layer_bits names them: weight and input
+    bits, for an aggregation the adjacency (``a_bits``) and node (``v_bits``) bits."""
+    if hasattr(layer, "v_bits"):
+        return LayerBits(layer.a_bits, layer.v_bits)
+    return LayerBits(layer.w_bits, layer.a_bits)
 
 
 # ------------------------------------------------------------------ integer layers

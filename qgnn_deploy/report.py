@@ -271,10 +271,10 @@ def _layer_bits(module: nn.Module) -> Tuple[int, int]:
         return int(module.a_bits), int(module.v_bits)
     if hasattr(module, "w_bits"):  # integer-model layers
         return int(module.w_bits), int(module.a_bits)
-    bits = getattr(module, "bits", None)
+    bits = getattr(module, "bits", None)  # fake-quant layers: LayerBits (w | adjacency, a | nodes)
     if bits is None:
         return FP32_BITS, FP32_BITS
-    return int(bits), int(bits)
+    return int(bits.w), int(bits.a)
 
 
 def _is_quantizer(module: nn.Module) -> bool:
@@ -659,7 +659,7 @@ def count_bit_flops(model: nn.Module, images: Optional[torch.Tensor] = None,
 
     Args:
         model: a :class:`~qgnn_deploy.models.QGNNModel` (FP32 or fake-quant; bits from each
-            layer's ``.bits``) or an IntModel (bits from the ``qgnn::`` ops' arguments).
+            layer's ``.bits`` pair) or an IntModel (bits from the ``qgnn::`` ops' arguments).
         images, support_labels: the episode; default a random batch of ``tasks`` tasks.
         per_image_backbone: count the backbone for ONE image (rows under ``backbone``
             divided by the images per batch, exact since the backbone is per image) next to
@@ -713,8 +713,10 @@ def _model_label(model) -> str:
     cfg = getattr(model, "config", None)
     if cfg is None:
         return type(model).__name__
-    bits = sorted({int(cfg.bits), *map(int, getattr(cfg, "layer_bits", {}).values())})
-    return f"{type(model).__name__} bits={'/'.join(map(str, bits))}"
+    pairs = {(int(cfg.bits), int(cfg.bits)), *getattr(cfg, "layer_bits", {}).values()}
+    if all(w == a for w, a in pairs):
+        return f"{type(model).__name__} bits={'/'.join(str(w) for w, _ in sorted(pairs))}"
+    return f"{type(model).__name__} bits={'/'.join(f'w{w}a{a}' for w, a in sorted(pairs))}"
 
 
 # ------------------------------------------------------------------ paper comparison

@@ -3,15 +3,21 @@
 A preset with bits means the embedded trained checkpoint where one ships
 (``qgnn_deploy/assets/<preset>-w<bits>.pt``), else a freshly built model whose
 quantizers are calibrated on synthetic episodes under a fixed seed (said on stderr).
+``--preset P --bits-config FILE`` is always such a calibrated model, at the per-layer
+bits the file resolves to (:mod:`qgnn_deploy.bits_config`). A checkpoint or artifact
+carries its own bits: ``--bits`` / ``--bits-config`` with one is an error.
 """
 from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Dict, Optional
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import LayerBits
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 CALIBRATION_SEED = 0
@@ -26,10 +32,16 @@ class Source:
     path: Optional[str] = None
     preset: Optional[str] = None
     bits: Optional[int] = None
+    bits_config: Optional[str] = None  # the --bits-config file of a preset
+    layer_bits: Dict[str, LayerBits] = field(default_factory=dict)  # what it resolved to
 
     @property
     def label(self) -> str:
-        return self.path if self.path else f"--preset {self.preset} --bits {self.bits}"
+        if self.path:
+            return self.path
+        if self.bits_config:
+            return f"--preset {self.preset} --bits-config {self.bits_config}"
+        return f"--preset {self.preset} --bits {self.bits}"
 
 
 def embedded_checkpoint(preset: str, bits: int) -> Optional[str]:
@@ -38,18 +50,28 @@ def embedded_checkpoint(preset: str, bits: int) -> Optional[str]:
 
 
 def parse_source(args) -> Source:
-    """From argparse args with ``source``, ``preset``, ``bits`` (see cli.add_source_arguments)."""
+    """From argparse args with ``source``, ``preset``, ``bits``, ``bits_config`` (see
+    cli.add_source_arguments); a bits-config is read and resolved here, before any work."""
     path, preset, bits = getattr(args, "source", None), getattr(args, "preset", None), getattr(args, "bits", None)
+    bits_config = getattr(args, "bits_config", None)
     if path and preset:
         raise ConfigError("give either a SOURCE file or --preset/--bits, not both")
+    if bits is not None and bits_config:
+        raise ConfigError("give --bits (one bit-width) or --bits-config (per layer), not both")
     if preset:
         from .config import check_bits, preset_config
-        preset_config(preset)  # validates the name
+        config = preset_config(preset)  # validates the name
+        if bits_config:
+            from .bits_config import load_bits_config, resolve_bits
+            resolved = resolve_bits(load_bits_config(bits_config), config)
+            return Source("preset", preset=preset, bits=resolved.bits, bits_config=bits_config,
+                          layer_bits=resolved.layer_bits)
         return Source("preset", preset=preset, bits=check_bits(32 if bits is None else bits, "--bits"))
     if not path:
         raise ConfigError("no SOURCE: give a checkpoint, a .qgnn file, or --preset P --bits B")
-    if bits is not None:
-        raise ConfigError("--bits only goes with --preset (a file carries its own bit-widths)")
+    if bits is not None or bits_config:
+        raise ConfigError(f"--{'bits' if bits is not None else 'bits-config'} only goes with --preset: "
+                          "a file carries its own per-layer bit-widths (`qgnn-deploy report FILE` lists them)")
     if not os.path.exists(path):
         raise ConfigError(f"SOURCE {path!r} does not exist")
     kind = "artifact" if path.endswith(".qgnn") else "checkpoint"
@@ -63,6 +85,8 @@ def load_float_model(src: Source, quiet: bool = False):
         raise ConfigError(f"{src.path!r} is an integer model; this needs a checkpoint or a preset")
     if src.kind == "checkpoint":
         return load_checkpoint(src.path).eval()
+    if src.layer_bits:
+        return calibrated_model(src.preset, src.bits, quiet=quiet, layer_bits=src.layer_bits)
     emb = embedded_checkpoint(src.preset, src.bits)
     if emb:
         return load_checkpoint(emb).eval()
@@ -82,7 +106,8 @@ def calibrated_model(preset: str, bits: int, quiet: bool = False, seed: int = CA
     model = build_model(config)
     images, labels = calibration_episodes(config, tasks=CALIBRATION_TASKS, seed=seed)
     if not quiet:
-        print(f"note: no trained checkpoint ships for --preset {preset} --bits {bits}; using a fresh "
+        what = "with per-layer bits" if config.layer_bits else f"--bits {bits}"
+        print(f"note: no trained checkpoint ships for --preset {preset} {what}; using a fresh "
               f"model calibrated on {CALIBRATION_TASKS} synthetic episodes (seed {seed})", file=sys.stderr)
     # BN statistics from the calibration batch (cumulative average, no dropout), PQ ranges
     # from the same pass.

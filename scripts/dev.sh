@@ -27,7 +27,7 @@ setup() {
   # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
   "$py" -m pip install -q "$TORCH_SPEC"
   echo "== building qgnn-deploy (C++ kernels) into $VENV"
-  "$py" -m pip install -q --no-build-isolation -e ".[test]"
+  "$py" -m pip install -q --no-build-isolation -e ".[test,serve]"
 }
 
 cmd=${1:-}

@@ -6,7 +6,7 @@ import os
 
 from qgnn_deploy import sources
 from qgnn_deploy.checkpoint import load_checkpoint
-from qgnn_deploy.config import preset_config
+from qgnn_deploy.config import LayerBits, preset_config
 from qgnn_deploy.data import calibration_episodes, episode_batches
 from qgnn_deploy.errors import CheckpointError, ConfigError, InputError
 from qgnn_deploy.fold import (AGREEMENT_BAR, CODE_DIFF_BAR, CODE_MISMATCH_BAR, LOGIT_DIFF_BAR,
@@ -323,7 +323,7 @@ def test_refuses_unsupported_bits_naming_the_layer():
     model = calibrated("tiny", 2)
     import copy
     bad = copy.deepcopy(model)
-    bad.backbone.layer3[0].conv2.bits = 5
+    bad.backbone.layer3[0].conv2.bits = LayerBits(5, 2)
     with pytest.raises(ConfigError, match=r"backbone\.layer3\.0\.conv2: 5-bit"):
         fold(bad)
     with pytest.raises(ConfigError, match="zero_point"):

@@ -53,7 +53,7 @@ def test_fp32_layers_stay_fp32_and_the_rest_is_quantized():
     assert type(last) is F64Conv2d and last.bias is not None
     assert type(m.gnn.initial_edge.point_sim_transform[-1]) is F64Conv2d
     layers = quantizable_layers(m)
-    assert all(layer.bits == 2 for layer in layers.values())
+    assert all(layer.bits == (2, 2) for layer in layers.values())
     kinds = {type(layer) for layer in layers.values()}
     assert kinds == {QConv2d, QLinear, QAggregation}
 
@@ -75,10 +75,10 @@ def test_mixed_per_layer_bits():
                                                   "gnn.point_sim_generation_0.point_sim_transform.0": 32})
     m = build_model(config)
     layers = quantizable_layers(m)
-    assert layers[name_conv].bits == 2 and layers[name_conv].weight_quant.bits == 2
-    assert layers[name_agg].bits == 8 and layers[name_agg].adj_quant.bits == 8
+    assert layers[name_conv].bits == (2, 2) and layers[name_conv].weight_quant.bits == 2
+    assert layers[name_agg].bits == (8, 8) and layers[name_agg].adj_quant.bits == 8
     assert layers["gnn.point_sim_generation_0.point_sim_transform.0"].weight_quant is None
-    assert layers["backbone.layer1.0.conv1"].bits == 4
+    assert layers["backbone.layer1.0.conv1"].bits == (4, 4)
     m.eval()(*episode(config))
 
 

@@ -85,10 +85,10 @@ def model_fingerprint(model: torch.nn.Module, options: Dict[str, Any]) -> str:
 def float_counterpart(model: torch.nn.Module) -> torch.nn.Module:
     """The FP32 :class:`QGNNModel` with ``model``'s float weights (a fake-quant model loses
     its quantizers; an FP32 model is returned as is)."""
-    from ..models import QGNNModel, build_model
+    from ..models import QGNNModel, build_model, has_quantized_layers
     if not isinstance(model, QGNNModel):
         raise InputError(f"an FP32 export needs a QGNNModel (checkpoint), got {type(model).__name__}")
-    if not any(getattr(m, "bits", 32) < 32 for m in model.modules()):
+    if not has_quantized_layers(model):
         return model
     fp = build_model(model.config.replace(bits=32, layer_bits={}))
     state = {k: v for k, v in model.state_dict().items() if k in fp.state_dict()}

@@ -78,7 +78,7 @@ def load_models(src, zero_point=None, quiet: bool = False):
 def source_trained(src) -> bool:
     """False for a preset with no shipped checkpoint (calibrated only: accuracy is chance)."""
     from ..sources import embedded_checkpoint
-    return src.kind != "preset" or embedded_checkpoint(src.preset, src.bits) is not None
+    return src.kind != "preset" or (not src.layer_bits and embedded_checkpoint(src.preset, src.bits) is not None)
 
 
 def layer_results(model, threads, repeats, warmup, log):

@@ -6,6 +6,7 @@ Examples::
     qgnn-deploy export --preset tiny --bits 4 --zero-point snap --form qdq --out w4.onnx
     qgnn-deploy export fp.pt --out fp32.onnx                # an FP32 checkpoint
     qgnn-deploy export w4.pt --fp32 --out baseline.onnx      # a QAT model's float weights
+    qgnn-deploy export w4.pt --triton-repo models --json     # models/w4/{config.pbtxt,1/model.onnx}
 
 A ``.qgnn`` artifact exports as is; a fake-quant checkpoint / preset is folded first
 (``--zero-point``); an FP32 model exports as float. ``--check`` runs the export in
@@ -13,19 +14,38 @@ onnxruntime next to the reference engine on sample episodes and prints the parit
 figures (``--json``: one JSON object on stdout; notes go to stderr). The exit status
 is 1 when the check fails its bars (docs/integer-contract.md). Every result says which
 runtimes run the file (``portability``: its op domains, contrib ops, and the runtimes
-known to run the form).
+known to run the form). ``--triton-repo DIR`` also (or instead of ``--out``) writes a
+Triton Inference Server model repository, ``DIR/NAME/config.pbtxt`` + ``DIR/NAME/1/model.onnx``
+(``qgnn_deploy.export.triton_repo``; docs/onnx.md).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..cli import add_source_arguments
     add_source_arguments(p)
-    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--out", help="the .onnx file to write (this, --triton-repo, or both)")
+    p.add_argument("--triton-repo", metavar="DIR",
+                   help="also write a Triton model repository: DIR/NAME/config.pbtxt and "
+                        "DIR/NAME/1/model.onnx")
+    p.add_argument("--model-name", help="the Triton model name (default: the stem of SOURCE; "
+                                        "'qgnn' for a preset)")
+    p.add_argument("--max-batch-size", type=int, default=None,
+                   help="Triton max_batch_size: the most tasks (episodes) one batch holds "
+                        "(default 64)")
+    p.add_argument("--max-queue-delay-us", type=int, default=None,
+                   help="Triton dynamic batching: how long a request may wait for others "
+                        "(microseconds, default 500)")
+    p.add_argument("--instance-kind", choices=["auto", "cpu", "gpu", "both"],
+                   help="Triton instance_group: KIND_AUTO (GPU where the server has one, else "
+                        "CPU: valid on every server), KIND_CPU, KIND_GPU, or a CPU and a GPU "
+                        "group ('both'; gpu and both load only on a server that sees a GPU); "
+                        "default auto")
     p.add_argument("--form", default="auto", choices=["auto", "integer", "fast", "standard", "qdq"],
                    help="integer layers as channels-last MatMulInteger + the contract's fp32 "
                         "epilogue ('integer', bit-exact), the same with merged epilogue constants on "
@@ -63,7 +83,8 @@ def _load(args):
         return im, im, src
     model = load_float_model(src, quiet=args.json)
     from ..backends.onnx import float_counterpart
-    quantized = any(getattr(m, "bits", 32) < 32 for m in model.modules())
+    from ..models import has_quantized_layers
+    quantized = has_quantized_layers(model)
     if args.fp32 or not quantized:
         return float_counterpart(model), None, src
     from ..fold import fold
@@ -71,27 +92,64 @@ def _load(args):
     return im, im, src
 
 
+_TRITON_FLAGS = ("model_name", "max_batch_size", "max_queue_delay_us", "instance_kind")
+
+
+def _triton_target(args, src):
+    """The checked Triton options (model dir free to write, name, batch size...) as a dict,
+    or None without --triton-repo; raises ConfigError before anything slow runs."""
+    from ..errors import ConfigError
+    if not args.triton_repo:
+        given = [f"--{f.replace('_', '-')}" for f in _TRITON_FLAGS if getattr(args, f) is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: only meaningful with --triton-repo DIR")
+        return None
+    from qgnn_deploy.export import triton_repo
+    name = args.model_name
+    if name is None:
+        name = "qgnn" if src.kind == "preset" else os.path.splitext(os.path.basename(src.path))[0]
+    target = {"repo_dir": args.triton_repo, "model_name": name,
+              "max_batch_size": triton_repo.DEFAULT_MAX_BATCH_SIZE if args.max_batch_size is None
+              else args.max_batch_size,
+              "max_queue_delay_us": triton_repo.DEFAULT_QUEUE_DELAY_US if args.max_queue_delay_us is None
+              else args.max_queue_delay_us,
+              "instance_kind": args.instance_kind or "auto"}
+    triton_repo.check_options(target["max_batch_size"], target["max_queue_delay_us"],
+                              target["instance_kind"])
+    triton_repo.check_target(target["repo_dir"], name)
+    return target
+
+
 def run(args) -> int:
     from ..backends.onnx import export_module
     from ..errors import ConfigError
+    from ..sources import parse_source
     exp = export_module()
+    if not args.out and not args.triton_repo:
+        raise ConfigError("nothing to write: give --out FILE.onnx, --triton-repo DIR, or both")
     if args.check and args.episodes < 1:
         raise ConfigError("--episodes must be >= 1")
+    triton = _triton_target(args, parse_source(args))
     model, int_model, src = _load(args)
     opts = dict(form=args.form, weights_format=args.weights_format, opset=args.opset,
                 zero_point=args.zero_point)
     proto, info = exp.build_onnx(model, **opts)
-    import os
     data = proto.SerializeToString()
-    tmp = f"{args.out}.tmp-{os.getpid()}"
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, args.out)
+    if args.out:
+        exp.write_bytes_atomic(args.out, data)
+    repo = None
+    if triton is not None:
+        from qgnn_deploy.export.triton_repo import write_triton_repo
+        description = (f"source: {src.label}; {info['kind']} export, form {info['form']}, "
+                       f"opset {info['opset']}, IR {proto.ir_version}\n"
+                       f"runs on: {info['portability']['runtimes']}")
+        repo = write_triton_repo(onnx_bytes=data, description=description, **triton)
     code_tensors = info.pop("code_tensors", {})
     float_tensors = info.pop("float_tensors", {})
-    result = {"source": src.label, "out": args.out, "bytes": len(data),
+    result = {"source": src.label, "out": args.out or repo["model_file"], "bytes": len(data),
               "ir_version": proto.ir_version, **info}
+    if repo is not None:
+        result["triton_repo"] = repo
     result["layer_bits"] = len(info.get("layer_bits") or {})  # count; the file has the table
     status = 0
     if args.check:
@@ -111,8 +169,12 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
-        print(f"wrote {args.out}: {result['bytes']} bytes, {result['kind']} ({result['form']}), "
+        print(f"wrote {result['out']}: {result['bytes']} bytes, {result['kind']} ({result['form']}), "
               f"opset {result['opset']}, IR {result['ir_version']}")
+        if repo is not None:
+            print(f"wrote Triton model repository {repo['path']}: model {repo['model_name']!r} "
+                  f"({repo['config']}, {repo['model_file']}), max_batch_size {repo['max_batch_size']}, "
+                  f"instance groups {', '.join(repo['instance_groups'])}")
         print(f"runs on: {result['portability']['runtimes']}")
         if args.check:
             c = result["check"]

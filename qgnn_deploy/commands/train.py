@@ -5,6 +5,7 @@ Examples::
     qgnn-deploy train --preset tiny --bits 32 --iterations 2000 --out fp.pt
     qgnn-deploy train --preset tiny --bits 2 --init fp.pt --iterations 600 --out w2.pt
     qgnn-deploy train ... --out w2.pt --resume          # continue an interrupted run
+    qgnn-deploy train --preset tiny --bits-config mixed.json --init fp.pt --out mixed.pt
 """
 from __future__ import annotations
 
@@ -18,8 +19,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="synthetic",
                    choices=["synthetic", "cifar-fs", "mini-imagenet", "cub"])
     p.add_argument("--data-dir", help="data set root (real data sets; see qgnn_deploy/data)")
-    p.add_argument("--bits", type=int, default=32, choices=[2, 3, 4, 8, 32],
-                   help="bit-width of the quantized layers (32 = FP pre-training)")
+    bits = p.add_mutually_exclusive_group()
+    bits.add_argument("--bits", type=int, default=32, choices=[2, 3, 4, 8, 32],
+                      help="bit-width of the quantized layers (32 = FP pre-training)")
+    bits.add_argument("--bits-config", metavar="FILE.json",
+                      help="per-layer weight/activation bits instead (docs/mixed-precision.md)")
     p.add_argument("--way", type=int, default=5)
     p.add_argument("--shot", type=int, default=1)
     p.add_argument("--image-size", type=int, choices=[32, 84], help="default: the preset's (32)")
@@ -54,7 +58,8 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     opts = TrainOptions(
-        out=args.out, preset=args.preset, bits=args.bits, dataset=args.dataset, data_dir=args.data_dir,
+        out=args.out, preset=args.preset, bits=args.bits, bits_config=args.bits_config,
+        dataset=args.dataset, data_dir=args.data_dir,
         way=args.way, shot=args.shot, image_size=args.image_size, iterations=args.iterations,
         tasks=args.tasks, aqd=not args.no_aqd, sqd=not args.no_sqd, lambda1=args.lambda1,
         lambda2=args.lambda2, init=args.init, resume=args.resume, seed=args.seed,

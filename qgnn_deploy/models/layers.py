@@ -1,44 +1,49 @@
 """Quantization-aware layers: FP or PQ-quantized conv, linear and graph aggregation.
 
 Each quantized layer keeps its float weight (the QAT master copy) and two Pauta
-quantizers: ``weight_quant`` on the weight and ``act_quant`` on its input. With
-``bits == 32`` the layer is exactly its torch parent, so state-dict keys stay those
-of the official DPGN code (``weight``, ``bias``) and FP checkpoints load directly.
+quantizers: ``weight_quant`` on the weight (``bits.w`` bits) and ``act_quant`` on its
+input (``bits.a`` bits); the aggregation has ``adj_quant`` (``bits.w``) and ``node_quant``
+(``bits.a``). ``bits`` is a :class:`~qgnn_deploy.config.LayerBits`; an int means the same
+width for both. With 32 bits the layer is exactly its torch parent, so state-dict keys stay
+those of the official DPGN code (``weight``, ``bias``) and FP checkpoints load directly.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import LayerBits, check_layer_bits
 from ..ops.episode_ops import f32_conv2d
 from ..quant.pauta import PautaQuantizer
 
+Bits = Union[int, LayerBits]
 
-def _quantizers(module: nn.Module, bits: int, out_channels: int, per_channel: bool) -> None:
-    module.bits = bits
-    if bits < 32:
-        module.weight_quant = PautaQuantizer(bits, out_channels if per_channel else None)
-        module.act_quant = PautaQuantizer(bits)
+
+def _quantizers(module: nn.Module, bits: Bits, out_channels: int, per_channel: bool) -> None:
+    module.bits = check_layer_bits(bits, "bits")
+    if module.bits.quantized:
+        module.weight_quant = PautaQuantizer(module.bits.w, out_channels if per_channel else None)
+        module.act_quant = PautaQuantizer(module.bits.a)
     else:
         module.weight_quant = None
         module.act_quant = None
 
 
 class QConv2d(nn.Conv2d):
-    """``nn.Conv2d`` with PQ on weight and input activation when ``bits < 32``."""
+    """``nn.Conv2d`` with PQ on weight (``bits.w``) and input activation (``bits.a``) below 32 bits."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 padding: int = 0, bias: bool = False, bits: int = 32, per_channel: bool = False):
+                 padding: int = 0, bias: bool = False, bits: Bits = 32, per_channel: bool = False):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                          bias=bias)
         _quantizers(self, bits, out_channels, per_channel)
 
     @property
     def quantized(self) -> bool:
-        return self.bits < 32
+        return self.bits.quantized
 
     def fp_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The full-precision product ``W * A`` (AQD's ``A_f``)."""
@@ -50,7 +55,7 @@ class QConv2d(nn.Conv2d):
         return self._conv_forward(self.act_quant(x), self.weight_quant(self.weight), self.bias)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", bits={self.bits}"
+        return super().extra_repr() + f", w_bits={self.bits.w}, a_bits={self.bits.a}"
 
 
 class F64Conv2d(nn.Conv2d):
@@ -65,16 +70,16 @@ class F64Conv2d(nn.Conv2d):
 
 
 class QLinear(nn.Linear):
-    """``nn.Linear`` with PQ on weight and input activation when ``bits < 32``."""
+    """``nn.Linear`` with PQ on weight (``bits.w``) and input activation (``bits.a``) below 32 bits."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 32,
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: Bits = 32,
                  per_channel: bool = False):
         super().__init__(in_features, out_features, bias=bias)
         _quantizers(self, bits, out_features, per_channel)
 
     @property
     def quantized(self) -> bool:
-        return self.bits < 32
+        return self.bits.quantized
 
     def fp_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -85,28 +90,29 @@ class QLinear(nn.Linear):
         return F.linear(self.act_quant(x), self.weight_quant(self.weight), self.bias)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", bits={self.bits}"
+        return super().extra_repr() + f", w_bits={self.bits.w}, a_bits={self.bits.a}"
 
 
 class QAggregation(nn.Module):
     """The graph aggregation ``A @ V`` (batched), with PQ on both operands.
 
-    ``A``: [T, N, N] normalised adjacency, ``V``: [T, N, D] node features.
+    ``A``: [T, N, N] normalised adjacency (``bits.w``), ``V``: [T, N, D] node features
+    (``bits.a``).
     """
 
-    def __init__(self, bits: int = 32):
+    def __init__(self, bits: Bits = 32):
         super().__init__()
-        self.bits = bits
-        if bits < 32:
-            self.adj_quant: Optional[PautaQuantizer] = PautaQuantizer(bits)
-            self.node_quant: Optional[PautaQuantizer] = PautaQuantizer(bits)
+        self.bits = check_layer_bits(bits, "bits")
+        if self.bits.quantized:
+            self.adj_quant: Optional[PautaQuantizer] = PautaQuantizer(self.bits.w)
+            self.node_quant: Optional[PautaQuantizer] = PautaQuantizer(self.bits.a)
         else:
             self.adj_quant = None
             self.node_quant = None
 
     @property
     def quantized(self) -> bool:
-        return self.bits < 32
+        return self.bits.quantized
 
     def fp_forward(self, adj: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
         return torch.bmm(adj, nodes)
@@ -117,4 +123,4 @@ class QAggregation(nn.Module):
         return torch.bmm(self.adj_quant(adj), self.node_quant(nodes))
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}"
+        return f"adj_bits={self.bits.w}, node_bits={self.bits.a}"

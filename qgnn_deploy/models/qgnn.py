@@ -174,6 +174,11 @@ def quantizable_layers(model: nn.Module):
     return out
 
 
+def has_quantized_layers(model: nn.Module) -> bool:
+    """Whether any conv / linear / aggregation of ``model`` is fake-quantized."""
+    return any(m.quantized for m in quantizable_layers(model).values())
+
+
 def build_model(config: ModelConfig) -> QGNNModel:
     """A fresh QGNN-IC model for ``config`` (FP when ``config.bits == 32`` and no overrides)."""
     return QGNNModel(config)

@@ -143,7 +143,7 @@ def check_config(config) -> None:
     """Apply the bound to every layer of ``config`` at its bit-widths (8 where a layer is
     FP32, which is conservative)."""
     for name, k in config_reductions(config).items():
-        b = config.bits_for(name) if hasattr(config, "bits_for") else 8
+        b = config.bits_for(name).w if hasattr(config, "bits_for") else 8
         b = b if b in BOUND_BITS else 8
         check_reduction(k, b, 8, layer=name)
 

@@ -37,6 +37,7 @@ class TrainOptions:
     out: str
     preset: str = "tiny"
     bits: int = 32
+    bits_config: Optional[str] = None  # per-layer bits file (qgnn_deploy.bits_config), over ``bits``
     dataset: str = "synthetic"
     data_dir: Optional[str] = None
     way: int = 5
@@ -68,7 +69,11 @@ class TrainOptions:
             extra["image_size"] = self.image_size
         elif self.dataset in ("mini-imagenet", "cub"):
             extra["image_size"] = 84  # their standard size (DPGN)
-        return preset_config(self.preset, self.bits, **extra)
+        config = preset_config(self.preset, self.bits, **extra)
+        if self.bits_config:
+            from ..bits_config import load_bits_config, resolve_bits
+            config = resolve_bits(load_bits_config(self.bits_config), config)
+        return config
 
 
 class TrainingDiverged(QGNNError):
@@ -96,7 +101,7 @@ def init_from(path: str, config: ModelConfig) -> QGNNModel:
             raise CheckpointError(f"--init {path!r} has {k}={src_cfg[k]}, the run needs {ours}")
     model = build_model(config)
     state = obj["state_dict"]
-    if config.bits < 32 and src_cfg.get("bits", 32) >= 32:
+    if config.quantized and src_cfg.get("bits", 32) >= 32:
         _load_state(model, state, path, strict=True, allow_missing_quant=True)
     else:
         _load_state(model, state, path, strict=True, allow_missing_quant=False)
@@ -168,7 +173,7 @@ def train(opts: TrainOptions) -> Dict[str, Any]:
         torch.manual_seed(opts.seed)
         model = init_from(opts.init, config) if opts.init else build_model(config)
     ds = get_dataset(opts.dataset, opts.data_dir, config.image_size)
-    quantized = config.bits < 32
+    quantized = config.quantized
     distill = Distillation(model, aqd=opts.aqd and quantized, sqd=opts.sqd and quantized,
                            lambda1=opts.lambda1, lambda2=opts.lambda2, p=opts.sqd_p)
     recipe = default_recipe(config.bits, opts.iterations, opts.optimizer, opts.lr, opts.lr_step)
