@@ -6,6 +6,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "thread_pool.h"
+
 namespace qgnn {
 
 struct Arena {
@@ -66,6 +68,7 @@ void Plan::release(std::unique_ptr<Arena> a) const {
 }
 
 void Plan::run(int64_t T, std::vector<void*> ptrs, int nthreads, int64_t* step_ns) const {
+  const WorkersAwake awake(nthreads > 1);  // no worker falls asleep between this run's steps
   std::unique_ptr<Arena> arena = acquire(arena_per_task * T);
   for (size_t i = 0; i < buffers.size(); ++i)
     if (buffers[i].role == Role::Temp) ptrs[i] = arena->p + buffers[i].offset * T;

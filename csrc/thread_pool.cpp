@@ -42,16 +42,25 @@ int64_t spin_ns() {
   return ns;
 }
 
-// Polls pred() with pause instructions until it holds or spin_ns() has passed; the
-// caller then waits on its condition variable with the same predicate either way.
+std::atomic<int> g_awake{0};  // live WorkersAwake objects
+
+// Polls pred() with pause instructions until it holds or spin_ns() has passed (no limit
+// while a WorkersAwake lives and `hold`); the caller then waits on its condition variable
+// with the same predicate either way.
 template <class Pred>
-void poll(Pred pred) {
+void poll(Pred pred, bool hold) {
   const int64_t budget = spin_ns();
   if (budget <= 0) return;
-  const auto until = Clock::now() + std::chrono::nanoseconds(budget);
+  auto until = Clock::now() + std::chrono::nanoseconds(budget);
   for (int i = 0; !pred(); ++i) {
     for (int j = 0; j < 16; ++j) QGNN_PAUSE();
-    if ((i & 63) == 63 && Clock::now() >= until) return;
+    if ((i & 63) == 63) {
+      const auto now = Clock::now();
+      if (hold && g_awake.load(std::memory_order_relaxed) > 0)
+        until = now + std::chrono::nanoseconds(budget);  // the budget runs from the holder's end
+      else if (now >= until)
+        return;
+    }
   }
 }
 
@@ -77,7 +86,7 @@ struct Pool {
     std::unique_lock<std::mutex> lk(mu);
     for (;;) {
       lk.unlock();
-      poll([&] { return gen.load(std::memory_order_acquire) != seen; });
+      poll([&] { return gen.load(std::memory_order_acquire) != seen; }, true);
       lk.lock();
       wake.wait(lk, [&] { return gen.load() != seen; });
       seen = gen.load();
@@ -120,7 +129,7 @@ struct Pool {
       open = false;                // tasks are all claimed; late workers stay out
     }
     // the last worker is finishing its final task: poll briefly before sleeping
-    poll([&] { return active.load() == 0; });
+    poll([&] { return active.load() == 0; }, false);
     std::unique_lock<std::mutex> lk(mu);
     done.wait(lk, [&] { return active.load() == 0; });
     return nw + 1;
@@ -144,6 +153,13 @@ Pool* pool() {
 
 int parallel_for(int nthreads, int64_t ntasks, const std::function<void(int64_t, int)>& fn) {
   return pool()->run(nthreads, ntasks, fn);
+}
+
+WorkersAwake::WorkersAwake(bool active) : active_(active) {
+  if (active_) g_awake.fetch_add(1);
+}
+WorkersAwake::~WorkersAwake() {
+  if (active_) g_awake.fetch_sub(1);
 }
 
 }  // namespace qgnn

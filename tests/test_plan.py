@@ -105,6 +105,25 @@ def test_plan_on_every_isa_and_thread_count(zero_point):
         cpu_backend.set_num_threads(None)
 
 
+def test_plan_workers_stay_awake_only_while_a_run_lasts():
+    """A run keeps its workers polling between steps; afterwards they poll for the spin
+    budget (200 us) and sleep: the idle process then burns no CPU."""
+    import time
+    model = model_for(4)
+    im = fold(model, backend="cpu")
+    images, labels = calibration_episodes(model.config, tasks=2, seed=1)
+    cpu_backend.set_num_threads(2)
+    try:
+        for _ in range(3):
+            im(images, labels)
+        time.sleep(0.05)
+        t0 = time.process_time()
+        time.sleep(0.4)
+        assert time.process_time() - t0 < 0.1  # a spinning worker would burn ~0.4 s
+    finally:
+        cpu_backend.set_num_threads(None)
+
+
 def test_plan_tasks_axis_is_dynamic_and_shapes_are_checked():
     model = model_for(4)
     im = fold(model, backend="cpu")
