@@ -193,6 +193,18 @@ def test_cli_exits_2_on_a_bad_env_value():
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("name, value", [("QGNN_CPU_THREADS", "0"), ("QGNN_CPU_THREADS", "two"),
+                                         ("QGNN_CPU_SPIN_US", "-5"), ("QGNN_CPU_SPIN_US", "2000000")])
+def test_cli_exits_2_on_bad_thread_environment_values(name, value):
+    env = {**os.environ, name: value}
+    r = subprocess.run([sys.executable, "-m", "qgnn_deploy", "run", "--preset", "tiny", "--bits", "4",
+                        "--backend", "cpu", "--episodes", "1", "--json"],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    assert f"error: {name}={value!r}: expected an integer in" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_run_json_names_the_isa_it_ran_on(capsys):
     from qgnn_deploy.cli import main
     isa = cpu.available_isas()[-2] if len(cpu.available_isas()) > 1 else "scalar"

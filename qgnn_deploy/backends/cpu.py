@@ -30,7 +30,9 @@ inner loops (``bench/w2a2_microbench.cpp``).
 Threads: ``torch.get_num_threads()`` unless :func:`set_num_threads` (or the environment
 variable ``QGNN_CPU_THREADS``) sets a count; small ops run on one thread regardless.
 The worker threads poll for the next op for ``QGNN_CPU_SPIN_US`` microseconds (default
-200, 0 = never) before they sleep: consecutive layers then start without a wake-up.
+200, 0 = never) before they sleep, and for as long as a compiled-plan run lasts:
+consecutive layers then start without a wake-up. A value of either variable that is not
+an integer in range is an error naming it.
 Instruction set: the fastest of :data:`ISAS` this CPU runs, detected at run time;
 ``QGNN_CPU_ISA=auto|scalar|avx2|avxvnni|avx512vnni|amx`` or :func:`force_isa` forces one.
 An unknown name, or a path this CPU cannot run, is an error naming the valid ones and
@@ -54,10 +56,23 @@ _ext_mod = None
 _threads_override: Optional[int] = None
 
 
+def _env_int(name: str, lo: int, hi: int) -> Optional[int]:
+    """The integer in environment variable ``name`` (None when unset or empty); a value
+    that is not an integer in [lo, hi] is a KernelArgumentError naming it."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or not lo <= int(raw) <= hi:
+        raise KernelArgumentError(f"{name}={raw!r}: expected an integer in {lo} .. {hi}")
+    return int(raw)
+
+
 def _ext():
-    """The compiled extension, imported on first use."""
+    """The compiled extension, imported on first use (after checking the environment
+    values it reads itself: QGNN_CPU_SPIN_US)."""
     global _ext_mod
     if _ext_mod is None:
+        _env_int("QGNN_CPU_SPIN_US", 0, 1_000_000)
         try:
             from .. import _C  # noqa: PLC0415
         except ImportError as e:  # pragma: no cover - depends on the install
@@ -88,10 +103,8 @@ def set_num_threads(n: Optional[int]) -> None:
 def get_num_threads() -> int:
     if _threads_override is not None:
         return _threads_override
-    env = os.environ.get("QGNN_CPU_THREADS")
-    if env and env.isdigit() and int(env) > 0:
-        return int(env)
-    return max(1, torch.get_num_threads())
+    env = _env_int("QGNN_CPU_THREADS", 1, 1024)
+    return env if env is not None else max(1, torch.get_num_threads())
 
 
 #: instruction-set paths of the kernels, slowest first (the ``QGNN_CPU_ISA`` values besides
