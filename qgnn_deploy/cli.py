@@ -20,6 +20,7 @@ COMMANDS = {
     "report": "Bit-FLOPs, parameters and bytes per layer vs the FP32 model",
     "bench": "latency of every backend vs torch FP32 and onnxruntime",
     "quantize": "post-training quantization of an FP checkpoint (PQ ranges calibrated, no training)",
+    "select-bits": "per-layer bit-widths under a Bit-FLOPs or bytes budget (sensitivity + search, PTQ)",
     "serve": "serve an integer model over HTTP on Ray Serve (local instance or a cluster)",
     "demo": "the whole pipeline on the embedded default model",
 }
@@ -56,10 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _command_module(name: str):
+    module = f"qgnn_deploy.commands.{name.replace('-', '_')}"  # select-bits -> select_bits
     try:
-        return importlib.import_module(f"qgnn_deploy.commands.{name}")
+        return importlib.import_module(module)
     except ModuleNotFoundError as e:
-        if e.name == f"qgnn_deploy.commands.{name}":
+        if e.name == module:
             return None
         raise
 

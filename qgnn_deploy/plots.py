@@ -96,6 +96,45 @@ def plot_report(report: Dict[str, Any], path: str, model: Optional[nn.Module] = 
     return path
 
 
+def plot_bit_selection(points, front, selected, path: str, budget=None, title: str = "") -> str:
+    """Write a PNG of ``select-bits``: accuracy vs (a) G Bit-FLOPs, (b) packed bytes, every
+    evaluated configuration in grey, the points of ``front`` on each panel's own 2-D front
+    joined, ``selected`` starred, the
+    ``budget`` ``(metric, value)`` a dashed line. Points are ``{"bit_flops", "bytes",
+    "accuracy"}`` dicts (accuracy a fraction). Returns ``path``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, key, scale, label, metric in ((axes[0], "bit_flops", 1e9, "G Bit-FLOPs (paper workload)", "bit_flops"),
+                                          (axes[1], "bytes", 1.0, "packed bytes", "packed_bytes")):
+        ax.scatter([p[key] / scale for p in points], [100 * p["accuracy"] for p in points], s=10,
+                   color="#9aa5b1", label="evaluated (cached calibration)")
+        # this panel's own 2-D front (the 3-D one, over both costs, is not monotone here)
+        front_2d = [p for p in front if not any(q["accuracy"] >= p["accuracy"] and q[key] <= p[key]
+                                                 and (q["accuracy"], q[key]) != (p["accuracy"], p[key])
+                                                 for q in front)]
+        front_2d.sort(key=lambda p: p[key])
+        ax.plot([p[key] / scale for p in front_2d], [100 * p["accuracy"] for p in front_2d], "o-",
+                color="#4c6ef5", ms=4, label="Pareto front")
+        ax.scatter([selected[key] / scale], [100 * selected["accuracy"]], marker="*", s=220, color="#d9480f",
+                   zorder=3, label="selected (full PTQ)")
+        if budget is not None and budget[0] == metric:
+            ax.axvline(budget[1] / scale, color="#d9480f", ls="--", lw=1, label="budget")
+        ax.set_xlabel(label)
+        ax.set_ylabel("accuracy (%)")
+        ax.legend(fontsize=8)
+    axes[0].set_title("(a) accuracy vs Bit-FLOPs")
+    axes[1].set_title("(b) accuracy vs packed bytes")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _short(name: str) -> str:
     return (name.replace("distribution2point_generation_", "d2p")
             .replace("point2distribution_generation_", "p2d")
@@ -105,4 +144,4 @@ def _short(name: str) -> str:
             .replace("backbone.", "bb.").replace("gnn.", ""))
 
 
-__all__ = ["plot_report", "graph_weight_layer", "weight_range"]
+__all__ = ["plot_report", "plot_bit_selection", "graph_weight_layer", "weight_range"]

@@ -29,6 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workload", choices=["paper", "task"], default="paper",
                    help="paper: 1 image through the backbone + 1 graph task (Table 6); "
                         "task: one whole task (default: paper)")
+    p.add_argument("--sensitivity", action="store_true", help="instead: each layer's accuracy and logit "
+                   "error when lowered alone from a uniform PTQ base (a checkpoint SOURCE; as select-bits)")
+    from .select_bits import add_analysis_arguments
+    add_analysis_arguments(p)
 
 
 def load_model_for_report(src, quiet: bool = False):
@@ -63,6 +67,9 @@ def run(args) -> int:
     from ..report import render_csv, render_markdown
     from ..sources import parse_source
     src = parse_source(args)
+    if args.sensitivity:
+        from .select_bits import run_sensitivity_report
+        return run_sensitivity_report(args, src)
     model, float_model = load_model_for_report(src, quiet=False)
     d, paper = build_report(model, args.workload)
     d["source"] = src.label

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import FP32_LAYER
+from ..config import FP32_LAYER, LayerBits
 from ..models.layers import QAggregation, QConv2d, QLinear
 from .pauta import pauta_fake_quant, pauta_init_range
 
@@ -120,12 +120,21 @@ def _as_samples(m: nn.Module, t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1]) if isinstance(m, QLinear) else t
 
 
+#: ``layer_hook(name, layer, inputs, target)`` of :func:`post_training_quantize`
+LayerHook = Callable[[str, nn.Module, Tuple[torch.Tensor, ...], torch.Tensor], None]
+
+
 def post_training_quantize(fp_state_model: nn.Module, quant_model: nn.Module,
                            batches: List[Tuple[torch.Tensor, torch.Tensor]],
-                           progress: bool = True) -> Dict[str, Dict[str, object]]:
+                           progress: bool = True,
+                           layer_hook: Optional[LayerHook] = None) -> Dict[str, Dict[str, object]]:
     """Choose the PQ ranges of ``quant_model`` (same config as ``fp_state_model`` but with
     bits < 32, same float weights) on calibration ``batches`` [(images [T, N, 3, S, S],
     support_labels [T, way*shot])]; sets every quantizer's ``l`` / ``r`` in place.
+
+    ``layer_hook``, if given, is called after each layer's search with that layer and the
+    data it was calibrated on (``inputs``: its inputs with the earlier layers quantized,
+    ``target``: its FP output, both subsampled), e.g. to :func:`search_ranges` at other bits.
 
     Returns, per layer, the chosen shrink factors and ranges and the output MSE under PQ's
     own range vs the chosen one: ``{name: {operand: {"shrink", "l", "r"}, "mse_pauta",
@@ -159,6 +168,8 @@ def post_training_quantize(fp_state_model: nn.Module, quant_model: nn.Module,
                            for i in range(len(xs_q[0])))
             target = _subsample(torch.cat([_as_samples(m, y) for y in ys]))
             report[name] = _search(m, inputs, target)
+            if layer_hook is not None:
+                layer_hook(name, m, inputs, target)
     finally:
         for n, m in layers.items():
             m.bits = bits[n]
@@ -203,6 +214,26 @@ def _search(m: nn.Module, inputs: Tuple[torch.Tensor, ...], target: torch.Tensor
     return out
 
 
+def search_ranges(m: nn.Module, bits: LayerBits, inputs: Tuple[torch.Tensor, ...],
+                  target: torch.Tensor) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    """``{operand: (l, r)}``: the ranges the search of :func:`post_training_quantize` picks
+    for layer ``m`` at ``bits`` on its calibration ``inputs`` / ``target`` (as given to a
+    ``layer_hook``). ``m`` (bits and ranges) is left as it was."""
+    ops = _operands(m)
+    saved_bits = m.bits
+    saved = {op.attr: {k: t.detach().clone() for k, t in getattr(m, op.attr).state_dict().items()}
+             for op in ops}
+    m.bits = bits
+    try:
+        _search(m, inputs, target)
+        return {op.attr: (getattr(m, op.attr).l.detach().clone(), getattr(m, op.attr).r.detach().clone())
+                for op in ops}
+    finally:
+        m.bits = saved_bits
+        for op in ops:
+            getattr(m, op.attr).load_state_dict(saved[op.attr])
+
+
 def calibration_batches(config, episodes: int, seed: int, dataset, data_dir: Optional[str],
                         tasks_per_batch: int = 8) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """``episodes`` train-split episodes as [(images, support_labels)] batches."""
@@ -211,4 +242,4 @@ def calibration_batches(config, episodes: int, seed: int, dataset, data_dir: Opt
                                                        tasks_per_batch=tasks_per_batch)]
 
 
-__all__ = ["post_training_quantize", "quantized_layers", "calibration_batches", "SHRINK"]
+__all__ = ["post_training_quantize", "quantized_layers", "calibration_batches", "search_ranges", "SHRINK"]
