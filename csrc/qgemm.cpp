@@ -164,7 +164,7 @@ void centre(Epi& e, const int32_t* ws_raw, const int32_t* cnt, int npat, Centred
       t.t2[i] = e.c2[o] * static_cast<float>(t.wsp[i]);
       t.t4[i] = e.c4[o] * static_cast<float>(cnt[q]);
     }
-  e.zero_rem = true;
+  e.zero_rem = e.rq.nq > 0;  // e.rq is set before centre() (prepare_layer)
   for (int o = 0; o < O; ++o) e.zero_rem = e.zero_rem && e.c2[o] == 0.f && e.c3[o] == 0.f && e.c4[o] == 0.f;
   e.ws_tab = t.wsp.data();
   e.zws_tab = t.zws.data();

@@ -40,7 +40,7 @@ constexpr int kBnResLreluQuant = kBnResLrelu | kQUANT;
 inline int epi_flags(const Epi& e) {
   return (e.post_scale ? kPS : 0) | (e.post_shift ? kSH : 0) | (e.residual ? kRES : 0) | (e.has_slope ? kSLOPE : 0) |
          (e.rq.nq ? kQUANT : 0) | (e.as_first ? kASFIRST : 0) | (e.acc_out ? kACC : 0) |
-         (e.zero_rem && e.rq.nq ? kZREM : 0);
+         (e.zero_rem ? kZREM : 0);
 }
 
 // The per-column operands of one 16-column group, loaded once for all rows of a block.
@@ -63,7 +63,7 @@ struct EpiK {
   explicit EpiK(const Epi& e)
       : residual(e.residual), out_f(e.out_f), acc_out(e.acc_out), O(e.O), wbias(e.wbias), slope(e.slope), rq(e.rq),
         ps(e.post_scale != nullptr), sh(e.post_shift != nullptr), res(e.residual != nullptr),
-        has_slope(e.has_slope), as_first(e.as_first), zrem(e.zero_rem && e.rq.nq) {}
+        has_slope(e.has_slope), as_first(e.as_first), zrem(e.zero_rem) {}
 };
 
 inline Cols load_cols(const Epi& e, int o, __mmask16 mk) {

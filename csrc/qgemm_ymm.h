@@ -34,7 +34,7 @@ struct EpiY {
   explicit EpiY(const Epi& e)
       : c1(e.c1), c3(e.c3), post_scale(e.post_scale), post_shift(e.post_shift), residual(e.residual), nzw(e.nzw),
         out_f(e.out_f), acc_out(e.acc_out), O(e.O), wbias(e.wbias), slope(e.slope), rq(e.rq), as_first(e.as_first),
-        has_slope(e.has_slope), zrem(e.zero_rem && e.rq.nq) {}
+        has_slope(e.has_slope), zrem(e.zero_rem) {}
 };
 
 // 8 full columns [o, o+8) of row m, order as ref_epilogue

@@ -133,8 +133,9 @@ struct Epi {
   float* out_f = nullptr;        // [M, O] when rq.nq == 0
   int O = 0;
   bool as_first = false;
-  // c2, c3, c4 all zero (zero_point="snap": offsets on the grid): the remainder terms add
-  // only signed zeros, which change no code -- so code outputs may skip them (centre())
+  // code outputs (rq.nq > 0) and c2, c3, c4 all zero (zero_point="snap": offsets on the
+  // grid): the remainder terms add only signed zeros, which change no code, so the tiles
+  // skip them (set by centre(); fp32 outputs keep them, and their zeros' signs)
   bool zero_rem = false;
   int32_t wbias = 0;             // raw ACC = kernel ACC + wbias * AS (8-bit weights)
   const int32_t* zw = nullptr;   // [>= O] column zero points (binding)
@@ -172,7 +173,8 @@ static inline EpiRow epi_row(const Epi& e, int pat, int32_t as) {
 // ref_zero_split: z = clamp(rne(-offset / scale), 0, 255), d = offset + scale * z (fp32)
 void zero_split(float offset, float scale, int32_t* z, float* d);
 
-// Fills e.ws_tab / zws_tab / nzw / cnt_tab from raw WS [npat][O] and CNT [npat].
+// Fills e.ws_tab / zws_tab / nzw / cnt_tab from raw WS [npat][O] and CNT [npat], and e.zero_rem
+// (e.c1..c4 and e.rq set before).
 struct CentredTables {
   std::vector<int32_t> wsp, zws, nzw, cnt;
   std::vector<float> t2, t4;

@@ -88,12 +88,7 @@ def plot_report(report: Dict[str, Any], path: str, model: Optional[nn.Module] = 
         ax2.set_xlabel("weight value")
         ax2.set_ylabel("count")
         ax2.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def plot_bit_selection(points, front, selected, path: str, budget=None, title: str = "") -> str:
@@ -127,6 +122,12 @@ def plot_bit_selection(points, front, selected, path: str, budget=None, title: s
         ax.legend(fontsize=8)
     axes[0].set_title("(a) accuracy vs Bit-FLOPs")
     axes[1].set_title("(b) accuracy vs packed bytes")
+    return _save(fig, path, title)
+
+
+def _save(fig, path: str, title: str) -> str:
+    """Title, lay out, write ``fig`` to ``path`` as PNG and free it; returns ``path``."""
+    import matplotlib.pyplot as plt
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

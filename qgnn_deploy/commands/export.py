@@ -70,26 +70,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
 
-def _load(args):
-    """(model to export, IntModel for --check or None)."""
-    from ..sources import load_float_model, parse_source
-    src = parse_source(args)
+def _load(args, src):
+    """(model to export, IntModel for --check or None) of the parsed SOURCE ``src``."""
+    from ..sources import load_float_model
     if src.kind == "artifact":
         if args.fp32:
             from ..errors import ConfigError
             raise ConfigError("--fp32 needs a checkpoint or a preset, not a .qgnn integer model")
         from ..artifact import load_int_model
         im = load_int_model(src.path)
-        return im, im, src
+        return im, im
     model = load_float_model(src, quiet=args.json)
     from ..backends.onnx import float_counterpart
     from ..models import has_quantized_layers
     quantized = has_quantized_layers(model)
     if args.fp32 or not quantized:
-        return float_counterpart(model), None, src
+        return float_counterpart(model), None
     from ..fold import fold
     im = fold(model, zero_point=args.zero_point)
-    return im, im, src
+    return im, im
 
 
 _TRITON_FLAGS = ("model_name", "max_batch_size", "max_queue_delay_us", "instance_kind")
@@ -129,8 +128,9 @@ def run(args) -> int:
         raise ConfigError("nothing to write: give --out FILE.onnx, --triton-repo DIR, or both")
     if args.check and args.episodes < 1:
         raise ConfigError("--episodes must be >= 1")
-    triton = _triton_target(args, parse_source(args))
-    model, int_model, src = _load(args)
+    src = parse_source(args)  # a bits-config is resolved here, once
+    triton = _triton_target(args, src)
+    model, int_model = _load(args, src)
     opts = dict(form=args.form, weights_format=args.weights_format, opset=args.opset,
                 zero_point=args.zero_point)
     proto, info = exp.build_onnx(model, **opts)

@@ -179,11 +179,10 @@ def post_training_quantize(fp_state_model: nn.Module, quant_model: nn.Module,
 def _search(m: nn.Module, inputs: Tuple[torch.Tensor, ...], target: torch.Tensor) -> Dict[str, object]:
     """Coordinate search of each operand's shrink factor; writes the winners into ``m``."""
     ops = _operands(m)
-    tensors = {"weight_quant": m.weight if not isinstance(m, QAggregation) else None}
     if isinstance(m, QAggregation):
         tensors = {"adj_quant": inputs[0], "node_quant": inputs[1]}
     else:
-        tensors["act_quant"] = inputs[0]
+        tensors = {"weight_quant": m.weight, "act_quant": inputs[0]}
     cands = {op.attr: list(_candidates(tensors[op.attr], op.channels)) for op in ops}
     choice = {op.attr: 0 for op in ops}  # candidate 0: PQ's own range (what QAT starts from)
 
