@@ -347,7 +347,8 @@ PYBIND11_MODULE(_C, m) {
      py::arg("out_bits") = py::none(), py::arg("nthreads") = 1, py::arg("want_acc") = false);
 
   m.def("qbmm", [](const py::array& a, const py::array& v, int a_bits, int v_bits, double a_scale, double a_offset,
-                   double v_scale, double v_offset, int nthreads, bool want_acc) -> py::object {
+                   double v_scale, double v_offset, int nthreads, bool want_acc, const py::object& row_bits,
+                   const py::object& row_offset) -> py::object {
     check_bits(a_bits, "a_bits");
     check_bits(v_bits, "v_bits");
     check_array<uint8_t>(a, "a", 3);
@@ -359,6 +360,31 @@ PYBIND11_MODULE(_C, m) {
     const int D = static_cast<int>(v.shape(2));
     const float sa = finite(a_scale, "a_scale", true), la = finite(a_offset, "a_offset");
     const float sv = finite(v_scale, "v_scale", true), lv = finite(v_offset, "v_offset");
+    if (row_bits.is_none() != row_offset.is_none()) throw ArgError("row_bits and row_offset go together");
+    const uint8_t* offp = nullptr;
+    if (!row_bits.is_none()) {
+      // per-node codes (ref_node_rows): checked here, before the kernel reads them
+      const py::array rb = row_bits.cast<py::array>(), ro = row_offset.cast<py::array>();
+      check_array<uint8_t>(rb, "row_bits", 2);
+      check_array<uint8_t>(ro, "row_offset", 2);
+      if (rb.shape(0) != T || rb.shape(1) != N || ro.shape(0) != T || ro.shape(1) != N)
+        throw ArgError("row_bits and row_offset must be uint8 [T, N] = [" + std::to_string(T) + ", " +
+                       std::to_string(N) + "], got " + shape_str(rb) + " and " + shape_str(ro));
+      const uint8_t* bp = static_cast<const uint8_t*>(rb.data());
+      offp = static_cast<const uint8_t*>(ro.data());
+      const uint8_t* vp = static_cast<const uint8_t*>(v.data());
+      for (int64_t r = 0; r < int64_t(T) * N; ++r) {
+        const int b = bp[r];
+        if (((b < 2 || b > 4) && b != 8) || b > v_bits)
+          throw ArgError("row_bits holds a width " + std::to_string(b) + ": each must be 2, 3, 4 or 8 and <= v_bits=" +
+                         std::to_string(v_bits));
+        int hi = 0;
+        for (int d = 0; d < D; ++d) hi = std::max<int>(hi, vp[r * D + d]);
+        if (D && hi >= (1 << b)) throw ArgError("v holds a row's code >= 2^row_bits of that row");
+        if (D && hi + offp[r] >= (1 << v_bits))
+          throw ArgError("v + row_offset leaves the " + std::to_string(v_bits) + "-bit grid");
+      }
+    }
     py::array_t<float> out(std::vector<py::ssize_t>{T, N, D});
     py::array_t<int32_t> acc, as, vs;
     int32_t *accp = nullptr, *asp = nullptr, *vsp = nullptr;
@@ -376,7 +402,7 @@ PYBIND11_MODULE(_C, m) {
       const uint8_t* vp = static_cast<const uint8_t*>(v.data());
       float* op = out.mutable_data();
       py::gil_scoped_release nogil;
-      qgnn::qbmm(ap, vp, T, N, D, a_bits, v_bits, sa, la, sv, lv, op, accp, asp, vsp, nthreads, &bad);
+      qgnn::qbmm(ap, vp, offp, T, N, D, a_bits, v_bits, sa, la, sv, lv, op, accp, asp, vsp, nthreads, &bad);
     } else if (want_acc && T * N > 0) {
       std::fill(asp, asp + int64_t(T) * N, 0);  // D == 0: row sums still defined
       const uint8_t* ap = static_cast<const uint8_t*>(a.data());
@@ -388,7 +414,32 @@ PYBIND11_MODULE(_C, m) {
     if (want_acc) return py::make_tuple(out, acc, as, vs);
     return out;
   }, py::arg("a"), py::arg("v"), py::arg("a_bits"), py::arg("v_bits"), py::arg("a_scale"), py::arg("a_offset"),
-     py::arg("v_scale"), py::arg("v_offset"), py::arg("nthreads") = 1, py::arg("want_acc") = false);
+     py::arg("v_scale"), py::arg("v_offset"), py::arg("nthreads") = 1, py::arg("want_acc") = false,
+     py::arg("row_bits") = py::none(), py::arg("row_offset") = py::none());
+
+  m.def("node_rows", [](const py::array& v, const std::vector<int>& node_bits) -> py::tuple {
+    check_array<uint8_t>(v, "v", 3);
+    if (node_bits.size() < 2) throw ArgError("node_bits needs two widths or more");
+    for (size_t i = 0; i < node_bits.size(); ++i) {
+      check_bits(node_bits[i], "node_bits");
+      if (i && node_bits[i] <= node_bits[i - 1]) throw ArgError("node_bits must be ascending and distinct");
+    }
+    const int64_t T = v.shape(0), N = v.shape(1);
+    const int D = static_cast<int>(v.shape(2));
+    const int top = node_bits.back();
+    const uint8_t* vp = static_cast<const uint8_t*>(v.data());
+    if (top < 8)
+      for (int64_t i = 0; i < T * N * D; ++i)
+        if (vp[i] >> top) raise_bad_codes(1, "v", top);
+    py::array_t<uint8_t> q(std::vector<py::ssize_t>{T, N, D}), rb(std::vector<py::ssize_t>{T, N}),
+        ro(std::vector<py::ssize_t>{T, N});
+    uint8_t *qp = q.mutable_data(), *bp = rb.mutable_data(), *op = ro.mutable_data();
+    {
+      py::gil_scoped_release nogil;
+      qgnn::node_rows(vp, T * N, D, node_bits.data(), static_cast<int>(node_bits.size()), qp, bp, op);
+    }
+    return py::make_tuple(q, rb, ro);
+  }, py::arg("v"), py::arg("node_bits"));
 
   bind_plan(m);
 }

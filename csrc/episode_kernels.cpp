@@ -294,4 +294,25 @@ void bmm_f64(const float* a, const float* v, int64_t T, int N, int D, float* y) 
     }
 }
 
+void node_rows(const uint8_t* v, int64_t rows, int D, const int* bits, int nb, uint8_t* q,
+               uint8_t* row_bits, uint8_t* row_off) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* x = v + r * D;
+    uint8_t lo = 255, hi = 0;
+    for (int d = 0; d < D; ++d) {  // vectorised min / max reductions
+      lo = x[d] < lo ? x[d] : lo;
+      hi = x[d] > hi ? x[d] : hi;
+    }
+    if (D == 0) lo = hi = 0;
+    uint8_t* y = q + r * D;
+    for (int d = 0; d < D; ++d) y[d] = static_cast<uint8_t>(x[d] - lo);
+    const int span = hi - lo;
+    int b = bits[nb - 1];
+    for (int i = 0; i < nb; ++i)
+      if (span < (1 << bits[i])) { b = bits[i]; break; }
+    row_bits[r] = static_cast<uint8_t>(b);
+    row_off[r] = lo;
+  }
+}
+
 }  // namespace qgnn

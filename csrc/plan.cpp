@@ -23,7 +23,8 @@ struct Arena {
 namespace {
 const char* const kNames[] = {"quantize", "qconv", "qlinear", "qbmm", "conv_f32", "linear_f32", "bmm_f32",
                               "nchw_to_nhwc", "max_pool", "mean_hw", "pairwise_sqdiff", "neg_sum_last",
-                              "sigmoid", "edge_update", "offdiag_l1_normalize", "concat_last", "label_scores"};
+                              "sigmoid", "edge_update", "offdiag_l1_normalize", "concat_last", "label_scores",
+                              "node_rows"};
 constexpr int kNumKinds = sizeof(kNames) / sizeof(kNames[0]);
 }  // namespace
 
@@ -113,9 +114,16 @@ void Plan::exec(const PlanStep& st, int64_t T, const std::vector<void*>& ptrs, i
       break;
     }
     case StepKind::QBmm:
-      qbmm(in_u8(0), in_u8(1), static_cast<int>(T), st.n, st.d, st.a_bits, st.v_bits, st.sa, st.la, st.sv, st.lv,
-           out_f, nullptr, nullptr, nullptr, nthreads, &bad);
+      qbmm(in_u8(0), in_u8(1), st.in.size() > 2 ? in_u8(2) : nullptr, static_cast<int>(T), st.n, st.d, st.a_bits,
+           st.v_bits, st.sa, st.la, st.sv, st.lv, out_f, nullptr, nullptr, nullptr, nthreads, &bad);
       break;
+    case StepKind::NodeRows: {
+      // the widths are not needed downstream: the aggregation adds the offsets back
+      std::vector<uint8_t> widths(static_cast<size_t>(T) * st.n);
+      node_rows(in_u8(0), T * st.n, st.d, st.node_bits.data(), static_cast<int>(st.node_bits.size()),
+                static_cast<uint8_t*>(ptrs[st.codes[0]]), widths.data(), static_cast<uint8_t*>(ptrs[st.codes[1]]));
+      break;
+    }
     case StepKind::ConvF32:
     case StepKind::LinearF32: {
       const FloatLayer& L = *st.flayer;

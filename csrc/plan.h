@@ -29,7 +29,7 @@ struct PlanBuffer {
 
 enum class StepKind : int {
   Quantize, QConv, QLinear, QBmm, ConvF32, LinearF32, BmmF32, NchwToNhwc, MaxPool, MeanHW,
-  PairwiseSqDiff, NegSumLast, Sigmoid, EdgeUpdate, OffdiagL1Normalize, ConcatLast, LabelScores
+  PairwiseSqDiff, NegSumLast, Sigmoid, EdgeUpdate, OffdiagL1Normalize, ConcatLast, LabelScores, NodeRows
 };
 const char* step_kind_name(StepKind k);
 bool step_kind_from_name(const std::string& s, StepKind* k);
@@ -43,13 +43,15 @@ struct PlanStep {
   std::string name;
   std::vector<int> in;     // buffer ids; -1: an absent optional input (residual)
   int out = -1;            // the output; a requantizing layer's first code output
-  std::vector<int> codes;  // a requantizing layer: its code outputs (codes[0] == out)
+  std::vector<int> codes;  // a requantizing layer: its code outputs (codes[0] == out);
+                           // node_rows: {q, row offsets}
   int64_t count = 0;       // per task: elements (quantize, sigmoid) or rows (linear kinds,
                            // neg_sum_last, concat) or images (map kinds)
   int h = 0, w = 0, c = 0, ks = 1, stride = 1, pad = 0, n = 0, d = 0, ns = 0, way = 0;
   float l = 0.f, s = 1.f;  // quantize
   int bits = 8;
   int a_bits = 8, v_bits = 8;  // qbmm
+  std::vector<int> node_bits;   // node_rows: the widths, ascending
   float sa = 1.f, la = 0.f, sv = 1.f, lv = 0.f;
   std::unique_ptr<PackedW> packed;   // qconv / qlinear
   std::unique_ptr<QLayer> qlayer;

@@ -212,8 +212,8 @@ PlanStep read_step(const py::dict& d, const Plan& p, size_t index) {
   const std::vector<int> outs = r.at("out").cast<std::vector<int>>();
   const bool layer = st.kind == StepKind::QConv || st.kind == StepKind::QLinear || st.kind == StepKind::ConvF32 ||
                      st.kind == StepKind::LinearF32;
-  if (outs.empty() || (!layer && outs.size() != 1))
-    throw ArgError(r.where + ": a step has one output (a requantizing layer one per quantizer)");
+  if (st.kind == StepKind::NodeRows ? outs.size() != 2 : outs.empty() || (!layer && outs.size() != 1))
+    throw ArgError(r.where + ": a step has one output (a requantizing layer one per quantizer, node_rows two)");
   st.out = outs[0];
   if (st.in.empty() || st.in[0] < 0) throw ArgError(r.where + ": no input");
   const int nb = static_cast<int>(p.buffers.size());
@@ -255,7 +255,7 @@ PlanStep read_step(const py::dict& d, const Plan& p, size_t index) {
       read_qlayer(st, r, p, false, outs);
       break;
     case StepKind::QBmm:
-      need_inputs(2, 2);
+      need_inputs(2, 3);
       st.n = r.i32("n");
       st.d = r.i32("d");
       st.a_bits = r.i32("a_bits", 2, 8);
@@ -266,8 +266,29 @@ PlanStep read_step(const py::dict& d, const Plan& p, size_t index) {
       st.lv = r.f32("v_offset");
       expect(p, r, st.in[0], U, int64_t(st.n) * st.n, "adjacency");
       expect(p, r, st.in[1], U, int64_t(st.n) * st.d, "nodes");
+      if (st.in.size() > 2) {  // per-node codes: the node_rows step guarantees codes + offsets < 2^v_bits
+        if (st.in[2] < 0) throw ArgError(r.where + ": no row offsets");
+        expect(p, r, st.in[2], U, st.n, "row offsets");
+      }
       expect(p, r, st.out, F, int64_t(st.n) * st.d, "output");
       break;
+    case StepKind::NodeRows: {
+      need_inputs(1, 1);
+      st.n = r.i32("n");
+      st.d = r.i32("d");
+      st.node_bits = r.at("node_bits").cast<std::vector<int>>();
+      if (st.node_bits.size() < 2) throw ArgError(r.where + ": node_bits needs two widths or more");
+      for (size_t i = 0; i < st.node_bits.size(); ++i) {
+        const int b = st.node_bits[i];
+        if ((b < 2 || b > 4) && b != 8) throw ArgError(r.where + ": node_bits must be 2, 3, 4 or 8");
+        if (i && b <= st.node_bits[i - 1]) throw ArgError(r.where + ": node_bits must ascend");
+      }
+      expect(p, r, st.in[0], U, int64_t(st.n) * st.d, "input");
+      expect(p, r, outs[0], U, int64_t(st.n) * st.d, "codes");
+      expect(p, r, outs[1], U, st.n, "row offsets");
+      st.codes = outs;
+      break;
+    }
     case StepKind::ConvF32:
       need_inputs(1, 2);
       read_geometry(st, r);

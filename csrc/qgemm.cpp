@@ -215,7 +215,8 @@ void tile_scalar(const TileArgs& t) {
 
 // ------------------------------------------------------------- drivers
 void rowsums_avx512(const uint8_t* x, int64_t rows, int n, int32_t* out, uint8_t* orv);
-void pack_v_avx512(const uint8_t* v, int N, int D, int Kp, int bias, int8_t* wd, int32_t* vs, uint8_t* orv);
+void pack_v_avx512(const uint8_t* v, const uint8_t* off, int N, int D, int Kp, int bias, int8_t* wd, int32_t* vs,
+                   uint8_t* orv);
 
 namespace {
 
@@ -632,9 +633,9 @@ void run_layer_with_shortcut(const QLayer& L, const uint8_t* x, const QLayer& S,
   run_linear(L, x, static_cast<int>(rows), e, nthreads, bad_code, &S, xs);
 }
 
-void qbmm(const uint8_t* a, const uint8_t* v, int T, int N, int D, int a_bits, int v_bits,
-          float sa, float la, float sv, float lv, float* out, int32_t* acc_out, int32_t* as_out,
-          int32_t* vs_out, int nthreads, int* bad_code) {
+void qbmm(const uint8_t* a, const uint8_t* v, const uint8_t* v_off, int T, int N, int D, int a_bits,
+          int v_bits, float sa, float la, float sv, float lv, float* out, int32_t* acc_out,
+          int32_t* as_out, int32_t* vs_out, int nthreads, int* bad_code) {
   // per task: rows = A rows (activation role), columns = V columns (weight role)
   const int Kp = (N + 3) / 4 * 4, Op = (D + 63) / 64 * 64;
   const int bias = v_bits == 8 ? 128 : 0;
@@ -670,6 +671,7 @@ void qbmm(const uint8_t* a, const uint8_t* v, int T, int N, int D, int a_bits, i
     const uint8_t** pr = ptrs[tid].data();
     const uint8_t* at = a + static_cast<size_t>(t) * N * N;
     const uint8_t* vt = v + static_cast<size_t>(t) * N * D;
+    const uint8_t* ot = v_off ? v_off + static_cast<size_t>(t) * N : nullptr;
     for (int i = 0; i < N; ++i) {
       uint8_t* dst = panels[tid]->p + static_cast<size_t>(i) * Kp;
       std::memcpy(dst, at + static_cast<size_t>(i) * N, N);
@@ -683,17 +685,18 @@ void qbmm(const uint8_t* a, const uint8_t* v, int T, int N, int D, int a_bits, i
     std::fill(vs.begin(), vs.end(), 0);
 #if defined(__x86_64__)
     if (avx512) {
-      pack_v_avx512(vt, N, D, Kp, bias, wd, vs.data(), &orv_t);
+      pack_v_avx512(vt, ot, N, D, Kp, bias, wd, vs.data(), &orv_t);
     } else
 #endif
     for (int k = 0; k < N; ++k) {
       const uint8_t* row = vt + static_cast<size_t>(k) * D;
+      const int off = ot ? ot[k] : 0;
       int8_t* wk = wd + (k / 4) * 256 + (k % 4);
       for (int d0 = 0; d0 < D; d0 += 64) {
         int8_t* wblk = wk + static_cast<size_t>(d0 / 64) * Kp * 64;
         const int dn = std::min(64, D - d0);
         for (int c = 0; c < dn; ++c) {
-          const uint8_t val = row[d0 + c];
+          const uint8_t val = static_cast<uint8_t>(row[d0 + c] + off);  // callers keep it <= 255
           wblk[c * 4] = static_cast<int8_t>(static_cast<int>(val) - bias);
           vs[d0 + c] += val;
           orv_t |= val;

@@ -289,7 +289,8 @@ void rowsums_avx512(const uint8_t* x, int64_t rows, int n, int32_t* out, uint8_t
 //   wd[ob][k4][c] (int32) = v[4k4][64ob+c] | v[4k4+1][..] << 8 | v[4k4+2][..] << 16 | v[4k4+3][..] << 24
 // (bytes minus `bias`, done as xor 0x80 when bias = 128), plus column sums VS and the OR.
 // wd must be zeroed beforehand for the padding (rows >= N, columns >= D).
-void pack_v_avx512(const uint8_t* v, int N, int D, int Kp, int bias, int8_t* wd, int32_t* vs, uint8_t* orv) {
+void pack_v_avx512(const uint8_t* v, const uint8_t* off, int N, int D, int Kp, int bias, int8_t* wd, int32_t* vs,
+                   uint8_t* orv) {
   const __m512i flip = _mm512_set1_epi32(bias ? 0x80808080u : 0);
   __m512i o = _mm512_setzero_si512();
   for (int d0 = 0; d0 < D; d0 += 16) {
@@ -301,7 +302,8 @@ void pack_v_avx512(const uint8_t* v, int N, int D, int Kp, int bias, int8_t* wd,
       __m512i lane = _mm512_setzero_si512();
       for (int j = 0; j < 4 && 4 * k4 + j < N; ++j) {
         const __m128i b = _mm_maskz_loadu_epi8(mk, v + static_cast<size_t>(4 * k4 + j) * D + d0);
-        const __m512i x = _mm512_cvtepu8_epi32(b);
+        __m512i x = _mm512_cvtepu8_epi32(b);
+        if (off) x = _mm512_maskz_add_epi32(mk, x, _mm512_set1_epi32(off[4 * k4 + j]));
         colsum = _mm512_add_epi32(colsum, x);
         lane = _mm512_or_si512(lane, _mm512_slli_epi32(x, 8 * j));
       }

@@ -259,10 +259,16 @@ void run_layer_with_shortcut(const QLayer& L, const uint8_t* x, const QLayer& S,
 // Threads: M-tiles (or tasks) spread over `nthreads` (thread_pool.h); ops under ~2 MMAC
 // run on the calling thread. bad_code: set when an input code is >= 2^bits (checked in
 // the same pass that sums the rows; the output is then unspecified and the binding raises).
-// a: [T, N, N], v: [T, N, D]; out float [T, N, D]
-void qbmm(const uint8_t* a, const uint8_t* v, int T, int N, int D, int a_bits, int v_bits,
-          float sa, float la, float sv, float lv, float* out, int32_t* acc_out,
+// a: [T, N, N], v: [T, N, D]; out float [T, N, D]. v_off: null, or per-node codes
+// (ref_node_rows): node k's codes on the v_bits grid are v[k] + v_off[k] ([T, N]; added
+// while V is packed, so the products are the shared-grid ones).
+void qbmm(const uint8_t* a, const uint8_t* v, const uint8_t* v_off, int T, int N, int D, int a_bits,
+          int v_bits, float sa, float la, float sv, float lv, float* out, int32_t* acc_out,
           int32_t* as_out, int32_t* vs_out, int nthreads, int* bad_code);
+// Per-node widths (ref_node_rows): v [rows, D] codes -> q = v - min of the row, row_off =
+// that minimum, row_bits = the first of bits[0..nb) (ascending) with max(q) < 2^b.
+void node_rows(const uint8_t* v, int64_t rows, int D, const int* bits, int nb, uint8_t* q,
+               uint8_t* row_bits, uint8_t* row_off);
 // codes = clamp(rne((x - l) / s), 0, 2^bits - 1); returns the number of non-finite inputs
 int64_t quantize(const float* x, int64_t n, float l, float s, int bits, uint8_t* out, int nthreads);
 

@@ -650,12 +650,25 @@ class IntLayers:
         n = self.model.config.num_nodes
         za_t = g.const(np.uint8(int(za)), f"{name}.adj_zero_point")
         zv_t = g.const(np.uint8(int(zv)), f"{name}.nodes_zero_point")
-        acc = g.op("MatMulInteger", [qa, qv, za_t, zv_t], "aggregate_integer")   # sum (qa-za)(qv-zv)
+        if m.node_bits:
+            # per-node codes (ref_node_rows): q = qv - row minimum; the minimum's products come
+            # back as one more integer product with the [T, N, 1] offsets
+            off = g.op("ReduceMin", [qv, g.i64([2], "axes/2")], "node_row_offset", keepdims=1)  # [T, N, 1]
+            qv = g.op("Sub", [qv, off], "node_row_codes")
+            acc = g.op("MatMulInteger", [qa, qv, za_t, zv_t], "aggregate_integer")   # sum (qa-za)(q-zv)
+            acc = g.op("Add", [acc, g.op("MatMulInteger", [qa, off, za_t, g.const(np.uint8(0))],
+                                         "aggregate_offsets")], "aggregate_integer_rows")
+        else:
+            acc = g.op("MatMulInteger", [qa, qv, za_t, zv_t], "aggregate_integer")   # sum (qa-za)(qv-zv)
         as_ = g.op("ReduceSum", [g.op("Cast", [qa], "adj_i32", to=INT32), g.i64([2], "axes/2")],
                    "adj_row_sum", keepdims=1)                              # [T, N, 1]
         as_ = g.op("Sub", [as_, g.const(np.int32(int(za) * n))], "adj_row_sum_c")
         vs = g.op("ReduceSum", [g.op("Cast", [qv], "nodes_i32", to=INT32), g.i64([1], "axes/1")],
                   "nodes_col_sum", keepdims=1)                             # [T, 1, D]
+        if m.node_bits:
+            vs = g.op("Add", [vs, g.op("ReduceSum", [g.op("Cast", [off], "offsets_i32", to=INT32),
+                                                     g.i64([1], "axes/1")], "offsets_sum", keepdims=1)],
+                      "nodes_col_sum_rows")
         vs = g.op("Sub", [vs, g.const(np.int32(int(zv) * n))], "nodes_col_sum_c")
 
         def term(t: str, c: torch.Tensor, hint: str) -> str:

@@ -21,9 +21,9 @@ import triton.language as tl
 
 
 @triton.jit
-def qbmm_kernel(a_ptr, v_ptr, out_ptr, as_out_ptr, vs_out_ptr, T, N, D, c_acc, c_as, c_vs, c_n,
+def qbmm_kernel(a_ptr, v_ptr, off_ptr, out_ptr, as_out_ptr, vs_out_ptr, T, N, D, c_acc, c_as, c_vs, c_n,
                 za, zv,
-                A_SHIFT: tl.constexpr, V_SHIFT: tl.constexpr, OUT_MODE: tl.constexpr,
+                A_SHIFT: tl.constexpr, V_SHIFT: tl.constexpr, OUT_MODE: tl.constexpr, HAS_OFF: tl.constexpr,
                 TASKS_PER_PROG: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
                 BLOCK_D: tl.constexpr):
     """Grid (cdiv(T, TASKS_PER_PROG), cdiv(N, BLOCK_I), cdiv(D, BLOCK_D)). OUT_MODE 0 stores
@@ -31,7 +31,9 @@ def qbmm_kernel(a_ptr, v_ptr, out_ptr, as_out_ptr, vs_out_ptr, T, N, D, c_acc, c
 
     c_acc = sa*sv, c_as = sa*dv, c_vs = da*sv, c_n = (da*dv)*N: fp32 values computed by the
     host exactly as ``ref_qbmm`` does (scalar*scalar products would run in float64 under
-    the interpreter); za, zv: the integer zero points of a and v (in [0, 255])."""
+    the interpreter); za, zv: the integer zero points of a and v (in [0, 255]).
+    HAS_OFF: v holds per-node codes and off_ptr uint8 [T, N] the row offsets
+    (``ref_node_rows``), added to each V row as it is loaded."""
     pid_t = tl.program_id(0)
     pid_i = tl.program_id(1)
     pid_d = tl.program_id(2)
@@ -54,6 +56,9 @@ def qbmm_kernel(a_ptr, v_ptr, out_ptr, as_out_ptr, vs_out_ptr, T, N, D, c_acc, c
             vmask = (kj < N)[:, None] & mask_d[None, :]
             a = tl.load(a_base + ri[:, None] * N + kj[None, :], mask=amask, other=0).to(tl.int32)
             v = tl.load(v_base + kj[:, None] * D + rd[None, :], mask=vmask, other=0).to(tl.int32)
+            if HAS_OFF:
+                off = tl.load(off_ptr + t * N + kj, mask=(kj < N) & ((kj * 0 + t) < T), other=0).to(tl.int32)
+                v = tl.where(vmask, v + off[:, None], 0)
             as_ += tl.sum(a, axis=1)
             vs += tl.sum(v, axis=0)
             a8 = tl.where(amask, a - A_SHIFT, 0).to(tl.int8)
@@ -77,3 +82,30 @@ def qbmm_kernel(a_ptr, v_ptr, out_ptr, as_out_ptr, vs_out_ptr, T, N, D, c_acc, c
             y = y + c_vs * vsp.to(tl.float32)[None, :]
             y = y + c_n
             tl.store(out_ptr + offs, y, mask=mask)
+
+
+@triton.jit
+def node_rows_kernel(v_ptr, q_ptr, bits_ptr, off_ptr, R, D, B0, B1, B2, B3, NB: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per-node widths (``ref_node_rows``): v uint8 [R, D] rows (D <= BLOCK_D) -> q = v - min
+    of the row, off = that minimum, bits = the first of B0 < B1 < ... (NB of them) with
+    max(q) < 2^b. Grid (cdiv(R, BLOCK_R),)."""
+    rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rd = tl.arange(0, BLOCK_D)
+    mr = rr < R
+    m = mr[:, None] & (rd < D)[None, :]
+    v = tl.load(v_ptr + rr[:, None] * D + rd[None, :], mask=m, other=0).to(tl.int32)
+    lo = tl.min(tl.where(m, v, 255), axis=1)
+    hi = tl.max(tl.where(m, v, 0), axis=1)
+    lo = tl.where(D > 0, lo, 0)
+    span = hi - lo
+    width = tl.zeros((BLOCK_R,), dtype=tl.int32) + B0
+    if NB > 1:
+        width = tl.where(span >= (1 << B0), B1, width)
+    if NB > 2:
+        width = tl.where(span >= (1 << B1), B2, width)
+    if NB > 3:
+        width = tl.where(span >= (1 << B2), B3, width)
+    tl.store(q_ptr + rr[:, None] * D + rd[None, :], (v - lo[:, None]).to(tl.uint8), mask=m)
+    tl.store(bits_ptr + rr, width.to(tl.uint8), mask=mr)
+    tl.store(off_ptr + rr, lo.to(tl.uint8), mask=mr)

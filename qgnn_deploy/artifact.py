@@ -43,7 +43,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .errors import ArtifactError, QGNNError
+from .errors import ArtifactError, ConfigError, QGNNError
 
 FORMAT = "qgnn-deploy/int-model"
 FORMAT_VERSION = 1
@@ -92,6 +92,8 @@ def _layer_record(m: nn.Module) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]
     elif isinstance(m, IntAggregation):
         rec.update(a_bits=m.a_bits, v_bits=m.v_bits, a_scale=m.a_scale, a_offset=m.a_offset,
                    v_scale=m.v_scale, v_offset=m.v_offset)
+        if m.node_bits:
+            rec["node_bits"] = list(m.node_bits)
     elif isinstance(m, (FloatConv2d, FloatLinear)):
         rec.update(slope=m.slope)
         if isinstance(m, FloatConv2d):
@@ -132,6 +134,17 @@ def _bits(rec, key, where) -> int:
     if b not in PACKABLE_BITS:
         raise ArtifactError(f"{where}: {key}={b} is not a supported bit-width {PACKABLE_BITS}")
     return b
+
+
+def _node_bits(rec, where) -> tuple:
+    from .config import check_node_bits
+    nb = rec.get("node_bits", [])
+    if not isinstance(nb, list):
+        raise ArtifactError(f"{where}: node_bits must be a list, got {type(nb).__name__}")
+    try:
+        return check_node_bits(nb, f"{where}: node_bits") if nb else ()
+    except ConfigError as e:
+        raise ArtifactError(str(e)) from None
 
 
 def _scale(rec, key, where) -> float:
@@ -218,7 +231,8 @@ def _layer_from_record(rec: Dict[str, Any], tensors: Dict[str, torch.Tensor]) ->
     if kind == "bmm":
         return IntAggregation(name, _bits(rec, "a_bits", where), _bits(rec, "v_bits", where),
                               _scale(rec, "a_scale", where), _need(rec, "a_offset", float, where),
-                              _scale(rec, "v_scale", where), _need(rec, "v_offset", float, where))
+                              _scale(rec, "v_scale", where), _need(rec, "v_offset", float, where),
+                              _node_bits(rec, where))
     if kind in ("conv2d_fp32", "linear_fp32"):
         w = tensors.get("weight")
         if w is None or w.dtype != torch.float32 or w.dim() != (4 if kind == "conv2d_fp32" else 2):

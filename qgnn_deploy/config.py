@@ -14,6 +14,13 @@ aggregation ``A @ V``: w = the adjacency ``A``, a = the node features ``V``). A 
 checkpoints and artifacts) or ``{"w": ..., "a": ...}``; it is stored as ``LayerBits`` and
 written as ``{"w": ..., "a": ...}``. Resolving a bits-config file
 (:mod:`qgnn_deploy.bits_config`) lists every quantizable layer.
+
+``node_bits`` (A2Q-style per-node aggregation bits, docs/mixed-precision.md): the bit-widths
+a node's feature row entering a quantized aggregation may take, e.g. ``(2, 4, 8)``. Each
+aggregation's node quantizer then runs at ``max(node_bits)`` on one learned grid, and every
+node of every episode is stored at the fewest bits of the set that hold its codes after
+subtracting the node's own minimum code (:func:`qgnn_deploy.ops.reference.ref_node_rows`).
+Empty: one bit-width for all nodes (``LayerBits.a`` of the aggregation).
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ from .errors import ConfigError
 
 SUPPORTED_BITS = (2, 3, 4, 8, 32)
 QUANT_BITS = (2, 3, 4, 8)
+AGGREGATION_SUFFIX = ".aggregation"  # how graph aggregations are named (node_bits applies to them)
 SUPPORTED_IMAGE_SIZES = (32, 84)
 
 
@@ -80,6 +88,7 @@ class ModelConfig:
             ints or ``{"w", "a"}`` dicts too).
         weight_granularity: ``"tensor"`` (the paper) or ``"channel"`` (per output channel).
         leaky_slope_backbone: LeakyReLU slope inside the residual blocks (0.2).
+        node_bits: per-node aggregation bit-widths (ascending, from QUANT_BITS), or ``()``.
     """
 
     way: int = 5
@@ -93,6 +102,7 @@ class ModelConfig:
     layer_bits: Dict[str, LayerBits] = field(default_factory=dict)
     weight_granularity: str = "tensor"
     leaky_slope_backbone: float = 0.2
+    node_bits: Tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.layer_bits, dict):
@@ -100,6 +110,7 @@ class ModelConfig:
         # one stored form (frozen dataclass: set through object.__setattr__)
         object.__setattr__(self, "layer_bits", {
             str(name): check_layer_bits(b, f"layer_bits[{name!r}]") for name, b in self.layer_bits.items()})
+        object.__setattr__(self, "node_bits", check_node_bits(self.node_bits))
 
     @property
     def num_supports(self) -> int:
@@ -130,8 +141,12 @@ class ModelConfig:
         return self
 
     def bits_for(self, name: str) -> LayerBits:
-        """The (w, a) bit-widths of layer ``name``."""
-        return self.layer_bits.get(name, LayerBits(self.bits, self.bits))
+        """The (w, a) bit-widths of layer ``name``; a quantized aggregation's node grid is
+        ``max(node_bits)`` when per-node widths are on."""
+        bits = self.layer_bits.get(name, LayerBits(self.bits, self.bits))
+        if self.node_bits and bits.quantized and name.endswith(AGGREGATION_SUFFIX):
+            return LayerBits(bits.w, self.node_bits[-1])
+        return bits
 
     @property
     def quantized(self) -> bool:
@@ -145,6 +160,7 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         d["widths"] = list(self.widths)
         d["layer_bits"] = {name: b.to_dict() for name, b in self.layer_bits.items()}
+        d["node_bits"] = list(self.node_bits)
         return d
 
     @classmethod
@@ -163,6 +179,28 @@ class ModelConfig:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"invalid model config: {e}") from None
         return config.validate()
+
+
+def check_node_bits(node_bits: Any, what: str = "node_bits") -> Tuple[int, ...]:
+    """``node_bits`` as an ascending tuple of distinct widths from QUANT_BITS (``()``: off)."""
+    if isinstance(node_bits, str):
+        try:
+            node_bits = [int(v) for v in node_bits.split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(f"{what} must be comma-separated bit-widths like 2,4,8, got {node_bits!r}") from None
+    try:
+        vals = tuple(node_bits)
+    except TypeError:
+        raise ConfigError(f"{what} must be a list of bit-widths, got {node_bits!r}") from None
+    for b in vals:
+        if isinstance(b, bool) or not isinstance(b, int) or b not in QUANT_BITS:
+            raise ConfigError(f"{what}: every width must be one of {QUANT_BITS}, got {b!r}")
+    if len(set(vals)) != len(vals):
+        raise ConfigError(f"{what} repeats a width: {list(vals)}")
+    if len(vals) == 1:
+        raise ConfigError(f"{what} needs at least two widths to choose from, got {list(vals)} "
+                          f"(one width for all nodes is the aggregation's 'a' bits)")
+    return tuple(sorted(vals))
 
 
 def check_bits(bits: Any, what: str = "bits") -> int:

@@ -220,7 +220,7 @@ def fold_aggregation(name: str, agg: QAggregation) -> nn.Module:
         return FloatAggregation(name)
     a_l, a_s, a_bits = act_params(agg.adj_quant)
     v_l, v_s, v_bits = act_params(agg.node_quant)
-    return IntAggregation(name, a_bits, v_bits, a_s, a_l, v_s, v_l)
+    return IntAggregation(name, a_bits, v_bits, a_s, a_l, v_s, v_l, agg.node_bits)
 
 
 def fuse_requant(producer: nn.Module, consumer: nn.Module) -> None:

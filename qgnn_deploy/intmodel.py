@@ -36,7 +36,8 @@ Attributes of IntConv2d / IntLinear (python scalars unless noted):
     residual       IntConv2d only: bool, True when forward adds a residual before the slope
     kernel_size, stride, padding, in_channels, out_channels (conv); in_features, out_features (linear)
     w_zero_point / a_zero_point    round(-offset/scale): exact grid points under "snap"
-IntAggregation: a_bits (adjacency), v_bits (nodes), a_scale, a_offset, v_scale, v_offset.
+IntAggregation: a_bits (adjacency), v_bits (nodes), a_scale, a_offset, v_scale, v_offset,
+    node_bits (per-node widths ending at v_bits, or ()).
 FloatConv2d / FloatLinear: weight, bias (fp32), post_scale, post_shift, slope.
 
 Data flow and layouts: activations are NHWC float32, or uint8 codes when the producer
@@ -62,11 +63,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import LayerBits, ModelConfig
+from .config import LayerBits, ModelConfig, check_node_bits
 from .errors import ArtifactError, ConfigError
 from .models.qgnn import EpisodeOutput, check_episode, episode_graph
 from .ops import registry as qops
 from .ops.episode_ops import TORCH_OPS, f32_conv2d, f32_linear
+from .ops.reference import count_node_widths
 
 Tensor = torch.Tensor
 
@@ -205,17 +207,27 @@ class IntLinear(_IntWeightLayer):
 
 
 class IntAggregation(nn.Module):
-    """Quantized graph aggregation ``A @ V``: fp32 adj [T, N, N], nodes [T, N, D] -> fp32 [T, N, D]."""
+    """Quantized graph aggregation ``A @ V``: fp32 adj [T, N, N], nodes [T, N, D] -> fp32 [T, N, D].
+
+    ``node_bits`` (ascending widths, or ``()``): per-node codes -- the nodes are quantized on
+    the ``v_bits = max(node_bits)`` grid, then ``qgnn::node_rows`` gives each node the fewest
+    widths holding its codes minus its minimum code, and ``qgnn::qbmm`` takes those codes
+    with the per-node widths and offsets (same result as the shared grid: lossless).
+    ``node_stats``: when set to a dict, each forward adds ``{width: nodes}`` counts to it."""
 
     kind = "bmm"
 
     def __init__(self, name: str, a_bits: int, v_bits: int, a_scale: float, a_offset: float,
-                 v_scale: float, v_offset: float):
+                 v_scale: float, v_offset: float, node_bits: Tuple[int, ...] = ()):
         super().__init__()
         self.name = name
         self.a_bits, self.v_bits = int(a_bits), int(v_bits)
         self.a_scale, self.a_offset = float(a_scale), float(a_offset)
         self.v_scale, self.v_offset = float(v_scale), float(v_offset)
+        self.node_bits = check_node_bits(node_bits, f"{name}.node_bits") if node_bits else ()
+        if self.node_bits and self.node_bits[-1] != self.v_bits:
+            raise ArtifactError(f"{name}: node_bits {list(self.node_bits)} must end at v_bits={self.v_bits}")
+        self.node_stats: Optional[Dict[int, int]] = None
 
     @property
     def w_bits(self) -> int:  # the "weight" operand of a Bit-FLOPs count is the adjacency
@@ -224,11 +236,17 @@ class IntAggregation(nn.Module):
     def forward(self, adj: Tensor, nodes: Tensor) -> Tensor:
         qa = qops.quantize(adj.float().contiguous(), self.a_offset, self.a_scale, self.a_bits)
         qv = qops.quantize(nodes.float().contiguous(), self.v_offset, self.v_scale, self.v_bits)
+        rows = (None, None)
+        if self.node_bits:
+            qv, *rows = qops.node_rows(qv, list(self.node_bits))
+            if self.node_stats is not None:
+                count_node_widths(self.node_stats, rows[0])
         return qops.qbmm(qa, qv, self.a_bits, self.v_bits, self.a_scale, self.a_offset,
-                         self.v_scale, self.v_offset)
+                         self.v_scale, self.v_offset, *rows)
 
     def extra_repr(self) -> str:
-        return f"{self.name}: a_bits={self.a_bits}, v_bits={self.v_bits}"
+        nb = f", node_bits={list(self.node_bits)}" if self.node_bits else ""
+        return f"{self.name}: a_bits={self.a_bits}, v_bits={self.v_bits}{nb}"
 
 
 # --------------------------------------------------------------------- FP32 layers

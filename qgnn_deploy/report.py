@@ -160,6 +160,12 @@ class LayerCount:
     share: float = 0.0   # of the model's total Bit-FLOPs
     fp32_share: float = 0.0
     scale: float = 1.0   # counts were multiplied by this (per-image backbone)
+    # per-node aggregation widths (ModelConfig.node_bits), measured on real episodes:
+    node_bits: Optional[Dict[str, int]] = None   # {width: nodes}
+    node_bits_mean: Optional[float] = None
+    node_bytes: Optional[int] = None             # node features of one call at those widths
+    uniform_node_bytes: Optional[int] = None     # ... at a_bits (the shared grid) for every node
+    uniform_bit_flops: Optional[int] = None      # Bit-FLOPs at a_bits for every node
 
     @property
     def quantized(self) -> bool:
@@ -227,7 +233,18 @@ class BitFlopReport:
             "ops_binary_net": fp_layer_flops + q_bit_flops / 64.0,
             "fp32_ops_binary_net": float(flops),
             "uncounted_ops": len(self.uncounted),
+            **self._node_totals(),
         }
+
+    def _node_totals(self) -> Dict[str, Any]:
+        per_node = [l for l in self.layers if l.node_bits]
+        if not per_node:
+            return {}
+        nodes = sum(sum(l.node_bits.values()) for l in per_node)
+        return {"node_bits_mean": sum(int(b) * c for l in per_node for b, c in l.node_bits.items()) / nodes,
+                "node_bytes": sum(l.node_bytes for l in per_node),
+                "uniform_node_bytes": sum(l.uniform_node_bytes for l in per_node),
+                "uniform_bit_flops": int(sum((l.uniform_bit_flops or l.bit_flops) for l in self.layers))}
 
     def to_dict(self) -> Dict[str, Any]:
         return {
@@ -572,6 +589,13 @@ class BitFlopCounter(TorchDispatchMode):
             l.flops = 2 * l.macs
             l.bit_flops = l.flops * l.w_bits * l.a_bits
             l.fp32_bit_flops = l.flops * FP32_BITS * FP32_BITS
+            if l.node_bits_mean is not None:
+                # node j's products at its own width; the row offsets add one [N, N] x [N, 1]
+                # product per task at the shared grid's width (qbmm's correction)
+                nodes = _node_rows_per_call(l)
+                l.uniform_bit_flops = l.bit_flops
+                l.bit_flops = int(round(l.flops * l.w_bits * l.node_bits_mean
+                                        + 2 * l.calls * nodes * nodes * l.w_bits * l.a_bits))
         tb = sum(l.bit_flops for l in layers) or 1
         tf = sum(l.fp32_bit_flops for l in layers) or 1
         for l in layers:
@@ -591,6 +615,35 @@ class BitFlopCounter(TorchDispatchMode):
             if n == name:
                 return m
         return None
+
+
+def _node_rows_per_call(l: LayerCount) -> int:
+    """N of an aggregation's [T, N, N] adjacency (from its recorded shape)."""
+    return int(l.shape.split("(")[1].split(",")[1])
+
+
+def measure_node_widths(model: nn.Module, episodes: int = 20, seed: int = 0) -> Dict[str, Dict[int, int]]:
+    """``{aggregation: {width: nodes}}`` of the per-node widths on ``episodes`` synthetic
+    test episodes (the widths depend on the data, unlike the other counts); {} without
+    per-node aggregations."""
+    layers = {n: m for n, m in model.named_modules() if getattr(m, "node_bits", ())}
+    if not layers:
+        return {}
+    from .data import episode_batches
+    was_training = model.training
+    model.eval()
+    for m in layers.values():
+        m.node_stats = {}
+    try:
+        with torch.no_grad():
+            for images, labels, _ in episode_batches(model.config, episodes, seed=seed, split="test",
+                                                     tasks_per_batch=min(10, episodes)):
+                model(images, labels)
+        return {getattr(m, "name", n) or n: dict(sorted(m.node_stats.items())) for n, m in layers.items()}
+    finally:
+        for m in layers.values():
+            m.node_stats = None
+        model.train(was_training)
 
 
 def _scaled(v: int, f: float) -> int:
@@ -654,7 +707,8 @@ def default_episode(config, tasks: int = 1, seed: int = 0):
 
 def count_bit_flops(model: nn.Module, images: Optional[torch.Tensor] = None,
                     support_labels: Optional[torch.Tensor] = None, *, tasks: int = 1,
-                    per_image_backbone: bool = False, label: str = "") -> BitFlopReport:
+                    per_image_backbone: bool = False, label: str = "",
+                    node_episodes: int = 20) -> BitFlopReport:
     """Run ``model`` once on an episode batch and count it (see the module docstring).
 
     Args:
@@ -664,6 +718,8 @@ def count_bit_flops(model: nn.Module, images: Optional[torch.Tensor] = None,
         per_image_backbone: count the backbone for ONE image (rows under ``backbone``
             divided by the images per batch, exact since the backbone is per image) next to
             the graph of ONE task: the workload of the paper's Table 6 (needs ``tasks == 1``).
+        node_episodes: synthetic test episodes on which per-node aggregation widths are
+            measured (models with ``config.node_bits``); their mean width enters Bit-FLOPs.
     Returns: a :class:`BitFlopReport`; ``.to_dict()`` is the ``report --json`` object.
     """
     config = getattr(model, "config", None)
@@ -699,6 +755,18 @@ def count_bit_flops(model: nn.Module, images: Optional[torch.Tensor] = None,
         scale = lambda name: (1.0 / n) if name.startswith("backbone") else 1.0  # noqa: E731
         workload.update(images=1, description=f"1 image of {images.shape[-1]} px through the backbone "
                         f"+ 1 graph task of {n} nodes (the paper's Table 6 workload)")
+    widths = measure_node_widths(model, node_episodes) if node_episodes else {}
+    for name, hist in widths.items():
+        rec = counter.layers.get(name)
+        if rec is None or not hist:
+            continue
+        nodes = sum(hist.values())
+        d = int(rec.shape.rsplit(",", 1)[1].strip(" )"))   # node features per node
+        rec.node_bits = {str(b): c for b, c in hist.items()}
+        rec.node_bits_mean = sum(b * c for b, c in hist.items()) / nodes
+        per_call = nodes / node_episodes  # nodes of one task
+        rec.node_bytes = int(round(per_call * (d * rec.node_bits_mean / 8 + 2)))  # + width and offset bytes
+        rec.uniform_node_bytes = int(round(per_call * d * rec.a_bits / 8))
     rep = counter.report(label or _model_label(model), workload, scale)
     if rep.uncounted:
         rep.notes.append(f"{len(rep.uncounted)} op kind(s) have no cost rule and are listed under "

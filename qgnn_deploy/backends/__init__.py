@@ -28,7 +28,7 @@ lazily: importing this package imports no backend, no CUDA, no Triton.
 
 ``pack`` and ``unpack`` are storage-format ops: a backend that does not define them
 uses the reference ones (they run once at load time, never in the hot path). Every
-compute op (``quantize``, ``qconv2d``, ``qlinear``, ``qbmm``) must come from the
+compute op (``quantize``, ``qconv2d``, ``qlinear``, ``qbmm``, ``node_rows``) must come from the
 selected backend: there is no silent fallback to the reference for those.
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ INT_MODEL_BACKENDS = ("reference", "cpu", "cpu-eager", "triton")
 MODEL_BACKENDS = ("onnx", "torch")
 ALL_BACKENDS = INT_MODEL_BACKENDS + MODEL_BACKENDS
 #: integer ops of the op set (see qgnn_deploy.ops.registry)
-OPS = ("quantize", "qconv2d", "qlinear", "qbmm", "pack", "unpack")
+OPS = ("quantize", "qconv2d", "qlinear", "qbmm", "node_rows", "pack", "unpack")
 #: ops a backend may leave to the reference implementation (load-time only)
 STORAGE_OPS = ("pack", "unpack")
 

@@ -352,12 +352,23 @@ def cpu_qconv2d(x: Tensor, w_packed, w_bits: int, a_bits: int, kernel_size: int,
 
 
 def cpu_qbmm(a: Tensor, v: Tensor, a_bits: int, v_bits: int, a_scale: float, a_offset: float,
-             v_scale: float, v_offset: float) -> Tensor:
-    """Quantized graph aggregation ``A @ V`` per task; arguments and result as ``ref_qbmm``."""
+             v_scale: float, v_offset: float, row_bits: Optional[Tensor] = None,
+             row_offset: Optional[Tensor] = None) -> Tensor:
+    """Quantized graph aggregation ``A @ V`` per task; arguments and result as ``ref_qbmm``
+    (per-node codes with row_bits / row_offset)."""
     out = _call(_ext().qbmm, _np(a, "a"), _np(v, "v"), _int(a_bits, "a_bits"), _int(v_bits, "v_bits"),
                 _opt_float(a_scale, "a_scale"), _opt_float(a_offset, "a_offset"),
-                _opt_float(v_scale, "v_scale"), _opt_float(v_offset, "v_offset"), get_num_threads())
+                _opt_float(v_scale, "v_scale"), _opt_float(v_offset, "v_offset"), get_num_threads(), False,
+                None if row_bits is None else _np(row_bits, "row_bits"),
+                None if row_offset is None else _np(row_offset, "row_offset"))
     return torch.from_numpy(out)
+
+
+def cpu_node_rows(v: Tensor, node_bits) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-node widths of node codes; arguments and result as ``ref_node_rows``."""
+    bits = [_int(b, "node_bits") for b in node_bits]
+    q, rb, ro = _call(_ext().node_rows, _np(v, "v"), bits)
+    return torch.from_numpy(q), torch.from_numpy(rb), torch.from_numpy(ro)
 
 
 # ------------------------------------------------------------------ raw integer parts (tests)
@@ -397,7 +408,7 @@ def cpu_bmm_acc(a: Tensor, v: Tensor, a_bits: int = 8, v_bits: int = 8) -> Tuple
 
 
 __all__ = [
-    "cpu_quantize", "cpu_qlinear", "cpu_qconv2d", "cpu_qbmm", "cpu_pack", "cpu_unpack",
+    "cpu_quantize", "cpu_qlinear", "cpu_qconv2d", "cpu_qbmm", "cpu_node_rows", "cpu_pack", "cpu_unpack",
     "cpu_prepack", "cpu_linear_acc", "cpu_conv2d_acc", "cpu_bmm_acc", "set_num_threads",
     "get_num_threads", "force_isa", "active_isa", "detected_isa", "isa_blocker", "available_isas",
     "amx_probe", "ISAS",

@@ -6,7 +6,7 @@ It is the specification, always available, CPU tensors only, written to be read.
 from __future__ import annotations
 
 from ..ops.packing import pack_codes, unpack_codes
-from ..ops.reference import ref_qbmm, ref_qconv2d, ref_qlinear, ref_quantize
+from ..ops.reference import ref_node_rows, ref_qbmm, ref_qconv2d, ref_qlinear, ref_quantize
 
 
 def ref_pack(codes, bits: int):
@@ -23,5 +23,5 @@ def is_available() -> bool:
     return True
 
 
-__all__ = ["ref_quantize", "ref_qconv2d", "ref_qlinear", "ref_qbmm", "ref_pack", "ref_unpack",
+__all__ = ["ref_quantize", "ref_qconv2d", "ref_qlinear", "ref_qbmm", "ref_node_rows", "ref_pack", "ref_unpack",
            "is_available"]

@@ -36,7 +36,7 @@ import torch
 
 from ..errors import BackendUnavailableError, KernelArgumentError
 from ..ops.packing import PACKABLE_BITS
-from ..ops.reference import (check_codes, check_epilogue, check_packed, check_scalar,
+from ..ops.reference import (check_codes, check_epilogue, check_node_rows, check_packed, check_scalar,
                              conv_out_size, ref_zero_split)
 
 Tensor = torch.Tensor
@@ -492,7 +492,8 @@ def triton_qconv2d(x: Tensor, w_packed, w_bits: int, a_bits: int, kernel_size: i
     return out
 
 
-def _bmm_core(a: Tensor, v: Tensor, a_bits: int, v_bits: int, mode: int, scal: tuple):
+def _bmm_core(a: Tensor, v: Tensor, a_bits: int, v_bits: int, mode: int, scal: tuple,
+              row_offset: Optional[Tensor] = None):
     kp = kernels()
     t, n, _ = a.shape
     d = v.shape[2]
@@ -504,11 +505,12 @@ def _bmm_core(a: Tensor, v: Tensor, a_bits: int, v_bits: int, mode: int, scal: t
         bj = max(32, min(64, 1 << (n - 1).bit_length()))  # K chunk: int8 tl.dot needs K >= 32
         bi = max(16, min(64, 1 << (n - 1).bit_length()))
         const = dict(A_SHIFT=_shift(a_bits), V_SHIFT=_shift(v_bits), OUT_MODE=mode,
-                     BLOCK_I=bi, BLOCK_J=bj)
+                     HAS_OFF=row_offset is not None, BLOCK_I=bi, BLOCK_J=bj)
+        off = row_offset.contiguous() if row_offset is not None else v  # unread without HAS_OFF
         _launch("qbmm", kp.qbmm_kernel,
                 lambda META: (triton_cdiv(t, META["TASKS_PER_PROG"]), triton_cdiv(n, bi),
                               triton_cdiv(d, META["BLOCK_D"])),
-                (a, v, out, as_out, vs_out, t, n, d) + scal, const, rows=t, cols=d)
+                (a, v, off, out, as_out, vs_out, t, n, d) + scal, const, rows=t, cols=d)
     return out, as_out, vs_out
 
 
@@ -537,10 +539,16 @@ def triton_bmm_acc(a: Tensor, v: Tensor, a_bits: int = 8, v_bits: int = 8):
 
 
 def triton_qbmm(a: Tensor, v: Tensor, a_bits: int, v_bits: int, a_scale: float, a_offset: float,
-                v_scale: float, v_offset: float) -> Tensor:
+                v_scale: float, v_offset: float, row_bits: Optional[Tensor] = None,
+                row_offset: Optional[Tensor] = None) -> Tensor:
     """Quantized graph aggregation (cf. ``ref_qbmm``): a uint8 [T, N, N], v uint8 [T, N, D]
-    -> float32 [T, N, D]."""
+    (per-node codes with row_bits / row_offset uint8 [T, N]) -> float32 [T, N, D]."""
     _check_bmm(a, v, a_bits, v_bits)
+    if (row_bits is None) != (row_offset is None):
+        raise KernelArgumentError("row_bits and row_offset go together")
+    if row_bits is not None:
+        check_node_rows(v, row_bits, row_offset, v_bits)
+        _check_device(a, row_bits, row_offset)
     sa, la = check_scalar(a_scale, "a_scale", True), check_scalar(a_offset, "a_offset")
     sv, lv = check_scalar(v_scale, "v_scale", True), check_scalar(v_offset, "v_offset")
     n = a.shape[1]
@@ -551,10 +559,40 @@ def triton_qbmm(a: Tensor, v: Tensor, a_bits: int, v_bits: int, a_scale: float, 
     cnt = torch.tensor(n, dtype=torch.int32).float()
     coef = (float(sa_t * sv_t), float(sa_t * dv), float(da * sv_t), float((da * dv) * cnt),
             za, zv)
-    out, _, _ = _bmm_core(a.contiguous(), v.contiguous(), a_bits, v_bits, 1, coef)
+    out, _, _ = _bmm_core(a.contiguous(), v.contiguous(), a_bits, v_bits, 1, coef, row_offset)
     return out
 
 
+def triton_node_rows(v: Tensor, node_bits) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-node widths of node codes (cf. ``ref_node_rows``): v uint8 [T, N, D] ->
+    (q uint8 [T, N, D], row_bits uint8 [T, N], row_offset uint8 [T, N])."""
+    bits = _node_bits_arg(node_bits)
+    check_codes(v, "v", 3, bits[-1])
+    _check_device(v)
+    t, n, d = v.shape
+    q = torch.empty_like(v)
+    rb = torch.empty((t, n), dtype=torch.uint8, device=v.device)
+    ro = torch.empty((t, n), dtype=torch.uint8, device=v.device)
+    rows = t * n
+    if rows:
+        if d > 4096:
+            raise KernelArgumentError(f"node_rows: rows of {d} codes exceed the kernel's 4096")
+        bd = max(16, 1 << max(d - 1, 0).bit_length())
+        br = 16
+        b = list(bits) + [bits[-1]] * (4 - len(bits))
+        kernels().node_rows_kernel[(triton_cdiv(rows, br),)](
+            v.contiguous(), q, rb, ro, rows, d, *b, NB=len(bits), BLOCK_R=br, BLOCK_D=bd)
+    return q, rb, ro
+
+
+def _node_bits_arg(node_bits) -> Tuple[int, ...]:
+    bits = tuple(int(b) for b in node_bits)
+    if not 2 <= len(bits) <= 4 or list(bits) != sorted(set(bits)) or any(b not in PACKABLE_BITS for b in bits):
+        raise KernelArgumentError(f"node_bits must be 2 to 4 ascending distinct widths of {PACKABLE_BITS}, "
+                                  f"got {list(node_bits)}")
+    return bits
+
+
 __all__ = ["SMALL_M", "availability", "interpreted", "is_available", "kernels", "prepare_weight", "unavailable_reason",
-           "triton_bmm_acc", "triton_conv2d_acc", "triton_linear_acc", "triton_qbmm",
+           "triton_bmm_acc", "triton_conv2d_acc", "triton_linear_acc", "triton_node_rows", "triton_qbmm",
            "triton_qconv2d", "triton_qlinear", "triton_quantize"]

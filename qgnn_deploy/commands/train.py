@@ -24,6 +24,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="bit-width of the quantized layers (32 = FP pre-training)")
     bits.add_argument("--bits-config", metavar="FILE.json",
                       help="per-layer weight/activation bits instead (docs/mixed-precision.md)")
+    p.add_argument("--node-bits", metavar="B,B,...",
+                   help="per-node aggregation widths, e.g. 2,4,8 (A2Q-style; docs/mixed-precision.md)")
+    p.add_argument("--node-bits-target", type=float,
+                   help="mean per-node width the penalty aims under (default: the second widest)")
+    p.add_argument("--node-bits-weight", type=float, default=0.1, help="weight of that penalty (0.1)")
     p.add_argument("--way", type=int, default=5)
     p.add_argument("--shot", type=int, default=1)
     p.add_argument("--image-size", type=int, choices=[32, 84], help="default: the preset's (32)")
@@ -54,11 +59,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import torch
 
+    from ..config import check_node_bits
     from ..training import TrainOptions, train
     if args.threads:
         torch.set_num_threads(args.threads)
     opts = TrainOptions(
         out=args.out, preset=args.preset, bits=args.bits, bits_config=args.bits_config,
+        node_bits=check_node_bits(args.node_bits or "", "--node-bits"),
+        node_bits_target=args.node_bits_target, node_bits_weight=args.node_bits_weight,
         dataset=args.dataset, data_dir=args.data_dir,
         way=args.way, shot=args.shot, image_size=args.image_size, iterations=args.iterations,
         tasks=args.tasks, aqd=not args.no_aqd, sqd=not args.no_sqd, lambda1=args.lambda1,

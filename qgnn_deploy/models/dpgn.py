@@ -87,9 +87,9 @@ class D2PAgg(nn.Module):
     """Distribution-to-point: ``V_p = MLP([V_p || rownorm(E_d (1 - I)) @ V_p])``."""
 
     def __init__(self, in_c: int, base_c: int, dropout: float, name: str, bits_for: BitsFor,
-                 per_channel: bool):
+                 per_channel: bool, node_bits: Tuple[int, ...] = ()):
         super().__init__()
-        self.aggregation = QAggregation(bits_for(f"{name}.aggregation"))
+        self.aggregation = QAggregation(bits_for(f"{name}.aggregation"), node_bits)
         layers: List[nn.Module] = []
         for cin, cout in ((in_c, base_c * 2), (base_c * 2, base_c)):
             idx = len(layers)
@@ -113,7 +113,8 @@ class DPGN(nn.Module):
     """The dual graph: point graph (instance level) and distribution graph."""
 
     def __init__(self, emb_dim: int, num_supports: int, generations: int, dropout: float,
-                 bits_for: BitsFor, per_channel: bool = False, prefix: str = "gnn"):
+                 bits_for: BitsFor, per_channel: bool = False, prefix: str = "gnn",
+                 node_bits: Tuple[int, ...] = ()):
         super().__init__()
         self.generations = generations
         self.initial_edge = PointSimilarity(emb_dim, emb_dim, dropout, f"{prefix}.initial_edge",
@@ -124,7 +125,7 @@ class DPGN(nn.Module):
                 num_supports, f"{prefix}.point2distribution_generation_{l}", bits_for, per_channel))
             self.add_module(f"distribution2point_generation_{l}", D2PAgg(
                 2 * emb_dim, emb_dim, drop, f"{prefix}.distribution2point_generation_{l}",
-                bits_for, per_channel))
+                bits_for, per_channel, node_bits))
             self.add_module(f"point_sim_generation_{l}", PointSimilarity(
                 emb_dim, emb_dim, drop, f"{prefix}.point_sim_generation_{l}", bits_for, per_channel))
             self.add_module(f"distribution_sim_generation_{l}", PointSimilarity(

@@ -9,14 +9,16 @@ those of the official DPGN code (``weight``, ``bias``) and FP checkpoints load d
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import LayerBits, check_layer_bits
+from ..config import LayerBits, check_layer_bits, check_node_bits
+from ..errors import ConfigError
 from ..ops.episode_ops import f32_conv2d
+from ..ops.reference import count_node_widths, ref_node_rows
 from ..quant.pauta import PautaQuantizer
 
 Bits = Union[int, LayerBits]
@@ -97,12 +99,22 @@ class QAggregation(nn.Module):
     """The graph aggregation ``A @ V`` (batched), with PQ on both operands.
 
     ``A``: [T, N, N] normalised adjacency (``bits.w``), ``V``: [T, N, D] node features
-    (``bits.a``).
+    (``bits.a``). With ``node_bits`` (A2Q-style per-node bits, e.g. ``(2, 4, 8)``) the node
+    quantizer runs at ``max(node_bits)`` and each node row is stored at the fewest widths of
+    the set that hold its codes minus the row's minimum code (ops.reference.ref_node_rows):
+    the values are those of the ``max(node_bits)`` grid, so per-node bits lose nothing at a
+    given step; QAT trades the step against :meth:`soft_node_bits` (training/losses.py).
     """
 
-    def __init__(self, bits: Bits = 32):
+    def __init__(self, bits: Bits = 32, node_bits: Tuple[int, ...] = ()):
         super().__init__()
         self.bits = check_layer_bits(bits, "bits")
+        self.node_bits = check_node_bits(node_bits) if self.bits.quantized and node_bits else ()
+        if self.node_bits and self.bits.a != self.node_bits[-1]:
+            raise ConfigError(f"per-node widths {list(self.node_bits)} need the node grid at "
+                              f"{self.node_bits[-1]} bits, got bits.a={self.bits.a}")
+        self.last_soft_node_bits: Optional[torch.Tensor] = None
+        self.node_stats: Optional[Dict[int, int]] = None  # set to {} to count {width: nodes}
         if self.bits.quantized:
             self.adj_quant: Optional[PautaQuantizer] = PautaQuantizer(self.bits.w)
             self.node_quant: Optional[PautaQuantizer] = PautaQuantizer(self.bits.a)
@@ -117,10 +129,27 @@ class QAggregation(nn.Module):
     def fp_forward(self, adj: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
         return torch.bmm(adj, nodes)
 
+    def soft_node_bits(self, nodes: torch.Tensor) -> torch.Tensor:
+        """Differentiable mean per-node width ``log2(1 + span_j / s)`` over the nodes of
+        ``nodes`` [T, N, D] (span_j: the row's value range clipped to the quantizer's),
+        a smooth stand-in for the integer rule's mean width; its gradient grows the step."""
+        q = self.node_quant
+        lo, hi = q.l, q.r
+        x = torch.minimum(torch.maximum(nodes, lo), hi)
+        span = x.amax(-1) - x.amin(-1)
+        return torch.log2(1.0 + span / q.step_with_grad()).mean()
+
     def forward(self, adj: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
         if not self.quantized:
             return torch.bmm(adj, nodes)
-        return torch.bmm(self.adj_quant(adj), self.node_quant(nodes))
+        vq = self.node_quant(nodes)
+        if self.node_bits and self.training:
+            self.last_soft_node_bits = self.soft_node_bits(nodes)
+        if self.node_bits and self.node_stats is not None:
+            count_node_widths(self.node_stats, ref_node_rows(self.node_quant.codes(nodes.detach()),
+                                                             self.node_bits)[1])
+        return torch.bmm(self.adj_quant(adj), vq)
 
     def extra_repr(self) -> str:
-        return f"adj_bits={self.bits.w}, node_bits={self.bits.a}"
+        nb = f", per-node widths {list(self.node_bits)}" if self.node_bits else ""
+        return f"adj_bits={self.bits.w}, node_bits={self.bits.a}{nb}"

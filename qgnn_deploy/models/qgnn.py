@@ -123,7 +123,7 @@ class QGNNModel(nn.Module):
         self.backbone = ResNet12(config.widths, config.emb_dim, config.image_size, bits_for,
                                  per_channel, config.leaky_slope_backbone)
         self.gnn = DPGN(config.emb_dim, config.num_supports, config.generations, config.dropout,
-                        bits_for, per_channel)
+                        bits_for, per_channel, node_bits=config.node_bits)
         self._check_layer_names(config)
 
     def _check_layer_names(self, config: ModelConfig) -> None:

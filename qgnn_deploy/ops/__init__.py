@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-_REGISTRY_NAMES = ("quantize", "qconv2d", "qlinear", "qbmm", "pack", "unpack", "OP_OVERLOADS")
+_REGISTRY_NAMES = ("quantize", "qconv2d", "qlinear", "qbmm", "node_rows", "pack", "unpack", "OP_OVERLOADS")
 
 
 def __getattr__(name: str):

@@ -359,19 +359,81 @@ def ref_qconv2d(x: Tensor, w_packed: Tensor, w_bits: int, a_bits: int, kernel_si
                         post_scale, post_shift, residual, slope, out_l, out_s, out_bits)
 
 
+def ref_node_rows(v: Tensor, node_bits) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-node widths of aggregation node codes (A2Q-style per-node bits).
+
+    Args:
+        v: uint8 [T, N, D] node codes on one grid of ``max(node_bits)`` bits.
+        node_bits: ascending distinct widths, e.g. ``(2, 4, 8)``.
+    Returns: ``(q, row_bits, row_offset)``: ``row_offset`` uint8 [T, N] the row's minimum
+        code, ``q = v - row_offset`` uint8 [T, N, D], ``row_bits`` uint8 [T, N] the fewest
+        widths ``b`` of ``node_bits`` with ``max_d q < 2^b``. Lossless: ``q + row_offset == v``.
+        An empty row (D = 0) has offset 0 and the fewest widths.
+    """
+    bits = tuple(int(b) for b in node_bits)
+    if len(bits) < 2 or list(bits) != sorted(set(bits)) or any(b not in PACKABLE_BITS for b in bits):
+        raise KernelArgumentError(f"node_bits must be >= 2 ascending distinct widths of {PACKABLE_BITS}, "
+                                  f"got {list(node_bits)}")
+    check_codes(v, "v", 3, bits[-1])
+    t, n, d = v.shape
+    if d == 0:
+        zeros = torch.zeros((t, n), dtype=torch.uint8)
+        return v.clone(), torch.full((t, n), bits[0], dtype=torch.uint8), zeros
+    lo = v.amin(-1)
+    span = v.amax(-1).to(torch.int32) - lo.to(torch.int32)
+    row_bits = torch.full((t, n), bits[-1], dtype=torch.uint8)
+    for b in reversed(bits[:-1]):      # fewest widths last: it wins
+        row_bits[span < 2 ** b] = b
+    return v - lo.unsqueeze(-1), row_bits, lo
+
+
+def count_node_widths(stats: dict, row_bits: Tensor) -> None:
+    """Add ``{width: nodes}`` counts of ``row_bits`` (any shape) to ``stats``."""
+    widths, counts = torch.unique(row_bits.cpu(), return_counts=True)
+    for b, c in zip(widths.tolist(), counts.tolist()):
+        stats[int(b)] = stats.get(int(b), 0) + int(c)
+
+
+def check_node_rows(v: Tensor, row_bits: Tensor, row_offset: Tensor, v_bits: int) -> None:
+    """``v`` [T, N, D] per-row codes below ``2^row_bits``, offsets uint8 [T, N], ``v + offset``
+    on the ``v_bits`` grid."""
+    t, n, _ = v.shape
+    for name, x in (("row_bits", row_bits), ("row_offset", row_offset)):
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or tuple(x.shape) != (t, n):
+            got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise KernelArgumentError(f"{name} must be uint8 [{t}, {n}], got {got}")
+    if v.numel() == 0 and row_offset.numel() == 0:
+        return
+    bad = [b for b in row_bits.unique().tolist() if b not in PACKABLE_BITS or b > v_bits]
+    if bad:
+        raise KernelArgumentError(f"row_bits holds widths {bad}: each must be one of {PACKABLE_BITS} and <= v_bits={v_bits}")
+    if v.numel():
+        top = (v.amax(-1).to(torch.int32) >= (1 << row_bits.to(torch.int32)))
+        if bool(top.any()):
+            raise KernelArgumentError("v holds a row's code >= 2^row_bits of that row")
+        if int((v.amax(-1).to(torch.int32) + row_offset.to(torch.int32)).max()) >= 2 ** v_bits:
+            raise KernelArgumentError(f"v + row_offset leaves the {v_bits}-bit grid")
+
+
 def ref_qbmm(a: Tensor, v: Tensor, a_bits: int, v_bits: int, a_scale: float, a_offset: float,
-             v_scale: float, v_offset: float) -> Tensor:
+             v_scale: float, v_offset: float, row_bits: Optional[Tensor] = None,
+             row_offset: Optional[Tensor] = None) -> Tensor:
     """Quantized graph aggregation ``A @ V`` per task, both operands activations.
 
     Args:
         a: uint8 [T, N, N] codes of the normalised adjacency (offset a_offset, step a_scale).
-        v: uint8 [T, N, D] codes of the node features (offset v_offset, step v_scale).
+        v: uint8 [T, N, D] codes of the node features (offset v_offset, step v_scale), or with
+            ``row_bits`` / ``row_offset`` (uint8 [T, N], :func:`ref_node_rows`) per-node codes:
+            node j's value is ``v_offset + v_scale * (v[j] + row_offset[j])``, its codes below
+            ``2^row_bits[j]``, ``v_bits`` the width of the shared grid.
     Returns: float32 [T, N, D], the identity
         (sa*sv)*ACC + (sa*lv)*AS[t,i] + (la*sv)*VS[t,d] + (la*lv)*N
     evaluated centred (see :func:`ref_epilogue`): (za, da) = ref_zero_split(la, sa),
     (zv, dv) = ref_zero_split(lv, sv), then in int32 ACC' = ACC - zv*AS - za*VS + za*zv*N,
     AS' = AS - za*N, VS' = VS - zv*N, and in fp32, in this order,
         (sa*sv)*ACC' + (sa*dv)*AS'[t,i] + (da*sv)*VS'[t,d] + (da*dv)*N.
+    Per-node codes enter ACC and VS as ``v + row_offset``: ACC += sum_j qa[i,j] offset[j],
+    VS += sum_j offset[j] (int32), so the result equals the shared-grid aggregation exactly.
     """
     check_codes(a, "a", 3, a_bits)
     check_codes(v, "v", 3, v_bits)
@@ -379,9 +441,17 @@ def ref_qbmm(a: Tensor, v: Tensor, a_bits: int, v_bits: int, a_scale: float, a_o
     if n != n2 or v.shape[0] != t or v.shape[1] != n:
         raise KernelArgumentError(
             f"aggregation needs a [T, N, N] and v [T, N, D], got {tuple(a.shape)} and {tuple(v.shape)}")
+    if (row_bits is None) != (row_offset is None):
+        raise KernelArgumentError("row_bits and row_offset go together")
+    if row_bits is not None:
+        check_node_rows(v, row_bits, row_offset, v_bits)
     sa, la = check_scalar(a_scale, "a_scale", True), check_scalar(a_offset, "a_offset")
     sv, lv = check_scalar(v_scale, "v_scale", True), check_scalar(v_offset, "v_offset")
     acc, as_, vs = ref_bmm_acc(a, v)
+    if row_offset is not None:
+        off = row_offset.to(torch.int32)
+        acc = acc + torch.bmm(a.to(torch.int64), off.to(torch.int64).unsqueeze(-1)).to(torch.int32)
+        vs = vs + off.sum(-1, keepdim=True).to(torch.int32)
     f = lambda z: torch.tensor(z, dtype=torch.float32)  # noqa: E731  (fp32 values, as kernels use)
     za, da = ref_zero_split(f(la), f(sa))
     zv, dv = ref_zero_split(f(lv), f(sv))

@@ -7,6 +7,7 @@ qgnn::quantize     fp32 x -> uint8 codes ``clamp(rne((x - l) / s), 0, 2^bits - 1
 qgnn::qconv2d      uint8 NHWC codes x packed weights -> fp32 [B,Ho,Wo,O] or uint8 codes
 qgnn::qlinear      uint8 [M,K] codes x packed weights -> fp32 [M,O] or uint8 codes
 qgnn::qbmm         uint8 [T,N,N] x uint8 [T,N,D] (both activations) -> fp32 [T,N,D]
+qgnn::node_rows    uint8 [T,N,D] node codes -> per-node codes, widths and offsets (A2Q bits)
 qgnn::pack         uint8 codes [O,K] -> canonical packed [O, ceil(K/8)*bits]
 qgnn::unpack       canonical packed [O, ceil(K/8)*bits] -> uint8 codes [O,K]
 =================  ==================================================================
@@ -23,7 +24,7 @@ Scalars (offsets, steps, slope) travel as Python floats holding fp32 values; the
 backends convert them to fp32 exactly.
 """
 # No ``from __future__ import annotations``: custom_op infers the schema from real annotations.
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -100,15 +101,29 @@ def _qlinear_fake(x, w_packed, w_bits, a_bits, w_scale, w_offset, a_scale, a_off
 
 @torch.library.custom_op("qgnn::qbmm", mutates_args=())
 def qbmm(a: Tensor, v: Tensor, a_bits: int, v_bits: int, a_scale: float, a_offset: float,
-         v_scale: float, v_offset: float) -> Tensor:
-    """uint8 [T,N,N] x uint8 [T,N,D] -> fp32 [T,N,D] (the graph aggregation)."""
+         v_scale: float, v_offset: float, row_bits: Optional[Tensor] = None,
+         row_offset: Optional[Tensor] = None) -> Tensor:
+    """uint8 [T,N,N] x uint8 [T,N,D] -> fp32 [T,N,D] (the graph aggregation); per-node codes
+    with row_bits / row_offset uint8 [T,N] (ref_node_rows)."""
     return backend_function(current_backend(), "qbmm")(
-        a, v, a_bits, v_bits, a_scale, a_offset, v_scale, v_offset)
+        a, v, a_bits, v_bits, a_scale, a_offset, v_scale, v_offset, row_bits, row_offset)
 
 
 @qbmm.register_fake
-def _qbmm_fake(a, v, a_bits, v_bits, a_scale, a_offset, v_scale, v_offset):
+def _qbmm_fake(a, v, a_bits, v_bits, a_scale, a_offset, v_scale, v_offset, row_bits=None, row_offset=None):
     return v.new_empty((v.shape[0], a.shape[1], v.shape[2]), dtype=torch.float32)
+
+
+@torch.library.custom_op("qgnn::node_rows", mutates_args=())
+def node_rows(v: Tensor, node_bits: List[int]) -> Tuple[Tensor, Tensor, Tensor]:
+    """uint8 [T,N,D] shared-grid node codes -> (codes - row minimum, row_bits [T,N], row_offset [T,N])."""
+    return backend_function(current_backend(), "node_rows")(v, node_bits)
+
+
+@node_rows.register_fake
+def _node_rows_fake(v, node_bits):
+    return (torch.empty_like(v), v.new_empty(v.shape[:2], dtype=torch.uint8),
+            v.new_empty(v.shape[:2], dtype=torch.uint8))
 
 
 # ------------------------------------------------------------------ pack/unpack
@@ -141,8 +156,9 @@ OP_OVERLOADS = {
     "qconv2d": torch.ops.qgnn.qconv2d.default,
     "qlinear": torch.ops.qgnn.qlinear.default,
     "qbmm": torch.ops.qgnn.qbmm.default,
+    "node_rows": torch.ops.qgnn.node_rows.default,
     "pack": torch.ops.qgnn.pack.default,
     "unpack": torch.ops.qgnn.unpack.default,
 }
 
-__all__ = ["quantize", "qconv2d", "qlinear", "qbmm", "pack", "unpack", "OP_OVERLOADS"]
+__all__ = ["quantize", "qconv2d", "qlinear", "qbmm", "node_rows", "pack", "unpack", "OP_OVERLOADS"]

@@ -310,7 +310,12 @@ class PlanBuilder:
         if isinstance(m, IntAggregation):
             qa = self._codes(adj, m.a_offset, m.a_scale, m.a_bits, f"{m.name}.adjacency")
             qv = self._codes(nodes, m.v_offset, m.v_scale, m.v_bits, f"{m.name}.nodes")
-            self._step("qbmm", m.name, [qa, qv], [y], n=n, d=d, a_bits=m.a_bits, v_bits=m.v_bits,
+            ins = [qa, qv]
+            if m.node_bits:  # per-node codes and row offsets (the widths are implied)
+                q, off = self.new((n, d), "u8"), self.new((n,), "u8")
+                self._step("node_rows", f"{m.name}.nodes", [qv], [q, off], n=n, d=d, node_bits=list(m.node_bits))
+                ins = [qa, q, off]
+            self._step("qbmm", m.name, ins, [y], n=n, d=d, a_bits=m.a_bits, v_bits=m.v_bits,
                        a_scale=m.a_scale, a_offset=m.a_offset, v_scale=m.v_scale, v_offset=m.v_offset)
         elif isinstance(m, FloatAggregation):
             self._step("bmm_f32", m.name, [adj, nodes], [y], n=n, d=d)

@@ -12,7 +12,8 @@ ops/reference.py for the exact semantics each reproduces):
 ``quantize``                fp32 -> uint8 codes ``clamp(rne((x - l) / s), 0, 2^bits - 1)``
 ``qconv``                   quantized conv, uint8 NHWC -> fp32 or codes (fused epilogue)
 ``qlinear``                 quantized linear / pointwise conv over rows
-``qbmm``                    quantized graph aggregation ``A @ V`` per task
+``qbmm``                    quantized graph aggregation ``A @ V`` per task (optional row offsets)
+``node_rows``               per-node codes: codes minus the row minimum, and that minimum
 ``conv_f32`` / ``linear_f32``  FP32 layers, products summed in float64
 ``bmm_f32``                 FP32 aggregation, float64 sums
 ``nchw_to_nhwc``            layout change of the input images

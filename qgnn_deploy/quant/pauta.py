@@ -129,6 +129,10 @@ class PautaQuantizer(nn.Module):
             self.initialize(x)
         return pauta_fake_quant(x, self._bcast(self.l, x), self._bcast(self.r, x), self.bits)
 
+    def step_with_grad(self) -> torch.Tensor:
+        """fp32 step(s) ``s``, differentiable in ``l`` and ``r``."""
+        return pauta_step(self.l, self.r, self.bits)
+
     def step(self) -> torch.Tensor:
         """fp32 step(s) ``s``, detached."""
         return pauta_step(self.l.detach(), self.r.detach(), self.bits)

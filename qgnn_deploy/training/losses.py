@@ -8,11 +8,13 @@ negative edges, so the 1:(way-1) imbalance does not swamp the positives.
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
+from torch import nn
 import torch.nn.functional as F
 
+from ..models.layers import QAggregation
 from ..models.qgnn import EpisodeOutput, label_edges
 
 DIST_WEIGHT = 0.1
@@ -70,3 +72,16 @@ def dpgn_loss(out: EpisodeOutput, support_labels: torch.Tensor, query_labels: to
     acc = (out.logits.argmax(-1) == query_labels).float().mean()
     return {"loss": total, "edge": torch.tensor(edge_sum), "node": torch.tensor(node_sum),
             "accuracy": acc.detach()}
+
+
+def node_bits_penalty(model: nn.Module, target: float) -> Optional[torch.Tensor]:
+    """``relu(mean soft width - target)`` over the aggregations with per-node widths, from
+    their last training forward (``QAggregation.soft_node_bits``); None when there are none.
+
+    Per-node widths lose nothing at a given step, so the task loss alone shrinks the step
+    until every node takes the widest option; this term is the memory side of the trade."""
+    soft = [m.last_soft_node_bits for m in model.modules()
+            if isinstance(m, QAggregation) and m.last_soft_node_bits is not None]
+    if not soft:
+        return None
+    return torch.relu(torch.stack(soft).mean() - float(target))

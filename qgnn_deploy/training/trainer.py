@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -24,9 +24,9 @@ from ..checkpoint import (_load_state, is_official_dpgn, load_official_dpgn, rea
                           save_checkpoint)
 from ..config import ModelConfig, preset_config
 from ..errors import CheckpointError, ConfigError, QGNNError
-from ..models import QGNNModel, build_model
+from ..models import QAggregation, QGNNModel, build_model, quantizable_layers
 from .distill import Distillation
-from .losses import dpgn_loss
+from .losses import dpgn_loss, node_bits_penalty
 from .recipe import build_optimizer, default_recipe
 
 
@@ -38,6 +38,9 @@ class TrainOptions:
     preset: str = "tiny"
     bits: int = 32
     bits_config: Optional[str] = None  # per-layer bits file (qgnn_deploy.bits_config), over ``bits``
+    node_bits: Tuple[int, ...] = ()    # per-node aggregation widths (ModelConfig.node_bits)
+    node_bits_target: Optional[float] = None  # mean width the penalty aims under (default: 2nd widest)
+    node_bits_weight: float = 0.1      # weight of that penalty in the loss
     dataset: str = "synthetic"
     data_dir: Optional[str] = None
     way: int = 5
@@ -73,7 +76,19 @@ class TrainOptions:
         if self.bits_config:
             from ..bits_config import load_bits_config, resolve_bits
             config = resolve_bits(load_bits_config(self.bits_config), config)
+        if self.node_bits:
+            if not config.quantized:
+                raise ConfigError("--node-bits needs a quantized model (--bits or --bits-config below 32)")
+            config = config.replace(node_bits=self.node_bits)
         return config
+
+    def node_target(self, config: ModelConfig) -> float:
+        """The mean per-node width the penalty aims under."""
+        nb = config.node_bits
+        target = nb[-2] if self.node_bits_target is None else float(self.node_bits_target)
+        if not nb[0] <= target <= nb[-1]:
+            raise ConfigError(f"--node-bits-target must lie in [{nb[0]}, {nb[-1]}], got {target}")
+        return target
 
 
 class TrainingDiverged(QGNNError):
@@ -105,7 +120,22 @@ def init_from(path: str, config: ModelConfig) -> QGNNModel:
         _load_state(model, state, path, strict=True, allow_missing_quant=True)
     else:
         _load_state(model, state, path, strict=True, allow_missing_quant=False)
+        if config.node_bits and not src_cfg.get("node_bits"):
+            _keep_node_steps(model, ModelConfig.from_dict(src_cfg))
     return model
+
+
+def _keep_node_steps(model: QGNNModel, src: ModelConfig) -> None:
+    """Per-node widths from a uniform source: widen each node range to the shared grid at
+    the source's step, so nodes that fit the source's width keep it and the rest (clipped
+    there) take more bits."""
+    for name, m in quantizable_layers(model).items():
+        if isinstance(m, QAggregation) and m.node_bits and bool(m.node_quant.initialized):
+            a = src.bits_for(name).a
+            if a < m.bits.a:
+                q = m.node_quant
+                with torch.no_grad():
+                    q.r.copy_(q.l + (q.r - q.l) * ((2 ** m.bits.a - 1) / (2 ** a - 1)))
 
 
 def _raise_interrupt(signum, frame):
@@ -198,6 +228,7 @@ def train(opts: TrainOptions) -> Dict[str, Any]:
     else:
         torch.manual_seed(opts.seed)
     distill.attach(model)
+    node_target = opts.node_target(config) if config.node_bits else None
     val_every = opts.val_every or max(1, opts.iterations // 5)
 
     def meta(it: int) -> Dict[str, Any]:
@@ -235,6 +266,9 @@ def train(opts: TrainOptions) -> Dict[str, Any]:
             parts = dpgn_loss(out, support, query, config.way)
             d = distill.pop_losses()
             loss = parts["loss"] + d["total"]
+            pen = node_bits_penalty(model, node_target) if node_target is not None else None
+            if pen is not None:
+                loss = loss + opts.node_bits_weight * pen
             if not torch.isfinite(loss.detach()):
                 raise TrainingDiverged(
                     f"loss became {float(loss.detach())} at iteration {it} ({recipe.optimizer} lr {recipe.lr}); "
