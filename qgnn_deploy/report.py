@@ -634,6 +634,10 @@ def measure_node_widths(model: nn.Module, episodes: int = 20, seed: int = 0) -> 
     model.eval()
     for m in layers.values():
         m.node_stats = {}
+    prev = getattr(model, "backend", None)
+    if hasattr(model, "compiled"):  # the compiled plan keeps no statistics: run module by module
+        from .backends import is_backend_available
+        model.backend = "cpu-eager" if is_backend_available("cpu") else "reference"
     try:
         with torch.no_grad():
             for images, labels, _ in episode_batches(model.config, episodes, seed=seed, split="test",
@@ -643,6 +647,8 @@ def measure_node_widths(model: nn.Module, episodes: int = 20, seed: int = 0) -> 
     finally:
         for m in layers.values():
             m.node_stats = None
+        if hasattr(model, "compiled"):
+            model.backend = prev
         model.train(was_training)
 
 

@@ -294,7 +294,11 @@ def test_penalty_grows_the_node_step_and_uniform_sources_keep_theirs():
 def test_report_gives_the_width_histogram_and_cheaper_bit_flops():
     from qgnn_deploy.report import count_bit_flops
     im, _, _ = folded("exact")
-    d = count_bit_flops(im, per_image_backbone=True, node_episodes=4).to_dict()
+    im.backend = None   # the default (cpu: the compiled plan) must still give the widths
+    try:
+        d = count_bit_flops(im, per_image_backbone=True, node_episodes=4).to_dict()
+    finally:
+        im.backend = "reference"
     rows = [l for l in d["layers"] if l["kind"] == "aggregation"]
     assert rows and all(l["node_bits"] and sum(l["node_bits"].values()) == 4 * im.config.num_nodes for l in rows)
     for l in rows:
