@@ -156,7 +156,16 @@ def build_onnx(model, **options: Any):
     was_training = getattr(model, "training", False)
     model.eval()
     try:
-        EpisodeGraph(g, config, layers, getattr(model, "generations", None)).build()
+        if kind == "integer" and layout == "nhwc":
+            # the integer model's own episode description, emitted op by op
+            from .builder import FLOAT
+            from .episode_ops import OnnxEpisodeOps
+            ops = OnnxEpisodeOps(g, config, layers)
+            images, graph = ops.episode_inputs()
+            out = model.episode(ops, images, graph)
+            g.add_output(out.logits.name, "logits", FLOAT, ["tasks", config.way, config.way])
+        else:
+            EpisodeGraph(g, config, layers, getattr(model, "generations", None)).build()
     finally:
         model.train(was_training)
     info = {"kind": kind, "form": form, "opset": opset, "portability": portability(g.nodes, form),

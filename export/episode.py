@@ -1,10 +1,12 @@
 """The whole DPGN episode (ResNet-12 backbone + graph generations + prediction) as ONNX.
 
-The graph mirrors :meth:`qgnn_deploy.models.QGNNModel.forward` op by op. It is written
-once, against a *layer emitter* that turns each conv / linear / aggregation (looked up
-by its qualified name in the float model, e.g. ``backbone.layer1.0.conv2``) into ONNX
-nodes: :class:`~qgnn_deploy.export.float_layers.FloatLayers` for the FP32 model,
-:class:`~qgnn_deploy.export.int_layers.IntLayers` for the integer model. Everything
+The graph mirrors :meth:`qgnn_deploy.models.QGNNModel.forward` op by op, NCHW, for the
+*float* model: against a layer emitter that turns each conv / linear / aggregation (looked
+up by its qualified name, e.g. ``backbone.layer1.0.conv2``) into ONNX nodes --
+:class:`~qgnn_deploy.export.float_layers.FloatLayers` for the FP32 export,
+:class:`~qgnn_deploy.export.int_layers.IntLayers` in its ``qdq`` form (QCDQ around float
+Conv / MatMul). The integer forms do not use this file: they emit the integer model's own
+episode description (:mod:`.episode_ops`). Everything
 between the layers (pair features, edge updates, normalisations, concatenations,
 pooling, the initial graph and the logits) is plain fp32 ONNX here.
 
@@ -35,9 +37,6 @@ class EpisodeGraph:
         self.n = config.num_nodes
         self.ns = config.num_supports
         self.q = config.way
-        #: "nchw" (float / qdq emitters) or "nhwc" (the integer emitter: channels-last
-        #: rows, every conv a MatMulInteger, no layout changes between layers)
-        self.nhwc = getattr(layers, "layout", "nchw") == "nhwc"
 
     # -------------------------------------------------------------- helpers
     def scoped(self, scope: str):
@@ -68,16 +67,11 @@ class EpisodeGraph:
     def block(self, x: str, i: int) -> str:
         p = f"backbone.layer{i}.0"
         slope = self.cfg.leaky_slope_backbone
-        side = self.cfg.image_size
-        for _ in range(i - 1):
-            side = (side - 1) // 2 + 1  # MaxPool(3, 2, 1) of the blocks before
         with self.scoped(p):
             residual = self.L.conv(f"{p}.conv", x, bn=f"{p}.bn")
             out = self.L.conv(f"{p}.conv1", x, bn=f"{p}.bn1", slope=slope)
-            out = self.L.conv(f"{p}.conv2", out, bn=f"{p}.bn2", slope=slope, hw=(side, side))
+            out = self.L.conv(f"{p}.conv2", out, bn=f"{p}.bn2", slope=slope)
             out = self.L.conv(f"{p}.conv3", out, bn=f"{p}.bn3", slope=slope, residual=residual)
-            if self.nhwc:
-                return self.L.maxpool(out, 3, 2, 1, (side, side))
             return self.g.op("MaxPool", [out], "maxpool", kernel_shape=[3, 3], strides=[2, 2],
                              pads=[1, 1, 1, 1])
 
@@ -86,11 +80,7 @@ class EpisodeGraph:
         g, s = self.g, self.cfg.image_size
         x = g.op("Reshape", [images, g.i64([-1, 3, s, s], "shape/images_flat")], "flatten_tasks")
         with self.scoped("backbone"):
-            if self.nhwc:  # the stem reads the NCHW images; its output is channels-last
-                x = self.L.conv("backbone.conv1", x, bn="backbone.bn1", slope=STEM_SLOPE, hw=(s, s),
-                                nchw_input=True)
-            else:
-                x = self.L.conv("backbone.conv1", x, bn="backbone.bn1", slope=STEM_SLOPE, hw=(s, s))
+            x = self.L.conv("backbone.conv1", x, bn="backbone.bn1", slope=STEM_SLOPE)
         x = self.block(x, 1)
         x = self.block(x, 2)
         inter = self.block(x, 3)
@@ -98,21 +88,13 @@ class EpisodeGraph:
         emb = self.cfg.emb_dim
         shape = g.i64([-1, self.n, emb], "shape/nodes")
         with self.scoped("backbone.layer_last"):
-            axes = g.i64([1, 2], "axes/hw_nhwc") if self.nhwc else g.i64([2, 3], "axes/hw")
-            if self.nhwc:
-                x = self.L.materialize(x)
+            axes = g.i64([2, 3], "axes/hw")
             pooled = self.f64("ReduceMean", [x], "gap", [axes], keepdims=0)
             last = self.L.linear("backbone.layer_last.0", pooled, bn="backbone.layer_last.1")
             last = g.op("Reshape", [last, shape], "nodes")
         with self.scoped("backbone.layer_second"):
-            if self.nhwc:
-                side = s
-                for _ in range(3):
-                    side = (side - 1) // 2 + 1
-                pooled = self.L.maxpool(inter, 2, 2, 0, (side, side))
-            else:
-                pooled = g.op("MaxPool", [inter], "maxpool2", kernel_shape=[2, 2], strides=[2, 2])
-            flat = self.L.flatten(pooled) if self.nhwc else g.op("Flatten", [pooled], "flatten", axis=1)
+            pooled = g.op("MaxPool", [inter], "maxpool2", kernel_shape=[2, 2], strides=[2, 2])
+            flat = g.op("Flatten", [pooled], "flatten", axis=1)
             second = self.L.linear("backbone.layer_second.0", flat, bn="backbone.layer_second.1")
             second = g.op("Reshape", [second, shape], "nodes")
         return last, second
@@ -171,15 +153,14 @@ class EpisodeGraph:
             vj = g.op("Unsqueeze", [nodes, g.i64([1], "axes/1")], "vj")
             d = g.op("Sub", [vi, vj], "diff")
             sq = g.op("Mul", [d, d], "sq")
-            # [T, N, N, C] channels-last, or [T, C, N, N]
-            x = sq if self.nhwc else g.op("Transpose", [sq], "pairs", perm=[0, 3, 1, 2])
+            x = g.op("Transpose", [sq], "pairs", perm=[0, 3, 1, 2])   # [T, C, N, N]
             t = f"{name}.point_sim_transform"
             x = self.L.conv(f"{t}.0", x, bn=f"{t}.1", slope=GRAPH_SLOPE)
             idx = (4, 8) if dropout else (3, 6)
             x = self.L.conv(f"{t}.{idx[0]}", x, bn=f"{t}.{idx[0] + 1}", slope=GRAPH_SLOPE)
             x = self.L.conv(f"{t}.{idx[1]}", x)  # FP32 by design, with bias
             sim = self.f64("Sigmoid", [x], "sigmoid")
-            sim = g.op("Squeeze", [sim, g.i64([3], "axes/3") if self.nhwc else g.i64([1], "axes/1")], "sim")
+            sim = g.op("Squeeze", [sim, g.i64([1], "axes/1")], "sim")
             return self.update_edges(sim, prev_edge)
 
     def p2d(self, name: str, point_edge: str, dist_node: str) -> str:
@@ -197,11 +178,6 @@ class EpisodeGraph:
             agg = self.L.bmm(f"{name}.aggregation", adj, point_node)
             feat = g.op("Concat", [point_node, agg], "cat", axis=2)          # [T, N, 2C]
             t = f"{name}.point_node_transform"
-            if self.nhwc:                                                     # [T, N, 1, 2C]
-                x = g.op("Unsqueeze", [feat, g.i64([2], "axes/2")], "as_image")
-                x = self.L.conv(f"{t}.0", x, bn=f"{t}.1", slope=GRAPH_SLOPE)
-                x = self.L.conv(f"{t}.3", x, bn=f"{t}.4", slope=GRAPH_SLOPE)
-                return g.op("Squeeze", [x, g.i64([2], "axes/2")], "to_nodes")
             feat = g.op("Transpose", [feat], "to_nchw", perm=[0, 2, 1])       # [T, 2C, N]
             feat = g.op("Unsqueeze", [feat, g.i64([3], "axes/3")], "as_image")  # [T, 2C, N, 1]
             x = self.L.conv(f"{t}.0", feat, bn=f"{t}.1", slope=GRAPH_SLOPE)

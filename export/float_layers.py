@@ -63,7 +63,7 @@ class FloatLayers:
         return y
 
     def conv(self, name: str, x: str, bn: Optional[str] = None, slope: Optional[float] = None,
-             residual: Optional[str] = None, hw=None, nchw_input: bool = True) -> str:
+             residual: Optional[str] = None) -> str:
         """x float NCHW -> float NCHW: conv, [BN], [+ residual], [LeakyReLU]."""
         m = self.module(name, nn.Conv2d)
         if m.groups != 1 or m.dilation != (1, 1) or m.padding_mode != "zeros" or isinstance(m.padding, str):

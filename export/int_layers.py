@@ -536,16 +536,16 @@ class IntLayers:
 
     # ------------------------------------------------------------------ layers
     def conv(self, name: str, x: str, bn: Optional[str] = None, slope: Optional[float] = None,
-             residual: Optional[str] = None, hw: Optional[Tuple[int, int]] = None,
-             nchw_input: bool = False) -> str:
+             residual: Optional[str] = None, hw: Optional[Tuple[int, int]] = None) -> str:
         """x float [B, C, H, W] -> float [B, O, Ho, Wo] (epilogue included), in ``self.layout``
-        (NHWC: [B, H, W, C] -> [B, Ho, Wo, O]); ``nchw_input``: x is NCHW even in the NHWC
-        layout (the stem, fed by the images)."""
+        (NHWC: [B, H, W, C] -> [B, Ho, Wo, O], ``hw`` the input's size for padded convs).
+        ``bn`` / ``slope`` name the float model's parts (the FloatLayers signature): folded
+        into the integer layer, ignored here."""
         m = self.layer(name)
         if residual is not None and not getattr(m, "residual", False):
             raise ExportError(f"layer {name!r}: the graph adds a residual but the layer does not")
         if m.kind == "conv2d_fp32":
-            return self._float_conv(m, x, residual, nchw_input, hw)
+            return self._float_conv(m, x, residual, hw)
         if m.kind != "conv2d":
             raise ExportError(f"layer {name!r}: expected a conv layer, found {type(m).__name__}")
         if self.layout == "nhwc":
@@ -569,16 +569,12 @@ class IntLayers:
             y = g.op("Add", [y, g.const(_np(bias).astype(np.float64), f"{name}.bias64")], "bias_f64")
         return g.op("Cast", [y], "to_f32", to=FLOAT)
 
-    def _float_conv(self, m, x: str, residual: Optional[str], nchw_input: bool = False,
-                    hw: Optional[Tuple[int, int]] = None) -> str:
+    def _float_conv(self, m, x: str, residual: Optional[str], hw: Optional[Tuple[int, int]] = None) -> str:
         g = self.g
         k = m.kernel_size
         if self.layout == "nhwc":
             # channels-last rows (im2col patches for k > 1) times the (kh, kw, C)-ordered weight
             x = self.materialize(x)
-            if nchw_input:
-                x = g.op("Transpose", [x], "to_nhwc", perm=[0, 2, 3, 1])
-                hw = hw or (self.model.config.image_size,) * 2
             if not (k == 1 and m.padding == 0 and m.stride == 1):
                 if hw is None:
                     raise ExportError(f"layer {m.name!r}: an FP32 conv needs its input size")
