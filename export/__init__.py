@@ -23,8 +23,11 @@ Route: direct graph building with ``onnx.helper`` (not the dynamo exporter with 
   in one place, and anything we cannot express raises :class:`ExportError` naming the
   layer before a file is written.
 
-The episode structure is written once (:mod:`.episode`) over two layer emitters:
-:mod:`.float_layers` (FP32 model, NCHW) and :mod:`.int_layers` (integer model, three
+The integer forms emit the integer model's own episode description (``IntModel.episode``
+against the episode-op vocabulary, the one the compiled plan lowers: :mod:`.episode_ops`),
+so a model family is described once for the plan, the eager engines and ONNX; the float
+export and the ``qdq`` form build the float model's NCHW graph (:mod:`.episode`). Layer
+emitters: :mod:`.float_layers` (FP32 model, NCHW) and :mod:`.int_layers` (integer model, three
 forms: ``"integer"`` -- channels-last activations, every conv a MatMulInteger with int32
 accumulators and the contract's fp32 epilogue, exact for real-valued and snapped
 offsets --, ``"fast"`` -- the same with merged epilogue constants on snapped layers --,
