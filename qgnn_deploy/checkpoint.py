@@ -1,36 +1,48 @@
-"""Checkpoints: our QAT/FP model (state dict + config) and official DPGN FP checkpoints.
+"""Checkpoints: our QAT/FP models (state dict + config, DPGN or EGNN) and official DPGN / EGNN
+FP checkpoints.
 
 Everything is read with ``torch.load(..., weights_only=True)``: a checkpoint can hold
 tensors, numbers, strings, lists and dicts, never code.
 
 Our format (``format: "qgnn-deploy/checkpoint"``, version 1)::
 
-    {"format": ..., "version": 1, "config": ModelConfig.to_dict(),
+    {"format": ..., "version": 1, "config": config.to_dict(),
      "state_dict": {...}, "meta": {...}, optional "optimizer"/"training" entries}
+
+``config`` is a :class:`~qgnn_deploy.config.ModelConfig` dict (DPGN: no ``family`` key) or an
+:class:`~qgnn_deploy.models.egnn.EGNNConfig` dict (``"family": "egnn"``);
+:func:`qgnn_deploy.config.config_from_dict` dispatches on that key.
 
 Official DPGN format: ``{"enc_module_state_dict", "gnn_module_state_dict",
 "iteration", "test_acc", "optimizer"}``, keys possibly prefixed with ``module.``.
+Official EGNN format (``khy0809/fewshot-egnn``): the same two state dicts, ``"iteration"``,
+``"val_acc"``, ``"optimizer"``; told apart by its graph keys (``edge2node_net0...``,
+:func:`~qgnn_deploy.models.egnn.is_official_egnn`).
 """
 from __future__ import annotations
 
 import os
 import re
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
-from .config import ModelConfig
+from .config import ModelConfig, config_family, config_from_dict
 from .errors import CheckpointError
 from .models import QGNNModel, build_model
+from .models.egnn import EGNN_PRESETS, EGNNConfig, EGNNModel, is_official_egnn, load_official_egnn
+
+AnyModel = Union[QGNNModel, EGNNModel]
+AnyConfig = Union[ModelConfig, EGNNConfig]
 
 FORMAT = "qgnn-deploy/checkpoint"
 VERSION = 1
 _QUANT_KEY = re.compile(r"\.(weight_quant|act_quant|adj_quant|node_quant)\.(l|r|initialized)$")
 
 
-def save_checkpoint(model: QGNNModel, path: str, meta: Optional[Dict[str, Any]] = None,
+def save_checkpoint(model: AnyModel, path: str, meta: Optional[Dict[str, Any]] = None,
                     **extra: Any) -> str:
-    """Write ``model`` (config + state dict) to ``path`` atomically; returns ``path``."""
+    """Write ``model`` (DPGN or EGNN: config + state dict) to ``path`` atomically; returns ``path``."""
     payload = {"format": FORMAT, "version": VERSION, "config": model.config.to_dict(),
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                "meta": dict(meta or {})}
@@ -59,28 +71,48 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
 
 
 def is_official_dpgn(obj: Dict[str, Any]) -> bool:
-    return "enc_module_state_dict" in obj and "gnn_module_state_dict" in obj
+    """Whether ``obj`` has the official two-state-dict layout and is not an EGNN one."""
+    return ("enc_module_state_dict" in obj and "gnn_module_state_dict" in obj
+            and not is_official_egnn(obj))
 
 
-def load_checkpoint(path: str, config: Optional[ModelConfig] = None,
-                    strict: bool = True) -> QGNNModel:
-    """Load our checkpoint, or an official DPGN one (then ``config`` gives the model;
-    default: the ``resnet12-cifarfs`` preset at FP32)."""
+def _family_mismatch(path: str, what: str, config: Any) -> CheckpointError:
+    want = "an EGNNConfig (e.g. preset_config('egnn-miniimagenet'))" if what.endswith("EGNN") else \
+        "a DPGN ModelConfig (e.g. preset_config('resnet12-cifarfs'))"
+    return CheckpointError(f"{path!r} is {what} checkpoint, but the config given is "
+                           f"{type(config).__name__} ({config_family(config).upper()}); pass {want}")
+
+
+def load_checkpoint(path: str, config: Optional[AnyConfig] = None,
+                    strict: bool = True) -> AnyModel:
+    """Load our checkpoint (DPGN or EGNN, by its recorded config), or an official DPGN /
+    EGNN one (then ``config`` gives the model; default: the ``resnet12-cifarfs`` preset
+    for DPGN, ``egnn-miniimagenet`` for EGNN, at FP32)."""
     obj = read_checkpoint(path)
+    if is_official_egnn(obj):
+        if config is not None and config_family(config) != "egnn":
+            raise _family_mismatch(path, "an official EGNN", config)
+        return load_official_egnn(obj, config or EGNN_PRESETS["egnn-miniimagenet"], source=path,
+                                  strict=strict)
     if is_official_dpgn(obj):
+        if config is not None and config_family(config) != "dpgn":
+            raise _family_mismatch(path, "an official DPGN", config)
         from .config import preset_config
         return load_official_dpgn(obj, config or preset_config("resnet12-cifarfs"), source=path)
     if obj.get("format") != FORMAT:
         raise CheckpointError(
-            f"{path!r} is neither a qgnn-deploy checkpoint nor an official DPGN checkpoint "
-            f"(top-level keys: {sorted(map(str, obj))[:10]})")
+            f"{path!r} is neither a qgnn-deploy checkpoint nor an official DPGN or EGNN checkpoint "
+            f"(top-level keys: {sorted(map(str, obj))[:10]}; official files hold "
+            "'enc_module_state_dict' and 'gnn_module_state_dict')")
     if obj.get("version") != VERSION:
         raise CheckpointError(f"{path!r} has checkpoint version {obj.get('version')!r}; "
                               f"this qgnn-deploy reads version {VERSION}")
     try:
-        ckpt_config = ModelConfig.from_dict(obj["config"])
+        ckpt_config = config_from_dict(obj["config"])
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{path!r} has an invalid model config: {e}") from None
+    if config is not None and config_family(config) != config_family(ckpt_config):
+        raise _family_mismatch(path, f"a qgnn-deploy {config_family(ckpt_config).upper()}", config)
     model = build_model(config or ckpt_config)
     state = obj.get("state_dict")
     if not isinstance(state, dict):
@@ -90,7 +122,7 @@ def load_checkpoint(path: str, config: Optional[ModelConfig] = None,
     return model
 
 
-def _load_state(model: QGNNModel, state: Dict[str, Any], source: str, strict: bool,
+def _load_state(model: AnyModel, state: Dict[str, Any], source: str, strict: bool,
                 allow_missing_quant: bool) -> None:
     own = model.state_dict()
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]

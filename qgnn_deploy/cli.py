@@ -29,7 +29,8 @@ COMMANDS = {
 def add_source_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
     """SOURCE: a checkpoint, a .qgnn artifact, or --preset P with --bits B or --bits-config FILE."""
     p.add_argument("source", nargs="?", help="checkpoint (.pt) or integer model (.qgnn)")
-    p.add_argument("--preset", help="model preset (tiny, resnet12-cifarfs) instead of a file")
+    p.add_argument("--preset", help="model preset (tiny, resnet12-cifarfs; EGNN: egnn-tiny, "
+                   "egnn-miniimagenet) instead of a file")
     bits = p.add_mutually_exclusive_group()
     bits.add_argument("--bits", type=int, help="bit-width with --preset (2, 3, 4, 8 or 32)")
     bits.add_argument("--bits-config", metavar="FILE.json",

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, NamedTuple, Tuple
+from typing import Any, Dict, List, NamedTuple, Tuple
 
 from .errors import ConfigError
 
@@ -217,8 +217,60 @@ PRESETS: Dict[str, ModelConfig] = {
 }
 
 
-def preset_config(name: str, bits: int = 32, **overrides: Any) -> ModelConfig:
-    """The configuration of preset ``name`` at ``bits`` (32 = FP model)."""
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[name].replace(bits=check_bits(bits), **overrides)
+DPGN_FAMILY = "dpgn"
+EGNN_FAMILY = "egnn"
+FAMILIES = (DPGN_FAMILY, EGNN_FAMILY)
+
+
+def preset_names() -> List[str]:
+    """Every preset name: the DPGN ones (:data:`PRESETS`), then the EGNN ones
+    (:data:`qgnn_deploy.models.egnn.EGNN_PRESETS`)."""
+    from .models.egnn import EGNN_PRESETS
+    return sorted(PRESETS) + sorted(EGNN_PRESETS)
+
+
+def preset_family(name: str) -> str:
+    """``"dpgn"`` or ``"egnn"``: the model family of preset ``name`` (ConfigError if unknown)."""
+    if name in PRESETS:
+        return DPGN_FAMILY
+    from .models.egnn import EGNN_PRESETS
+    if name in EGNN_PRESETS:
+        return EGNN_FAMILY
+    raise ConfigError(f"unknown preset {name!r}; choose one of {preset_names()}")
+
+
+def preset_config(name: str, bits: int = 32, **overrides: Any):
+    """The configuration of preset ``name`` at ``bits`` (32 = FP model): a
+    :class:`ModelConfig` for the DPGN presets (``tiny``, ``resnet12-cifarfs``), an
+    :class:`~qgnn_deploy.models.egnn.EGNNConfig` for the EGNN ones (``egnn-tiny``,
+    ``egnn-miniimagenet``). ``overrides`` are fields of that config class."""
+    if preset_family(name) == DPGN_FAMILY:
+        return PRESETS[name].replace(bits=check_bits(bits), **overrides)
+    from .models.egnn import EGNN_PRESETS, EGNNConfig
+    fields = {f.name for f in dataclasses.fields(EGNNConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ConfigError(f"{', '.join(unknown)} {'is not a setting' if len(unknown) == 1 else 'are not settings'} "
+                          f"of the EGNN preset {name!r} (DPGN-only)")
+    return EGNN_PRESETS[name].replace(bits=check_bits(bits), **overrides)
+
+
+def config_family(config: Any) -> str:
+    """The model family of a config or model object (``family`` attribute; DPGN's
+    :class:`ModelConfig` and ``QGNNModel`` have none and are ``"dpgn"``)."""
+    return str(getattr(config, "family", DPGN_FAMILY))
+
+
+def config_from_dict(d: Any):
+    """A config from its ``to_dict()`` form, by its ``family`` key: ``"egnn"`` ->
+    :class:`~qgnn_deploy.models.egnn.EGNNConfig`; absent (every DPGN checkpoint and
+    artifact) or ``"dpgn"`` -> :class:`ModelConfig`."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"model config must be a dict, got {type(d).__name__}")
+    family = d.get("family", DPGN_FAMILY)
+    if family == EGNN_FAMILY:
+        from .models.egnn import EGNNConfig
+        return EGNNConfig.from_dict(d)
+    if family == DPGN_FAMILY:
+        return ModelConfig.from_dict({k: v for k, v in d.items() if k != "family"})
+    raise ConfigError(f"unknown model family {family!r}; this qgnn-deploy knows {list(FAMILIES)}")

@@ -450,8 +450,12 @@ class BitFlopCounter(TorchDispatchMode):
             return "pooling"  # global average pool
         if "PointSimilarity" in owner and op in ("sub", "pow"):
             return "pairwise_difference"
+        if "EdgeUpdateNetwork" in owner and op in ("sub", "abs"):
+            return "pairwise_difference"  # EGNN: |v_i - v_j|
         if "PointSimilarity" in owner or "D2P" in owner:
             return "normalization"
+        if "NodeUpdateNetwork" in owner or "EdgeUpdateNetwork" in owner:
+            return "normalization"  # EGNN: masked L1 row norms, the edge update
         if "Block" in owner and op == "add":
             return "residual_add"
         if inner is not None and hasattr(inner, "w_bits"):
@@ -757,10 +761,19 @@ def count_bit_flops(model: nn.Module, images: Optional[torch.Tensor] = None,
     workload = {"tasks": t, "nodes_per_task": n, "images": t * n,
                 "image_size": int(images.shape[-1]),
                 "description": f"{t} task(s) x {n} images of {images.shape[-1]} px + graph"}
+    graph = f"{n} nodes"
+    if config is not None and getattr(config, "family", "dpgn") == "egnn":
+        if config.transductive:
+            graph = f"{n} nodes (EGNN, transductive: one graph)"
+        else:
+            graph = (f"{n} nodes (EGNN, non-transductive: {config.num_queries} query graphs of "
+                     f"{config.num_supports + 1} nodes)")
+        workload["transductive"] = bool(config.transductive)
+        workload["description"] = f"{t} task(s) x {n} images of {images.shape[-1]} px + graph of {graph}"
     if per_image_backbone:
         scale = lambda name: (1.0 / n) if name.startswith("backbone") else 1.0  # noqa: E731
         workload.update(images=1, description=f"1 image of {images.shape[-1]} px through the backbone "
-                        f"+ 1 graph task of {n} nodes (the paper's Table 6 workload)")
+                        f"+ 1 graph task of {graph} (the paper's Table 6 workload)")
     widths = measure_node_widths(model, node_episodes) if node_episodes else {}
     for name, hist in widths.items():
         rec = counter.layers.get(name)
@@ -819,8 +832,8 @@ PAPER_PARAMS_NOTE = (
 
 def is_paper_model(config) -> bool:
     """The configuration of the paper's Table 6 (resnet12-cifarfs)."""
-    if config is None:
-        return False
+    if config is None or getattr(config, "family", "dpgn") != "dpgn":
+        return False  # EGNN: the paper's Table 6 is the DPGN model's
     return (tuple(config.widths) == (64, 128, 256, 512) and config.image_size == 32
             and config.way == 5 and config.shot == 1 and config.generations == 6
             and config.emb_dim == 128)

@@ -1,7 +1,8 @@
 """Resolve a command's SOURCE: a checkpoint, a .qgnn artifact, or ``--preset P --bits B``.
 
 A preset with bits means the embedded trained checkpoint where one ships
-(``qgnn_deploy/assets/<preset>-w<bits>.pt``), else a freshly built model whose
+(``qgnn_deploy/assets/<preset>-w<bits>.pt``: ``tiny-w{32,4,3,2}.pt`` for the DPGN preset
+``tiny``, ``egnn-tiny-w{32,4,3,2}.pt`` for the EGNN preset ``egnn-tiny``), else a freshly built model whose
 quantizers are calibrated on synthetic episodes under a fixed seed (said on stderr).
 ``--preset P --bits-config FILE`` is always such a calibrated model, at the per-layer
 bits the file resolves to (:mod:`qgnn_deploy.bits_config`). A checkpoint or artifact
@@ -79,7 +80,8 @@ def parse_source(args) -> Source:
 
 
 def load_float_model(src: Source, quiet: bool = False):
-    """The (fake-quant or FP) :class:`QGNNModel` a checkpoint or preset names, in eval mode."""
+    """The (fake-quant or FP) model a checkpoint or preset names (DPGN :class:`QGNNModel` or
+    :class:`~qgnn_deploy.models.egnn.EGNNModel`, by its family), in eval mode."""
     from .checkpoint import load_checkpoint
     if src.kind == "artifact":
         raise ConfigError(f"{src.path!r} is an integer model; this needs a checkpoint or a preset")

@@ -1,4 +1,6 @@
-"""``qgnn-deploy train``: FP pre-training or QAT (PQ + AQD + SQD) of a QGNN-IC checkpoint.
+"""``qgnn-deploy train``: FP pre-training or QAT (PQ + AQD + SQD) of a QGNN-IC checkpoint,
+DPGN (``--preset tiny`` / ``resnet12-cifarfs``) or EGNN (``--preset egnn-tiny`` /
+``egnn-miniimagenet``: the official EGNN loss, AQD on the encoder, SQD on the graph).
 
 Examples::
 
@@ -6,6 +8,7 @@ Examples::
     qgnn-deploy train --preset tiny --bits 2 --init fp.pt --iterations 600 --out w2.pt
     qgnn-deploy train ... --out w2.pt --resume          # continue an interrupted run
     qgnn-deploy train --preset tiny --bits-config mixed.json --init fp.pt --out mixed.pt
+    qgnn-deploy train --preset egnn-tiny --bits 4 --init egnn-fp.pt --out egnn-w4.pt
 """
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="tiny", help="model preset (tiny, resnet12-cifarfs)")
+    p.add_argument("--preset", default="tiny",
+                   help="model preset: DPGN tiny, resnet12-cifarfs; EGNN egnn-tiny, egnn-miniimagenet")
     p.add_argument("--dataset", default="synthetic",
                    choices=["synthetic", "cifar-fs", "mini-imagenet", "cub"])
     p.add_argument("--data-dir", help="data set root (real data sets; see qgnn_deploy/data)")
@@ -25,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     bits.add_argument("--bits-config", metavar="FILE.json",
                       help="per-layer weight/activation bits instead (docs/mixed-precision.md)")
     p.add_argument("--node-bits", metavar="B,B,...",
-                   help="per-node aggregation widths, e.g. 2,4,8 (A2Q-style; docs/mixed-precision.md)")
+                   help="per-node aggregation widths, e.g. 2,4,8 (A2Q-style; docs/mixed-precision.md; DPGN only)")
     p.add_argument("--node-bits-target", type=float,
                    help="mean per-node width the penalty aims under (default: the second widest)")
     p.add_argument("--node-bits-weight", type=float, default=0.1, help="weight of that penalty (0.1)")
@@ -38,7 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-sqd", action="store_true", help="disable stochastic quantization distillation")
     p.add_argument("--lambda1", type=float, default=0.7, help="AQD loss weight")
     p.add_argument("--lambda2", type=float, default=1.0, help="SQD loss weight")
-    p.add_argument("--init", help="initialise from a checkpoint (ours or official DPGN), e.g. FP for QAT")
+    p.add_argument("--init", help="initialise from a checkpoint of the same family (ours, or an official "
+                   "DPGN / EGNN one), e.g. FP for QAT")
+    p.add_argument("--transductive", action="store_true",
+                   help="EGNN only: one graph per episode (official --transductive True); default: one "
+                        "graph per query, as the official default")
     p.add_argument("--resume", action="store_true", help="continue the run saved at --out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--optimizer", choices=["adam", "sgd"], help="override the paper's recipe")
@@ -73,7 +81,8 @@ def run(args) -> int:
         lambda2=args.lambda2, init=args.init, resume=args.resume, seed=args.seed,
         optimizer=args.optimizer, lr=args.lr, lr_step=args.lr_step, val_every=args.val_every,
         val_episodes=args.val_episodes, save_every=args.save_every, slim=args.slim,
-        progress=not args.no_progress, command=["qgnn-deploy"] + sys.argv[1:])
+        progress=not args.no_progress, command=["qgnn-deploy"] + sys.argv[1:],
+        transductive=True if args.transductive else None)
     try:
         summary = train(opts)
     except KeyboardInterrupt:

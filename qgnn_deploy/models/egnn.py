@@ -125,6 +125,11 @@ class EGNNConfig:
             raise ConfigError(f"invalid EGNN config: {e}") from None
 
     @property
+    def family(self) -> str:
+        """The model family (``qgnn_deploy.config.config_family``); not a field."""
+        return FAMILY
+
+    @property
     def num_supports(self) -> int:
         return self.way * self.shot
 

@@ -15,7 +15,13 @@ AQD, on every quantized conv of the backbone (eqs. 8-12)::
     L = sum_i alpha_i || H_i(A_f)/||H_i(A_f)|| - H_i(A_q)/||H_i(A_q)|| ||^2
         (mean over the batch, then over the monitored layers)
 
-SQD, on the quantized layers that produce graph nodes (each generation's D2P
+Both are family-agnostic: for EGNN (paper section 4.7: AQD on the visual network, SQD on
+the graph network) AQD monitors the encoder's quantized convs (``backbone.conv_{2,3,4}.0``;
+the first conv is FP32) and SQD the graph's node-update convs
+(``gnn.edge2node_net{l}.network.conv{0,1}``); in training mode the EGNN encoder runs once per
+node position, so each AQD layer contributes one term per position.
+
+SQD, on the quantized layers that produce graph nodes (DPGN: each generation's D2P
 node-update convs and P2D linear), eqs. 13-18::
 
     SQ(X)   = PQ(X) with probability p, else X (one draw per tensor and step)
@@ -47,12 +53,18 @@ def aqd_layers(model: nn.Module) -> Dict[str, QConv2d]:
 
 
 def sqd_layers(model: nn.Module) -> Dict[str, nn.Module]:
-    """The quantized layers whose outputs are graph nodes: D2P node MLP convs, P2D linears."""
+    """The quantized layers whose outputs are graph nodes. DPGN: the D2P node MLP convs and
+    the P2D linears; EGNN (``model.family == "egnn"``): the node-update MLP convs of every
+    layer (``gnn.edge2node_net{l}.network.conv{0,1}``, outputs [T, F, N, 1])."""
+    egnn = getattr(model, "family", "dpgn") == "egnn"
     out = {}
     for n, m in model.named_modules():
         if not getattr(m, "quantized", False):
             continue
-        if ".point_node_transform." in n and isinstance(m, QConv2d):
+        if egnn:
+            if n.startswith("gnn.edge2node_net") and ".network." in n and isinstance(m, QConv2d):
+                out[n] = m
+        elif ".point_node_transform." in n and isinstance(m, QConv2d):
             out[n] = m
         elif ".p2d_transform." in n and isinstance(m, QLinear):
             out[n] = m

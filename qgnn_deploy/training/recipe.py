@@ -5,6 +5,10 @@
 - 2-bit QAT: SGD, lr 3e-3 (paper; momentum 0.9 is our choice, the paper gives none).
 - Every recipe: lr x0.1 every 15k of DPGN's 100k iterations, i.e. every 15% of the run
   (at least 1 iteration); ``lr_step`` overrides it.
+
+EGNN (``family="egnn"``): FP32 training follows the official EGNN trainer (train.py,
+miniImageNet): Adam, lr 1e-3, weight decay 1e-6, lr x0.5 every 15k of 100k iterations (every
+15% of the run). QAT uses the paper's recipe above per bit-width, as for DPGN.
 """
 from __future__ import annotations
 
@@ -33,9 +37,15 @@ class Recipe:
 
 
 def default_recipe(bits: int, iterations: int, optimizer: Optional[str] = None,
-                   lr: Optional[float] = None, lr_step: Optional[int] = None) -> Recipe:
-    """The paper's recipe for ``bits``, with optional overrides."""
-    if bits >= 32:
+                   lr: Optional[float] = None, lr_step: Optional[int] = None,
+                   family: str = "dpgn") -> Recipe:
+    """The paper's recipe for ``bits`` (EGNN at FP32: the official EGNN one), with optional
+    overrides."""
+    if family not in ("dpgn", "egnn"):
+        raise ConfigError(f"no recipe for model family {family!r}")
+    if bits >= 32 and family == "egnn":
+        r = Recipe("adam", 1e-3, weight_decay=1e-6, lr_gamma=0.5)
+    elif bits >= 32:
         r = Recipe("adam", 1e-3)
     elif bits in (3, 4, 8):
         r = Recipe("adam", 1e-2)

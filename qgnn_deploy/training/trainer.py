@@ -1,4 +1,6 @@
-"""The training loop: FP pre-training and QAT (PQ + AQD + SQD) on few-shot episodes.
+"""The training loop: FP pre-training and QAT (PQ + AQD + SQD) on few-shot episodes, for
+both model families (DPGN presets ``tiny`` / ``resnet12-cifarfs`` and EGNN presets
+``egnn-tiny`` / ``egnn-miniimagenet``; each with its own loss, :mod:`.losses`).
 
 One iteration = one batch of ``tasks`` training episodes; episode batch ``i`` is a pure
 function of ``(seed, i)`` and the torch RNG (dropout, SQD draws) is checkpointed, so a
@@ -22,11 +24,12 @@ import torch
 
 from ..checkpoint import (_load_state, is_official_dpgn, load_official_dpgn, read_checkpoint,
                           save_checkpoint)
-from ..config import ModelConfig, preset_config
+from ..config import ModelConfig, config_family, config_from_dict, preset_config, preset_family
 from ..errors import CheckpointError, ConfigError, QGNNError
 from ..models import QAggregation, QGNNModel, build_model, quantizable_layers
+from ..models.egnn import is_official_egnn, load_official_egnn
 from .distill import Distillation
-from .losses import dpgn_loss, node_bits_penalty
+from .losses import model_loss, node_bits_penalty
 from .recipe import build_optimizer, default_recipe
 
 
@@ -65,13 +68,26 @@ class TrainOptions:
     slim: bool = False
     progress: bool = True
     command: List[str] = field(default_factory=list)
+    transductive: Optional[bool] = None  # EGNN only: train / validate on one graph per episode
 
-    def model_config(self) -> ModelConfig:
+    def model_config(self):
+        """The run's :class:`ModelConfig` (DPGN presets) or ``EGNNConfig`` (EGNN presets)."""
+        family = preset_family(self.preset)
         extra: Dict[str, Any] = {"way": self.way, "shot": self.shot}
         if self.image_size:
             extra["image_size"] = self.image_size
         elif self.dataset in ("mini-imagenet", "cub"):
-            extra["image_size"] = 84  # their standard size (DPGN)
+            extra["image_size"] = 84  # their standard size (DPGN, EGNN)
+        if family == "egnn":
+            if self.node_bits:
+                raise ConfigError(f"--node-bits (per-node aggregation widths) is DPGN-only; the EGNN preset "
+                                  f"{self.preset!r} has one node-feature width per aggregation "
+                                  "(set it per layer with --bits-config)")
+            if self.transductive is not None:
+                extra["transductive"] = bool(self.transductive)
+        elif self.transductive:
+            raise ConfigError(f"--transductive is an EGNN option (--preset egnn-tiny / egnn-miniimagenet); "
+                              f"the DPGN preset {self.preset!r} always runs one graph per episode")
         config = preset_config(self.preset, self.bits, **extra)
         if self.bits_config:
             from ..bits_config import load_bits_config, resolve_bits
@@ -99,18 +115,37 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def init_from(path: str, config: ModelConfig) -> QGNNModel:
-    """A model for ``config`` initialised from a checkpoint of ours or an official DPGN one.
+DPGN_ARCH_KEYS = ("widths", "emb_dim", "generations", "image_size", "way", "shot")
+#: EGNN weights do not depend on way / shot (the graph is class-agnostic)
+EGNN_ARCH_KEYS = ("widths", "emb_dim", "node_features", "edge_features", "num_layers", "image_size")
+
+
+def init_from(path: str, config):
+    """A model for ``config`` initialised from a checkpoint of ours or an official DPGN /
+    EGNN one, of the same model family as ``config``.
 
     Quantizer ranges absent from the source (an FP checkpoint) stay uninitialised and
     are set from the first training batch (mean +- 3 std), the QAT starting point."""
     obj = read_checkpoint(path)
-    if is_official_dpgn(obj):
-        return load_official_dpgn(obj, config, source=path)
+    family = config_family(config)
+    for official, loader, fam in ((is_official_egnn, load_official_egnn, "egnn"),
+                                  (is_official_dpgn, load_official_dpgn, "dpgn")):
+        if official(obj):
+            if fam != family:
+                raise CheckpointError(f"--init {path!r} is an official {fam.upper()} checkpoint; this run "
+                                      f"trains {family.upper()} (choose a {fam.upper()} --preset)")
+            return loader(obj, config, source=path)
     if not isinstance(obj.get("state_dict"), dict):
         raise CheckpointError(f"--init {path!r} has no state_dict")
     src_cfg = obj.get("config", {})
-    for k in ("widths", "emb_dim", "generations", "image_size", "way", "shot"):
+    if not isinstance(src_cfg, dict):
+        raise CheckpointError(f"--init {path!r} has no valid config")
+    src_family = str(src_cfg.get("family", "dpgn"))
+    if src_family != family:
+        raise CheckpointError(f"--init {path!r} holds a {src_family.upper()} model; this run trains "
+                              f"{family.upper()} (choose a {src_family.upper()} --preset, or a "
+                              f"{family.upper()} checkpoint)")
+    for k in (EGNN_ARCH_KEYS if family == "egnn" else DPGN_ARCH_KEYS):
         ours = list(config.widths) if k == "widths" else getattr(config, k)
         if k in src_cfg and src_cfg[k] != ours:
             raise CheckpointError(f"--init {path!r} has {k}={src_cfg[k]}, the run needs {ours}")
@@ -163,7 +198,7 @@ def _batch(config, ds, opts: TrainOptions, iteration: int):
                                 augment=True))
 
 
-def validate(model: QGNNModel, config: ModelConfig, opts: TrainOptions, ds) -> Dict[str, float]:
+def validate(model, config, opts: TrainOptions, ds) -> Dict[str, float]:
     """Accuracy on ``val_episodes`` validation episodes (fixed seed), model left in train mode."""
     from ..evaluate import evaluate, model_predict
     rng = torch.get_rng_state()  # validation must not shift the training RNG stream
@@ -194,7 +229,13 @@ def train(opts: TrainOptions) -> Dict[str, Any]:
         state = read_checkpoint(opts.out)
         if not isinstance(state.get("training"), dict):
             raise CheckpointError(f"--resume: {opts.out!r} has no training state (written with --slim?)")
-        config = ModelConfig.from_dict(state["config"])
+        try:
+            config = config_from_dict(state["config"])
+        except ConfigError as e:
+            raise CheckpointError(f"--resume: {opts.out!r} has an invalid model config: {e}") from None
+        if opts.preset and preset_family(opts.preset) != config_family(config):
+            raise CheckpointError(f"--resume: {opts.out!r} holds a {config_family(config).upper()} run, "
+                                  f"but --preset {opts.preset} is {preset_family(opts.preset).upper()}")
         model = build_model(config)
         _load_state(model, state["state_dict"], opts.out, strict=True, allow_missing_quant=False)
     else:
@@ -206,7 +247,9 @@ def train(opts: TrainOptions) -> Dict[str, Any]:
     quantized = config.quantized
     distill = Distillation(model, aqd=opts.aqd and quantized, sqd=opts.sqd and quantized,
                            lambda1=opts.lambda1, lambda2=opts.lambda2, p=opts.sqd_p)
-    recipe = default_recipe(config.bits, opts.iterations, opts.optimizer, opts.lr, opts.lr_step)
+    family = config_family(config)
+    recipe = default_recipe(config.bits, opts.iterations, opts.optimizer, opts.lr, opts.lr_step,
+                            family=family)
     model.train()
     if quantized and not opts.resume:
         # Initialise every PQ range (mean +- 3 std) from the first training batch before the
@@ -228,11 +271,13 @@ def train(opts: TrainOptions) -> Dict[str, Any]:
     else:
         torch.manual_seed(opts.seed)
     distill.attach(model)
-    node_target = opts.node_target(config) if config.node_bits else None
+    node_target = opts.node_target(config) if getattr(config, "node_bits", ()) else None
     val_every = opts.val_every or max(1, opts.iterations // 5)
 
     def meta(it: int) -> Dict[str, Any]:
-        return {"trained_by": "qgnn-deploy train", "dataset": opts.dataset, "iteration": it,
+        extra_meta = ({"family": family, "preset": opts.preset, "transductive": bool(config.transductive)}
+                      if family == "egnn" else {})
+        return {"trained_by": "qgnn-deploy train", **extra_meta, "dataset": opts.dataset, "iteration": it,
                 "iterations": opts.iterations, "tasks_per_batch": opts.tasks, "bits": config.bits,
                 "aqd": distill.aqd is not None, "sqd": distill.sqd is not None,
                 "recipe": recipe.to_dict(), "init": opts.init, "seed": opts.seed,
@@ -252,7 +297,8 @@ def train(opts: TrainOptions) -> Dict[str, Any]:
 
     # SIGTERM (a job scheduler, `kill`) stops like Ctrl-C: save a resumable checkpoint first.
     old_term = _install_sigterm()
-    bar = tqdm(total=opts.iterations, initial=start, desc=f"train w{config.bits}", unit="it",
+    desc = f"train {'egnn ' if family == 'egnn' else ''}w{config.bits}"
+    bar = tqdm(total=opts.iterations, initial=start, desc=desc, unit="it",
                file=sys.stderr, disable=not opts.progress, dynamic_ncols=True)
     done = start
     rng_resume = torch.get_rng_state()  # the RNG state at the start of iteration `done`
@@ -263,7 +309,7 @@ def train(opts: TrainOptions) -> Dict[str, Any]:
             rng_resume = torch.get_rng_state()
             images, support, query = _batch(config, ds, opts, it)
             out = model(images, support)
-            parts = dpgn_loss(out, support, query, config.way)
+            parts = model_loss(model, out, support, query, config.way)
             d = distill.pop_losses()
             loss = parts["loss"] + d["total"]
             pen = node_bits_penalty(model, node_target) if node_target is not None else None
