@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _configs(args):
     """(FP config, quantized config) of the source checkpoint."""
     from ..checkpoint import is_official_dpgn, read_checkpoint
-    from ..config import ModelConfig, preset_config
+    from ..config import config_from_dict, preset_config
     from ..errors import CheckpointError, ConfigError
     obj = read_checkpoint(args.source)
     if is_official_dpgn(obj):
@@ -57,7 +57,7 @@ def _configs(args):
         if args.way is not None or args.shot is not None:
             raise ConfigError("--way / --shot only go with an official DPGN checkpoint (ours carry their config)")
         try:
-            fp = ModelConfig.from_dict(obj.get("config"))
+            fp = config_from_dict(obj.get("config"))
         except ConfigError as e:
             raise CheckpointError(f"{args.source!r} has an invalid model config: {e}") from None
         if fp.quantized:

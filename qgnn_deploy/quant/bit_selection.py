@@ -176,9 +176,14 @@ class ValidationSet:
     """Fixed validation episodes and the base model's outputs on them."""
 
     batches: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (images, support, query [T, way])
-    embeddings: List[Tuple[torch.Tensor, torch.Tensor]]             # base backbone (last, second) [T, N, E]
+    embeddings: List[Tuple[torch.Tensor, torch.Tensor]]             # DPGN: base backbone (last, second); else []
     logits: List[torch.Tensor]                                      # base logits [T, way, way]
     accuracy: float
+
+
+def _is_dpgn(model: nn.Module) -> bool:
+    from ..models.qgnn import QGNNModel
+    return isinstance(model, QGNNModel)
 
 
 def validation_set(base_model: nn.Module, config: ModelConfig, episodes: int, seed: int,
@@ -186,8 +191,8 @@ def validation_set(base_model: nn.Module, config: ModelConfig, episodes: int, se
     from ..data import episode_batches
     batches = [(im, s, q) for im, s, q in episode_batches(config, episodes, seed, "val", dataset, data_dir,
                                                           tasks_per_batch=10)]
-    with torch.no_grad():
-        embeddings = [base_model.embed(im) for im, _, _ in batches]
+    with torch.no_grad():  # DPGN: the graph layers' options reuse the base backbone's embeddings
+        embeddings = [base_model.embed(im) for im, _, _ in batches] if _is_dpgn(base_model) else []
     vset = ValidationSet(batches, embeddings, [], 0.0)  # no base logits yet: _run skips the MSE
     vset.accuracy, _, vset.logits = _run(base_model, vset, reuse_backbone=True, keep_logits=True)
     return vset
@@ -199,8 +204,11 @@ def _run(model: nn.Module, vset: ValidationSet, reuse_backbone: bool, keep_logit
     correct, sq_err, count, kept = 0, 0.0, 0, []
     with torch.no_grad():
         for i, (images, support, query) in enumerate(vset.batches):
-            embed = (lambda _images, i=i: vset.embeddings[i]) if reuse_backbone else model.embed
-            logits = run_episode(embed, model.gnn, images, support.long(), model.config.way).logits.float()
+            if vset.embeddings:
+                embed = (lambda _images, i=i: vset.embeddings[i]) if reuse_backbone else model.embed
+                logits = run_episode(embed, model.gnn, images, support.long(), model.config.way).logits.float()
+            else:
+                logits = model(images, support.long()).logits.float()
             correct += int((logits.argmax(-1) == query).sum())
             count += query.numel()
             if vset.logits:

@@ -155,7 +155,7 @@ def init_from(path: str, config):
         _load_state(model, state, path, strict=True, allow_missing_quant=True)
     else:
         _load_state(model, state, path, strict=True, allow_missing_quant=False)
-        if config.node_bits and not src_cfg.get("node_bits"):
+        if getattr(config, "node_bits", ()) and not src_cfg.get("node_bits"):
             _keep_node_steps(model, ModelConfig.from_dict(src_cfg))
     return model
 
