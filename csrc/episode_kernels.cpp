@@ -269,15 +269,71 @@ void offdiag_l1_normalize(const float* x, int64_t T, int N, float* y) {
   }
 }
 
-void label_scores(const float* edge, const float* onehot, int64_t T, int N, int NS, int way, float* y) {
+void label_scores(const float* edge, const float* onehot, int64_t T, int R, int W, int r0, int NS, int way,
+                  float* y) {
+  const int Q = R - r0;
   for (int64_t t = 0; t < T; ++t)
-    for (int q = 0; q < N - NS; ++q)
+    for (int q = 0; q < Q; ++q)
       for (int c = 0; c < way; ++c) {
         double s = 0.0;
         for (int j = 0; j < NS; ++j)
-          s += static_cast<double>(edge[(t * N + NS + q) * N + j]) * onehot[(t * NS + j) * way + c];
-        y[(t * (N - NS) + q) * way + c] = static_cast<float>(s);
+          s += static_cast<double>(edge[(t * R + r0 + q) * W + j]) * onehot[(t * NS + j) * way + c];
+        y[(t * Q + q) * way + c] = static_cast<float>(s);
       }
+}
+
+void pairwise_absdiff(const float* v, int64_t B, int N, int C, float* y, int nthreads) {
+  const int nt = B * N * N * int64_t(C) > (1 << 18) ? nthreads : 1;
+  parallel_for(nt, B * N, [&](int64_t bi, int) {
+    const int64_t b = bi / N;
+    const float* vi = v + bi * C;
+    float* out = y + bi * int64_t(N) * C;
+    for (int j = 0; j < N; ++j) {
+      const float* vj = v + (b * N + j) * C;
+      for (int c = 0; c < C; ++c) out[int64_t(j) * C + c] = std::fabs(vi[c] - vj[c]);
+    }
+  });
+}
+
+void take_rows(const uint8_t* x, int64_t T, int64_t R, int C, size_t elem_size, const int64_t* index, int64_t L,
+               uint8_t* y) {
+  const size_t row = static_cast<size_t>(C) * elem_size;
+  for (int64_t t = 0; t < T; ++t) {
+    const uint8_t* xt = x + static_cast<size_t>(t * R) * row;
+    uint8_t* yt = y + static_cast<size_t>(t * L) * row;
+    for (int64_t k = 0; k < L; ++k) std::memcpy(yt + static_cast<size_t>(k) * row, xt + static_cast<size_t>(index[k]) * row, row);
+  }
+}
+
+void edge_update_2ch(const float* sim, const float* prev_sim, const float* prev_dsim, int64_t B, int N,
+                     float* y_sim, float* y_dsim) {
+  const float eps = 1e-6f;  // EDGE_EPS as a float32 value
+  std::vector<float> masked(N);
+  for (int64_t r = 0; r < B * N; ++r) {
+    const int i = static_cast<int>(r % N);
+    const float* sr = sim + r * N;
+    float* out[2] = {y_sim + r * N, y_dsim + r * N};
+    const float* prev[2] = {prev_sim + r * N, prev_dsim + r * N};
+    for (int ch = 0; ch < 2; ++ch) {
+      const float* pr = prev[ch];
+      float* o = out[ch];
+      for (int j = 0; j < N; ++j) masked[j] = j == i ? pr[j] * 0.0f : pr[j] * 1.0f;
+      const float prev_sum = static_cast<float>(row_sum(masked.data(), N));
+      if (ch == 0)
+        for (int j = 0; j < N; ++j) o[j] = sr[j] * masked[j];
+      else
+        for (int j = 0; j < N; ++j) o[j] = (1.0f - sr[j]) * masked[j];
+      l1_normalize_row(o, N);
+      for (int j = 0; j < N; ++j) o[j] = o[j] * prev_sum;
+      // + [I, 0] (the dissimilarity channel adds zeros, as the model does), then + eps
+      for (int j = 0; j < N; ++j) o[j] = (o[j] + (ch == 0 && j == i ? 1.0f : 0.0f)) + eps;
+    }
+    for (int j = 0; j < N; ++j) {
+      const float total = out[0][j] + out[1][j];
+      out[0][j] = out[0][j] / total;
+      out[1][j] = out[1][j] / total;
+    }
+  }
 }
 
 void bmm_f64(const float* a, const float* v, int64_t T, int N, int D, float* y) {

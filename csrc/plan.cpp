@@ -24,7 +24,7 @@ namespace {
 const char* const kNames[] = {"quantize", "qconv", "qlinear", "qbmm", "conv_f32", "linear_f32", "bmm_f32",
                               "nchw_to_nhwc", "max_pool", "mean_hw", "pairwise_sqdiff", "neg_sum_last",
                               "sigmoid", "edge_update", "offdiag_l1_normalize", "concat_last", "label_scores",
-                              "node_rows"};
+                              "node_rows", "pairwise_absdiff", "take_rows", "edge_update_2ch"};
 constexpr int kNumKinds = sizeof(kNames) / sizeof(kNames[0]);
 }  // namespace
 
@@ -94,6 +94,9 @@ void Plan::exec(const PlanStep& st, int64_t T, const std::vector<void*>& ptrs, i
   auto in_u8 = [&](size_t i) { return static_cast<const uint8_t*>(ptrs[st.in[i]]); };
   float* out_f = static_cast<float*>(ptrs[st.out]);
   int bad = 0;
+  const int64_t TB = T * st.batch;  // graphs of the call (graph steps)
+  if (st.kind == StepKind::QBmm && TB > (int64_t(1) << 30))
+    throw ArgError("plan step " + st.name + ": too many graphs in one call");
   switch (st.kind) {
     case StepKind::Quantize:
       if (quantize(in_f(0), st.count * T, st.l, st.s, st.bits, static_cast<uint8_t*>(ptrs[st.out]), nthreads))
@@ -114,7 +117,7 @@ void Plan::exec(const PlanStep& st, int64_t T, const std::vector<void*>& ptrs, i
       break;
     }
     case StepKind::QBmm:
-      qbmm(in_u8(0), in_u8(1), st.in.size() > 2 ? in_u8(2) : nullptr, static_cast<int>(T), st.n, st.d, st.a_bits,
+      qbmm(in_u8(0), in_u8(1), st.in.size() > 2 ? in_u8(2) : nullptr, static_cast<int>(TB), st.n, st.d, st.a_bits,
            st.v_bits, st.sa, st.la, st.sv, st.lv, out_f, nullptr, nullptr, nullptr, nthreads, &bad);
       break;
     case StepKind::NodeRows: {
@@ -134,7 +137,7 @@ void Plan::exec(const PlanStep& st, int64_t T, const std::vector<void*>& ptrs, i
       break;
     }
     case StepKind::BmmF32:
-      bmm_f64(in_f(0), in_f(1), T, st.n, st.d, out_f);
+      bmm_f64(in_f(0), in_f(1), TB, st.n, st.d, out_f);
       break;
     case StepKind::NchwToNhwc:
       nchw_to_nhwc(in_f(0), st.count * T, st.c, st.h, st.w, out_f);
@@ -150,7 +153,7 @@ void Plan::exec(const PlanStep& st, int64_t T, const std::vector<void*>& ptrs, i
       mean_hw(in_f(0), st.count * T, st.h, st.w, st.c, out_f);
       break;
     case StepKind::PairwiseSqDiff:
-      pairwise_sqdiff(in_f(0), T, st.n, st.c, out_f, nthreads);
+      pairwise_sqdiff(in_f(0), TB, st.n, st.c, out_f, nthreads);
       break;
     case StepKind::NegSumLast:
       neg_sum_last(in_f(0), st.count * T, st.c, out_f);
@@ -159,10 +162,10 @@ void Plan::exec(const PlanStep& st, int64_t T, const std::vector<void*>& ptrs, i
       sigmoid_f64(in_f(0), st.count * T, out_f);
       break;
     case StepKind::EdgeUpdate:
-      edge_update(in_f(0), in_f(1), T, st.n, out_f);
+      edge_update(in_f(0), in_f(1), TB, st.n, out_f);
       break;
     case StepKind::OffdiagL1Normalize:
-      offdiag_l1_normalize(in_f(0), T, st.n, out_f);
+      offdiag_l1_normalize(in_f(0), TB, st.n, out_f);
       break;
     case StepKind::ConcatLast: {
       const size_t es = buffers[st.out].dtype == DType::U8 ? 1 : 4;
@@ -182,7 +185,20 @@ void Plan::exec(const PlanStep& st, int64_t T, const std::vector<void*>& ptrs, i
       break;
     }
     case StepKind::LabelScores:
-      label_scores(in_f(0), in_f(1), T, st.n, st.ns, st.way, out_f);
+      label_scores(in_f(0), in_f(1), T, st.rows, st.n, st.first_row, st.ns, st.way, out_f);
+      break;
+    case StepKind::PairwiseAbsDiff:
+      pairwise_absdiff(in_f(0), TB, st.n, st.c, out_f, nthreads);
+      break;
+    case StepKind::TakeRows: {
+      const size_t es = buffers[st.out].dtype == DType::U8 ? 1 : 4;
+      take_rows(static_cast<const uint8_t*>(ptrs[st.in[0]]), T, st.count, st.c, es, st.index.data(),
+                static_cast<int64_t>(st.index.size()), static_cast<uint8_t*>(ptrs[st.out]));
+      break;
+    }
+    case StepKind::EdgeUpdate2ch:
+      edge_update_2ch(in_f(0), in_f(1), in_f(2), TB, st.n, static_cast<float*>(ptrs[st.codes[0]]),
+                      static_cast<float*>(ptrs[st.codes[1]]));
       break;
   }
   if (bad) throw ArgError("plan step " + st.name + ": input codes out of range");

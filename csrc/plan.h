@@ -29,7 +29,8 @@ struct PlanBuffer {
 
 enum class StepKind : int {
   Quantize, QConv, QLinear, QBmm, ConvF32, LinearF32, BmmF32, NchwToNhwc, MaxPool, MeanHW,
-  PairwiseSqDiff, NegSumLast, Sigmoid, EdgeUpdate, OffdiagL1Normalize, ConcatLast, LabelScores, NodeRows
+  PairwiseSqDiff, NegSumLast, Sigmoid, EdgeUpdate, OffdiagL1Normalize, ConcatLast, LabelScores, NodeRows,
+  PairwiseAbsDiff, TakeRows, EdgeUpdate2ch
 };
 const char* step_kind_name(StepKind k);
 bool step_kind_from_name(const std::string& s, StepKind* k);
@@ -44,10 +45,13 @@ struct PlanStep {
   std::vector<int> in;     // buffer ids; -1: an absent optional input (residual)
   int out = -1;            // the output; a requantizing layer's first code output
   std::vector<int> codes;  // a requantizing layer: its code outputs (codes[0] == out);
-                           // node_rows: {q, row offsets}
+                           // node_rows: {q, row offsets}; edge_update_2ch: {sim, dsim}
   int64_t count = 0;       // per task: elements (quantize, sigmoid) or rows (linear kinds,
                            // neg_sum_last, concat) or images (map kinds)
   int h = 0, w = 0, c = 0, ks = 1, stride = 1, pad = 0, n = 0, d = 0, ns = 0, way = 0;
+  int64_t batch = 1;       // graph steps: graphs per task (each N x N / N x D on its own)
+  int rows = 0, first_row = 0;   // label_scores: edge rows per task, first query row
+  std::vector<int64_t> index;    // take_rows: the rows picked, each in [0, count)
   float l = 0.f, s = 1.f;  // quantize
   int bits = 8;
   int a_bits = 8, v_bits = 8;  // qbmm

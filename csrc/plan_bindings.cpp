@@ -212,8 +212,10 @@ PlanStep read_step(const py::dict& d, const Plan& p, size_t index) {
   const std::vector<int> outs = r.at("out").cast<std::vector<int>>();
   const bool layer = st.kind == StepKind::QConv || st.kind == StepKind::QLinear || st.kind == StepKind::ConvF32 ||
                      st.kind == StepKind::LinearF32;
-  if (st.kind == StepKind::NodeRows ? outs.size() != 2 : outs.empty() || (!layer && outs.size() != 1))
-    throw ArgError(r.where + ": a step has one output (a requantizing layer one per quantizer, node_rows two)");
+  const bool two_outputs = st.kind == StepKind::NodeRows || st.kind == StepKind::EdgeUpdate2ch;
+  if (two_outputs ? outs.size() != 2 : outs.empty() || (!layer && outs.size() != 1))
+    throw ArgError(r.where + ": a step has one output (a requantizing layer one per quantizer, node_rows and "
+                   "edge_update_2ch two)");
   st.out = outs[0];
   if (st.in.empty() || st.in[0] < 0) throw ArgError(r.where + ": no input");
   const int nb = static_cast<int>(p.buffers.size());
@@ -234,6 +236,9 @@ PlanStep read_step(const py::dict& d, const Plan& p, size_t index) {
     if (st.in.size() < lo || st.in.size() > hi) throw ArgError(r.where + ": wrong number of inputs");
   };
   const DType F = DType::F32, U = DType::U8;
+  // graph steps: "batch" graphs per task (optional, default 1), each of the step's geometry
+  st.batch = r.has("batch") ? r.i64("batch", 1, int64_t(1) << 24) : 1;
+  const int64_t B = st.batch;
   switch (st.kind) {
     case StepKind::Quantize:
       need_inputs(1, 1);
@@ -264,13 +269,13 @@ PlanStep read_step(const py::dict& d, const Plan& p, size_t index) {
       st.la = r.f32("a_offset");
       st.sv = r.f32("v_scale", true);
       st.lv = r.f32("v_offset");
-      expect(p, r, st.in[0], U, int64_t(st.n) * st.n, "adjacency");
-      expect(p, r, st.in[1], U, int64_t(st.n) * st.d, "nodes");
+      expect(p, r, st.in[0], U, B * st.n * st.n, "adjacency");
+      expect(p, r, st.in[1], U, B * st.n * st.d, "nodes");
       if (st.in.size() > 2) {  // per-node codes: the node_rows step guarantees codes + offsets < 2^v_bits
         if (st.in[2] < 0) throw ArgError(r.where + ": no row offsets");
-        expect(p, r, st.in[2], U, st.n, "row offsets");
+        expect(p, r, st.in[2], U, B * st.n, "row offsets");
       }
-      expect(p, r, st.out, F, int64_t(st.n) * st.d, "output");
+      expect(p, r, st.out, F, B * st.n * st.d, "output");
       break;
     case StepKind::NodeRows: {
       need_inputs(1, 1);
@@ -303,9 +308,9 @@ PlanStep read_step(const py::dict& d, const Plan& p, size_t index) {
       need_inputs(2, 2);
       st.n = r.i32("n");
       st.d = r.i32("d");
-      expect(p, r, st.in[0], F, int64_t(st.n) * st.n, "adjacency");
-      expect(p, r, st.in[1], F, int64_t(st.n) * st.d, "nodes");
-      expect(p, r, st.out, F, int64_t(st.n) * st.d, "output");
+      expect(p, r, st.in[0], F, B * st.n * st.n, "adjacency");
+      expect(p, r, st.in[1], F, B * st.n * st.d, "nodes");
+      expect(p, r, st.out, F, B * st.n * st.d, "output");
       break;
     case StepKind::NchwToNhwc:
       need_inputs(1, 1);
@@ -336,11 +341,12 @@ PlanStep read_step(const py::dict& d, const Plan& p, size_t index) {
       expect(p, r, st.out, F, st.count * st.c, "output");
       break;
     case StepKind::PairwiseSqDiff:
+    case StepKind::PairwiseAbsDiff:
       need_inputs(1, 1);
       st.n = r.i32("n");
       st.c = r.i32("c");
-      expect(p, r, st.in[0], F, int64_t(st.n) * st.c, "input");
-      expect(p, r, st.out, F, int64_t(st.n) * st.n * st.c, "output");
+      expect(p, r, st.in[0], F, B * st.n * st.c, "input");
+      expect(p, r, st.out, F, B * st.n * st.n * st.c, "output");
       break;
     case StepKind::NegSumLast:
       need_inputs(1, 1);
@@ -358,16 +364,40 @@ PlanStep read_step(const py::dict& d, const Plan& p, size_t index) {
     case StepKind::EdgeUpdate:
       need_inputs(2, 2);
       st.n = r.i32("n");
-      expect(p, r, st.in[0], F, int64_t(st.n) * st.n, "similarity");
-      expect(p, r, st.in[1], F, int64_t(st.n) * st.n, "previous edges");
-      expect(p, r, st.out, F, int64_t(st.n) * st.n, "output");
+      expect(p, r, st.in[0], F, B * st.n * st.n, "similarity");
+      expect(p, r, st.in[1], F, B * st.n * st.n, "previous edges");
+      expect(p, r, st.out, F, B * st.n * st.n, "output");
+      break;
+    case StepKind::EdgeUpdate2ch:
+      need_inputs(3, 3);
+      st.n = r.i32("n");
+      expect(p, r, st.in[0], F, B * st.n * st.n, "similarity");
+      expect(p, r, st.in[1], F, B * st.n * st.n, "previous similarity edges");
+      expect(p, r, st.in[2], F, B * st.n * st.n, "previous dissimilarity edges");
+      expect(p, r, outs[0], F, B * st.n * st.n, "similarity output");
+      expect(p, r, outs[1], F, B * st.n * st.n, "dissimilarity output");
+      st.codes = outs;
       break;
     case StepKind::OffdiagL1Normalize:
       need_inputs(1, 1);
       st.n = r.i32("n");
-      expect(p, r, st.in[0], F, int64_t(st.n) * st.n, "input");
-      expect(p, r, st.out, F, int64_t(st.n) * st.n, "output");
+      expect(p, r, st.in[0], F, B * st.n * st.n, "input");
+      expect(p, r, st.out, F, B * st.n * st.n, "output");
       break;
+    case StepKind::TakeRows: {
+      need_inputs(1, 1);
+      st.count = r.i64("rows");
+      st.c = r.i32("c");
+      st.index = r.at("index").cast<std::vector<int64_t>>();
+      if (st.index.empty() || static_cast<int64_t>(st.index.size()) > kMaxElems)
+        throw ArgError(r.where + ": index must pick at least one row");
+      for (int64_t i : st.index)
+        if (i < 0 || i >= st.count) throw ArgError(r.where + ": row index " + std::to_string(i) + " is out of range");
+      const DType dt = p.buffers[st.in[0]].dtype;
+      expect(p, r, st.in[0], dt, st.count * st.c, "input");
+      expect(p, r, st.out, dt, static_cast<int64_t>(st.index.size()) * st.c, "output");
+      break;
+    }
     case StepKind::ConcatLast: {
       st.count = r.i64("rows");
       const auto parts = r.at("parts").cast<std::vector<std::vector<int>>>();
@@ -387,13 +417,17 @@ PlanStep read_step(const py::dict& d, const Plan& p, size_t index) {
       break;
     }
     case StepKind::LabelScores:
+      // edges [rows, n] per task (default: square, rows = n); queries from first_row (default ns)
       need_inputs(2, 2);
       st.n = r.i32("n");
-      st.ns = r.i32("ns", 1, st.n - 1);
+      st.rows = r.has("rows") ? r.i32("rows") : st.n;
+      st.ns = r.i32("ns", 1, r.has("rows") ? st.n : st.n - 1);
+      st.first_row = r.has("first_row") ? r.i32("first_row", 0, st.rows - 1) : st.ns;
+      if (st.first_row >= st.rows) throw ArgError(r.where + ": no query rows");
       st.way = r.i32("way");
-      expect(p, r, st.in[0], F, int64_t(st.n) * st.n, "edges");
+      expect(p, r, st.in[0], F, int64_t(st.rows) * st.n, "edges");
       expect(p, r, st.in[1], F, int64_t(st.ns) * st.way, "labels");
-      expect(p, r, st.out, F, int64_t(st.n - st.ns) * st.way, "output");
+      expect(p, r, st.out, F, int64_t(st.rows - st.first_row) * st.way, "output");
       break;
   }
   return st;

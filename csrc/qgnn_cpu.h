@@ -332,7 +332,21 @@ void neg_sum_last(const float* x, int64_t rows, int C, float* y);
 void sigmoid_f64(const float* x, int64_t n, float* y);
 void edge_update(const float* sim, const float* prev, int64_t T, int N, float* y);
 void offdiag_l1_normalize(const float* x, int64_t T, int N, float* y);
-void label_scores(const float* edge, const float* onehot, int64_t T, int N, int NS, int way, float* y);
+// edge [T, R, W] per task (W >= NS), onehot [T, NS, way] -> y [T, R - r0, way]: rows r0..R-1 of
+// each task's edge, its first NS columns, times the one-hot labels (float64 sums); DPGN's
+// logits are R = W = N, r0 = NS
+void label_scores(const float* edge, const float* onehot, int64_t T, int R, int W, int r0, int NS, int way,
+                  float* y);
+// |v_i - v_j| per graph: v [B, N, C] -> y [B, N, N, C] (B: graphs of all tasks)
+void pairwise_absdiff(const float* v, int64_t B, int N, int C, float* y, int nthreads);
+// per task, rows of x [R, C] (elem_size-byte elements) picked by index[0..L) (each in [0, R)):
+// y [L, C]
+void take_rows(const uint8_t* x, int64_t T, int64_t R, int C, size_t elem_size, const int64_t* index, int64_t L,
+               uint8_t* y);
+// EGNN's two-channel edge update (TorchEpisodeOps.edge_update_2ch) of B graphs: sim, prev_sim,
+// prev_dsim [B, N, N] -> y_sim, y_dsim [B, N, N]
+void edge_update_2ch(const float* sim, const float* prev_sim, const float* prev_dsim, int64_t B, int N,
+                     float* y_sim, float* y_dsim);
 void bmm_f64(const float* a, const float* v, int64_t T, int N, int D, float* y);
 
 }  // namespace qgnn

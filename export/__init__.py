@@ -148,6 +148,9 @@ def build_onnx(model, **options: Any):
     elif _is_int_model(model):
         from .int_layers import IntLayers, choose_opset
         config = model.config
+        if getattr(model, "family", "dpgn") != "dpgn":
+            raise ExportError(f"ONNX export of {model.family} integer models is not implemented yet "
+                              "(its episode steps have no ONNX emitter); run it with --backend cpu")
         opset = opts.opset or choose_opset(model, opts.weights_format, opts.form)
         layers = IntLayers(g, model, form=opts.form, weights_format=opts.weights_format,
                            opset=opset)

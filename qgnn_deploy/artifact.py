@@ -10,7 +10,8 @@ Layout::
                 "qgnn.header_sha256"  SHA-256 of that JSON text (catches edited/bit-flipped headers)
 
     header = {"format": "qgnn-deploy/int-model", "format_version": 1,
-              "package_version": "0.1.0", "config": ModelConfig.to_dict(),
+              "package_version": "0.1.0", "config": config.to_dict() (ModelConfig, or
+              models.egnn.EGNNConfig whose dict carries "family": "egnn"),
               "generations": K, "zero_point": "exact"|"snap",
               "packing": "lsb-stream-k8" (ops.packing.PackFormat),
               "layers": [{"name", "kind", bits, quantizer parameters, geometry,
@@ -410,11 +411,38 @@ def _read(path: str) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
     return header, tensors
 
 
+def _quantizable_names(config) -> List[str]:
+    """The quantizable layer names of ``config``'s model (either family)."""
+    from .intmodel import family_of
+    if family_of(config).name == "dpgn":
+        from .bits_config import quantizable_layer_names
+        return quantizable_layer_names(config)
+    from .models.egnn import build_egnn
+    from .models.qgnn import quantizable_layers
+    with torch.device("meta"):  # names only: no weights allocated, the RNG untouched
+        model = build_egnn(config.replace(bits=32, layer_bits={}))
+    return list(quantizable_layers(model))
+
+
+def _config_from_header(d):
+    """The model config of a header: ``family`` "egnn" -> models.egnn.EGNNConfig, absent or
+    "dpgn" -> ModelConfig (every DPGN artifact)."""
+    from .config import ModelConfig
+    if not isinstance(d, dict):
+        return ModelConfig.from_dict(d)  # raises ConfigError naming the problem
+    family = d.get("family", "dpgn")
+    if family == "egnn":
+        from .models.egnn import EGNNConfig
+        return EGNNConfig.from_dict(d)
+    if family != "dpgn":
+        raise ArtifactError(f"unknown model family {family!r} in the header (known: dpgn, egnn)")
+    return ModelConfig.from_dict({k: v for k, v in d.items() if k != "family"})
+
+
 def _check_layer_bits(config, layers: Dict[str, nn.Module]) -> None:
     """Every quantizable layer's record has the bits its config resolves to."""
-    from .bits_config import quantizable_layer_names
     from .intmodel import layer_bits
-    for name in quantizable_layer_names(config):
+    for name in _quantizable_names(config):
         if name in layers and layer_bits(layers[name]) != config.bits_for(name):
             got, want = layer_bits(layers[name]), config.bits_for(name)
             raise ArtifactError(f"layer {name} holds w={got.w} a={got.a} bits but the header's config "
@@ -423,12 +451,11 @@ def _check_layer_bits(config, layers: Dict[str, nn.Module]) -> None:
 
 def load_int_model(path: str, backend: Optional[str] = None):
     """Load a .qgnn file as an :class:`~qgnn_deploy.intmodel.IntModel` (or raise ArtifactError)."""
-    from .config import ModelConfig
     from .intmodel import IntModel
     from .ops.bounds import check_int_model
     header, tensors = _read(path)
     try:
-        config = ModelConfig.from_dict(header.get("config"))
+        config = _config_from_header(header.get("config"))
         layers = {}
         for rec in header["layers"]:
             prefix = rec["name"] + "."

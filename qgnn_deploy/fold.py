@@ -56,10 +56,15 @@ def _quantizers(layer: nn.Module) -> List[Tuple[str, PautaQuantizer]]:
             if isinstance(q := getattr(layer, n, None), PautaQuantizer)]
 
 
+def _is_egnn(model) -> bool:
+    from .models.egnn import EGNNModel
+    return isinstance(model, EGNNModel)
+
+
 def check_foldable(model: QGNNModel) -> None:
     """Raise unless every quantized layer has supported bits and calibrated, finite ranges."""
-    if not isinstance(model, QGNNModel):
-        raise ConfigError(f"fold expects a QGNNModel, got {type(model).__name__}")
+    if not isinstance(model, QGNNModel) and not _is_egnn(model):
+        raise ConfigError(f"fold expects a QGNNModel or an EGNNModel, got {type(model).__name__}")
     for name, layer in quantizable_layers(model).items():
         if not layer.quantized:
             continue
@@ -110,10 +115,15 @@ def snap_zero_points(model: QGNNModel) -> QGNNModel:
 def pruned_view(model: QGNNModel, generations: Optional[int]) -> QGNNModel:
     """A shallow-state copy of ``model`` that runs only the first ``generations`` generations
     (the fake-quant counterpart of ``fold(..., generations=K)``)."""
-    if generations is None or generations == model.config.generations:
+    egnn = _is_egnn(model)
+    depth = model.config.num_layers if egnn else model.config.generations
+    if generations is None or generations == depth:
         return model
     m = copy.deepcopy(model)
-    m.gnn.generations = int(generations)
+    if egnn:
+        m.gnn.num_layers = int(generations)
+    else:
+        m.gnn.generations = int(generations)
     return m
 
 
@@ -229,10 +239,24 @@ def fuse_requant(producer: nn.Module, consumer: nn.Module) -> None:
         producer.set_out_quant(consumer.in_quant)
 
 
-def fold_sequential(prefix: str, seq: nn.Sequential) -> Dict[str, nn.Module]:
+def _is_pool(m: nn.Module, kernel: int) -> bool:
+    """``m`` is a MaxPool2d(kernel) with stride = kernel, no padding, no dilation / ceil."""
+    def one(v):
+        return v if isinstance(v, int) else (v[0] if len(set(v)) == 1 else None)
+    return (isinstance(m, nn.MaxPool2d) and one(m.kernel_size) == kernel and one(m.stride) == kernel
+            and one(m.padding) == 0 and one(m.dilation) == 1 and not m.ceil_mode)
+
+
+def fold_sequential(prefix: str, seq: nn.Sequential, pool: Optional[int] = None) -> Dict[str, nn.Module]:
     """Fold ``[conv|linear, (BN), (LeakyReLU), (Dropout)]*`` into ``{name.i: layer}`` and fuse
-    the requantization between consecutive integer layers."""
+    the requantization between consecutive integer layers.
+
+    ``pool=k``: a ``MaxPool2d(k)`` may sit between the BN and the activation (EGNN's encoder
+    stage ``conv, BN, MaxPool, LeakyReLU``); the activation is folded into the conv's
+    epilogue and the integer model pools after it -- a monotone activation commutes with the
+    max, so the values are the same -- and a pooled layer does not fuse a requantization."""
     out: Dict[str, nn.Module] = {}
+    pooled = set()
     children = list(seq.named_children())
     i = 0
     while i < len(children):
@@ -248,6 +272,12 @@ def fold_sequential(prefix: str, seq: nn.Sequential) -> Dict[str, nn.Module]:
         if j < len(children) and isinstance(children[j][1], nn.modules.batchnorm._BatchNorm):
             bn = children[j][1]
             j += 1
+        if pool is not None and j < len(children) and isinstance(children[j][1], nn.MaxPool2d):
+            if not _is_pool(children[j][1], pool):
+                raise ConfigError(f"{prefix}.{children[j][0]}: only MaxPool2d({pool}) folds here, got "
+                                  f"{children[j][1]}")
+            pooled.add(name)
+            j += 1
         if j < len(children) and isinstance(children[j][1], (nn.LeakyReLU, nn.ReLU)):
             act = children[j][1]
             slope = float(act.negative_slope) if isinstance(act, nn.LeakyReLU) else 0.0
@@ -255,9 +285,12 @@ def fold_sequential(prefix: str, seq: nn.Sequential) -> Dict[str, nn.Module]:
         out[name] = (fold_conv(name, m, bn, slope) if isinstance(m, nn.Conv2d)
                      else fold_linear(name, m, bn, slope))
         i = j
+    if pool is not None and len(pooled) != len(out):
+        raise ConfigError(f"{prefix}: expected every layer followed by MaxPool2d({pool})")
     chain = list(out.values())
     for a, b in zip(chain[:-1], chain[1:]):
-        fuse_requant(a, b)
+        if a.name not in pooled:
+            fuse_requant(a, b)
     return out
 
 
@@ -305,15 +338,52 @@ def fold_gnn(gnn: DPGN, generations: int, prefix: str = "gnn") -> Dict[str, nn.M
     return out
 
 
+def fold_egnn_encoder(enc, config, prefix: str = "backbone") -> Dict[str, nn.Module]:
+    """EGNN's encoder (models.egnn.EmbeddingImagenet): each stage ``conv_i`` = conv 3x3, BN,
+    MaxPool(2), LeakyReLU(0.2)[, Dropout] -> ``{prefix}.conv_i.0`` (BN and LeakyReLU in the
+    epilogue, the pool in the integer model); ``layer_last`` = Linear + BN1d on the NCHW
+    flatten -> ``{prefix}.layer_last.0`` with its columns in (h, w, C) order."""
+    from .intmodel import EGNN_POOL
+    out: Dict[str, nn.Module] = {}
+    for i in range(1, 5):
+        stage = getattr(enc, f"conv_{i}")
+        folded = fold_sequential(f"{prefix}.conv_{i}", stage, pool=EGNN_POOL)
+        if list(folded) != [f"{prefix}.conv_{i}.0"]:
+            raise ConfigError(f"{prefix}.conv_{i}: expected one conv stage, got {list(folded)}")
+        out.update(folded)
+    side = config.feature_side
+    lin, bn = enc.layer_last[0], enc.layer_last[1]
+    hwc = (side, side, config.widths[3])
+    if hwc[0] * hwc[1] * hwc[2] != lin.in_features:
+        raise ConfigError(f"{prefix}.layer_last.0 takes {lin.in_features} features, expected "
+                          f"{hwc[0]}x{hwc[1]}x{hwc[2]} for image size {config.image_size}")
+    out[f"{prefix}.layer_last.0"] = fold_linear(f"{prefix}.layer_last.0", lin, bn, None, hwc)
+    return out
+
+
+def fold_egnn_graph(gnn, layers: int, prefix: str = "gnn") -> Dict[str, nn.Module]:
+    """EGNN's graph (models.egnn.GraphNetwork), its first ``layers`` layers: each node
+    update's aggregation and MLP, each edge update's MLP (``conv_out`` stays FP32)."""
+    out: Dict[str, nn.Module] = {}
+    for l in range(layers):
+        node_net, edge_net = gnn.layer(l)
+        name = f"{prefix}.edge2node_net{l}"
+        out[f"{name}.aggregation"] = fold_aggregation(f"{name}.aggregation", node_net.aggregation)
+        out.update(fold_sequential(f"{name}.network", node_net.network))
+        out.update(fold_sequential(f"{prefix}.node2edge_net{l}.sim_network", edge_net.sim_network))
+    return out
+
+
 @torch.no_grad()
 def fold(model: QGNNModel, zero_point: str = "exact", generations: Optional[int] = None,
          backend: Optional[str] = None) -> IntModel:
     """Fold a calibrated / trained QAT model into an :class:`IntModel`.
 
     Args:
-        model: a :class:`QGNNModel` (FP32, quantized, or mixed precision); it is not modified.
+        model: a :class:`QGNNModel` (DPGN) or a models.egnn :class:`EGNNModel` (FP32, quantized, or
+            mixed precision); it is not modified.
         zero_point: ``"exact"`` (real offsets) or ``"snap"`` (offsets on the grid).
-        generations: keep the first K generations (default: all).
+        generations: keep the first K generations (EGNN: graph layers; default: all).
         backend: the IntModel's op backend (None: the one in force).
     Raises:
         ConfigError: unsupported bits / modules / arguments (names the layer).
@@ -323,12 +393,18 @@ def fold(model: QGNNModel, zero_point: str = "exact", generations: Optional[int]
         raise ConfigError(f"zero_point must be one of {ZERO_POINT_MODES}, got {zero_point!r}")
     check_foldable(model)
     config = model.config
-    k = config.generations if generations is None else generations
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= config.generations:
-        raise ConfigError(f"generations must be an int in [1, {config.generations}], got {generations!r}")
+    egnn = _is_egnn(model)
+    depth = config.num_layers if egnn else config.generations
+    k = depth if generations is None else generations
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= depth:
+        raise ConfigError(f"generations must be an int in [1, {depth}], got {generations!r}")
     src = snap_zero_points(model) if zero_point == "snap" else model
-    layers = fold_backbone(src.backbone, config)
-    layers.update(fold_gnn(src.gnn, k))
+    if egnn:
+        layers = fold_egnn_encoder(src.backbone, config)
+        layers.update(fold_egnn_graph(src.gnn, k))
+    else:
+        layers = fold_backbone(src.backbone, config)
+        layers.update(fold_gnn(src.gnn, k))
     return IntModel(config, layers, generations=k, zero_point=zero_point, backend=backend)
 
 
@@ -418,17 +494,21 @@ def _fq_output_points(fq: QGNNModel) -> Dict[str, Tuple[nn.Module, Optional[floa
     """
     points: Dict[str, Tuple[nn.Module, Optional[float], Optional[nn.Module]]] = {}
     bb = fq.backbone
-    points["backbone.conv1"] = (bb.bn1, STEM_SLOPE, None)
-    for i in range(1, 5):
-        blk = getattr(bb, f"layer{i}")[0]
-        p = f"backbone.layer{i}.0"
-        points[f"{p}.conv1"] = (blk.bn1, blk.slope, None)
-        points[f"{p}.conv2"] = (blk.bn2, blk.slope, None)
-        points[f"{p}.conv3"] = (blk.bn3, blk.slope, blk.bn)
-        points[f"{p}.conv"] = (blk.bn, None, None)
+    egnn = _is_egnn(fq)
+    if not egnn:
+        points["backbone.conv1"] = (bb.bn1, STEM_SLOPE, None)
+        for i in range(1, 5):
+            blk = getattr(bb, f"layer{i}")[0]
+            p = f"backbone.layer{i}.0"
+            points[f"{p}.conv1"] = (blk.bn1, blk.slope, None)
+            points[f"{p}.conv2"] = (blk.bn2, blk.slope, None)
+            points[f"{p}.conv3"] = (blk.bn3, blk.slope, blk.bn)
+            points[f"{p}.conv"] = (blk.bn, None, None)
     for name, mod in fq.named_modules():
-        if name.startswith("backbone.layer") and not name.startswith(("backbone.layer_last",
-                                                                      "backbone.layer_second")):
+        if egnn and name.startswith("backbone.conv_"):
+            continue
+        if (not egnn and name.startswith("backbone.layer")
+                and not name.startswith(("backbone.layer_last", "backbone.layer_second"))):
             continue
         if isinstance(mod, nn.Sequential):
             children = list(mod.named_children())
@@ -442,6 +522,10 @@ def _fq_output_points(fq: QGNNModel) -> Dict[str, Tuple[nn.Module, Optional[floa
                 points[f"{name}.{idx}"] = (children[j - 1][1], None, None)
         elif isinstance(mod, QAggregation):
             points[name] = (mod, None, None)
+    if egnn:  # encoder stage: conv, BN, MaxPool, LeakyReLU; the folded conv emits LeakyReLU(BN)
+        for i in range(1, 5):
+            stage = getattr(bb, f"conv_{i}")
+            points[f"backbone.conv_{i}.0"] = (stage[1], float(stage[3].negative_slope), None)
     return points
 
 
@@ -561,8 +645,14 @@ class LayerwiseParity:
             st["input_code_mismatches"] += int(
                 (qops.quantize(adj.contiguous(), layer.a_offset, layer.a_scale, layer.a_bits) != qa).sum()
                 + (qops.quantize(nodes.contiguous(), layer.v_offset, layer.v_scale, layer.v_bits) != qv).sum())
+            # EGNN stacks its edge channels' adjacencies as [T, kN, N] rows (one bmm); the
+            # integer model aggregates each N x N block on its own (the same rows)
+            t, n, d = nodes.shape
+            k = adj.shape[1] // n
+            qa = qa.reshape(t * k, n, n)
+            qv = qv.unsqueeze(1).expand(t, k, n, d).reshape(t * k, n, d)
             got = qops.qbmm(qa.contiguous(), qv.contiguous(), layer.a_bits, layer.v_bits, layer.a_scale,
-                            layer.a_offset, layer.v_scale, layer.v_offset)
+                            layer.a_offset, layer.v_scale, layer.v_offset).reshape(t, k * n, d)
             _value_stats(st, got, want)
             return
         if isinstance(layer, FloatAggregation):

@@ -50,6 +50,12 @@ normalisation and concatenation run in fp32 torch (max-pool in float: it commute
 with the monotonic quantizer, so running it on codes would give the same codes, but
 the block output feeds two quantizers, the shortcut's and conv1's).
 
+Model families: ``im.family`` is ``"dpgn"`` (``config`` a ModelConfig; the containers
+IntBackbone / IntDPGN below) or ``"egnn"`` (``config`` a models.egnn.EGNNConfig; IntEGNNEncoder /
+IntEGNNGraph, ``generations`` = graph layers run, ``im(...)`` returns a models.egnn.EGNNOutput).
+Each family's episode is written once against the episode ops (``IntModel.episode``);
+:data:`FAMILIES` says what else a family supplies (label-derived inputs, named outputs).
+
 Graph pieces: a 1x1 conv over the N x N grid is ``qgnn::qconv2d`` with B=T, H=W=N;
 the D2P node MLP is ``qgnn::qconv2d`` on [T, N, 1, 2E]; P2D is ``qgnn::qlinear`` on
 [T*N, 2NS]; the aggregation is ``qgnn::qbmm``.
@@ -57,15 +63,17 @@ the D2P node MLP is ``qgnn::qconv2d`` on [T, N, 1, 2E]; P2D is ``qgnn::qlinear``
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import LayerBits, ModelConfig, check_node_bits
 from .errors import ArtifactError, ConfigError
-from .models.qgnn import EpisodeOutput, check_episode, episode_graph
+from .models.qgnn import EpisodeOutput, check_episode, episode_graph, episode_graph_arrays
 from .ops import registry as qops
 from .ops.episode_ops import TORCH_OPS, f32_conv2d, f32_linear
 from .ops.reference import count_node_widths
@@ -488,6 +496,290 @@ class IntDPGN(nn.Module):
         return point_sims, node_sims, dist_sims
 
 
+# The containers below describe the EGNN episode (models/egnn.py, Kim et al. 2019) once,
+# against the same vocabulary. An EGNN graph's edges are two [T, G, M, M] tensors, the
+# similarity and the dissimilarity channel (G graphs of M nodes per task: G = way query
+# graphs of the supports plus one query when non-transductive, G = 1 graph of all N nodes
+# when transductive).
+
+def _named_chain(layers: Dict[str, nn.Module], prefix: str) -> nn.ModuleDict:
+    """The layers ``{prefix}.conv{i}`` in index order, then ``{prefix}.conv_out`` if present,
+    as a ModuleDict keyed by those names (EGNN's MLP chains, official module names)."""
+    found = sorted((int(k[len(prefix) + 5:]), k) for k in layers
+                   if k.startswith(prefix + ".conv") and k[len(prefix) + 5:].isdigit())
+    if not found:
+        raise ArtifactError(f"no layers {prefix}.conv<i> in the integer model")
+    items = [(k[len(prefix) + 1:], layers[k]) for _, k in found]
+    if f"{prefix}.conv_out" in layers:
+        items.append(("conv_out", layers[f"{prefix}.conv_out"]))
+    return nn.ModuleDict(items)
+
+
+#: every EGNN encoder stage ends in MaxPool2d(2)
+EGNN_POOL = 2
+
+
+class IntEGNNEncoder(nn.Module):
+    """EGNN's encoder: images [T, N, S, S, 3] -> embeddings [T, N, emb_dim]. Stage i: 3x3 conv
+    whose epilogue applies the BatchNorm and the LeakyReLU(0.2), then MaxPool(2) (the
+    official stage pools before its LeakyReLU; a monotone activation commutes with the max,
+    so the values are the same); ``layer_last``: Linear + BN1d on the (h, w, C) flatten
+    (its weight columns permuted at fold time)."""
+
+    def __init__(self, layers: Dict[str, nn.Module], prefix: str = "backbone"):
+        super().__init__()
+        for i in range(1, 5):
+            self.add_module(f"conv_{i}", nn.ModuleList([_take(layers, f"{prefix}.conv_{i}.0")]))
+        self.layer_last = nn.ModuleList([_take(layers, f"{prefix}.layer_last.0")])
+
+    def forward(self, x, ops=TORCH_OPS):
+        for i in range(1, 5):
+            x = ops.max_pool(ops.layer(getattr(self, f"conv_{i}")[0], x), EGNN_POOL, EGNN_POOL)
+        return ops.layer(self.layer_last[0], ops.flatten_hwc(x))
+
+
+class IntNodeUpdate(nn.Module):
+    """``V' = MLP([V || A_sim V || A_dsim V])`` with ``A_c = rownorm_L1(E_c (1 - I))``; the
+    one aggregation layer runs once per edge channel (the official single bmm over the
+    stacked [2N, N] adjacency, row by row the same products)."""
+
+    def __init__(self, layers: Dict[str, nn.Module], prefix: str):
+        super().__init__()
+        self.aggregation = _take(layers, f"{prefix}.aggregation")
+        self.network = _named_chain(layers, f"{prefix}.network")
+
+    def forward(self, nodes, edge_sim, edge_dsim, ops=TORCH_OPS):
+        agg_sim = ops.aggregate(self.aggregation, ops.offdiag_l1_normalize(edge_sim), nodes)
+        agg_dsim = ops.aggregate(self.aggregation, ops.offdiag_l1_normalize(edge_dsim), nodes)
+        return _run_chain(ops, self.network, ops.concat_last([nodes, agg_sim, agg_dsim]))
+
+
+class IntEdgeUpdate(nn.Module):
+    """``s = sigmoid(MLP(|v_i - v_j|))`` (MLP ending in the FP32 ``conv_out``), then EGNN's
+    two-channel edge update with ``(s, 1 - s)``."""
+
+    def __init__(self, layers: Dict[str, nn.Module], prefix: str):
+        super().__init__()
+        self.sim_network = _named_chain(layers, f"{prefix}.sim_network")
+
+    def forward(self, nodes, edge_sim, edge_dsim, ops=TORCH_OPS):
+        pairs = ops.pairwise_absdiff(nodes)                                  # [T, G, M, M, F]
+        sim = ops.sigmoid(ops.squeeze_last(_run_chain(ops, self.sim_network, pairs)))
+        return ops.edge_update_2ch(sim, edge_sim, edge_dsim)
+
+
+class IntEGNNGraph(nn.Module):
+    """EGNN's graph over ``layers`` layers (same module names as models.egnn.GraphNetwork):
+    per layer the node update then the edge update."""
+
+    def __init__(self, layers: Dict[str, nn.Module], num_layers: int, prefix: str = "gnn"):
+        super().__init__()
+        self.num_layers = num_layers
+        for l in range(num_layers):
+            self.add_module(f"edge2node_net{l}", IntNodeUpdate(layers, f"{prefix}.edge2node_net{l}"))
+            self.add_module(f"node2edge_net{l}", IntEdgeUpdate(layers, f"{prefix}.node2edge_net{l}"))
+
+    def forward(self, nodes, edge_sim, edge_dsim, ops=TORCH_OPS):
+        sims, dsims = [], []
+        for l in range(self.num_layers):
+            nodes = getattr(self, f"edge2node_net{l}")(nodes, edge_sim, edge_dsim, ops)
+            edge_sim, edge_dsim = getattr(self, f"node2edge_net{l}")(nodes, edge_sim, edge_dsim, ops)
+            sims.append(edge_sim)
+            dsims.append(edge_dsim)
+        return sims, dsims
+
+
+@dataclass
+class EGNNEpisode:
+    """What the EGNN episode computes (``IntModel.episode``): logits [T, Q, way], the
+    embeddings [T, N, emb_dim] and, per graph layer, the similarity / dissimilarity edges
+    of every graph [T, G, M, M]; :meth:`IntModel.episode_output` turns it into the
+    :class:`~qgnn_deploy.models.egnn.EGNNOutput` the float model returns."""
+
+    logits: object
+    embeddings: object
+    sim_edges: List[object]
+    dsim_edges: List[object]
+
+
+def egnn_graph_rows(config) -> np.ndarray:
+    """The embeddings' rows making each graph's nodes, [G, M]: non-transductive, query graph
+    q = the supports then query q; transductive, one graph of all N nodes."""
+    n, ns = config.num_nodes, config.num_supports
+    if config.transductive:
+        return np.arange(n).reshape(1, n)
+    return np.array([list(range(ns)) + [ns + q] for q in range(config.num_queries)])
+
+
+def egnn_query_rows(config) -> np.ndarray:
+    """The rows of the last similarity edges [G * M, M] holding each query's edges, [Q]."""
+    ns = config.num_supports
+    if config.transductive:
+        return np.arange(ns, config.num_nodes)
+    return np.arange(config.num_queries) * (ns + 1) + ns
+
+
+def egnn_graph_arrays(support_labels: np.ndarray, config) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """EGNN's label-derived episode inputs (models.egnn's initial edges): similarity and
+    dissimilarity edges [T, G, M, M] and the support one-hot labels [T, NS, way], float32."""
+    from .models.egnn import initial_edges, query_graph_edges
+    labels = torch.from_numpy(np.asarray(support_labels, dtype=np.int64))
+    t, way = labels.shape[0], config.way
+    if config.transductive:
+        edges = initial_edges(labels, way).unsqueeze(2)                      # [T, 2, 1, N, N]
+    else:
+        e = query_graph_edges(labels)                                        # [T, 2, M, M]
+        edges = e.unsqueeze(2).expand(t, 2, config.num_queries, *e.shape[-2:])
+    onehot = (np.asarray(support_labels)[:, :, None] == np.arange(way)).astype(np.float32)
+    return (np.ascontiguousarray(edges[:, 0].numpy()), np.ascontiguousarray(edges[:, 1].numpy()), onehot)
+
+
+# ------------------------------------------------------------------------ families
+
+class _Family:
+    """What an IntModel needs to know about its model family: its containers, its episode
+    (written once against the episode-op vocabulary), its label-derived inputs and its
+    outputs. Stateless; :data:`FAMILIES` holds one per family."""
+
+    name = "?"
+    #: episode ops the description uses beyond the DPGN vocabulary (an ``ops`` lacking one,
+    #: e.g. an exporter that does not know the family, is refused with a clear error)
+    extra_ops: Tuple[str, ...] = ()
+
+    def depth(self, config) -> int:
+        """Graph generations / layers of ``config``'s model."""
+        raise NotImplementedError
+
+    def build(self, model: "IntModel", layers: Dict[str, nn.Module]) -> None:
+        raise NotImplementedError
+
+    def episode(self, model: "IntModel", ops, images, graph):
+        raise NotImplementedError
+
+    def graph_inputs(self, config) -> List[Tuple[str, Tuple[int, ...]]]:
+        """(name, per-task shape) of the label-derived inputs, in ``graph`` order."""
+        raise NotImplementedError
+
+    def graph_arrays(self, support_labels: np.ndarray, config) -> Tuple[np.ndarray, ...]:
+        """Those inputs as float32 arrays with the tasks axis first."""
+        raise NotImplementedError
+
+    def graph(self, support_labels: Tensor, config, device) -> Tuple[Tensor, ...]:
+        arrays = self.graph_arrays(support_labels.detach().cpu().numpy(), config)
+        return tuple(torch.from_numpy(a).to(device) for a in arrays)
+
+    def named_outputs(self, out) -> Dict[str, object]:
+        """The episode's result as ``{name: value or list of values}`` (the plan's outputs)."""
+        raise NotImplementedError
+
+    def output(self, named: Dict[str, object], config):
+        """The model's output object from :meth:`named_outputs`' dict (tensors)."""
+        raise NotImplementedError
+
+
+class _DPGNFamily(_Family):
+    name = "dpgn"
+    GRAPH_INPUTS = ("distribution_node", "point_edge", "distribution_edge", "onehot")
+
+    def depth(self, config) -> int:
+        return int(config.generations)
+
+    def build(self, model, layers):
+        model.backbone = IntBackbone(layers)
+        model.gnn = IntDPGN(layers, model.config.num_supports, model.generations)
+
+    def episode(self, model, ops, images, graph):
+        dist_node, point_edge, dist_edge, onehot = graph
+        last, second = model.backbone(ops.images_nhwc(images), ops)
+        point_sims, node_sims, dist_sims = model.gnn(second, last, dist_node, dist_edge, point_edge, ops)
+        return EpisodeOutput(ops.label_scores(point_sims[-1], onehot), point_sims, node_sims, dist_sims)
+
+    def graph_inputs(self, config):
+        n, ns = config.num_nodes, config.num_supports
+        shapes = {"distribution_node": (n, ns), "point_edge": (n, n), "distribution_edge": (n, n),
+                  "onehot": (ns, config.way)}
+        return [(name, shapes[name]) for name in self.GRAPH_INPUTS]
+
+    def graph_arrays(self, support_labels, config):
+        return episode_graph_arrays(support_labels, config.way)
+
+    def graph(self, support_labels, config, device):
+        return episode_graph(support_labels.long(), config.way, device)
+
+    def named_outputs(self, out):
+        return {"logits": out.logits, "point_edges": list(out.point_edges),
+                "node_similarities": list(out.node_similarities),
+                "distribution_edges": list(out.distribution_edges)}
+
+    def output(self, named, config):
+        return EpisodeOutput(named["logits"], named["point_edges"], named["node_similarities"],
+                             named["distribution_edges"])
+
+
+class _EGNNFamily(_Family):
+    name = "egnn"
+    extra_ops = ("pairwise_absdiff", "take_rows", "edge_update_2ch")
+
+    def depth(self, config) -> int:
+        return int(config.num_layers)
+
+    def build(self, model, layers):
+        model.backbone = IntEGNNEncoder(layers)
+        model.gnn = IntEGNNGraph(layers, model.generations)
+
+    def episode(self, model, ops, images, graph):
+        edge_sim, edge_dsim, onehot = graph
+        cfg = model.config
+        emb = model.backbone(ops.images_nhwc(images), ops)                  # [T, N, E]
+        nodes = ops.take_rows(emb, egnn_graph_rows(cfg))                     # [T, G, M, E]
+        sims, dsims = model.gnn(nodes, edge_sim, edge_dsim, ops)
+        queries = ops.take_rows(sims[-1], egnn_query_rows(cfg))              # [T, Q, M]
+        return EGNNEpisode(ops.label_scores(queries, onehot, first_row=0), emb, sims, dsims)
+
+    @staticmethod
+    def _graph_shape(config) -> Tuple[int, int]:
+        if config.transductive:
+            return 1, config.num_nodes
+        return config.num_queries, config.num_supports + 1
+
+    def graph_inputs(self, config):
+        g, m = self._graph_shape(config)
+        return [("edge_sim", (g, m, m)), ("edge_dsim", (g, m, m)), ("onehot", (config.num_supports, config.way))]
+
+    def graph_arrays(self, support_labels, config):
+        return egnn_graph_arrays(support_labels, config)
+
+    def named_outputs(self, out):
+        return {"logits": out.logits, "embeddings": out.embeddings, "sim_edges": list(out.sim_edges),
+                "dsim_edges": list(out.dsim_edges)}
+
+    def output(self, named, config):
+        """models.egnn.EGNNOutput: edges per layer [T, 2, N, N] (non-transductive: assembled
+        from the query graphs as the float model does, ``assemble_query_graphs``), the query
+        graphs' own edges [T, Q, 2, M, M]."""
+        from .models.egnn import EGNNOutput, assemble_query_graphs
+        graphs = [torch.stack([s, d], 2) for s, d in zip(named["sim_edges"], named["dsim_edges"])]
+        if config.transductive:
+            edges, query_graphs = [g[:, 0] for g in graphs], None
+        else:
+            edges = [assemble_query_graphs(g, config.num_nodes) for g in graphs]
+            query_graphs = graphs
+        return EGNNOutput(named["logits"], edges, named["embeddings"], query_graphs, bool(config.transductive))
+
+
+FAMILIES: Dict[str, _Family] = {"dpgn": _DPGNFamily(), "egnn": _EGNNFamily()}
+
+
+def family_of(config) -> _Family:
+    """The :class:`_Family` of a model config (DPGN's ModelConfig or models.egnn.EGNNConfig)."""
+    from .models.egnn import EGNNConfig
+    name = "egnn" if isinstance(config, EGNNConfig) else str(getattr(config, "family", "dpgn"))
+    if name not in FAMILIES:
+        raise ConfigError(f"no integer engine for model family {name!r}; known: {sorted(FAMILIES)}")
+    return FAMILIES[name]
+
+
+
 # ---------------------------------------------------------------------- IntModel
 
 class _PlanSlot:
@@ -515,10 +807,12 @@ class _PlanSlot:
 
 class IntModel(nn.Module):
     """The folded integer model. ``forward(images [T, N, 3, S, S] fp32, support_labels
-    int64 [T, way*shot]) -> EpisodeOutput`` (``.logits`` [T, way, way]).
+    int64 [T, way*shot]) -> EpisodeOutput`` (``.logits`` [T, way, way]; an EGNN model returns
+    a models.egnn.EGNNOutput).
 
     Args:
-        config: the source model's ModelConfig (layer names follow it).
+        config: the source model's ModelConfig or EGNNConfig (layer names follow it; its type
+            selects the family).
         layers: ``{qualified name: layer module}`` for every layer of the pruned model.
         generations: generations to run (default: ``config.generations``).
         zero_point: ``"exact"`` or ``"snap"`` (how the offsets were folded).
@@ -530,9 +824,11 @@ class IntModel(nn.Module):
                  backend: Optional[str] = None):
         super().__init__()
         self.config = config.validate()
-        self.generations = int(config.generations if generations is None else generations)
-        if not 1 <= self.generations <= config.generations:
-            raise ConfigError(f"generations must be in [1, {config.generations}], got {self.generations}")
+        self._family = family_of(self.config)
+        depth = self._family.depth(self.config)
+        self.generations = int(depth if generations is None else generations)
+        if not 1 <= self.generations <= depth:
+            raise ConfigError(f"generations must be in [1, {depth}], got {self.generations}")
         if zero_point not in ("exact", "snap"):
             raise ConfigError(f"zero_point must be 'exact' or 'snap', got {zero_point!r}")
         self.zero_point = zero_point
@@ -540,8 +836,7 @@ class IntModel(nn.Module):
         bad = [k for k, v in layers.items() if not isinstance(v, LAYER_TYPES)]
         if bad:
             raise ConfigError(f"not integer-model layers: {bad[:5]}")
-        self.backbone = IntBackbone(layers)
-        self.gnn = IntDPGN(layers, config.num_supports, self.generations)
+        self._family.build(self, layers)
         used = {name for name, _ in self.named_layers()}
         extra = sorted(set(layers) - used)
         if extra:
@@ -615,17 +910,35 @@ class IntModel(nn.Module):
         from .backends import op_backend_of, use_backend
         return use_backend(op_backend_of(self._backend))
 
-    def episode(self, ops, images, graph) -> EpisodeOutput:
+    @property
+    def family(self) -> str:
+        """The model family: ``"dpgn"`` (ResNet-12 + DPGN) or ``"egnn"`` (models/egnn.py)."""
+        return self._family.name
+
+    @property
+    def family_spec(self) -> _Family:
+        return self._family
+
+    def episode(self, ops, images, graph):
         """The episode, written once against the episode-op vocabulary ``ops``
         (ops/episode_ops.py): ``TORCH_OPS`` runs it, ``plan.PlanBuilder`` compiles it.
 
-        images [T, N, 3, S, S]; graph: DPGN's initial (distribution_node [T, N, NS],
+        images [T, N, 3, S, S]; graph: the family's label-derived inputs
+        (``family_spec.graph_inputs``). DPGN: the initial (distribution_node [T, N, NS],
         point_edge [T, N, N], distribution_edge [T, N, N]) and the support one-hot labels
-        [T, NS, way] (:func:`~qgnn_deploy.models.qgnn.episode_graph`)."""
-        dist_node, point_edge, dist_edge, onehot = graph
-        last, second = self.backbone(ops.images_nhwc(images), ops)
-        point_sims, node_sims, dist_sims = self.gnn(second, last, dist_node, dist_edge, point_edge, ops)
-        return EpisodeOutput(ops.label_scores(point_sims[-1], onehot), point_sims, node_sims, dist_sims)
+        [T, NS, way] (:func:`~qgnn_deploy.models.qgnn.episode_graph`); returns an
+        EpisodeOutput. EGNN: the initial similarity / dissimilarity edges [T, G, M, M] and the
+        one-hot labels; returns an :class:`EGNNEpisode` (:meth:`episode_output` makes the
+        EGNNOutput of it)."""
+        missing = [op for op in self._family.extra_ops if not hasattr(ops, op)]
+        if missing:
+            raise ConfigError(f"{type(ops).__name__} cannot run a {self.family} integer model: it lacks the "
+                              f"episode ops {missing} (not supported for this family yet)")
+        return self._family.episode(self, ops, images, graph)
+
+    def episode_output(self, named: Dict[str, object]):
+        """The model's output (EpisodeOutput / EGNNOutput) from the episode's named results."""
+        return self._family.output(named, self.config)
 
     def compiled(self):
         """The compiled plan on the cpu executor (:class:`~qgnn_deploy.backends.cpu_plan.CpuPlan`),
@@ -664,14 +977,18 @@ class IntModel(nn.Module):
         from .backends import current_backend
         if (self._backend or current_backend()) == "cpu":
             return self.compiled().run(images, support_labels)
-        graph = episode_graph(support_labels.long(), self.config.way, images.device)
+        graph = self._family.graph(support_labels, self.config, images.device)
         with self._backend_context():
-            return self.episode(TORCH_OPS, images, graph)
+            out = self.episode(TORCH_OPS, images, graph)
+        if isinstance(out, EpisodeOutput):
+            return out
+        return self.episode_output(self._family.named_outputs(out))
 
     def extra_repr(self) -> str:
-        return (f"generations={self.generations}, zero_point={self.zero_point}, "
+        fam = "" if self.family == "dpgn" else f"family={self.family}, "
+        return (f"{fam}generations={self.generations}, zero_point={self.zero_point}, "
                 f"backend={self._backend}")
 
 
-__all__ = ["IntModel", "IntConv2d", "IntLinear", "IntAggregation", "FloatConv2d", "FloatLinear",
+__all__ = ["IntModel", "EGNNEpisode", "FAMILIES", "family_of", "IntConv2d", "IntLinear", "IntAggregation", "FloatConv2d", "FloatLinear",
            "FloatAggregation", "INTEGER_LAYER_TYPES", "FP32_LAYER_TYPES", "LAYER_TYPES"]

@@ -19,8 +19,6 @@ from typing import Dict, List
 import numpy as np
 import torch
 
-from ..models.qgnn import EpisodeOutput, episode_graph_arrays
-from ..plan import GRAPH_INPUTS
 from . import cpu as cpu_ops
 
 _DTYPE = {"u8": 0, "f32": 1}
@@ -46,12 +44,14 @@ class CpuPlan:
         self.plan = compile_plan(model)
         self.native = cpu_ops._call(cpu_ops._ext().Plan, *native_description(self.plan))
         self.input_ids = self.plan.inputs
+        self.family, self.config = model.family_spec, model.config
+        self.graph_names = [name for name, _ in self.family.graph_inputs(self.config)]
 
     def _run(self, images: torch.Tensor, support_labels: torch.Tensor, profile: bool):
         t = int(images.shape[0])
-        graph = episode_graph_arrays(support_labels.detach().cpu().numpy(), self.plan.meta["way"])
+        graph = self.family.graph_arrays(support_labels.detach().cpu().numpy(), self.config)
         feed = {self.input_ids["images"]: images.detach().cpu().float().contiguous().numpy().reshape(-1)}
-        for name, a in zip(GRAPH_INPUTS, graph):
+        for name, a in zip(self.graph_names, graph):
             feed[self.input_ids[name]] = a.reshape(-1)
         outs, ns = cpu_ops._call(self.native.run, t, feed, cpu_ops.get_num_threads(), profile)
         return t, outs, ns
@@ -59,14 +59,13 @@ class CpuPlan:
     def _tensor(self, outs, bid: int, t: int) -> torch.Tensor:
         return torch.from_numpy(outs[bid]).view(t, *self.plan.buffers[bid].shape)
 
-    def run(self, images: torch.Tensor, support_labels: torch.Tensor) -> EpisodeOutput:
+    def run(self, images: torch.Tensor, support_labels: torch.Tensor):
         """images [T, N, 3, S, S] fp32, support_labels int [T, NS] (checked by the caller,
-        ``IntModel.forward``) -> EpisodeOutput."""
+        ``IntModel.forward``) -> the family's output (EpisodeOutput for DPGN, EGNNOutput)."""
         t, outs, _ = self._run(images, support_labels, False)
-        o = self.plan.outputs
-        lst = lambda key: [self._tensor(outs, b, t) for b in o[key]]  # noqa: E731
-        return EpisodeOutput(self._tensor(outs, o["logits"], t), lst("point_edges"),
-                             lst("node_similarities"), lst("distribution_edges"))
+        named = {key: [self._tensor(outs, b, t) for b in bid] if isinstance(bid, list) else self._tensor(outs, bid, t)
+                 for key, bid in self.plan.outputs.items()}
+        return self.family.output(named, self.config)
 
     def profile(self, images: torch.Tensor, support_labels: torch.Tensor,
                 repeats: int = 1) -> List[Dict[str, object]]:

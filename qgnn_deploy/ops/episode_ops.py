@@ -32,6 +32,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
+
 Tensor = torch.Tensor
 #: a concat part: a tensor, or (tensor, start, stop) for its last-dim columns [start, stop)
 Part = Union[Tensor, Tuple[Tensor, int, int]]
@@ -90,8 +92,14 @@ class TorchEpisodeOps:
 
     @staticmethod
     def aggregate(module, adj: Tensor, nodes: Tensor) -> Tensor:
-        """The graph aggregation layer: adj [T, N, N], nodes [T, N, D] -> [T, N, D]."""
-        return module(adj, nodes)
+        """The graph aggregation layer: adj [T, N, N], nodes [T, N, D] -> [T, N, D]; with
+        more leading dims (several graphs per task, [T, G, N, N] and [T, G, N, D]) each
+        graph is aggregated on its own."""
+        if adj.dim() == 3:
+            return module(adj, nodes)
+        n, d = nodes.shape[-2:]
+        y = module(adj.reshape(-1, n, n), nodes.reshape(-1, n, d))
+        return y.reshape(*nodes.shape[:-2], n, d)
 
     # -- maps ------------------------------------------------------------
     @staticmethod
@@ -124,6 +132,27 @@ class TorchEpisodeOps:
         return d * d
 
     @staticmethod
+    def pairwise_absdiff(v: Tensor) -> Tensor:
+        """``|v_i - v_j|`` per graph: [..., N, C] -> [..., N, N, C] (EGNN's edge features)."""
+        if v.dim() < 3:
+            raise ConfigError(f"pairwise_absdiff needs nodes [T, ..., N, C], got {tuple(v.shape)}")
+        return (v.unsqueeze(-2) - v.unsqueeze(-3)).abs()
+
+    @staticmethod
+    def take_rows(x: Tensor, index) -> Tensor:
+        """Rows of each task's ``x`` [T, ..., C] (its leading per-task dims flattened to rows
+        R) picked by the constant ``index`` (ints in [0, R), any shape L):
+        [T, *L, C]. A copy: graphs made of chosen nodes, chosen edge rows."""
+        idx = torch.as_tensor(index, dtype=torch.long)
+        if x.dim() < 3:
+            raise ConfigError(f"take_rows needs [T, ..., C], got {tuple(x.shape)}")
+        rows = x.reshape(x.shape[0], -1, x.shape[-1])
+        if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= rows.shape[1]:
+            raise ConfigError(f"take_rows of {tuple(x.shape)} needs row indices in [0, {rows.shape[1]})")
+        out = rows.index_select(1, idx.reshape(-1).to(x.device))
+        return out.reshape(x.shape[0], *idx.shape, x.shape[-1])
+
+    @staticmethod
     def neg_sum_last(x: Tensor) -> Tensor:
         """``-sum`` over the last dim (float64): [..., C] -> [...]."""
         return -f32_row_sum(x).squeeze(-1)
@@ -151,8 +180,29 @@ class TorchEpisodeOps:
         return edge / f32_row_sum(edge)
 
     @staticmethod
+    def edge_update_2ch(sim: Tensor, prev_sim: Tensor, prev_dsim: Tensor) -> Tuple[Tensor, Tensor]:
+        """EGNN's edge update on the two channels of [..., N, N] edges (similarity,
+        dissimilarity), with ``M_c = prev_c * (1 - I)``:
+        ``E_c = l1_normalize_rows(w_c * M_c) * rowsum(M_c)`` for ``w = (sim, 1 - sim)``;
+        ``E_sim += I``, ``E_dsim += 0``, both ``+= EDGE_EPS``, then each is divided by
+        ``E_sim + E_dsim`` (the channels sum to 1). Float64 row sums and norms."""
+        if (sim.dim() < 3 or sim.shape[-1] != sim.shape[-2] or prev_sim.shape != sim.shape
+                or prev_dsim.shape != sim.shape):
+            raise ConfigError(f"edge_update_2ch needs three [T, ..., N, N] tensors, got {tuple(sim.shape)}, "
+                              f"{tuple(prev_sim.shape)}, {tuple(prev_dsim.shape)}")
+        eye = torch.eye(sim.shape[-1], dtype=sim.dtype, device=sim.device)
+        outs = []
+        for w, prev, force in ((sim, prev_sim, eye), (1.0 - sim, prev_dsim, torch.zeros_like(eye))):
+            masked = prev * (1.0 - eye)
+            edge = l1_normalize_rows(w * masked) * f32_row_sum(masked)
+            outs.append((edge + force) + EDGE_EPS)
+        total = outs[0] + outs[1]
+        return outs[0] / total, outs[1] / total
+
+    @staticmethod
     def offdiag_l1_normalize(x: Tensor) -> Tensor:
-        """``F.normalize(x * (1 - I), p=1, dim=-1)`` on [T, N, N] (float64 norm)."""
+        """``F.normalize(x * (1 - I), p=1, dim=-1)`` on [T, ..., N, N] (float64 norm): every
+        N x N matrix (each graph, each edge channel) on its own."""
         return l1_normalize_rows(_offdiag(x))
 
     @staticmethod
@@ -162,11 +212,14 @@ class TorchEpisodeOps:
         return torch.cat(cols, dim=-1)
 
     @staticmethod
-    def label_scores(edge: Tensor, onehot: Tensor) -> Tensor:
+    def label_scores(edge: Tensor, onehot: Tensor, first_row: Optional[int] = None) -> Tensor:
         """Query rows x support columns of ``edge`` [T, N, N] times the support one-hot
-        labels [T, NS, way] (float64 sum): [T, N - NS, way]."""
+        labels [T, NS, way] (float64 sum): [T, N - NS, way]. ``first_row`` (default NS):
+        the first query row; ``edge`` may then be any [T, R, W] with W >= NS, giving
+        [T, R - first_row, way] from its first NS columns."""
         ns = onehot.shape[1]
-        return torch.bmm(edge[:, ns:, :ns].double(), onehot.double()).float()
+        r0 = ns if first_row is None else int(first_row)
+        return torch.bmm(edge[:, r0:, :ns].double(), onehot.double()).float()
 
 
 TORCH_OPS = TorchEpisodeOps()

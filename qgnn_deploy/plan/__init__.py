@@ -15,25 +15,26 @@ from __future__ import annotations
 from .builder import PlanBuilder, Value
 from .plan import Buffer, Plan, Step
 
-#: the label-derived inputs of an episode plan, in ``episode_graph`` order
+#: the label-derived inputs of a DPGN episode plan, in ``episode_graph`` order (a model's
+#: own: ``model.family_spec.graph_inputs(model.config)``)
 GRAPH_INPUTS = ("distribution_node", "point_edge", "distribution_edge", "onehot")
 
 
 def compile_plan(model) -> Plan:
-    """Lower ``model`` (an :class:`~qgnn_deploy.intmodel.IntModel`) into a plan for its
-    episode geometry (N images of S px per task; any number of tasks)."""
+    """Lower ``model`` (an :class:`~qgnn_deploy.intmodel.IntModel` of any family) into a plan
+    for its episode geometry (N images of S px per task; any number of tasks). Its inputs
+    are ``images`` and the family's label-derived graph inputs, its outputs the family's
+    named results (DPGN: logits, point_edges, node_similarities, distribution_edges; EGNN:
+    logits, embeddings, sim_edges, dsim_edges)."""
     cfg = model.config
-    n, s, ns = cfg.num_nodes, cfg.image_size, cfg.num_supports
+    fam = model.family_spec
+    n, s = cfg.num_nodes, cfg.image_size
     b = PlanBuilder()
     images = b.input("images", (n, 3, s, s))
-    shapes = {"distribution_node": (n, ns), "point_edge": (n, n), "distribution_edge": (n, n),
-              "onehot": (ns, cfg.way)}
-    graph = tuple(b.input(name, shapes[name]) for name in GRAPH_INPUTS)
+    graph = tuple(b.input(name, shape) for name, shape in fam.graph_inputs(cfg))
     out = model.episode(b, images, graph)
-    return b.finish({"logits": out.logits, "point_edges": list(out.point_edges),
-                     "node_similarities": list(out.node_similarities),
-                     "distribution_edges": list(out.distribution_edges)},
-                    nodes=n, image_size=s, way=cfg.way, shot=cfg.shot, generations=model.generations)
+    return b.finish(fam.named_outputs(out), nodes=n, image_size=s, way=cfg.way, shot=cfg.shot,
+                    generations=model.generations, family=fam.name)
 
 
 __all__ = ["compile_plan", "Plan", "Step", "Buffer", "PlanBuilder", "Value"]

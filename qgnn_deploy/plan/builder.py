@@ -305,20 +305,25 @@ class PlanBuilder:
         raise ConfigError(f"plan: cannot lower a {type(m).__name__} layer")
 
     def aggregate(self, m, adj: Value, nodes: Value) -> Value:
-        n, d = nodes.shape
-        y = self.new((n, d), "f32")
+        *lead, n, d = nodes.shape
+        if tuple(adj.shape) != (*lead, n, n):
+            raise ConfigError(f"plan: {m.name} aggregates {adj.shape} adjacencies over {nodes.shape} nodes")
+        batch = math.prod(lead)   # graphs per task
+        y = self.new(nodes.shape, "f32")
+        extra = {} if batch == 1 else {"batch": batch}
         if isinstance(m, IntAggregation):
             qa = self._codes(adj, m.a_offset, m.a_scale, m.a_bits, f"{m.name}.adjacency")
             qv = self._codes(nodes, m.v_offset, m.v_scale, m.v_bits, f"{m.name}.nodes")
             ins = [qa, qv]
             if m.node_bits:  # per-node codes and row offsets (the widths are implied)
-                q, off = self.new((n, d), "u8"), self.new((n,), "u8")
-                self._step("node_rows", f"{m.name}.nodes", [qv], [q, off], n=n, d=d, node_bits=list(m.node_bits))
+                q, off = self.new(nodes.shape, "u8"), self.new((*lead, n), "u8")
+                self._step("node_rows", f"{m.name}.nodes", [qv], [q, off], n=batch * n, d=d,
+                           node_bits=list(m.node_bits))
                 ins = [qa, q, off]
             self._step("qbmm", m.name, ins, [y], n=n, d=d, a_bits=m.a_bits, v_bits=m.v_bits,
-                       a_scale=m.a_scale, a_offset=m.a_offset, v_scale=m.v_scale, v_offset=m.v_offset)
+                       a_scale=m.a_scale, a_offset=m.a_offset, v_scale=m.v_scale, v_offset=m.v_offset, **extra)
         elif isinstance(m, FloatAggregation):
-            self._step("bmm_f32", m.name, [adj, nodes], [y], n=n, d=d)
+            self._step("bmm_f32", m.name, [adj, nodes], [y], n=n, d=d, **extra)
         else:
             raise ConfigError(f"plan: cannot lower a {type(m).__name__} aggregation")
         return y
@@ -354,6 +359,23 @@ class PlanBuilder:
         self._step("pairwise_sqdiff", "pairs", [v], [y], n=n, c=c)
         return y
 
+    def pairwise_absdiff(self, v: Value) -> Value:
+        *lead, n, c = v.shape
+        y = self.new((*lead, n, n, c), "f32")
+        self._step("pairwise_absdiff", "pairs", [v], [y], n=n, c=c, batch=math.prod(lead))
+        return y
+
+    def take_rows(self, x: Value, index) -> Value:
+        idx = np.asarray(index, dtype=np.int64)
+        c = x.shape[-1]
+        rows = x.numel // c
+        if idx.size == 0 or idx.min() < 0 or idx.max() >= rows:
+            raise ConfigError(f"plan: take_rows of {x.shape} needs row indices in [0, {rows}), got "
+                              f"{idx.reshape(-1)[:8].tolist()}")
+        y = self.new(tuple(idx.shape) + (c,), x.dtype)
+        self._step("take_rows", "rows", [x], [y], rows=rows, c=c, index=[int(i) for i in idx.reshape(-1)])
+        return y
+
     def neg_sum_last(self, x: Value) -> Value:
         y = self.new(x.shape[:-1], "f32")
         self._step("neg_sum_last", "node_similarity", [x], [y], rows=x.numel // x.shape[-1], c=x.shape[-1])
@@ -375,10 +397,22 @@ class PlanBuilder:
         self._step("edge_update", "edge_update", [sim, prev_edge], [y], n=n)
         return y
 
+    def edge_update_2ch(self, sim: Value, prev_sim: Value, prev_dsim: Value):
+        *lead, n, n2 = prev_sim.shape
+        if n != n2 or sim.shape != prev_sim.shape or prev_dsim.shape != prev_sim.shape:
+            raise ConfigError(f"plan: edge_update_2ch of {sim.shape}, {prev_sim.shape}, {prev_dsim.shape}")
+        y0, y1 = self.new(prev_sim.shape, "f32"), self.new(prev_sim.shape, "f32")
+        self._step("edge_update_2ch", "edge_update", [sim, prev_sim, prev_dsim], [y0, y1], n=n,
+                   batch=math.prod(lead))
+        return y0, y1
+
     def offdiag_l1_normalize(self, x: Value) -> Value:
-        n = x.shape[-1]
-        y = self.new((n, n), "f32")
-        self._step("offdiag_l1_normalize", "adjacency", [x], [y], n=n)
+        *lead, n, n2 = x.shape
+        if n != n2:
+            raise ConfigError(f"plan: offdiag_l1_normalize of {x.shape}")
+        y = self.new(x.shape, "f32")
+        batch = math.prod(lead)
+        self._step("offdiag_l1_normalize", "adjacency", [x], [y], n=n, **({} if batch == 1 else {"batch": batch}))
         return y
 
     def concat_last(self, parts) -> Value:
@@ -394,11 +428,21 @@ class PlanBuilder:
         self._step("concat_last", "concat", vals, [y], rows=math.prod(lead), parts=spans)
         return y
 
-    def label_scores(self, edge: Value, onehot: Value) -> Value:
-        n = edge.shape[-1]
+    def label_scores(self, edge: Value, onehot: Value, first_row: Optional[int] = None) -> Value:
         ns, way = onehot.shape
-        y = self.new((n - ns, way), "f32")
-        self._step("label_scores", "logits", [edge, onehot], [y], n=n, ns=ns, way=way)
+        if first_row is None:
+            n = edge.shape[-1]
+            if tuple(edge.shape) != (n, n):
+                raise ConfigError(f"plan: label_scores of {edge.shape} edges")
+            y = self.new((n - ns, way), "f32")
+            self._step("label_scores", "logits", [edge, onehot], [y], n=n, ns=ns, way=way)
+            return y
+        if len(edge.shape) != 2 or not 0 <= first_row < edge.shape[0] or edge.shape[1] < ns:
+            raise ConfigError(f"plan: label_scores of {edge.shape} rows from row {first_row}, {ns} supports")
+        rows, width = edge.shape
+        y = self.new((rows - first_row, way), "f32")
+        self._step("label_scores", "logits", [edge, onehot], [y], n=width, ns=ns, way=way, rows=rows,
+                   first_row=int(first_row))
         return y
 
 

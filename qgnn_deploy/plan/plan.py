@@ -12,20 +12,32 @@ ops/reference.py for the exact semantics each reproduces):
 ``quantize``                fp32 -> uint8 codes ``clamp(rne((x - l) / s), 0, 2^bits - 1)``
 ``qconv``                   quantized conv, uint8 NHWC -> fp32 or codes (fused epilogue)
 ``qlinear``                 quantized linear / pointwise conv over rows
-``qbmm``                    quantized graph aggregation ``A @ V`` per task (optional row offsets)
+``qbmm``                    quantized graph aggregation ``A @ V`` per graph (optional row offsets)
 ``node_rows``               per-node codes: codes minus the row minimum, and that minimum
 ``conv_f32`` / ``linear_f32``  FP32 layers, products summed in float64
 ``bmm_f32``                 FP32 aggregation, float64 sums
 ``nchw_to_nhwc``            layout change of the input images
 ``max_pool`` / ``mean_hw``  pooling of NHWC maps (fp32 or codes) / global average
 ``pairwise_sqdiff``         ``(v_i - v_j)^2`` over node pairs
+``pairwise_absdiff``        ``|v_i - v_j|`` over node pairs (EGNN's edge features)
 ``neg_sum_last``            ``-sum`` over the last dim (float64)
 ``sigmoid``                 float64 logistic, rounded once
 ``edge_update``             DPGN's masked, similarity-weighted row renormalisation
-``offdiag_l1_normalize``    ``F.normalize(x (1 - I), p=1)``
+``edge_update_2ch``         the two-channel (similarity, dissimilarity) update of EGNN:
+                            per channel the masked, ``(s, 1 - s)``-weighted L1 row
+                            renormalisation, ``+ [I, 0] + eps``, channels divided by their
+                            sum; two outputs
+``offdiag_l1_normalize``    ``F.normalize(x (1 - I), p=1)`` of every N x N matrix
 ``concat_last``             concatenation of column ranges on the last dim
-``label_scores``            query rows x support one-hot labels (float64 sums)
+``take_rows``               per task, a constant list of rows of ``[R, C]`` (fp32 or codes)
+``label_scores``            query rows x support one-hot labels (float64 sums); square edges
+                            from row NS (DPGN), or ``rows`` x ``n`` edges from ``first_row``
 ==========================  ===========================================================
+
+Graph steps (``qbmm``, ``bmm_f32``, ``node_rows``' rows, ``pairwise_*``, ``edge_update*``,
+``offdiag_l1_normalize``) take an optional ``batch``: graphs per task, each of the step's
+N x N / N x D geometry on its own (EGNN's non-transductive episode runs ``way`` query graphs
+per task); absent, one graph.
 """
 from __future__ import annotations
 
