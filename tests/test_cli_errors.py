@@ -111,3 +111,15 @@ def test_triton_backend_without_gpu_or_interpreter():
                         "--backend", "triton", "--episodes", "1"], capture_output=True, text=True,
                        cwd=REPO, env=env, timeout=300)
     _assert_clean_error(r, "triton", "unavailable", "--backend cpu")
+
+
+def test_egnn_commands_not_built_yet_say_so():
+    """bench and ONNX export of EGNN are not implemented: one clear line, no traceback."""
+    for args in (["bench", "--preset", "egnn-tiny", "--bits", "4", "--tasks", "1", "--backends", "cpu",
+                  "--accuracy-episodes", "0"],
+                 ["export", "--preset", "egnn-tiny", "--bits", "4", "--out", "never.onnx"]):
+        if not _available(args[0]):
+            continue
+        r = _cli(*args)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, (args, r.stderr[-400:])
+        assert "egnn" in r.stderr and ("not implemented" in r.stderr or "only so far" in r.stderr), r.stderr[-400:]

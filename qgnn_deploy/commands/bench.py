@@ -136,6 +136,10 @@ def run(args) -> int:
     log = lambda s: print(f"bench: {s}", file=sys.stderr)  # noqa: E731
     src = parse_source(args)
     float_model, int_model, why = load_models(src, args.zero_point)
+    if getattr(int_model, "family", "dpgn") != "dpgn":
+        from ..errors import ConfigError
+        raise ConfigError(f"bench measures DPGN models only so far ({src.label} is {int_model.family}); "
+                          "time an EGNN model with `qgnn-deploy run --backend cpu`")
     for stage, reason in why.items():
         log(f"{stage}: unavailable: {reason}")
     out = run_episode_bench(float_model, int_model, backends=args.backends, baselines=args.baselines,
