@@ -24,10 +24,12 @@ from qgnn_deploy.errors import ConfigError, InputError, KernelArgumentError
 from qgnn_deploy.fold import (compare_engines, episode_parity_ok, fake_quant_counterpart, fold,
                               layerwise_parity_batches, parity_verdict)
 from qgnn_deploy.intmodel import FloatAggregation, FloatConv2d, IntAggregation, IntConv2d, IntLinear
-from qgnn_deploy.models.egnn import EGNNOutput, build_egnn, egnn_preset
+from qgnn_deploy.models.egnn import EGNNOutput
 from qgnn_deploy.ops import registry as qops
 from qgnn_deploy.ops.episode_ops import TORCH_OPS
 from qgnn_deploy.plan import PlanBuilder, compile_plan
+from qgnn_deploy.sources import calibrated_model
+from test_backend_parity import _triton_device
 
 needs_cpu = pytest.mark.skipif(not cpu_backend.is_available(), reason="C++ extension not built")
 
@@ -41,23 +43,7 @@ def calibrated(bits, seed=0, **overrides):
     what sources.calibrated_model does for DPGN. Cached."""
     key = (bits, seed, repr(sorted(overrides.items())))
     if key not in _MODELS:
-        cfg = egnn_preset("egnn-tiny", bits, **overrides)
-        torch.manual_seed(seed)
-        model = build_egnn(cfg)
-        images, labels = calibration_episodes(cfg, tasks=8, seed=seed)
-        model.train()
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.reset_running_stats()
-                m.momentum = None
-            elif isinstance(m, torch.nn.modules.dropout._DropoutNd):
-                m.eval()
-        with torch.no_grad():
-            model(images, labels)
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.momentum = 0.1
-        _MODELS[key] = model.eval()
+        _MODELS[key] = calibrated_model("egnn-tiny", bits, quiet=True, seed=seed, **overrides)
     return _MODELS[key]
 
 
@@ -150,19 +136,6 @@ def test_plan_other_configurations(overrides):
     finally:
         cpu_backend.set_num_threads(None)
     assert_identical(run(im, "cpu-eager", images, labels), ref, "cpu-eager")
-
-
-def _triton_device():
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("no GPU and TRITON_INTERPRET is not set")
-    pytest.importorskip("triton")
-    from qgnn_deploy.backends import triton as tb
-    from qgnn_deploy.errors import BackendUnavailableError
-    try:
-        kp = tb.kernels()
-    except BackendUnavailableError as e:
-        pytest.skip(str(e))
-    return "cpu" if kp.INTERPRETED else "cuda"
 
 
 def test_triton_matches_the_reference():
