@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "qgnn_cpu.h"
+#include "thread_pool.h"
 
 namespace py = pybind11;
 using qgnn::ArgError;
@@ -196,6 +197,11 @@ PYBIND11_MODULE(_C, m) {
     if (i < 0) throw ArgError("isa_blocker needs an ISA name, not 'auto'");
     return qgnn::isa_blocker(static_cast<qgnn::Isa>(i));
   }, "'' when this process can run the ISA path, else why not");
+  m.def("wake_workers", [](int nthreads, int64_t hold_us) {
+    check_threads(nthreads);
+    if (hold_us < 0 || hold_us > 1000000) throw ArgError("hold_us must be in 0..1000000");
+    qgnn::wake_workers(nthreads, hold_us);
+  }, py::arg("nthreads"), py::arg("hold_us"));
   m.def("detected_isa", [] { return std::string(qgnn::isa_name(qgnn::detected_isa())); });
   m.def("active_isa", [] { return std::string(qgnn::isa_name(qgnn::active_isa())); });
   m.def("force_isa", [](const std::string& s) { qgnn::force_isa(qgnn::isa_from_name(s)); },

@@ -43,6 +43,11 @@ int64_t spin_ns() {
 }
 
 std::atomic<int> g_awake{0};  // live WorkersAwake objects
+std::atomic<int64_t> g_hold_until{0};  // steady-clock ns until which idle workers poll (wake_workers)
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
+}
 
 // Polls pred() with pause instructions until it holds or spin_ns() has passed (no limit
 // while a WorkersAwake lives and `hold`); the caller then waits on its condition variable
@@ -52,11 +57,17 @@ void poll(Pred pred, bool hold) {
   const int64_t budget = spin_ns();
   if (budget <= 0) return;
   auto until = Clock::now() + std::chrono::nanoseconds(budget);
+  bool woken = false;  // held by wake_workers only: yield the CPU (the waker may share it)
   for (int i = 0; !pred(); ++i) {
-    for (int j = 0; j < 16; ++j) QGNN_PAUSE();
-    if ((i & 63) == 63) {
+    if (woken)
+      std::this_thread::yield();
+    else
+      for (int j = 0; j < 16; ++j) QGNN_PAUSE();
+    if ((i & 63) == 63 || woken) {
       const auto now = Clock::now();
-      if (hold && g_awake.load(std::memory_order_relaxed) > 0)
+      const bool held = hold && g_awake.load(std::memory_order_relaxed) > 0;
+      woken = hold && !held && now_ns() < g_hold_until.load(std::memory_order_relaxed);
+      if (held || woken)
         until = now + std::chrono::nanoseconds(budget);  // the budget runs from the holder's end
       else if (now >= until)
         return;
@@ -101,6 +112,27 @@ struct Pool {
     }
   }
 
+  void spawn(int nw) {  // under mu
+    while (static_cast<int>(workers.size()) < nw) {
+      const int idx = static_cast<int>(workers.size());
+      workers.emplace_back([this, idx] { worker(idx); });
+      workers.back().detach();   // the pool lives for the whole process (never destroyed)
+    }
+  }
+
+  // A generation without work: sleeping workers wake and poll until hold_until.
+  void wake_all(int nw, int64_t hold_until) {
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      spawn(nw);
+      int64_t cur = g_hold_until.load();
+      while (cur < hold_until && !g_hold_until.compare_exchange_weak(cur, hold_until)) {
+      }
+      gen.fetch_add(1, std::memory_order_release);  // `open` untouched: nobody joins a run by it
+    }
+    wake.notify_all();
+  }
+
   int run(int nthreads, int64_t n, const std::function<void(int64_t, int)>& f) {
     std::unique_lock<std::mutex> guard(busy, std::try_to_lock);
     if (!guard.owns_lock() || nthreads <= 1 || n <= 1) {
@@ -110,11 +142,7 @@ struct Pool {
     const int nw = static_cast<int>(std::min<int64_t>(nthreads, n)) - 1;
     {
       std::lock_guard<std::mutex> lk(mu);
-      while (static_cast<int>(workers.size()) < nw) {
-        const int idx = static_cast<int>(workers.size());
-        workers.emplace_back([this, idx] { worker(idx); });
-        workers.back().detach();   // the pool lives for the whole process (never destroyed)
-      }
+      spawn(nw);
       fn = &f;
       ntasks = n;
       next.store(0);
@@ -153,6 +181,11 @@ Pool* pool() {
 
 int parallel_for(int nthreads, int64_t ntasks, const std::function<void(int64_t, int)>& fn) {
   return pool()->run(nthreads, ntasks, fn);
+}
+
+void wake_workers(int nthreads, int64_t hold_us) {
+  if (nthreads <= 1 || hold_us <= 0 || spin_ns() <= 0) return;
+  pool()->wake_all(nthreads - 1, now_ns() + hold_us * 1000);
 }
 
 WorkersAwake::WorkersAwake(bool active) : active_(active) {

@@ -19,6 +19,13 @@ namespace qgnn {
 // Returns the number of threads used (1 when the pool was busy or nthreads <= 1).
 int parallel_for(int nthreads, int64_t ntasks, const std::function<void(int64_t, int)>& fn);
 
+// Wakes up to nthreads - 1 sleeping workers now and keeps them polling for hold_us: a
+// caller about to run a loop after idle time (an episode request: its input checks take
+// ~0.3 ms on an idle VM, a sleeping worker as long to wake) overlaps the wake-up with that
+// work, so its first loops are not run by the calling thread alone. No-op with
+// QGNN_CPU_SPIN_US=0.
+void wake_workers(int nthreads, int64_t hold_us);
+
 // While one of these lives, idle workers poll without a time limit: a caller about to
 // issue many loops in a row (the compiled plan runs ~100-200 per episode, with stretches
 // of single-threaded steps between them) keeps its workers awake instead of paying a

@@ -973,10 +973,13 @@ class IntModel(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: Tensor, support_labels: Tensor) -> EpisodeOutput:
-        check_episode(images, support_labels, self.config)
         from .backends import current_backend
         if (self._backend or current_backend()) == "cpu":
+            from .backends import cpu as cpu_ops
+            cpu_ops.wake_workers()  # the workers' wake-up overlaps the checks
+            check_episode(images, support_labels, self.config)
             return self.compiled().run(images, support_labels)
+        check_episode(images, support_labels, self.config)
         graph = self._family.graph(support_labels, self.config, images.device)
         with self._backend_context():
             out = self.episode(TORCH_OPS, images, graph)

@@ -232,3 +232,33 @@ def test_fp32_1x1_conv_is_bit_identical_across_torch_thread_counts():
             assert torch.allclose(outs[0].double(), ref.permute(0, 2, 3, 1), atol=1e-5)
     finally:
         torch.set_num_threads(saved)
+
+
+def test_wake_workers_between_and_during_runs(artifact):
+    """``wake_workers`` (called by every cpu episode before its checks) may land while another
+    thread's plan runs, or many times in a row: results stay bit-identical; bad arguments of
+    the native call raise instead of touching the pool."""
+    _need("cpu")
+    from qgnn_deploy.artifact import load_int_model
+    from qgnn_deploy.backends import cpu
+    from qgnn_deploy.errors import KernelArgumentError
+    path, config = artifact
+    (e,) = _episodes(config, 1, tasks=2)
+    im = load_int_model(path, backend="cpu")
+    want = im(*e).logits
+    for _ in range(3):
+        cpu.wake_workers()
+    assert torch.equal(im(*e).logits, want)
+
+    def run(i):
+        if i % 2:
+            for _ in range(50):
+                cpu.wake_workers()
+            return None
+        return im(*e).logits
+    outs = _run_threads(run, list(range(4)), 4)
+    for o in outs[::2]:
+        assert torch.equal(o, want)
+    for args in ((0, 100), (2, -1), (2, 10 ** 7)):
+        with pytest.raises(KernelArgumentError):
+            cpu._call(cpu._ext().wake_workers, *args)

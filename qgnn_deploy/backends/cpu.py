@@ -107,6 +107,19 @@ def get_num_threads() -> int:
     return env if env is not None else max(1, torch.get_num_threads())
 
 
+#: how long :func:`wake_workers` keeps the woken workers polling: longer than an episode's
+#: input checks after idle time (~0.3 ms measured), short enough not to matter on a failed call
+WAKE_HOLD_US = 2000
+
+
+def wake_workers() -> None:
+    """Wake the kernels' sleeping worker threads now (they poll for :data:`WAKE_HOLD_US`):
+    called when an episode arrives, before its checks, so the plan's first steps find them
+    awake (after idle time they sleep, and waking one took as long as the tiny model's stem
+    conv). Threads: :func:`get_num_threads`."""
+    _call(_ext().wake_workers, get_num_threads(), WAKE_HOLD_US)
+
+
 #: instruction-set paths of the kernels, slowest first (the ``QGNN_CPU_ISA`` values besides
 #: ``auto``); dispatch takes the fastest one this process can run. ``amx`` is detected but has
 #: no kernels yet, so it is never runnable (:func:`isa_blocker` says why).
