@@ -5,7 +5,8 @@ generations, edge updates, aggregation and prediction -- as one ONNX graph that 
 onnxruntime runs (no custom op library)::
 
     images float32 [tasks, N, 3, S, S], support_labels int64 [tasks, way*shot]
-        -> logits float32 [tasks, way, way]            (``tasks`` is a dynamic axis)
+        -> logits float32 [tasks, queries, way]        (``tasks`` is a dynamic axis;
+                                                         one query per class: queries = way)
 
 Route: direct graph building with ``onnx.helper`` (not the dynamo exporter with a
 ``custom_translation_table``). Why:
@@ -25,9 +26,11 @@ Route: direct graph building with ``onnx.helper`` (not the dynamo exporter with 
 
 The integer forms emit the integer model's own episode description (``IntModel.episode``
 against the episode-op vocabulary, the one the compiled plan lowers: :mod:`.episode_ops`),
-so a model family is described once for the plan, the eager engines and ONNX; the float
-export and the ``qdq`` form build the float model's NCHW graph (:mod:`.episode`). Layer
-emitters: :mod:`.float_layers` (FP32 model, NCHW) and :mod:`.int_layers` (integer model, three
+so a model family (DPGN, EGNN) is described once for the plan, the eager engines and ONNX.
+DPGN's float export and the ``qdq`` form (DPGN only) build the float model's NCHW graph
+(:mod:`.episode`); EGNN's float export emits its folded FP32 model through the episode ops.
+Layer emitters: :mod:`.float_layers` (FP32 models: DPGN's NCHW graph, and folded FP32 models
+for the episode ops) and :mod:`.int_layers` (integer model, four
 forms: ``"integer"`` -- channels-last activations, every conv a MatMulInteger with int32
 accumulators and the contract's fp32 epilogue, exact for real-valued and snapped
 offsets --, ``"fast"`` -- the same with merged epilogue constants on snapped layers --,
@@ -63,8 +66,9 @@ FORM_RUNTIMES = {
 }
 DEFAULT_OPSET = 21
 #: bumped whenever the emitted graph changes for the same model and options (the onnx
-#: backend's cache key includes it): 2 = MatMulIntegerToFloat / NhwcMaxPool, auto = fast
-EXPORT_FORMAT = 3
+#: backend's cache key includes it): 2 = MatMulIntegerToFloat / NhwcMaxPool, auto = fast;
+#: 4 = the episode's sigmoid as float64 Exp / Div (onnxruntime's float64 Sigmoid underflows)
+EXPORT_FORMAT = 4
 
 
 @dataclass
@@ -129,13 +133,13 @@ def build_onnx(model, **options: Any):
     import onnx
 
     from qgnn_deploy import __version__
-    from qgnn_deploy.models import QGNNModel
+    from qgnn_deploy.models import EGNNModel, QGNNModel
 
     from .builder import GraphBuilder
     from .episode import EpisodeGraph
 
     opts = ExportOptions(**options).validate()
-    if isinstance(model, QGNNModel) and _is_quantized(model):
+    if isinstance(model, (QGNNModel, EGNNModel)) and _is_quantized(model):
         model = _fold(model, opts.zero_point)
     g = GraphBuilder("qgnn_episode")
     if isinstance(model, QGNNModel):
@@ -143,35 +147,45 @@ def build_onnx(model, **options: Any):
         config = model.config
         layers = FloatLayers(g, model)
         kind, form, bits = "fp32", "float", {}
-        layout = "nchw"
+        layout = layers.layout
+        opset = opts.opset or DEFAULT_OPSET
+    elif isinstance(model, EGNNModel):
+        # no float twin of EGNN's episode description: the folded FP32 model, emitted op by op
+        from .float_layers import FoldedFloatLayers
+        model = _fold(model, "exact")
+        config = model.config
+        layers = FoldedFloatLayers(g, model)
+        kind, form, bits = "fp32", "float", {}
+        layout = layers.layout
         opset = opts.opset or DEFAULT_OPSET
     elif _is_int_model(model):
         from .int_layers import IntLayers, choose_opset
         config = model.config
-        if getattr(model, "family", "dpgn") != "dpgn":
-            raise ExportError(f"ONNX export of {model.family} integer models is not implemented yet "
-                              "(its episode steps have no ONNX emitter); run it with --backend cpu")
+        if model.family != "dpgn" and opts.form == "qdq":
+            raise ExportError(f"form 'qdq' exports dpgn models only (it is built from DPGN's float NCHW "
+                              f"graph, export/episode.py); export this {model.family} model with form "
+                              "'integer', 'fast' or 'standard'")
         opset = opts.opset or choose_opset(model, opts.weights_format, opts.form)
         layers = IntLayers(g, model, form=opts.form, weights_format=opts.weights_format,
                            opset=opset)
         kind, form, bits = "integer", layers.form, layers.layer_bits()
         layout = layers.layout
     else:
-        raise ExportError(f"cannot export a {type(model).__name__}: expected a QGNNModel "
+        raise ExportError(f"cannot export a {type(model).__name__}: expected a QGNNModel or an EGNNModel "
                           "(FP32 or fake-quant) or an IntModel")
     was_training = getattr(model, "training", False)
     model.eval()
     try:
-        if kind == "integer" and layout == "nhwc":
-            # the integer model's own episode description, emitted op by op
+        if layout == "nhwc":
+            # the model's own episode description (integer forms, folded FP32 EGNN), op by op
             from .builder import FLOAT
             from .episode_ops import OnnxEpisodeOps
             ops = OnnxEpisodeOps(g, config, layers)
             images, graph = ops.episode_inputs()
-            out = model.episode(ops, images, graph)
-            g.add_output(out.logits.name, "logits", FLOAT, ["tasks", config.way, config.way])
+            logits = model.episode(ops, images, graph).logits          # [T, queries, way]
+            g.add_output(logits.name, "logits", FLOAT, ["tasks", *logits.shape])
         else:
-            EpisodeGraph(g, config, layers, getattr(model, "generations", None)).build()
+            EpisodeGraph(g, config, layers).build(getattr(model, "generations", None))
     finally:
         model.train(was_training)
     info = {"kind": kind, "form": form, "opset": opset, "portability": portability(g.nodes, form),
@@ -181,7 +195,7 @@ def build_onnx(model, **options: Any):
     meta = {"qgnn_deploy.version": __version__, "qgnn_deploy.kind": kind,
             "qgnn_deploy.form": form, "qgnn_deploy.weights_format": info["weights_format"],
             "qgnn_deploy.config": config.to_dict(), "qgnn_deploy.layer_bits": bits,
-            "qgnn_deploy.zero_point": getattr(model, "zero_point", None) or "n/a",
+            "qgnn_deploy.zero_point": model.zero_point if kind == "integer" else "n/a",
             "qgnn_deploy.layout": layout}
     proto = g.model(opset, meta, doc=f"qgnn-deploy {__version__} {kind} export ({form})")
     try:

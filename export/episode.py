@@ -31,9 +31,8 @@ STEM_SLOPE = 0.01
 class EpisodeGraph:
     """Builds the episode graph of ``config`` with layer emitter ``layers``."""
 
-    def __init__(self, g: GraphBuilder, config, layers, generations=None):
+    def __init__(self, g: GraphBuilder, config, layers):
         self.g, self.cfg, self.L = g, config, layers
-        self.generations = config.generations if generations is None else int(generations)
         self.n = config.num_nodes
         self.ns = config.num_supports
         self.q = config.way
@@ -196,8 +195,10 @@ class EpisodeGraph:
             return self.f64("MatMul", [rows, onehot], "logits")
 
     # ---------------------------------------------------------------- build
-    def build(self) -> None:
+    def build(self, generations=None) -> None:
+        """The whole graph, running ``generations`` generations (default: the config's)."""
         g, cfg = self.g, self.cfg
+        generations = cfg.generations if generations is None else int(generations)
         s = cfg.image_size
         images = g.add_input("images", FLOAT, ["tasks", self.n, 3, s, s])
         labels = g.add_input("support_labels", INT64, ["tasks", self.ns])
@@ -207,7 +208,7 @@ class EpisodeGraph:
         point_edge = self.similarity("gnn.initial_edge", second, edge, has_drop)
         dist_edge = edge
         point_node = last
-        for l in range(self.generations):
+        for l in range(generations):
             drop = has_drop and l < cfg.generations - 1  # layer names follow the source model
             point_edge = self.similarity(f"gnn.point_sim_generation_{l}", point_node, point_edge,
                                          drop)

@@ -56,7 +56,7 @@ onnxruntime folds them at load), 3- and 8-bit codes in UINT8 containers.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -624,10 +624,16 @@ class IntLayers:
         cnt = torch.tensor([m.in_features], dtype=torch.int32)
         return self.finish(acc, as_, m, ws, cnt, residual)
 
-    def bmm(self, name: str, adj: str, nodes: str) -> str:
-        """adj [T, N, N] @ nodes [T, N, D], both quantized -> fp32 [T, N, D]."""
+    def bmm(self, name: str, adj: str, nodes: str, nodes_shape: Optional[Sequence[int]] = None) -> str:
+        """adj [T, ..., n, n] @ nodes [T, ..., n, D], both quantized -> fp32 [T, ..., n, D]: each
+        graph on its own. ``nodes_shape``: the nodes' per-task shape ``(..., n, D)`` (EGNN: G graphs
+        of M nodes, ``(G, M, D)``); default ``(N, D)``, one graph of the episode's N nodes."""
         m = self.layer(name)
         g = self.g
+        lead, n = ((), self.model.config.num_nodes) if nodes_shape is None else (
+            tuple(nodes_shape[:-2]), int(nodes_shape[-2]))
+        cols = len(lead) + 2   # the last axis of [T, *lead, n, D]
+        rows = cols - 1        # its node axis
         if m.kind == "bmm_fp32":
             if self.layout == "nhwc":  # float64 sums, as FloatAggregation
                 y = g.op("MatMul", [g.op("Cast", [adj], "adj_f64", to=DOUBLE),
@@ -643,27 +649,28 @@ class IntLayers:
         sa, la, sv, lv = _f32(m.a_scale), _f32(m.a_offset), _f32(m.v_scale), _f32(m.v_offset)
         za, da = ref_zero_split(la, sa)
         zv, dv = ref_zero_split(lv, sv)
-        n = self.model.config.num_nodes
         za_t = g.const(np.uint8(int(za)), f"{name}.adj_zero_point")
         zv_t = g.const(np.uint8(int(zv)), f"{name}.nodes_zero_point")
         if m.node_bits:
             # per-node codes (ref_node_rows): q = qv - row minimum; the minimum's products come
             # back as one more integer product with the [T, N, 1] offsets
-            off = g.op("ReduceMin", [qv, g.i64([2], "axes/2")], "node_row_offset", keepdims=1)  # [T, N, 1]
+            off = g.op("ReduceMin", [qv, g.i64([cols], f"axes/{cols}")], "node_row_offset",
+                       keepdims=1)                                                      # [T, ..., n, 1]
             qv = g.op("Sub", [qv, off], "node_row_codes")
             acc = g.op("MatMulInteger", [qa, qv, za_t, zv_t], "aggregate_integer")   # sum (qa-za)(q-zv)
             acc = g.op("Add", [acc, g.op("MatMulInteger", [qa, off, za_t, g.const(np.uint8(0))],
                                          "aggregate_offsets")], "aggregate_integer_rows")
         else:
             acc = g.op("MatMulInteger", [qa, qv, za_t, zv_t], "aggregate_integer")   # sum (qa-za)(qv-zv)
-        as_ = g.op("ReduceSum", [g.op("Cast", [qa], "adj_i32", to=INT32), g.i64([2], "axes/2")],
-                   "adj_row_sum", keepdims=1)                              # [T, N, 1]
+        as_ = g.op("ReduceSum", [g.op("Cast", [qa], "adj_i32", to=INT32), g.i64([cols], f"axes/{cols}")],
+                   "adj_row_sum", keepdims=1)                              # [T, ..., n, 1]
         as_ = g.op("Sub", [as_, g.const(np.int32(int(za) * n))], "adj_row_sum_c")
-        vs = g.op("ReduceSum", [g.op("Cast", [qv], "nodes_i32", to=INT32), g.i64([1], "axes/1")],
-                  "nodes_col_sum", keepdims=1)                             # [T, 1, D]
+        vs = g.op("ReduceSum", [g.op("Cast", [qv], "nodes_i32", to=INT32), g.i64([rows], f"axes/{rows}")],
+                  "nodes_col_sum", keepdims=1)                             # [T, ..., 1, D]
         if m.node_bits:
             vs = g.op("Add", [vs, g.op("ReduceSum", [g.op("Cast", [off], "offsets_i32", to=INT32),
-                                                     g.i64([1], "axes/1")], "offsets_sum", keepdims=1)],
+                                                     g.i64([rows], f"axes/{rows}")], "offsets_sum",
+                                                    keepdims=1)],
                       "nodes_col_sum_rows")
         vs = g.op("Sub", [vs, g.const(np.int32(int(zv) * n))], "nodes_col_sum_c")
 

@@ -14,7 +14,7 @@ dim, so Triton batches along it: ``max_batch_size`` > 0 and ``dims`` without dim
 
     images         float32 [tasks, N, 3, S, S]  -> TYPE_FP32  dims [N, 3, S, S]
     support_labels int64   [tasks, way*shot]    -> TYPE_INT64 dims [way*shot]
-    logits         float32 [tasks, way, way]    -> TYPE_FP32  dims [way, way]
+    logits         float32 [tasks, queries, way] -> TYPE_FP32 dims [queries, way]
 
 A fixed dim 0 would cap the server at that many tasks per request: :class:`ExportError`.
 

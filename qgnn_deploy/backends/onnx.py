@@ -3,7 +3,7 @@
 ::
 
     sess = OnnxSession(int_model, threads=2)          # builds (or reuses) the export
-    logits = sess(images, support_labels)             # torch float32 [T, way, way]
+    logits = sess(images, support_labels)             # torch float32 [T, queries, way]
     fp = OnnxSession.from_float(qat_or_fp_model)      # the FP32 export, for baselines
     sess.path, sess.bytes                             # the file and its size
 
@@ -83,11 +83,13 @@ def model_fingerprint(model: torch.nn.Module, options: Dict[str, Any]) -> str:
 
 
 def float_counterpart(model: torch.nn.Module) -> torch.nn.Module:
-    """The FP32 :class:`QGNNModel` with ``model``'s float weights (a fake-quant model loses
-    its quantizers; an FP32 model is returned as is)."""
-    from ..models import QGNNModel, build_model, has_quantized_layers
-    if not isinstance(model, QGNNModel):
-        raise InputError(f"an FP32 export needs a QGNNModel (checkpoint), got {type(model).__name__}")
+    """The FP32 model (DPGN :class:`QGNNModel` or :class:`EGNNModel`, as ``model``) with
+    ``model``'s float weights (a fake-quant model loses its quantizers; an FP32 model is
+    returned as is)."""
+    from ..models import EGNNModel, QGNNModel, build_model, has_quantized_layers
+    if not isinstance(model, (QGNNModel, EGNNModel)):
+        raise InputError(f"an FP32 export needs a QGNNModel or an EGNNModel (checkpoint), got "
+                         f"{type(model).__name__}")
     if not has_quantized_layers(model):
         return model
     fp = build_model(model.config.replace(bits=32, layer_bits={}))
@@ -100,8 +102,9 @@ class OnnxSession:
     """An exported model in an onnxruntime ``InferenceSession``.
 
     Args:
-        model: an :class:`~qgnn_deploy.intmodel.IntModel`, a ``QGNNModel`` (FP32, or
-            fake-quant: folded first with ``zero_point``), or a path to an ``.onnx`` file.
+        model: an :class:`~qgnn_deploy.intmodel.IntModel` (any family), a ``QGNNModel`` or an
+            ``EGNNModel`` (FP32, or fake-quant: folded first with ``zero_point``), or a path to
+            an ``.onnx`` file.
         threads: onnxruntime intra-op threads (None: onnxruntime's default, all cores).
         cache_dir: where exports are cached (None: :func:`default_cache_dir`; ``False``
             disables the cache and exports to a temporary file).
@@ -132,10 +135,10 @@ class OnnxSession:
         meta = self.session.get_modelmeta().custom_metadata_map
         self.metadata = {k: meta[k] for k in meta}
         cfg = self.metadata.get("qgnn_deploy.config")
-        from ..config import ModelConfig
+        from ..config import config_from_dict
         from ..errors import QGNNError
         try:
-            self.config = ModelConfig.from_dict(json.loads(cfg)) if cfg else getattr(model, "config", None)
+            self.config = config_from_dict(json.loads(cfg)) if cfg else getattr(model, "config", None)
         except (ValueError, QGNNError) as e:
             raise InputError(f"{self.path!r}: its 'qgnn_deploy.config' metadata is not a valid model "
                              f"config ({e}); re-export the model") from None
@@ -175,7 +178,7 @@ class OnnxSession:
 
     def __call__(self, images, support_labels) -> torch.Tensor:
         """images float32 [T, N, 3, S, S], support_labels int [T, way*shot] -> logits
-        float32 torch [T, way, way]."""
+        float32 torch [T, queries, way] (one query per class: queries = way)."""
         images = torch.as_tensor(images)
         support_labels = torch.as_tensor(support_labels)
         if self.config is not None:

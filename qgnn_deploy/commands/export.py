@@ -7,6 +7,7 @@ Examples::
     qgnn-deploy export fp.pt --out fp32.onnx                # an FP32 checkpoint
     qgnn-deploy export w4.pt --fp32 --out baseline.onnx      # a QAT model's float weights
     qgnn-deploy export w4.pt --triton-repo models --json     # models/w4/{config.pbtxt,1/model.onnx}
+    qgnn-deploy export --preset egnn-tiny --bits 4 --out egnn.onnx   # either model family
 
 A ``.qgnn`` artifact exports as is; a fake-quant checkpoint / preset is folded first
 (``--zero-point``); an FP32 model exports as float. ``--check`` runs the export in
