@@ -1,13 +1,16 @@
 """End-to-end episode latency (and accuracy) of our engines against what a user would run instead.
 
 Workload (docs/measuring.md): one episode batch -- ``tasks`` tasks of ``N`` images each
-(10 for 5-way 1-shot) at the model's image size, all generations -- from images to
-logits; T=1 is the latency a deployed classifier sees. Variants, all in this process,
+(10 for 5-way 1-shot) at the model's image size, the whole graph (DPGN: all generations;
+EGNN: all layers) -- from images to logits; T=1 is the latency a deployed classifier
+sees. Either model family (DPGN ``QGNNModel``, EGNN ``EGNNModel`` and their folded
+``IntModel``) runs the same variants: they share the episode contract (inputs ``images``,
+``support_labels``; output ``.logits`` [T, Q, way]). Variants, all in this process,
 timed round-robin (one run of each per round, so machine noise hits them alike) after
 ``warmup`` untimed runs each:
 
 baselines (:data:`BASELINES`)
-  * ``torch_fp32``: the FP32 :class:`QGNNModel` (the checkpoint's float weights), eager,
+  * ``torch_fp32``: the FP32 model of the checkpoint's family (its float weights), eager,
     weights in channels_last (so every conv runs NHWC in oneDNN; rows say ``layout``);
   * ``torch_bf16``: the same under ``torch.autocast("cpu", torch.bfloat16)``, where the
     CPU has bf16 arithmetic (avx512_bf16 or amx_bf16);
@@ -39,6 +42,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set,
 import numpy as np
 import torch
 
+from ..intmodel import family_of
 from .variants import BASELINES, DEFAULT_ENGINES, ENGINES, INT_BACKENDS, SPEEDUP_BASES
 
 #: CPU flags reported in ``device`` (plus every ``amx_*`` flag the CPU has)
@@ -59,7 +63,7 @@ class Variant:
 @dataclass
 class Engine:
     """One way to run an episode: ``predict(images float32 [T, N, 3, S, S], support_labels
-    int64 [T, way*shot]) -> logits [T, way, way]`` (torch or numpy), on ``device``."""
+    int64 [T, way*shot]) -> logits [T, Q, way]`` (Q = way queries; torch or numpy), on ``device``."""
 
     name: str
     predict: Callable[[torch.Tensor, torch.Tensor], Any]
@@ -169,7 +173,9 @@ def bench_threads(threads: int) -> Iterator[None]:
 # ------------------------------------------------------------------ engines
 
 def fp32_twin(model):
-    """The FP32 QGNNModel with ``model``'s float weights (quantizers dropped), eval mode."""
+    """A fresh FP32 model of ``model``'s family (``build_model`` dispatches on the config:
+    QGNNModel or EGNNModel) with its float weights (quantizers dropped), eval mode; a copy
+    even for an FP32 ``model``, since the torch baselines move it to channels_last."""
     from ..models import build_model
     cfg = model.config.replace(bits=32, layer_bits={})
     fp = build_model(cfg)
@@ -369,8 +375,15 @@ def summarize(variants: List[Variant], workload: str) -> List[Dict[str, Any]]:
     return out
 
 
-def workload_name(config, tasks: int, generations: int) -> str:
-    return f"episode_{tasks}x{config.num_nodes}_{config.image_size}px_{generations}gen"
+#: how a family's graph depth reads in a workload name (DPGN generations, EGNN layers)
+DEPTH_UNITS = {"dpgn": "gen", "egnn": "layers"}
+
+
+def workload_name(config, tasks: int, depth: int) -> str:
+    """``episode_10x10_32px_6gen`` (DPGN) / ``egnn_episode_10x10_32px_3layers`` (EGNN)."""
+    family = family_of(config).name
+    prefix = "" if family == "dpgn" else f"{family}_"
+    return f"{prefix}episode_{tasks}x{config.num_nodes}_{config.image_size}px_{depth}{DEPTH_UNITS[family]}"
 
 
 def _synced(engine: Engine, images: torch.Tensor, labels: torch.Tensor) -> Callable[[], Any]:
@@ -386,13 +399,14 @@ def _synced(engine: Engine, images: torch.Tensor, labels: torch.Tensor) -> Calla
     return call
 
 
-def time_engines(engines: Sequence[Engine], config, tasks: int, generations: int, repeats: int,
+def time_engines(engines: Sequence[Engine], config, tasks: int, depth: int, repeats: int,
                  warmup: int, progress: bool = True, seed: int = 0) -> List[Dict[str, Any]]:
-    """Time every engine on one random episode batch of ``tasks`` tasks, interleaved."""
+    """Time every engine on one random episode batch of ``tasks`` tasks, interleaved;
+    ``depth`` (graph generations / layers run) names the workload."""
     from ..report import default_episode
     images, labels = default_episode(config, tasks, seed)
     variants = [Variant(e.name, _synced(e, images, labels), details=dict(e.details)) for e in engines]
-    workload = workload_name(config, tasks, generations)
+    workload = workload_name(config, tasks, depth)
     measure(variants, repeats, warmup, progress, desc=workload)
     return summarize(variants, workload)
 
@@ -400,7 +414,8 @@ def time_engines(engines: Sequence[Engine], config, tasks: int, generations: int
 def engine_accuracy(engines: Sequence[Engine], config, episodes: int, seed: int = 0
                     ) -> Dict[str, Dict[str, float]]:
     """``{engine: {"accuracy", "ci95"}}`` (fractions in [0, 1]) over the same ``episodes``
-    synthetic test-split tasks, in batches of 10."""
+    synthetic test-split tasks, in batches of 10: per task the mean over its queries of
+    ``argmax(logits [T, Q, way]) == query labels [T, Q]``."""
     from ..data import episode_batches
     from ..evaluate import confidence_interval
     batches = list(episode_batches(config, episodes, seed, split="test", dataset="synthetic",
@@ -425,7 +440,7 @@ def run_episode_bench(float_model=None, int_model=None, backends: Sequence[str] 
     ``accuracy_episodes`` > 0 evaluate each on that many synthetic test episodes.
 
     Returns the ``bench --json`` object (without per-layer results): ``device``,
-    ``threads``, ``batch``, ``zero_point``, ``versions``, ``results`` ({workload, backend,
+    ``threads``, ``family`` (dpgn / egnn), ``batch``, ``zero_point``, ``versions``, ``results`` ({workload, backend,
     p50_ms, p90_ms, speedup_vs_torch_fp32, speedup_vs_torch_bf16,
     speedup_vs_onnxruntime_fp32, speedup_vs_onnxruntime_int, accuracy, ...}),
     ``accuracy`` (how it was measured), ``exports``, ``unavailable`` ({variant: reason}).
@@ -435,11 +450,11 @@ def run_episode_bench(float_model=None, int_model=None, backends: Sequence[str] 
         raise ValueError("run_episode_bench needs a float model or an integer model")
     config = model.config
     threads = int(threads or torch.get_num_threads())
-    generations = getattr(int_model, "generations", config.generations)
+    depth = getattr(int_model, "generations", None) or family_of(config).depth(config)
     with bench_threads(threads):
         engines, unavailable, exports = build_engines(float_model, int_model, backends, baselines,
                                                       threads, log)
-        results = time_engines(engines, config, tasks, generations, repeats, warmup, progress, seed)
+        results = time_engines(engines, config, tasks, depth, repeats, warmup, progress, seed)
         accuracy = None
         if accuracy_episodes:
             log(f"accuracy of every variant on {accuracy_episodes} synthetic test episodes")
@@ -449,7 +464,7 @@ def run_episode_bench(float_model=None, int_model=None, backends: Sequence[str] 
                 row["accuracy_ci95"] = by_engine[row["backend"]]["ci95"]
             accuracy = {"episodes": accuracy_episodes, "dataset": "synthetic", "split": "test",
                         "seed": seed, "way": config.way, "shot": config.shot, "by_backend": by_engine}
-    return {"device": device_info(), "threads": threads,
+    return {"device": device_info(), "threads": threads, "family": family_of(config).name,
             "batch": {"tasks": tasks, "images": tasks * config.num_nodes,
                       "image_size": config.image_size, "way": config.way, "shot": config.shot},
             "zero_point": getattr(int_model, "zero_point", None),
@@ -470,7 +485,7 @@ def format_results(results: List[Dict[str, Any]]) -> str:
     for r in results:
         acc = f"{100 * r['accuracy']:.1f}% +- {100 * r['accuracy_ci95']:.1f}" if "accuracy" in r else "-"
         lines.append(
-            f"| {r['workload']} | {r['backend']} | {r.get('description', '-')} | {r['p50_ms']:.2f} | "
+            f"| {r['workload']} | {r['backend']} | {r.get('description', r.get('shape', '-'))} | {r['p50_ms']:.2f} | "
             f"{r['p90_ms']:.2f} | {x(r.get('speedup_vs_torch_fp32'))} | {x(r.get('speedup_vs_torch_bf16'))} | "
             f"{x(r.get('speedup_vs_onnxruntime_fp32'))} | {x(r.get('speedup_vs_onnxruntime_int'))} |"
             + (f" {x(r.get('speedup_vs_onnxruntime_int8'))} |" if layers else "") + f" {acc} |")

@@ -1,9 +1,11 @@
 """Per-layer CPU benchmarks: the cpu backend vs what a user of the same CPU would run instead.
 
-Workloads (docs/measuring.md): every ResNet-12 conv shape of the 32 px model at
+Workloads (docs/measuring.md): for DPGN every ResNet-12 conv shape of the 32 px model at
 batch 100 (3x3 C->C and 1x1 C->C at 64@32x32, 128@16x16, 256@8x8, 512@4x4) and the
-graph aggregation at N = 10 and 30 with 40 tasks. Per workload, in one process and
-interleaved round by round (so machine noise hits every variant alike):
+graph aggregation at N = 10 and 30 with 40 tasks (:data:`CONV_SHAPES`,
+:data:`AGG_SHAPES`); for EGNN the quantized layers of the model itself at the episode
+batch (:func:`egnn_shapes`; :func:`layer_shapes` picks by family). Per workload, in one
+process and interleaved round by round (so machine noise hits every variant alike):
 
 * ``torch_fp32``: ``F.conv2d`` in FP32, channels_last (torch's fast CPU layout; oneDNN)
   / ``torch.bmm``, same thread count;
@@ -36,25 +38,121 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-#: (name, C_in, C_out, kernel, H) of the 32 px ResNet-12 (docs/onnx.md)
-CONV_SHAPES = [
-    ("conv3x3_64_32x32", 64, 64, 3, 32),
-    ("conv1x1_64_32x32", 64, 64, 1, 32),
-    ("conv3x3_128_16x16", 128, 128, 3, 16),
-    ("conv1x1_128_16x16", 128, 128, 1, 16),
-    ("conv3x3_256_8x8", 256, 256, 3, 8),
-    ("conv1x1_256_8x8", 256, 256, 1, 8),
-    ("conv3x3_512_4x4", 512, 512, 3, 4),
-    ("conv1x1_512_4x4", 512, 512, 1, 4),
-]
-#: (name, tasks, N, D) of the graph aggregation
-AGG_SHAPES = [("aggregation_N10_T40", 40, 10, 128), ("aggregation_N30_T40", 40, 30, 128)]
+
+@dataclass(frozen=True)
+class ConvShape:
+    """A quantized conv workload: input [batch, cin, h, w] -> cout channels, k x k kernel,
+    stride 1, zero padding ``pad``; ``batch`` None takes :func:`run_layer_benchmarks`'
+    ``batch``. A linear layer is a 1x1 conv over [rows, K, 1, 1]. ``layers``: the model's
+    layers of this shape (empty for the generic ResNet-12 shapes)."""
+
+    name: str
+    cin: int
+    cout: int
+    k: int
+    h: int
+    w: int
+    pad: int
+    batch: Optional[int] = None
+    layers: Tuple[str, ...] = ()
+
+    def out_hw(self) -> Tuple[int, int]:
+        return self.h + 2 * self.pad - self.k + 1, self.w + 2 * self.pad - self.k + 1
+
+    def macs(self, batch: int) -> int:
+        ho, wo = self.out_hw()
+        return batch * ho * wo * self.cout * self.k * self.k * self.cin
+
+    def describe(self, batch: int) -> str:
+        return f"[{batch}, {self.cin}, {self.h}, {self.w}] -> {self.cout}, {self.k}x{self.k} pad {self.pad}"
+
+
+@dataclass(frozen=True)
+class AggShape:
+    """A graph aggregation workload: per task A [n, n] @ V [n, d] (A, V activation codes)."""
+
+    name: str
+    tasks: int
+    n: int
+    d: int
+    layers: Tuple[str, ...] = ()
+
+    def macs(self) -> int:
+        return self.tasks * self.n * self.n * self.d
+
+    def describe(self) -> str:
+        return f"[{self.tasks}, {self.n}, {self.n}] @ [{self.tasks}, {self.n}, {self.d}]"
+
+
+#: the 32 px ResNet-12's conv shapes (docs/onnx.md), at the run's batch
+CONV_SHAPES = [ConvShape(f"conv{k}x{k}_{c}_{h}x{h}", c, c, k, h, h, k // 2)
+               for c, h in ((64, 32), (128, 16), (256, 8), (512, 4)) for k in (3, 1)]
+#: DPGN's graph aggregation at N = 10 and 30, 40 tasks
+AGG_SHAPES = [AggShape(f"aggregation_N{n}_T40", 40, n, 128) for n in (10, 30)]
+
+
+def egnn_shapes(config, tasks: int) -> Tuple[List[ConvShape], List[AggShape]]:
+    """The quantized layers of the EGNN model of ``config`` as they run on an episode batch
+    of ``tasks`` tasks: one workload per distinct shape, named after its first layer.
+
+    Shapes are read off one forward of the FP32 model (eval mode: all T*N images in one
+    encoder batch; the graph batch is T*Q query graphs, or T graphs when transductive),
+    so they follow the preset's widths, image size and graph mode. Encoder convs keep
+    their own padding; ``layer_last`` is a 1x1 conv over [T*N, K, 1, 1]; the graph MLPs
+    are the 1x1 convs they are in the model ([G, C, M, M] edge pairs, [G, C, M, 1] nodes);
+    an aggregation is [G, M, M] @ [G, M, D], as the integer engines run it (once per edge
+    channel where the float model multiplies the stacked [G, 2M, M] adjacency once). The
+    FP32-by-design layers (first conv, each ``conv_out``) are not integer workloads."""
+    from ..models import QAggregation, QConv2d, QLinear, build_model  # noqa: PLC0415
+    from ..report import default_episode  # noqa: PLC0415
+
+    model = build_model(config.replace(bits=32, layer_bits={})).eval()
+    found: Dict[tuple, List[str]] = {}
+
+    def record(name):
+        def hook(module, args, out):
+            x = args[0]
+            if isinstance(module, QAggregation):  # (adjacency [G, 2M, M], nodes [G, M, D])
+                key = ("agg", x.shape[0], x.shape[2], args[1].shape[-1])
+            elif isinstance(module, QLinear):
+                key = ("conv", x.shape[1], module.out_features, 1, 1, 1, 0, x.shape[0])
+            else:
+                key = ("conv", x.shape[1], module.out_channels, module.kernel_size[0], x.shape[2], x.shape[3],
+                       module.padding[0], x.shape[0])
+            found.setdefault(key, []).append(name)
+        return hook
+    for name, m in model.named_modules():  # a throwaway model: its hooks are never removed
+        if isinstance(m, (QConv2d, QLinear, QAggregation)) and config.bits_for(name).quantized:
+            m.register_forward_hook(record(name))
+    with torch.no_grad():
+        model(*default_episode(config, tasks))
+    convs, aggs = [], []
+    for key, names in found.items():  # in forward order; eval runs each layer once per episode
+        layers = tuple(names)
+        if key[0] == "agg":
+            aggs.append(AggShape(layers[0], *key[1:], layers=layers))
+        else:
+            convs.append(ConvShape(layers[0], *key[1:], layers=layers))
+    return convs, aggs
+
+
+def layer_shapes(config, tasks: int) -> Tuple[List[ConvShape], List[AggShape]]:
+    """The per-layer workloads for a model of ``config``: DPGN the documented ResNet-12 /
+    aggregation shapes (:data:`CONV_SHAPES`, :data:`AGG_SHAPES`), EGNN its own layers at
+    ``tasks`` tasks (:func:`egnn_shapes`)."""
+    from ..intmodel import family_of  # noqa: PLC0415
+
+    if family_of(config).name == "egnn":
+        return egnn_shapes(config, tasks)
+    return CONV_SHAPES, AGG_SHAPES
+
+
 #: every variant, in the order rows are reported
 BACKENDS = ("torch_fp32", "torch_bf16", "torch_int8", "onnxruntime_int8", "onnxruntime_int8_asym", "cpu")
 #: the baselines each row's ``speedup_vs_<name>`` compares against
@@ -249,21 +347,21 @@ def _cpu_variants(run: Callable[[], object], cpu_isas: Optional[Sequence[str]]) 
     return [_Variant(f"cpu:{isa}", forced(isa), [], isa=isa) for isa in cpu_isas]
 
 
-def _conv_variants(cin: int, cout: int, k: int, h: int, bits: int, batch: int, threads: int,
+def _conv_variants(shape: ConvShape, bits: int, batch: int, threads: int,
                    backends: Sequence[str], cpu_isas: Optional[Sequence[str]]) -> List[_Variant]:
     from ..backends import cpu as cpu_backend  # noqa: PLC0415
     from ..ops.packing import pack_codes  # noqa: PLC0415
 
     g = torch.Generator().manual_seed(0)
-    pad = k // 2
+    cin, cout, k, pad = shape.cin, shape.cout, shape.k, shape.pad
     qmax = 2 ** bits - 1
-    x_codes = torch.randint(0, qmax + 1, (batch, h, h, cin), dtype=torch.uint8, generator=g)
+    x_codes = torch.randint(0, qmax + 1, (batch, shape.h, shape.w, cin), dtype=torch.uint8, generator=g)
     w_codes = torch.randint(0, qmax + 1, (cout, k * k * cin), dtype=torch.uint8, generator=g)
     # the codes centred into int8 [O, C, k, k] (symmetric around the code range's middle)
     w_centred = (w_codes.view(cout, k, k, cin).permute(0, 3, 1, 2).to(torch.int16) - (qmax + 1) // 2).to(torch.int8)
     out: List[_Variant] = []
     if "torch_fp32" in backends or "torch_bf16" in backends:
-        xf = torch.randn(batch, cin, h, h, generator=g).contiguous(memory_format=torch.channels_last)
+        xf = torch.randn(batch, cin, shape.h, shape.w, generator=g).contiguous(memory_format=torch.channels_last)
         wf = torch.randn(cout, cin, k, k, generator=g).contiguous(memory_format=torch.channels_last)
         if "torch_fp32" in backends:
             out.append(_Variant("torch_fp32", lambda: F.conv2d(xf, wf, padding=pad), []))
@@ -295,12 +393,13 @@ def _conv_variants(cin: int, cout: int, k: int, h: int, bits: int, batch: int, t
     return out
 
 
-def _agg_variants(tasks: int, n: int, d: int, bits: int, threads: int, backends: Sequence[str],
+def _agg_variants(shape: AggShape, bits: int, threads: int, backends: Sequence[str],
                   cpu_isas: Optional[Sequence[str]]) -> List[_Variant]:
     from ..backends import cpu as cpu_backend  # noqa: PLC0415
 
     g = torch.Generator().manual_seed(1)
     qmax = 2 ** bits - 1
+    tasks, n, d = shape.tasks, shape.n, shape.d
     a = torch.randint(0, qmax + 1, (tasks, n, n), dtype=torch.uint8, generator=g)
     v = torch.randint(0, qmax + 1, (tasks, n, d), dtype=torch.uint8, generator=g)
     out: List[_Variant] = []
@@ -370,11 +469,17 @@ def _measure(variants: List[_Variant], repeats: int, warmup: int, gap_ms: float 
 def run_layer_benchmarks(bits: Sequence[int] = (4, 2), threads: Optional[int] = None, repeats: int = 20,
                          warmup: int = 3, batch: int = 100, backends: Sequence[str] = BACKENDS,
                          workloads: Optional[Sequence[str]] = None, gap_ms: float = 20.0,
-                         burst: int = 5, cpu_isas: Optional[Sequence[str]] = None) -> List[Dict]:
-    """Time every per-layer workload; returns one dict per (workload, backend).
+                         burst: int = 5, cpu_isas: Optional[Sequence[str]] = None,
+                         conv_shapes: Sequence[ConvShape] = CONV_SHAPES,
+                         agg_shapes: Sequence[AggShape] = AGG_SHAPES) -> List[Dict]:
+    """Time every per-layer workload of ``conv_shapes`` and ``agg_shapes`` (default: the
+    ResNet-12 / DPGN ones; a model's own from :func:`layer_shapes`); returns one dict per
+    (workload, backend).
 
     Keys: ``workload`` (name plus ``_w{b}a{b}``), ``backend``, ``isa`` (what it ran on, see
-    the module docstring), ``bits``, ``threads``, ``p50_ms``, ``p90_ms``, ``gmacs`` and
+    the module docstring), ``bits``, ``threads``, ``shape`` (the operands, in words),
+    ``layers`` (the model's layers of that shape, where the shapes are a model's),
+    ``p50_ms``, ``p90_ms``, ``gmacs`` and
     ``speedup_vs_{torch_fp32,torch_bf16,torch_int8,onnxruntime_int8}`` (ratios of p50s;
     None where that baseline did not run). ``threads`` defaults to
     ``torch.get_num_threads()``; torch, onnxruntime and the cpu kernels all get the same
@@ -407,22 +512,23 @@ def run_layer_benchmarks(bits: Sequence[int] = (4, 2), threads: Optional[int] = 
     results: List[Dict] = []
     try:
         for b in bits:
-            jobs = [(name, lambda c=c, o=o, k=k, h=h: _conv_variants(c, o, k, h, b, batch, threads, backends,
-                                                                      cpu_isas),
-                     batch * h * h * o * k * k * c) for name, c, o, k, h in CONV_SHAPES]
-            jobs += [(name, lambda t=t, n=n, d=d: _agg_variants(t, n, d, b, threads, backends, cpu_isas),
-                      t * n * n * d) for name, t, n, d in AGG_SHAPES]
-            for name, make, macs in jobs:
-                if workloads and name not in workloads:
+            jobs = [(sh, lambda sh=sh, n=sh.batch or batch: _conv_variants(sh, b, n, threads, backends, cpu_isas),
+                     sh.macs(sh.batch or batch), sh.describe(sh.batch or batch)) for sh in conv_shapes]
+            jobs += [(sh, lambda sh=sh: _agg_variants(sh, b, threads, backends, cpu_isas), sh.macs(), sh.describe())
+                     for sh in agg_shapes]
+            for shape, make, macs, described in jobs:
+                if workloads and shape.name not in workloads:
                     continue
                 variants = make()
                 _measure(variants, repeats, warmup, gap_ms, burst)
                 _label(variants)
                 p50 = {v.backend: _percentile(v.times, 50) for v in variants}
                 for v in variants:
-                    row = {"workload": f"{name}_w{b}a{b}", "backend": v.backend, "isa": v.isa, "bits": b,
-                           "threads": threads, "p50_ms": p50[v.backend], "p90_ms": _percentile(v.times, 90),
-                           "gmacs": macs / (p50[v.backend] * 1e6)}
+                    row = {"workload": f"{shape.name}_w{b}a{b}", "backend": v.backend, "isa": v.isa, "bits": b,
+                           "threads": threads, "shape": described, "p50_ms": p50[v.backend],
+                           "p90_ms": _percentile(v.times, 90), "gmacs": macs / (p50[v.backend] * 1e6)}
+                    if shape.layers:
+                        row["layers"] = list(shape.layers)
                     for base in SPEEDUP_BASELINES:
                         row[f"speedup_vs_{base}"] = p50[base] / p50[v.backend] if base in p50 else None
                     results.append(row)

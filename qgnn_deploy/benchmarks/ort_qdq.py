@@ -5,7 +5,8 @@ This is the route a user of onnxruntime takes instead of qgnn-deploy:
 BatchNorm into the convs), then ``quantize_static`` in QDQ format with per-channel int8
 weights and uint8 activations (the combination onnxruntime recommends on x86-64, where
 u8 x s8 runs on VNNI), MinMax ranges calibrated by a :class:`CalibrationDataReader` over
-synthetic train-split episodes. At session creation onnxruntime fuses the QDQ groups
+synthetic train-split episodes of the model's config (DPGN or EGNN: the same episode
+contract). At session creation onnxruntime fuses the QDQ groups
 into QLinearConv, QLinearLeakyRelu, QLinearAdd, QLinearMul (checked in its optimized
 graph). The tool quantizes every conv, also the first backbone conv and the last conv of
 each edge MLP that QGNN-IC keeps in FP32.

@@ -7,13 +7,16 @@ Examples::
     qgnn-deploy bench model.qgnn --backends cpu onnx --threads 2
     qgnn-deploy bench ckpt.pt --layers              # + per-layer kernels vs onnxruntime int8
     qgnn-deploy bench --preset tiny --bits 4 --profile --backends cpu --baselines   # where cpu's time goes
+    qgnn-deploy bench qgnn_deploy/assets/egnn-tiny-w4.pt --tasks 1 --layers     # EGNN, its own layer shapes
 
 Method (docs/measuring.md): one episode batch (``--tasks`` tasks x N images), warm-up
 runs, then round-robin timed runs of every variant in this process; p50 / p90 per
 variant; speed-ups are ratios of p50s from the same run. Baselines: torch FP32 and bf16
 autocast (channels_last), onnxruntime on the FP32 export and on its int8 QDQ
 quantization by onnxruntime's ``quantize_static``; every variant's accuracy on the same
-synthetic test episodes sits next to its latency (``--accuracy-episodes``).
+synthetic test episodes sits next to its latency (``--accuracy-episodes``). Both model
+families (DPGN, EGNN) run the same variants; ``--layers`` times the ResNet-12 conv shapes
+for DPGN and the model's own quantized layers at ``--tasks`` tasks for EGNN.
 """
 from __future__ import annotations
 
@@ -44,7 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=20, help="timed runs per variant (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs per variant first (default 3)")
     p.add_argument("--layers", action="store_true",
-                   help="also time the per-layer workloads (conv shapes at batch 100, aggregation)")
+                   help="also time the per-layer workloads (DPGN: the ResNet-12 conv shapes at batch 100 "
+                        "and the aggregation; EGNN: the model's quantized layers at --tasks tasks)")
     p.add_argument("--profile", action="store_true",
                    help="also time every step of the cpu backend's compiled plan (per step and per kind)")
     p.add_argument("--no-progress", action="store_true")
@@ -81,16 +85,19 @@ def source_trained(src) -> bool:
     return src.kind != "preset" or (not src.layer_bits and embedded_checkpoint(src.preset, src.bits) is not None)
 
 
-def layer_results(model, threads, repeats, warmup, log):
-    """Per-layer workloads from qgnn_deploy.benchmarks.layers, or (None, reason)."""
+def layer_results(model, tasks, threads, repeats, warmup, log):
+    """Per-layer workloads from qgnn_deploy.benchmarks.layers (DPGN: the ResNet-12 shapes;
+    EGNN: the model's own layers at ``tasks`` tasks), or (None, reason)."""
     try:
-        from ..benchmarks.layers import run_layer_benchmarks
+        from ..benchmarks.layers import layer_shapes, run_layer_benchmarks
     except Exception as e:  # noqa: BLE001
         return None, f"per-layer benchmarks unavailable: {type(e).__name__}: {e}"
-    cfg = getattr(model, "config", None)
-    bits = cfg.bits if cfg is not None and cfg.bits < 32 else 4
-    log(f"per-layer workloads at {bits} bits")
-    return run_layer_benchmarks(bits=(bits,), threads=threads, repeats=repeats, warmup=warmup), None
+    cfg = model.config
+    bits = cfg.bits if cfg.bits < 32 else 4
+    convs, aggs = layer_shapes(cfg, tasks)
+    log(f"per-layer workloads at {bits} bits: {len(convs)} conv and {len(aggs)} aggregation shapes")
+    return run_layer_benchmarks(bits=(bits,), threads=threads, repeats=repeats, warmup=warmup,
+                                conv_shapes=convs, agg_shapes=aggs), None
 
 
 def plan_profile(int_model, tasks: int, threads: int, repeats: int) -> dict:
@@ -136,10 +143,6 @@ def run(args) -> int:
     log = lambda s: print(f"bench: {s}", file=sys.stderr)  # noqa: E731
     src = parse_source(args)
     float_model, int_model, why = load_models(src, args.zero_point)
-    if getattr(int_model, "family", "dpgn") != "dpgn":
-        from ..errors import ConfigError
-        raise ConfigError(f"bench measures DPGN models only so far ({src.label} is {int_model.family}); "
-                          "time an EGNN model with `qgnn-deploy run --backend cpu`")
     for stage, reason in why.items():
         log(f"{stage}: unavailable: {reason}")
     out = run_episode_bench(float_model, int_model, backends=args.backends, baselines=args.baselines,
@@ -150,7 +153,7 @@ def run(args) -> int:
     out["source_trained"] = source_trained(src)
     out["unavailable"].update(why)
     if args.layers:
-        res, reason = layer_results(float_model or int_model, threads, args.repeats, args.warmup, log)
+        res, reason = layer_results(float_model or int_model, args.tasks, threads, args.repeats, args.warmup, log)
         if res is None:
             out["unavailable"]["layers"] = reason
         else:
@@ -168,7 +171,8 @@ def run(args) -> int:
     d = out["device"]
     print(f"device: {d['cpu']} ({d['cpu_count']} cores{', CUDA ' + d.get('gpu', '') if d['cuda'] else ''}), "
           f"threads {out['threads']}, batch {out['batch']['tasks']} tasks x "
-          f"{out['batch']['images'] // out['batch']['tasks']} images of {out['batch']['image_size']} px, "
+          f"{out['batch']['images'] // out['batch']['tasks']} images of {out['batch']['image_size']} px "
+          f"({out['family']}), "
           f"{out['warmup']} warm-up + {out['repeats']} timed runs each, zero point {out['zero_point']}")
     print("cpu flags: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in d["cpu_flags"].items()))
     print("versions: " + ", ".join(f"{k} {v}" for k, v in out["versions"].items() if v))
