@@ -45,3 +45,12 @@ def cpu_isa(request):
     cpu.force_isa(request.param)
     yield request.param
     cpu.force_isa(None)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """Exports and the QDQ quantization go to a private cache shared by one module's tests."""
+    d = tmp_path_factory.mktemp("onnx-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QGNN_CACHE_DIR", str(d))
+        yield d

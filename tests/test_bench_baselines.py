@@ -19,15 +19,6 @@ BF16_HERE = bf16_unavailable_reason(cpu_flags()) is None
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    """Exports and the QDQ quantization go to a private cache shared by this module's tests."""
-    d = tmp_path_factory.mktemp("onnx-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("QGNN_CACHE_DIR", str(d))
-        yield d
-
-
-@pytest.fixture(scope="module")
 def tiny4():
     from qgnn_deploy.fold import fold
     from qgnn_deploy.sources import Source, load_float_model
@@ -35,12 +26,29 @@ def tiny4():
     return model, fold(model)
 
 
-def _bench_json(capsys, *extra):
+TINY4 = ["--preset", "tiny", "--bits", "4"]
+
+
+def _bench_json(capsys, source, *extra):
+    """``qgnn-deploy bench <source...> --json`` at the smallest settings, parsed."""
     from qgnn_deploy.cli import main
-    rc = main(["bench", "--preset", "tiny", "--bits", "4", "--tasks", "1", "--repeats", "2",
-               "--warmup", "1", "--threads", "1", "--no-progress", "--json", *extra])
+    rc = main(["bench", *source, "--tasks", "1", "--repeats", "2", "--warmup", "1", "--threads", "1",
+               "--no-progress", "--json", *extra])
     assert rc == 0
     return json.loads(capsys.readouterr().out)
+
+
+def check_accuracy_rows(model, int_model, baseline):
+    """Accuracy of ``baseline`` and our engines on the same 12 episodes: in [0, 1], and our
+    engines make the same predictions on the same tasks."""
+    engines, unavailable, _ = build_engines(model, int_model, backends=("cpu", "cpu-eager", "reference"),
+                                            baselines=(baseline,))
+    assert not unavailable
+    acc = engine_accuracy(engines, model.config, episodes=12)
+    assert set(acc) == {baseline, "cpu", "cpu-eager", "reference"}
+    for a in acc.values():
+        assert 0.0 <= a["accuracy"] <= 1.0 and a["ci95"] >= 0.0
+    assert acc["cpu"]["accuracy"] == acc["cpu-eager"]["accuracy"] == acc["reference"]["accuracy"]
 
 
 # ------------------------------------------------------------------ pieces
@@ -148,23 +156,14 @@ def test_qdq_model_is_int8_qdq_with_per_channel_weights_and_cached(tiny4, cache_
 
 
 def test_accuracy_on_the_same_episodes(tiny4, cache_dir):
-    model, int_model = tiny4
-    engines, unavailable, _ = build_engines(model, int_model, backends=("cpu", "cpu-eager", "reference"),
-                                            baselines=("onnxruntime_int8_qdq",))
-    assert not unavailable
-    acc = engine_accuracy(engines, model.config, episodes=12)
-    assert set(acc) == {"onnxruntime_int8_qdq", "cpu", "cpu-eager", "reference"}
-    for a in acc.values():
-        assert 0.0 <= a["accuracy"] <= 1.0 and a["ci95"] >= 0.0
-    # our engines make the same predictions on the same tasks
-    assert acc["cpu"]["accuracy"] == acc["cpu-eager"]["accuracy"] == acc["reference"]["accuracy"]
+    check_accuracy_rows(*tiny4, "onnxruntime_int8_qdq")
 
 
 # ------------------------------------------------------------------ the command
 
 def test_bench_json_has_every_variant_accuracy_and_flags(capsys, cache_dir):
     from qgnn_deploy.backends.cpu import available_isas
-    d = _bench_json(capsys, "--accuracy-episodes", "10")
+    d = _bench_json(capsys, TINY4, "--accuracy-episodes", "10")
     rows = {r["backend"]: r for r in d["results"]}
     want = {"torch_fp32", "torch_bf16", "onnxruntime_fp32", "onnxruntime_int8_qdq", "onnxruntime_int",
             "cpu", "cpu-eager"}
@@ -192,7 +191,7 @@ def test_bench_json_has_every_variant_accuracy_and_flags(capsys, cache_dir):
 
 
 def test_bench_zero_point_snap_folds_and_exports_snapped(capsys, cache_dir, tmp_path):
-    d = _bench_json(capsys, "--zero-point", "snap", "--baselines", "--backends", "cpu", "onnx",
+    d = _bench_json(capsys, TINY4, "--zero-point", "snap", "--baselines", "--backends", "cpu", "onnx",
                     "--accuracy-episodes", "0")
     assert d["zero_point"] == "snap" and d["accuracy"] is None
     rows = {r["backend"]: r for r in d["results"]}

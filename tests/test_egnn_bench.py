@@ -8,8 +8,10 @@ import os
 import pytest
 import torch
 
-from qgnn_deploy.benchmarks.episode import build_engines, engine_accuracy, fp32_twin
+from qgnn_deploy.benchmarks.episode import build_engines, fp32_twin
 from qgnn_deploy.benchmarks.variants import BASELINES
+
+from test_bench_baselines import _bench_json, check_accuracy_rows
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "qgnn_deploy", "assets")
 EGNN_W4 = os.path.join(ASSETS, "egnn-tiny-w4.pt")
@@ -18,28 +20,11 @@ ROW_KEYS = {"workload", "backend", "p50_ms", "p90_ms", "speedup_vs_torch_fp32", 
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    """Exports and the QDQ quantization go to a private cache shared by this module's tests."""
-    d = tmp_path_factory.mktemp("onnx-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("QGNN_CACHE_DIR", str(d))
-        yield d
-
-
-@pytest.fixture(scope="module")
 def egnn4():
     from qgnn_deploy.checkpoint import load_checkpoint
     from qgnn_deploy.fold import fold
     model = load_checkpoint(EGNN_W4).eval()
     return model, fold(model)
-
-
-def _bench_json(capsys, source, *extra):
-    from qgnn_deploy.cli import main
-    rc = main(["bench", *source, "--tasks", "1", "--repeats", "2", "--warmup", "1", "--threads", "1",
-               "--no-progress", "--json", *extra])
-    assert rc == 0
-    return json.loads(capsys.readouterr().out)
 
 
 def _check_timed(row):
@@ -66,15 +51,7 @@ def test_fp32_twin_of_an_egnn_checkpoint(egnn4):
 
 
 def test_egnn_accuracy_rows_on_the_same_episodes(egnn4, cache_dir):
-    model, int_model = egnn4
-    engines, unavailable, _ = build_engines(model, int_model, backends=("cpu", "cpu-eager", "reference"),
-                                            baselines=("torch_fp32",))
-    assert not unavailable
-    acc = engine_accuracy(engines, model.config, episodes=12)
-    assert set(acc) == {"torch_fp32", "cpu", "cpu-eager", "reference"}
-    for a in acc.values():
-        assert 0.0 <= a["accuracy"] <= 1.0 and a["ci95"] >= 0.0
-    assert acc["cpu"]["accuracy"] == acc["cpu-eager"]["accuracy"] == acc["reference"]["accuracy"]
+    check_accuracy_rows(*egnn4, "torch_fp32")
 
 
 def test_egnn_bench_json_every_variant_accuracy_and_profile(capsys, cache_dir):
