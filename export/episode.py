@@ -116,11 +116,17 @@ class EpisodeGraph:
             edge = g.op("Add", [padded, g.f32(base, "initial_graph/edge_base")], "edge")
         return dist_node, edge
 
+    def off_diag(self, n=None) -> str:
+        """``1 - I`` [n, n] as an initializer (n: the episode's N by default)."""
+        n = self.n if n is None else int(n)
+        name = "const/off_diag" if n == self.n else f"const/off_diag_{n}"
+        return self.g.f32(1.0 - np.eye(n, dtype=np.float32), name)
+
     def eye_consts(self):
         """(1 - I, I + 1e-6) as [N, N] initializers: the diagonal mask and the identity the
         edge update adds back."""
         eye = np.eye(self.n, dtype=np.float32)
-        return self.g.f32(1.0 - eye, "const/off_diag"), self.g.f32(eye + np.float32(1e-6), "const/eye_eps")
+        return self.off_diag(), self.g.f32(eye + np.float32(1e-6), "const/eye_eps")
 
     def l1_normalize(self, x: str) -> str:
         """``F.normalize(x, p=1, dim=-1)``: x / max(sum |x|, 1e-12)."""

@@ -275,7 +275,7 @@ class OnnxEpisodeOps:
         outs = []
         for w, prev, force in ((s, prev_sim, eye),
                                (g.op("Sub", [g.f32(1.0, "const/one_f32"), s], "dissimilarity"), prev_dsim, None)):
-            masked = g.op("Mul", [self.fp(self.split(prev)), self._off_diag(m)], "mask_diag")
+            masked = g.op("Mul", [self.fp(self.split(prev)), self.eg.off_diag(m)], "mask_diag")
             edge = eg.l1_normalize(g.op("Mul", [w, masked], "weighted"))
             edge = g.op("Mul", [edge, eg.f64("ReduceSum", [masked], "prev_sum", [last], keepdims=1)], "rescale")
             if force is not None:   # the dissimilarity channel adds zeros: nothing to emit
@@ -285,15 +285,10 @@ class OnnxEpisodeOps:
         return (Value(g.op("Div", [outs[0], total], "sim_norm"), shape),
                 Value(g.op("Div", [outs[1], total], "dsim_norm"), shape))
 
-    def _off_diag(self, n: int) -> str:
-        """``1 - I`` [n, n] (the episode's N-node one under DPGN's name)."""
-        name = "const/off_diag" if n == self.cfg.num_nodes else f"const/off_diag_{n}"
-        return self.g.f32(1.0 - np.eye(n, dtype=np.float32), name)
-
     def offdiag_l1_normalize(self, x: Value) -> Value:
         """``l1_normalize_rows(x * (1 - I))`` of every [n, n] matrix of [T, ..., n, n]."""
         x = self.split(x)
-        masked = self.g.op("Mul", [self.fp(x), self._off_diag(x.shape[-1])], "mask_diag")
+        masked = self.g.op("Mul", [self.fp(x), self.eg.off_diag(x.shape[-1])], "mask_diag")
         return Value(self.eg.l1_normalize(masked), x.shape)
 
     def concat_last(self, parts: Sequence[Part]) -> Value:
