@@ -68,8 +68,8 @@ std::string compute_blocker(Isa isa) {
   if (isa == Isa::Amx) {
     const std::string hw = amx_blocker(probe_amx());
     if (!hw.empty()) return hw;
-    return "the CPU and OS could run AMX-INT8 tiles, but this build has no AMX kernels "
-           "(they land once they have been tested on an AMX CPU)";
+    const std::string miss = missing_features(Isa::Avx512Vnni);  // the tile's epilogue
+    return miss.empty() ? "" : "the CPU has AMX-INT8 but lacks " + miss;
   }
   const std::string miss = missing_features(isa);
   return miss.empty() ? "" : "the CPU lacks " + miss;

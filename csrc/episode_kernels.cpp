@@ -27,6 +27,7 @@ using RowsFn = void (*)(const F64Args&, const float*, int64_t, int64_t, const fl
 RowsFn pick_rows() {
   switch (active_isa()) {
 #if defined(__x86_64__)
+    case Isa::Amx:
     case Isa::Avx512Vnni:
       return f64_rows_avx512;
     case Isa::AvxVnni:  // AVX-VNNI CPUs have AVX2

@@ -1,7 +1,7 @@
 // Drivers of the packed-int CPU ops: weight repacking, activation panel packing
 // (implicit-GEMM im2col for NHWC conv), border WS/CNT tables, threading over M-tiles,
-// and the portable scalar tile. ISA tiles live in qgemm_avx512.cpp / qgemm_avxvnni.cpp /
-// qgemm_avx2.cpp.
+// and the portable scalar tile. ISA tiles live in qgemm_amx.cpp / qgemm_avx512.cpp /
+// qgemm_avxvnni.cpp / qgemm_avx2.cpp.
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -14,6 +14,11 @@
 #include "thread_pool.h"
 
 namespace qgnn {
+
+// GEMMs with shorter K run the AVX-512 tile on the AMX path: with a K loop of one to three
+// tile chunks the accumulator tiles' store and reload cost more than their MACs save
+// (1x1 convs: K = 64 0.8x, 128 and 256 1.0x, 512 1.3x the AVX-512 tile; 3x3 64: 1.2x).
+constexpr int kAmxMinK = 256;
 
 // ------------------------------------------------------------- canonical packing
 // Row = LSB-first bit stream: code k occupies bits [bits*k, bits*k + bits) (ops/packing.py).
@@ -81,6 +86,28 @@ void prepack(const uint8_t* packed, int O, int K, int bits, int taps, PackedW* w
     w->wsum[o] = s;
   }
   // padded columns o >= O: zeros (never stored)
+  if (w->Kp >= kAmxMinK && isa_blocker(Isa::Amx).empty()) {
+    w->amx.assign(static_cast<size_t>(w->Op) * amx_kq(w->Kp), 0);
+    amx_tiles(w->data.data(), w->Kp, w->Op, w->amx.data());
+  }
+}
+
+int amx_kq(int Kp) { return (Kp + 63) / 64 * 64; }
+
+void amx_tiles(const int8_t* data, int Kp, int Op, int8_t* tiles) {
+  const int nk = amx_kq(Kp) / 64, k4n = Kp / 4;
+  for (int ob = 0; ob < Op / 64; ++ob)
+    for (int j = 0; j < 4; ++j)
+      for (int k = 0; k < nk; ++k) {
+        int8_t* dst = tiles + ((static_cast<size_t>(ob) * 4 + j) * nk + k) * 1024;
+        for (int r = 0; r < 16; ++r) {
+          const int k4 = 16 * k + r;
+          if (k4 < k4n)
+            std::memcpy(dst + 64 * r, data + (static_cast<size_t>(ob) * k4n + k4) * 256 + 64 * j, 64);
+          else
+            std::memset(dst + 64 * r, 0, 64);
+        }
+      }
 }
 
 int32_t rowsum_u8(const uint8_t* p, int n, uint8_t* orv) {
@@ -222,12 +249,13 @@ namespace {
 
 using TileFn = void (*)(const TileArgs&);
 
-// The tile of the active ISA path; throws (on the calling thread, before any worker
-// starts) when QGNN_CPU_ISA names a path this process cannot run.
-TileFn pick_tile(const PackedW& w, int a_bits, bool* split) {
+// The tile of the active ISA path for a GEMM of Kp (padded) codes; throws (on the calling
+// thread, before any worker starts) when QGNN_CPU_ISA names a path this process cannot run.
+TileFn pick_tile(const PackedW& w, int Kp, int a_bits, bool* split) {
   *split = false;
   const Isa isa = active_isa();
 #if defined(__x86_64__)
+  if (isa == Isa::Amx) return Kp >= kAmxMinK ? tile_amx : tile_avx512;
   if (isa == Isa::Avx512Vnni) return tile_avx512;
   if (isa == Isa::AvxVnni) return tile_avxvnni;
   if (isa == Isa::Avx2) {
@@ -236,8 +264,15 @@ TileFn pick_tile(const PackedW& w, int a_bits, bool* split) {
     return tile_avx2;
   }
 #endif
-  (void)isa;  // Scalar (Amx is never active: no AMX kernels in this build)
+  (void)isa;  // Scalar
   return tile_scalar;
+}
+
+// the weights in the layout `tile` reads
+const int8_t* tile_weights(const PackedW& w, TileFn tile) {
+  if (tile != tile_amx) return w.data.data();
+  if (w.amx.empty()) throw ArgError("these weights were packed without AMX tiles");  // prepack builds them
+  return w.amx.data();
 }
 
 struct AlignedBuf {
@@ -251,16 +286,17 @@ int pick_threads(int requested, double macs) {
   return macs < 2.0e6 ? 1 : requested;  // tiny ops: fork/join costs more than it saves
 }
 
-// Rows per M-tile: a multiple of 24 (the ISA tiles' row groups), the packed panel
+// Rows per M-tile: a multiple of `group` (the tile's row group: 24 for the 6- and 12-row
+// AVX-512 blocks, 32 for AMX's two 16-row tiles), the packed panel
 // ~<= 192 KiB so it stays in L2 next to a weight block, and the threads balanced: the
 // tile count whose slowest thread has the fewest rows (plus a per-tile cost of 8 rows)
 // wins; 1600 rows on 2 threads gave 9 tiles of 192 (5 vs 4) before, now 10 of 168.
-int pick_mb(int64_t M, int Kp, int nthreads) {
-  const int top = static_cast<int>(std::max<int64_t>(24, std::min<int64_t>(480, (192 * 1024) / std::max(Kp, 1)))) / 24 * 24;
+int pick_mb(int64_t M, int Kp, int nthreads, int group) {
+  const int top = static_cast<int>(std::max<int64_t>(group, std::min<int64_t>(480, (192 * 1024) / std::max(Kp, 1)))) / group * group;
   if (nthreads <= 1) return top;
   int best = top;
   int64_t best_cost = -1;
-  for (int mb = top; mb >= 24; mb -= 24) {
+  for (int mb = top; mb >= group; mb -= group) {
     const int64_t tiles = (M + mb - 1) / mb;
     const int64_t cost = (tiles + nthreads - 1) / nthreads * (mb + 8);
     if (best_cost < 0 || cost < best_cost) {
@@ -392,11 +428,11 @@ struct Split {
   int64_t ntm;           // M-tiles
 };
 
-Split pick_split(int64_t M, int Kp, int nblk, int nthreads, double macs) {
+Split pick_split(int64_t M, int Kp, int nblk, int nthreads, double macs, bool amx) {
   constexpr int64_t kGroupBytes = 512 * 1024;
   Split s;
   s.nt = pick_threads(nthreads, macs);
-  s.mb = pick_mb(M, Kp, s.nt);
+  s.mb = pick_mb(M, Kp, s.nt, amx ? 32 : 24);
   s.ntm = (M + s.mb - 1) / s.mb;
   s.bpg = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nblk, kGroupBytes / (int64_t(Kp) * 64))));
   if (s.nt > 1 && s.ntm < 4 * s.nt)  // too few M-tiles: split the columns further
@@ -438,20 +474,24 @@ void run_linear(const QLayer& L, const uint8_t* x, int M, Epi& e, int nthreads, 
   const PackedW& w = *L.w;
   const int K = w.K, Kp = w.Kp, nblk = w.Op / 64, O = w.O;
   bool split, split_s = false;
-  TileFn tile = pick_tile(w, L.a_bits, &split);
-  TileFn tile_s = S ? pick_tile(*S->w, S->a_bits, &split_s) : nullptr;
+  TileFn tile = pick_tile(w, Kp, L.a_bits, &split);
+  TileFn tile_s = S ? pick_tile(*S->w, S->w->Kp, S->a_bits, &split_s) : nullptr;
+  const int8_t* wt = tile_weights(w, tile);
+  const int8_t* wt_s = S ? tile_weights(*S->w, tile_s) : nullptr;
   const int Kmax = S ? std::max(Kp, S->w->Kp) : Kp;
   const double macs = double(M) * w.Op * (Kp + (S ? S->w->Kp : 0));
-  const Split sp = pick_split(M, Kmax, nblk, nthreads, macs);
+  const bool amx = tile == tile_amx || tile_s == tile_amx;
+  const Split sp = pick_split(M, Kmax, nblk, nthreads, macs, amx);
   const int mb = sp.mb;
-  const bool avx512 = active_isa() == Isa::Avx512Vnni;
-  std::vector<std::unique_ptr<AlignedBuf>> panels, scratch;
+  const bool avx512 = has_avx512(active_isa());
+  std::vector<std::unique_ptr<AlignedBuf>> panels, scratch, apanels;
   std::vector<std::vector<int32_t>> ass(sp.nt, std::vector<int32_t>(mb));
   std::vector<std::vector<const uint8_t*>> ptrs(sp.nt, std::vector<const uint8_t*>(mb));
   std::vector<uint8_t> orvs(sp.nt, 0), orvs_s(sp.nt, 0);
   for (int i = 0; i < sp.nt; ++i) {
     panels.emplace_back(new AlignedBuf(static_cast<size_t>(mb) * Kmax));
     if (S) scratch.emplace_back(new AlignedBuf(static_cast<size_t>(mb) * O * sizeof(float)));
+    if (amx) apanels.emplace_back(new AlignedBuf(amx_panel_bytes(mb, Kmax)));
   }
   parallel_for(sp.nt, sp.ntm * sp.ncg, [&](int64_t task, int tid) {
     const int64_t ti = task % sp.ntm;
@@ -459,9 +499,10 @@ void run_linear(const QLayer& L, const uint8_t* x, int M, Epi& e, int nthreads, 
     int32_t* as = ass[tid].data();
     const uint8_t** pr = ptrs[tid].data();
     const int m0 = static_cast<int>(ti) * mb, rows = std::min(mb, M - m0);
+    uint8_t* ap = amx ? apanels[tid]->p : nullptr;
     if (!S) {
       gather_rows(x, K, Kp, m0, rows, avx512, panels[tid]->p, pr, as, &orvs[tid]);
-      TileArgs t{pr, 1, Kp / 4, rows, m0, w.data.data(), Kp, ob0, nb, O, as, nullptr, &e, split};
+      TileArgs t{pr, 1, Kp / 4, rows, m0, wt, Kp, ob0, nb, O, as, nullptr, &e, split, ap};
       tile(t);
       return;
     }
@@ -471,14 +512,14 @@ void run_linear(const QLayer& L, const uint8_t* x, int M, Epi& e, int nthreads, 
     Epi es = S->epi;
     es.out_f = res;
     gather_rows(xs, ws.K, ws.Kp, m0, rows, avx512, panels[tid]->p, pr, as, &orvs_s[tid]);
-    TileArgs ts{pr, 1, ws.Kp / 4, rows, 0, ws.data.data(), ws.Kp, ob0, nb, O, as, nullptr, &es, split_s};
+    TileArgs ts{pr, 1, ws.Kp / 4, rows, 0, wt_s, ws.Kp, ob0, nb, O, as, nullptr, &es, split_s, ap};
     tile_s(ts);
     Epi el = e;
     el.residual = res;
     if (el.out_f) el.out_f += static_cast<int64_t>(m0) * O;
     for (int k = 0; k < el.rq.nq; ++k) el.rq.out_q[k] += static_cast<int64_t>(m0) * O;
     gather_rows(x, K, Kp, m0, rows, avx512, panels[tid]->p, pr, as, &orvs[tid]);
-    TileArgs t{pr, 1, Kp / 4, rows, 0, w.data.data(), Kp, ob0, nb, O, as, nullptr, &el, split};
+    TileArgs t{pr, 1, Kp / 4, rows, 0, wt, Kp, ob0, nb, O, as, nullptr, &el, split, ap};
     tile(t);
   });
   uint8_t orv_all = 0, orv_s = 0;
@@ -496,8 +537,10 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
   const int64_t M = static_cast<int64_t>(B) * P;
   const int64_t npix = static_cast<int64_t>(B) * H * W;
   bool split;
-  TileFn tile = pick_tile(w, L.a_bits, &split);
-  const Split sp = pick_split(M, Kp, nblk, nthreads, double(M) * Kp * w.Op);
+  TileFn tile = pick_tile(w, Kp, L.a_bits, &split);
+  const bool amx = tile == tile_amx;
+  const int8_t* wt = tile_weights(w, tile);
+  const Split sp = pick_split(M, Kp, nblk, nthreads, double(M) * Kp * w.Op, amx);
   // per-pixel code sums (AS of a row = sum over its valid taps) and the code-range check,
   // one pass over the input instead of one per tap
   std::vector<int32_t> psum(npix);
@@ -507,7 +550,7 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
     const int64_t p0 = ci * pchunk, p1 = std::min(npix, p0 + pchunk);
     uint8_t o = 0;
 #if defined(__x86_64__)
-    if (active_isa() == Isa::Avx512Vnni) {
+    if (has_avx512(active_isa())) {
       rowsums_avx512(x + p0 * C, p1 - p0, C, psum.data() + p0, &o);
       porv[ci] = o;
       return;
@@ -524,12 +567,47 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
   const int mb = sp.mb;
   // C % 4 == 0: the kernels read each tap's C codes in place; else gather (im2col) rows
   const bool direct = C % 4 == 0;
+  // AMX with whole 64-code chunks per tap and rows of >= 16 pixels: A tiles read in place
+  // from a zero-bordered copy of the input (one pass) instead of packing every row's taps
+  const bool inplace = amx && C % 64 == 0 && Wo >= 16;
+  std::unique_ptr<AlignedBuf> xpad;
+  std::vector<int64_t> aoff;
+  AmxConv ac{};
+  if (inplace && pad == 0 && Wo % 16 == 0) {  // runs of 16 never leave the input: x itself
+    for (int tp = 0; tp < taps; ++tp)
+      for (int c = 0; c < C; c += 64) aoff.push_back((static_cast<int64_t>(tp / ks) * W + tp % ks) * C + c);
+    ac = AmxConv{x, aoff.data(), C, stride, Ho, Wo, H, W};
+  } else if (inplace) {
+    const int Hp = H + 2 * pad, Wp = W + 2 * pad;
+    const size_t img = static_cast<size_t>(Hp) * Wp * C, slack = static_cast<size_t>(16 * stride + ks) * C + 64;
+    xpad.reset(new AlignedBuf(static_cast<size_t>(B) * img + slack));
+    std::memset(xpad->p + static_cast<size_t>(B) * img, 0, slack);
+    parallel_for(npix * C > (1 << 20) ? sp.nt : 1, B, [&](int64_t b, int) {
+      uint8_t* dst = xpad->p + static_cast<size_t>(b) * img;
+      const size_t prow = static_cast<size_t>(Wp) * C, side = static_cast<size_t>(pad) * C, rowb = static_cast<size_t>(W) * C;
+      std::memset(dst, 0, pad * prow);
+      for (int h = 0; h < H; ++h) {
+        uint8_t* d = dst + (pad + h) * prow;
+        std::memset(d, 0, side);
+        std::memcpy(d + side, x + (static_cast<size_t>(b) * H + h) * rowb, rowb);
+        std::memset(d + side + rowb, 0, side);
+      }
+      std::memset(dst + (pad + H) * prow, 0, pad * prow);
+    });
+    for (int tp = 0; tp < taps; ++tp)
+      for (int c = 0; c < C; c += 64) aoff.push_back((static_cast<int64_t>(tp / ks) * Wp + tp % ks) * C + c);
+    ac = AmxConv{xpad->p, aoff.data(), C, stride, Ho, Wo, Hp, Wp};
+  }
   AlignedBuf zeros(static_cast<size_t>(C) + 64);
   std::memset(zeros.p, 0, static_cast<size_t>(C) + 64);
   std::vector<std::unique_ptr<AlignedBuf>> panels;
   std::vector<std::vector<int32_t>> ass(sp.nt, std::vector<int32_t>(mb)), rpats(sp.nt, std::vector<int32_t>(mb));
   std::vector<std::vector<const uint8_t*>> ptrs(sp.nt, std::vector<const uint8_t*>(static_cast<size_t>(mb) * (direct ? taps : 1)));
-  for (int i = 0; i < sp.nt; ++i) panels.emplace_back(new AlignedBuf(direct ? 64 : static_cast<size_t>(mb) * Kp));
+  std::vector<std::unique_ptr<AlignedBuf>> apanels;
+  for (int i = 0; i < sp.nt; ++i) {
+    panels.emplace_back(new AlignedBuf(direct ? 64 : static_cast<size_t>(mb) * Kp));
+    if (amx) apanels.emplace_back(new AlignedBuf(amx_panel_bytes(mb, Kp)));
+  }
   const int32_t* pid = L.pid.data();
   std::vector<int64_t> tap_off(taps);  // pixel offset of each tap from the top-left one
   for (int i = 0; i < ks; ++i)
@@ -561,6 +639,12 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
       const int ih0 = oh * stride - pad, iw0 = ow * stride - pad;
       const int64_t rowbase = b * H;
       rp[r] = pid[static_cast<size_t>(oh) * Wo + ow];
+      if (inplace) {  // AS only: the tile reads the padded input
+        for (int i = std::max(0, -ih0); i < ks && ih0 + i < H; ++i)
+          for (int j = std::max(0, -iw0); j < ks && iw0 + j < W; ++j) s += psum[(rowbase + ih0 + i) * W + iw0 + j];
+        as[r] = s;
+        continue;
+      }
       if (direct && ih0 >= 0 && ih0 + ks <= H && iw0 >= 0 && iw0 + ks <= W) {  // every tap inside
         const int64_t q0 = (rowbase + ih0) * W + iw0;
         for (int tp = 0; tp < taps; ++tp) {
@@ -597,8 +681,9 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
       }
       as[r] = s;
     }
-    TileArgs t{pr, direct ? taps : 1, direct ? C / 4 : Kp / 4, rows, static_cast<int>(m0), w.data.data(), Kp, ob0,
-               std::min(sp.bpg, nblk - ob0), w.O, as, rp, &e, split};
+    TileArgs t{pr, direct ? taps : 1, direct ? C / 4 : Kp / 4, rows, static_cast<int>(m0), wt, Kp, ob0,
+               std::min(sp.bpg, nblk - ob0), w.O, as, rp, &e, split, amx ? apanels[tid]->p : nullptr,
+               inplace ? &ac : nullptr};
     tile(t);
   });
 }
@@ -651,16 +736,21 @@ void qbmm(const uint8_t* a, const uint8_t* v, const uint8_t* v_off, int T, int N
   dummy.bits = v_bits;
   dummy.bias = bias;
   bool split;
-  TileFn tile = pick_tile(dummy, a_bits, &split);
-  std::vector<std::unique_ptr<AlignedBuf>> panels, wbufs;
+  TileFn tile = pick_tile(dummy, Kp, a_bits, &split);
+  const bool amx = tile == tile_amx;
+  std::vector<std::unique_ptr<AlignedBuf>> panels, wbufs, apanels, wtiles;
   std::vector<std::vector<int32_t>> ass(nt, std::vector<int32_t>(N)), vss(nt, std::vector<int32_t>(D));
   std::vector<std::vector<const uint8_t*>> ptrs(nt, std::vector<const uint8_t*>(N));
   std::vector<uint8_t> oras(nt, 0), orvs(nt, 0);
   std::vector<CentredTables> cts(nt);
-  const bool avx512 = active_isa() == Isa::Avx512Vnni;  // reused across a thread's tasks (no per-task malloc)
+  const bool avx512 = has_avx512(active_isa());  // reused across a thread's tasks (no per-task malloc)
   for (int i = 0; i < nt; ++i) {
     panels.emplace_back(new AlignedBuf(static_cast<size_t>(N) * Kp));
     wbufs.emplace_back(new AlignedBuf(static_cast<size_t>(Op) * Kp));
+    if (amx) {
+      apanels.emplace_back(new AlignedBuf(amx_panel_bytes(N, Kp)));
+      wtiles.emplace_back(new AlignedBuf(static_cast<size_t>(Op) * amx_kq(Kp)));
+    }
   }
   const int32_t cnt = N;
   parallel_for(nt, T, [&](int64_t t, int tid) {
@@ -718,7 +808,12 @@ void qbmm(const uint8_t* a, const uint8_t* v, const uint8_t* v_off, int T, int N
     e.acc_out = acc_out ? acc_out + static_cast<size_t>(t) * N * D : nullptr;
     e.as_out = as_out ? as_out + static_cast<size_t>(t) * N : nullptr;
     if (vs_out) std::copy(vs.begin(), vs.end(), vs_out + static_cast<size_t>(t) * D);
-    TileArgs ta{pr, 1, Kp / 4, N, 0, wd, Kp, 0, Op / 64, D, as.data(), nullptr, &e, split};
+    const int8_t* wt = wd;
+    if (amx) {
+      amx_tiles(wd, Kp, Op, reinterpret_cast<int8_t*>(wtiles[tid]->p));
+      wt = reinterpret_cast<int8_t*>(wtiles[tid]->p);
+    }
+    TileArgs ta{pr, 1, Kp / 4, N, 0, wt, Kp, 0, Op / 64, D, as.data(), nullptr, &e, split, amx ? apanels[tid]->p : nullptr};
     tile(ta);
   });
   uint8_t ora = 0, orv = 0;
@@ -734,7 +829,7 @@ int64_t quantize_avx512(const float* x, int64_t n, float l, float s, float qmax,
 
 int64_t quantize(const float* x, int64_t n, float l, float s, int bits, uint8_t* out, int nthreads) {
   const float qmax = static_cast<float>((1 << bits) - 1);
-  const bool simd = active_isa() == Isa::Avx512Vnni;
+  const bool simd = has_avx512(active_isa());
   const int64_t chunk = 1 << 16;
   const int64_t nch = (n + chunk - 1) / chunk;
   const int nt = n < (1 << 18) ? 1 : std::max(1, nthreads);

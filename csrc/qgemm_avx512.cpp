@@ -15,6 +15,8 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,bmi2,fma")
 
+#include "qgemm_zmm.h"
+
 namespace qgnn {
 namespace {
 
@@ -24,107 +26,6 @@ inline int32_t load32(const uint8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
   return v;
-}
-
-// Epilogue on 16 columns [o, o+16) of row m (mask = columns < O); order as ref_epilogue.
-// F: compile-time epilogue flags (kPS | kSH | ...), or -1 to read them from e at run time.
-constexpr int kPS = 1, kSH = 2, kRES = 4, kSLOPE = 8, kQUANT = 16, kASFIRST = 32, kACC = 64, kZREM = 128;
-// the folded layers' epilogues (BN + LeakyReLU to codes; BN only; BN + LeakyReLU; BN +
-// residual + LeakyReLU, to fp32 or codes), compiled with their flags known; any other
-// combination reads them. kZREM (code outputs of a snapped layer): y = c1*ACC' alone,
-// since its remainder terms are signed zeros (Epi::zero_rem)
-constexpr int kConvBnLrelu = kPS | kSH | kSLOPE | kQUANT;
-constexpr int kBn = kPS | kSH, kBnLrelu = kPS | kSH | kSLOPE, kBnResLrelu = kPS | kSH | kRES | kSLOPE;
-constexpr int kBnResLreluQuant = kBnResLrelu | kQUANT;
-
-inline int epi_flags(const Epi& e) {
-  return (e.post_scale ? kPS : 0) | (e.post_shift ? kSH : 0) | (e.residual ? kRES : 0) | (e.has_slope ? kSLOPE : 0) |
-         (e.rq.nq ? kQUANT : 0) | (e.as_first ? kASFIRST : 0) | (e.acc_out ? kACC : 0) |
-         (e.zero_rem ? kZREM : 0);
-}
-
-// The per-column operands of one 16-column group, loaded once for all rows of a block.
-struct Cols {
-  __m512i nzw;
-  __m512 c1, c3, ps, sh;
-};
-
-// Scalars and pointers of Epi copied to locals: the uint8 output stores may alias
-// anything, and would otherwise force a reload of every Epi field after each store.
-struct EpiK {
-  const float* residual;
-  float* out_f;
-  int32_t* acc_out;
-  int64_t O;
-  int32_t wbias;
-  float slope;
-  Requant rq;
-  bool ps, sh, res, has_slope, as_first, zrem;
-  explicit EpiK(const Epi& e)
-      : residual(e.residual), out_f(e.out_f), acc_out(e.acc_out), O(e.O), wbias(e.wbias), slope(e.slope), rq(e.rq),
-        ps(e.post_scale != nullptr), sh(e.post_shift != nullptr), res(e.residual != nullptr),
-        has_slope(e.has_slope), as_first(e.as_first), zrem(e.zero_rem) {}
-};
-
-inline Cols load_cols(const Epi& e, int o, __mmask16 mk) {
-  Cols c;
-  c.nzw = _mm512_maskz_loadu_epi32(mk, e.nzw + o);
-  c.c1 = _mm512_maskz_loadu_ps(mk, e.c1 + o);
-  c.c3 = _mm512_maskz_loadu_ps(mk, e.c3 + o);
-  c.ps = e.post_scale ? _mm512_maskz_loadu_ps(mk, e.post_scale + o) : _mm512_setzero_ps();
-  c.sh = e.post_shift ? _mm512_maskz_loadu_ps(mk, e.post_shift + o) : _mm512_setzero_ps();
-  return c;
-}
-
-template <int F>
-inline void epi16(const EpiK& e, const Cols& c, const EpiRow& rw, int64_t m, int o, __mmask16 mk, __m512i acc) {
-  const int64_t base = m * e.O + o;
-#define HAS(flag, rt) (F < 0 ? (rt) : (F & (flag)) != 0)
-  if (HAS(kACC, e.acc_out != nullptr))
-    _mm512_mask_storeu_epi32(e.acc_out + base, mk, _mm512_add_epi32(acc, _mm512_set1_epi32(e.wbias * rw.as)));
-  // ACC' = ACC + (wbias - zw)*AS - za*WS'   (int32, wrapping like the reference's int32)
-  acc = _mm512_add_epi32(acc, _mm512_mullo_epi32(c.nzw, _mm512_set1_epi32(rw.as)));
-  acc = _mm512_sub_epi32(acc, _mm512_maskz_loadu_epi32(mk, rw.zws + o));
-  __m512 y = _mm512_mul_ps(c.c1, _mm512_cvtepi32_ps(acc));
-  if (!HAS(kZREM, e.zrem)) {
-    const __m512 t3 = _mm512_mul_ps(c.c3, _mm512_set1_ps(rw.asp));
-    const __m512 t2 = _mm512_maskz_loadu_ps(mk, rw.t2 + o);
-    if (HAS(kASFIRST, e.as_first)) {
-      y = _mm512_add_ps(_mm512_add_ps(y, t3), t2);
-    } else {
-      y = _mm512_add_ps(_mm512_add_ps(y, t2), t3);
-    }
-    y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mk, rw.t4 + o));
-  }
-  if (HAS(kPS, e.ps)) y = _mm512_mul_ps(y, c.ps);
-  if (HAS(kSH, e.sh)) y = _mm512_add_ps(y, c.sh);
-  if (HAS(kRES, e.res)) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mk, e.residual + base));
-  if (HAS(kSLOPE, e.has_slope)) {
-    // y >= 0 ? y : y * slope  (NaN compares false and is multiplied, as torch.where does)
-    const __mmask16 neg = _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_NGE_UQ);
-    y = _mm512_mask_mul_ps(y, neg, y, _mm512_set1_ps(e.slope));
-  }
-  if (HAS(kQUANT, e.rq.nq != 0)) {
-    // rne((y - l) / s) via the reciprocal: relative error <= 2^-23, i.e. < 1e-4 absolute
-    // for |u| < 512, so the rounding can only differ within 1e-4 of a half-integer; those
-    // lanes (rare; vreduceps gives u - rne(u)) take the exact IEEE division. For
-    // |u| >= 512 the clamp to [0, qmax <= 255] decides whatever the rounding. Clamping
-    // before rounding is the same as after (integer bounds, rounding is monotone).
-    for (int k = 0; k < e.rq.nq; ++k) {
-      const __m512 num = _mm512_sub_ps(y, _mm512_set1_ps(e.rq.out_l[k]));
-      __m512 u = _mm512_mul_ps(num, _mm512_set1_ps(e.rq.inv_out_s[k]));
-      const __m512 frac = _mm512_reduce_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      const __mmask16 near = _mm512_cmp_ps_mask(_mm512_abs_ps(frac), _mm512_set1_ps(0.4999f), _CMP_GT_OQ);
-      if (near) u = _mm512_mask_div_ps(u, near, num, _mm512_set1_ps(e.rq.out_s[k]));
-      // NaN: max(NaN, 0) returns the second operand (0)
-      u = _mm512_min_ps(_mm512_max_ps(u, _mm512_setzero_ps()), _mm512_set1_ps(e.rq.qmax[k]));
-      const __m512i q = _mm512_cvt_roundps_epi32(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      _mm_mask_storeu_epi8(e.rq.out_q[k] + base, mk, _mm512_cvtepi32_epi8(q));
-    }
-  } else {
-    _mm512_mask_storeu_ps(e.out_f + base, mk, y);
-  }
-#undef HAS
 }
 
 // R rows x NV 16-column vectors [o0, o0 + 16*NV) of one 64-column weight block (the
@@ -231,16 +132,7 @@ void tile_avx512(const TileArgs& t) {
       mk[j] = n >= 16 ? 0xFFFF : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1u);
     }
     const int ncols = t.O - o0 < 64 ? t.O - o0 : 64;
-    switch (epi_flags(e)) {
-      case kConvBnLrelu: run_block<kConvBnLrelu>(t, wb, o0, mk, ncols); break;
-      case kBn: run_block<kBn>(t, wb, o0, mk, ncols); break;
-      case kBnLrelu: run_block<kBnLrelu>(t, wb, o0, mk, ncols); break;
-      case kBnResLrelu: run_block<kBnResLrelu>(t, wb, o0, mk, ncols); break;
-      case kBnResLreluQuant: run_block<kBnResLreluQuant>(t, wb, o0, mk, ncols); break;
-      case kConvBnLrelu | kZREM: run_block<kConvBnLrelu | kZREM>(t, wb, o0, mk, ncols); break;
-      case kBnResLreluQuant | kZREM: run_block<kBnResLreluQuant | kZREM>(t, wb, o0, mk, ncols); break;
-      default: run_block<-1>(t, wb, o0, mk, ncols); break;
-    }
+    with_epi_flags(e, [&](auto f) { run_block<decltype(f)::value>(t, wb, o0, mk, ncols); });
   }
 }
 

@@ -23,8 +23,8 @@ struct ArgError : std::invalid_argument {
 
 // ------------------------------------------------------------------ dispatch
 // Kernel paths, slowest first: the numeric order is the dispatch preference (detected_isa
-// picks the highest one isa_blocker clears). Amx is detected (probe_amx) but has no
-// kernels in this build, so it is never runnable and never active.
+// picks the highest one isa_blocker clears). Amx runs the GEMMs on AMX-INT8 tiles and
+// everything else on the AVX-512 paths (every AMX CPU has AVX-512 VNNI; its blocker checks).
 enum class Isa : int { Scalar = 0, Avx2 = 1, AvxVnni = 2, Avx512Vnni = 3, Amx = 4 };
 constexpr int kIsaCount = 5;
 
@@ -88,14 +88,26 @@ struct Aligned64 {
 // shape vpdpbusd (and vpmaddubsw + vpmaddwd) consume. K pads to a multiple of 4 and O
 // to a multiple of 64 with zero codes (zeros add nothing to ACC). bias = 128 for 8-bit
 // weights (codes 0..255 do not fit int8; raw ACC = kernel ACC + 128 * AS), else 0.
+//
+// Where AMX can run, the same values are also kept as AMX-INT8 B tiles (amx_tiles), each
+// a contiguous 1 KiB so a tile load is one sequential stream (the layout above, read as
+// 64-byte slices at stride 256, sent every K chunk of a column tile to the same 16 L1
+// sets: a quarter of the speed):
+//
+//   amx[ob][j][k][r][c][i] = data[ob][16k + r][16j + c][i]     j < 4 column tiles of 16,
+//   k < Kq/64 chunks of 64 K codes, r < 16 k4-rows, c < 16, i < 4; k4-rows >= Kp/4 are 0
 struct PackedW {
   int O = 0, K = 0, Kp = 0, Op = 0, bits = 0, taps = 1, bias = 0;
   std::vector<int8_t, Aligned64<int8_t>> data;   // Op/64 * Kp/4 * 256, 64-byte aligned
+  std::vector<int8_t, Aligned64<int8_t>> amx;    // Op * Kq (Kq = Kp rounded up to 64), or empty
   std::vector<int32_t> wsum;     // [O] sum_k code
   std::vector<int32_t> tapsum;   // [O][taps] per kernel tap (conv border WS)
 };
 
 void prepack(const uint8_t* packed, int O, int K, int bits, int taps, PackedW* out);
+// data (the layout above, Op columns, Kp codes) -> the AMX tiles (Op * amx_kq(Kp) bytes)
+int amx_kq(int Kp);
+void amx_tiles(const int8_t* data, int Kp, int Op, int8_t* tiles);
 void unpack_row(const uint8_t* row, int K, int bits, uint8_t* codes);   // canonical -> codes
 void pack_row(const uint8_t* codes, int K, int bits, uint8_t* row);     // codes -> canonical
 
@@ -181,6 +193,17 @@ struct CentredTables {
 };
 void centre(Epi& e, const int32_t* ws_raw, const int32_t* cnt, int npat, CentredTables& t);
 
+// A conv's input for AMX A tiles read in place: NHWC [B, Hp, Wp, C] with the zero border
+// of the padding (Hp = H + 2 pad, Wp = W + 2 pad) and slack after it for the rows a short
+// row tile reads beyond its run; C % 64 == 0, so every 64-code K chunk lies in one tap.
+// aoff[k]: byte offset of chunk k (tap i*ks + j, channels 64c..) from a row tile's first
+// pixel: (i * Wp + j) * C + 64 c.
+struct AmxConv {
+  const uint8_t* xpad;
+  const int64_t* aoff;
+  int C, stride, Ho, Wo, Hp, Wp;
+};
+
 // One M-tile of `rows` output rows against all column blocks of the weights, epilogue
 // fused into the store. Activations come as row pointers, one per (row, tap):
 //   ptrs[r * taps + t] -> 4*c4n codes of row r for kernel tap t (K = taps * 4*c4n = Kp)
@@ -190,18 +213,26 @@ void centre(Epi& e, const int32_t* ws_raw, const int32_t* cnt, int npat, Centred
 struct TileArgs {
   const uint8_t* const* ptrs;
   int taps, c4n, rows, m0;
-  const int8_t* wdata;   // PackedW::data
+  const int8_t* wdata;   // PackedW::data (AMX: PackedW::amx)
   int Kp, ob0, nblk, O;  // column blocks [ob0, ob0 + nblk) of 64; as_out is written when ob0 == 0
   const int32_t* as;     // [rows] activation sums
   const int32_t* rpat;   // [rows] border pattern of each row (== e->pid[m % P]), or null: 0
   const Epi* e;
   bool split;            // AVX2 only: activations split in nibbles (8-bit x 8-bit saturation)
+  // AMX only: scratch of amx_panel_bytes(rows, Kp) bytes, 64-byte aligned; and for a conv
+  // whose A tiles are read in place from its padded input (ptrs unused), that input
+  uint8_t* apanel = nullptr;
+  const AmxConv* conv = nullptr;
 };
 
 void tile_scalar(const TileArgs& t);
 void tile_avx2(const TileArgs& t);
 void tile_avxvnni(const TileArgs& t);
 void tile_avx512(const TileArgs& t);
+void tile_amx(const TileArgs& t);
+int64_t amx_panel_bytes(int rows, int Kp);  // tile_amx's scratch for `rows` rows of Kp codes
+// the AVX-512 helpers (row sums, V packing, quantize, FP32 rows) serve both of these paths
+inline bool has_avx512(Isa isa) { return isa == Isa::Avx512Vnni || isa == Isa::Amx; }
 int32_t rowsum_u8(const uint8_t* p, int n, uint8_t* orv);  // sum and OR of bytes
 
 // ------------------------------------------------------------------ layers

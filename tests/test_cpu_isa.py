@@ -39,7 +39,9 @@ def _cpu_flags():
 def test_isa_names_match_the_extension_and_dispatch_order():
     assert cpu.ISAS == tuple(cpu._ext().isa_names()) == ("scalar", "avx2", "avxvnni", "avx512vnni", "amx")
     avail = cpu.available_isas()
-    assert avail[0] == "scalar" and "amx" not in avail  # no AMX kernels in this build
+    assert avail[0] == "scalar"
+    # AMX runs its epilogue on AVX-512: never runnable without that path
+    assert "amx" not in avail or "avx512vnni" in avail
     assert cpu.detected_isa() == avail[-1]  # the fastest runnable path
     assert avail == sorted(avail, key=cpu.ISAS.index)
 
@@ -72,12 +74,15 @@ def test_amx_probe_reads_this_cpu():
         assert p["xcr0"] >> 5 & 7 == 7
     assert p["blocker"] == cpu._ext().amx_blocker(**{k: v for k, v in p.items() if k != "blocker"})
     amx = cpu.isa_blocker("amx")
-    assert amx  # never runnable: this build has no AMX tile kernels
     if "amx_tile" not in flags:
         assert "AMX-TILE is clear" in p["blocker"] and amx == p["blocker"]
         assert p["perm_errno"] == -1  # the permission is only asked for with AMX hardware
-    elif not p["blocker"]:
-        assert "no AMX kernels" in amx
+    elif p["blocker"]:
+        assert amx == p["blocker"]
+    else:  # tiles usable: runnable exactly when the AVX-512 path (its epilogue) is
+        assert p["perm_errno"] == 0
+        assert (amx == "") == (cpu.isa_blocker("avx512vnni") == "")
+        assert amx == "" or amx.startswith("the CPU has AMX-INT8 but lacks ")
 
 
 # A Sapphire Rapids as CPUID / XGETBV report it: AMX-BF16/TILE/INT8, tile state on,
@@ -175,12 +180,15 @@ def test_env_picks_a_path_and_unknown_or_unrunnable_values_are_errors():
     ok = {"qlinear": "ok", "qconv2d": "ok", "qbmm": "ok", "quantize": "ok"}
     for value in (None, "", "auto"):
         assert _probe(value) == {"active": best, **ok}
-    assert _probe(avail[0]) == {"active": avail[0], **ok}
     for res in _probe("sse9").values():  # every entry point raises, none falls back to auto
         assert res.startswith("KernelArgumentError: QGNN_CPU_ISA: unknown ISA 'sse9'; choose one of auto, scalar")
         assert "this CPU runs " + ", ".join(avail) in res
-    for res in _probe("amx").values():  # never runnable in this build
-        assert res.startswith("IsaUnavailableError: QGNN_CPU_ISA=amx cannot run here: " + cpu.isa_blocker("amx"))
+    for isa in cpu.ISAS:
+        if isa in avail:
+            assert _probe(isa) == {"active": isa, **ok}
+        else:  # every entry point raises, naming the reason
+            for res in _probe(isa).values():
+                assert res.startswith(f"IsaUnavailableError: QGNN_CPU_ISA={isa} cannot run here: " + cpu.isa_blocker(isa))
 
 
 def test_cli_exits_2_on_a_bad_env_value():

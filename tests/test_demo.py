@@ -18,8 +18,11 @@ def test_demo_quick(tmp_path, capsys):
     assert rc == 0
     fold = s["stages"]["fold"]
     # the shipped 4-bit model: the reference engine reproduces the fake-quant model (measured
-    # agreement 1.0, max |logit diff| 3e-8)
-    assert fold["agreement"] == 1.0 and fold["max_logit_diff"] <= 1e-6, fold
+    # agreement 1.0; max |logit diff| 3e-8 on an AMD EPYC, 1.9e-3 on a Xeon with AMX, where one
+    # code 2e-6 steps from a rounding boundary flips and cascades: every layer right, the
+    # "layerwise-only" verdict)
+    assert fold["agreement"] == 1.0 and fold["verdict"] in ("pass", "layerwise-only"), fold
+    assert (fold["verdict"] == "pass") == (fold["max_logit_diff"] <= 1e-3), fold
     assert fold["artifact_bytes"] == os.path.getsize(out / "model.qgnn")
     run = s["stages"]["run"]
     expected = {"reference"} | ({"cpu"} if is_backend_available("cpu") else set())

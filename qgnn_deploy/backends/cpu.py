@@ -36,8 +36,9 @@ an integer in range is an error naming it.
 Instruction set: the fastest of :data:`ISAS` this CPU runs, detected at run time;
 ``QGNN_CPU_ISA=auto|scalar|avx2|avxvnni|avx512vnni|amx`` or :func:`force_isa` forces one.
 An unknown name, or a path this CPU cannot run, is an error naming the valid ones and
-what the CPU has (:func:`isa_blocker`), never a silent fallback. AMX is detected
-(:func:`amx_probe`) but has no kernels yet.
+what the CPU has (:func:`isa_blocker`), never a silent fallback. ``amx`` runs the GEMMs
+with K >= 256 codes on AMX-INT8 tiles and the rest on the AVX-512 path
+(:func:`amx_probe` shows the detection registers).
 """
 from __future__ import annotations
 
@@ -121,8 +122,8 @@ def wake_workers() -> None:
 
 
 #: instruction-set paths of the kernels, slowest first (the ``QGNN_CPU_ISA`` values besides
-#: ``auto``); dispatch takes the fastest one this process can run. ``amx`` is detected but has
-#: no kernels yet, so it is never runnable (:func:`isa_blocker` says why).
+#: ``auto``); dispatch takes the fastest one this process can run (:func:`isa_blocker` says
+#: why a path cannot).
 ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni", "amx")
 
 

@@ -123,7 +123,8 @@ def run(args) -> int:
 
     # 2. fold ---------------------------------------------------------------------
     def fold_stage():
-        from ..fold import compare_engines, episode_logits_of, fold
+        from ..fold import (compare_engines, episode_logits_of, episode_parity_ok, fake_quant_counterpart, fold,
+                            layerwise_parity_batches, parity_verdict)
         from ..fold import accuracy as acc_of
         from ..evaluate import model_predict
         im = fold(ctx["model"], backend="reference")
@@ -133,8 +134,12 @@ def run(args) -> int:
         ref_logits, _ = episode_logits_of(lambda x, y: im(x, y).logits, ctx["batches"])
         ctx.update(fq_logits=fq_logits, ref_logits=ref_logits, labels=labels)
         cmp = compare_engines(fq_logits, ref_logits)
+        episode_ok = episode_parity_ok(cmp["agreement"], cmp["max_logit_diff"])
+        # a missed episode bar: is every layer right (an fp32 tie cascading) or is one wrong?
+        layerwise_ok = episode_ok or layerwise_parity_batches(fake_quant_counterpart(ctx["model"]), im,
+                                                              ctx["batches"])["passed"]
         figures = {"episodes": episodes, "agreement": cmp["agreement"],
-                   "max_logit_diff": cmp["max_logit_diff"],
+                   "max_logit_diff": cmp["max_logit_diff"], "verdict": parity_verdict(episode_ok, layerwise_ok),
                    "accuracy_fake_quant": acc_of(fq_logits, labels),
                    "accuracy_reference": acc_of(ref_logits, labels)}
         try:
@@ -307,7 +312,7 @@ def human_summary(s: Dict[str, Any]) -> str:
                  if ok("checkpoint") else status("checkpoint")))
     f = g.get("fold", {})
     lines.append("  fold:       " + (f"integer model vs fake-quant: agreement {pct(f['agreement'])}, "
-                 f"max |logit diff| {f['max_logit_diff']:.2e} on {f['episodes']} episodes"
+                 f"max |logit diff| {f['max_logit_diff']:.2e} on {f['episodes']} episodes ({f['verdict']})"
                  + (f"; artifact {f['artifact_bytes']:,} B" if "artifact_bytes" in f else "")
                  if ok("fold") else status("fold")))
     r = g.get("run", {})

@@ -1,0 +1,234 @@
+// AMX-INT8 tile: tdpbusd (uint8 activation codes x int8 weight codes, 4 products summed
+// exactly into each int32 element, no saturation: the same integers as vpdpbusd) on 16 x 16
+// int32 tile accumulators, then the AVX-512 epilogue of qgemm_zmm.h on each accumulator
+// row. Chosen at run time only when probe_amx() cleared the CPU, the OS state and the
+// tile-data permission; target pragma opened after the includes (see qgemm_avx512.cpp).
+//
+// Tiles (palette 1, every tile 16 rows x 64 bytes):
+//
+//   tmm0..3  C[i][j]  int32 accumulators, 16 rows x 16 columns; i = row tile, j = column tile
+//   tmm4, 5  A[i]     16 rows x 64 K codes (u8) of the activation panel
+//   tmm6, 7  B[j]     16 k4-rows x (16 columns x 4 K codes) (s8): PackedW::amx
+//
+// Both operands are stored tile by tile, each tile a contiguous 1 KiB loaded with stride 64
+// (strided tiles share L1 sets across K chunks and ran at a quarter of the speed):
+//
+//   panel[rt][k][r][kk]  = row 16 rt + r of the tile, K code 64 k + kk  (zero beyond Kp / rows)
+//   amx[ob][j][k][r][..] = PackedW::amx (qgnn_cpu.h)
+//
+// 2 x 2 accumulators (32 rows x 32 columns) per K loop: 4 tile loads feed 4 tdpbusd.
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "qgnn_cpu.h"
+
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positives in the
+#pragma GCC diagnostic ignored "-Wuninitialized"        // intrinsic headers (undefined vectors)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,bmi2,fma,amx-tile,amx-int8")
+
+#include "qgemm_zmm.h"
+
+namespace qgnn {
+namespace {
+
+constexpr int kTileRows = 16, kKChunk = 64;
+
+// LDTILECFG's 64-byte operand, palette 1, all eight tiles 16 rows x 64 bytes
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+  TileConfig() {
+    for (int i = 0; i < 8; ++i) {
+      colsb[i] = 64;
+      rows[i] = kTileRows;
+    }
+  }
+};
+
+// One A row tile: up to 16 consecutive output rows [r, r + n) of the M-tile. Chunk k of
+// its K codes is the tile at a + aoff(k) with row stride `stride`.
+struct RowTile {
+  const uint8_t* a;
+  int r, n;
+};
+
+// The A chunk offsets: the packed panel (tile after tile), or a padded NHWC input read in
+// place (chunk k = tap k / (C/64), channels 64 (k % (C/64)) .. +63 of that tap).
+struct AOperand {
+  const int64_t* aoff;  // [nk] or null: the panel, aoff(k) = 1024 k
+  int64_t stride;       // 64 (panel) or conv stride * C (padded input)
+  int64_t off(int k) const { return aoff ? aoff[k] : static_cast<int64_t>(k) * 1024; }
+};
+
+// RT x CT accumulator tiles (RT, CT in {1, 2}) over all nk K chunks, then the epilogue of
+// the valid rows (rt[i].n) and columns (mk) of each. b: column tile 0's chunk 0, the next
+// column tile nk KiB further.
+template <int RT, int CT, int F>
+inline void tiles(const RowTile* rt, const AOperand& A, const int8_t* b, int nk, const EpiK& ek, const Epi& e,
+                  const EpiRow* erows, int64_t m0, int o0, const __mmask16* mk) {
+  const int64_t next = static_cast<int64_t>(nk) * 1024;
+  const uint8_t* a0 = rt[0].a;
+  const uint8_t* a1 = RT > 1 ? rt[1].a : a0;
+  _tile_zero(0);
+  if (CT > 1) _tile_zero(1);
+  if (RT > 1) _tile_zero(2);
+  if (RT > 1 && CT > 1) _tile_zero(3);
+  for (int k = 0; k < nk; ++k) {
+    const int64_t kb = static_cast<int64_t>(k) * 1024, ka = A.off(k);
+    _tile_loadd(4, a0 + ka, A.stride);
+    _tile_loadd(6, b + kb, 64);
+    if (CT > 1) _tile_loadd(7, b + next + kb, 64);
+    if (RT > 1) _tile_loadd(5, a1 + ka, A.stride);
+    _tile_dpbusd(0, 4, 6);
+    if (CT > 1) _tile_dpbusd(1, 4, 7);
+    if (RT > 1) _tile_dpbusd(2, 5, 6);
+    if (RT > 1 && CT > 1) _tile_dpbusd(3, 5, 7);
+  }
+  alignas(64) int32_t acc[RT][CT][kTileRows][16];
+  _tile_stored(0, acc[0][0], 64);
+  if (CT > 1) _tile_stored(1, acc[0][CT - 1], 64);
+  if (RT > 1) _tile_stored(2, acc[RT - 1][0], 64);
+  if (RT > 1 && CT > 1) _tile_stored(3, acc[RT - 1][CT - 1], 64);
+  for (int j = 0; j < CT; ++j) {
+    const int o = o0 + 16 * j;
+    if (!mk[j]) continue;
+    const Cols c = load_cols(e, o, mk[j]);
+    for (int i = 0; i < RT; ++i) {
+      const int r0 = rt[i].r - rt[0].r;  // row of the pair, erows' index
+      for (int r = 0; r < rt[i].n; ++r)
+        epi16<F>(ek, c, erows[r0 + r], m0 + rt[i].r + r, o, mk[j], _mm512_load_si512(acc[i][j][r]));
+    }
+  }
+}
+
+// n <= 64 bytes src -> dst
+inline void copy_small(uint8_t* dst, const uint8_t* src, int n) {
+  const __mmask64 m = _bzhi_u64(~0ull, n);
+  _mm512_mask_storeu_epi8(dst, m, _mm512_maskz_loadu_epi8(m, src));
+}
+
+// The tile's rows packed into the panel (each row's taps end to end, K tap-major as the
+// weights, cut into 64-code chunks, zero-padded), one row tile per 16 rows.
+int pack_panel(const TileArgs& t, int nk, RowTile* rts) {
+  const int kq = nk * kKChunk, nrt = (t.rows + kTileRows - 1) / kTileRows, seg = 4 * t.c4n;
+  uint8_t* panel = t.apanel;
+  for (int i = 0; i < nrt; ++i)
+    rts[i] = RowTile{panel + static_cast<int64_t>(i) * nk * 1024, i * kTileRows,
+                     t.rows - i * kTileRows < kTileRows ? t.rows - i * kTileRows : kTileRows};
+  for (int r = 0; r < nrt * kTileRows; ++r) {
+    uint8_t* row = panel + static_cast<int64_t>(r / kTileRows) * nk * 1024 + (r % kTileRows) * kKChunk;
+    int kpos = 0;
+    if (r < t.rows && seg % kKChunk == 0) {  // whole chunks per tap: plain vector copies
+      for (int tap = 0; tap < t.taps; ++tap) {
+        const uint8_t* src = t.ptrs[static_cast<size_t>(r) * t.taps + tap];
+        for (int c = 0; c < seg; c += kKChunk, kpos += kKChunk)
+          _mm512_store_si512(row + (kpos / kKChunk) * 1024, _mm512_loadu_si512(src + c));
+      }
+    } else if (r < t.rows) {
+      for (int tap = 0; tap < t.taps; ++tap) {
+        const uint8_t* src = t.ptrs[static_cast<size_t>(r) * t.taps + tap];
+        for (int left = seg; left > 0;) {
+          const int off = kpos % kKChunk, n = left < kKChunk - off ? left : kKChunk - off;
+          copy_small(row + (kpos / kKChunk) * 1024 + off, src, n);
+          src += n;
+          kpos += n;
+          left -= n;
+        }
+      }
+    }
+    for (; kpos < kq; kpos = (kpos / kKChunk + 1) * kKChunk)  // K tail and padding rows: zeros
+      _mm512_mask_storeu_epi8(row + (kpos / kKChunk) * 1024 + kpos % kKChunk,
+                              _bzhi_u64(~0ull, kKChunk - kpos % kKChunk), _mm512_setzero_si512());
+  }
+  return nrt;
+}
+
+// The tile's rows as runs of <= 16 output pixels within one output row of the padded input:
+// run (b, oh, ow0 .. ow0+n-1) reads pixel (oh*stride + i, (ow0 + r)*stride + j) for tap
+// (i, j) at row stride stride*C.
+int conv_row_tiles(const TileArgs& t, RowTile* rts) {
+  const AmxConv& d = *t.conv;
+  const int64_t P = static_cast<int64_t>(d.Ho) * d.Wo;
+  int64_t b = t.m0 / P;
+  int oh = static_cast<int>(t.m0 % P) / d.Wo, ow = static_cast<int>(t.m0 % P) % d.Wo;
+  int n = 0;
+  for (int r = 0; r < t.rows;) {
+    const int len = d.Wo - ow < kTileRows ? d.Wo - ow : kTileRows, take = t.rows - r < len ? t.rows - r : len;
+    rts[n++] = RowTile{d.xpad + ((b * d.Hp + static_cast<int64_t>(oh) * d.stride) * d.Wp +
+                                 static_cast<int64_t>(ow) * d.stride) * d.C, r, take};
+    r += take;
+    ow += take;
+    if (ow == d.Wo) {
+      ow = 0;
+      if (++oh == d.Ho) {
+        oh = 0;
+        ++b;
+      }
+    }
+  }
+  return n;
+}
+
+}  // namespace
+
+int64_t amx_panel_bytes(int rows, int Kp) {
+  const int64_t nrt = (rows + kTileRows - 1) / kTileRows;
+  return nrt * kTileRows * amx_kq(Kp) + static_cast<int64_t>(rows) * sizeof(RowTile) + 64;
+}
+
+void tile_amx(const TileArgs& t) {
+  const Epi& e = *t.e;
+  if (e.as_out && t.ob0 == 0)
+    for (int r = 0; r < t.rows; ++r) e.as_out[t.m0 + r] = t.as[r];
+  const int nk = amx_kq(t.Kp) / kKChunk;
+  // the row-tile list after the panel (the conv path leaves the panel unused)
+  const int64_t panel_bytes = (t.rows + kTileRows - 1) / kTileRows * kTileRows * static_cast<int64_t>(nk) * kKChunk;
+  RowTile* rts = reinterpret_cast<RowTile*>(t.apanel + panel_bytes);
+  const int nrt = t.conv ? conv_row_tiles(t, rts) : pack_panel(t, nk, rts);
+  const AOperand A{t.conv ? t.conv->aoff : nullptr, t.conv ? static_cast<int64_t>(t.conv->stride) * t.conv->C : 64};
+
+  static const TileConfig cfg;
+  _tile_loadconfig(&cfg);  // per call: torch's oneDNN may load its own config on this thread
+  const EpiK ek(e);
+  const int64_t tile_bytes = static_cast<int64_t>(nk) * 1024;
+  EpiRow erows[2 * kTileRows];
+  for (int ob = t.ob0; ob < t.ob0 + t.nblk; ++ob) {
+    const int o0 = ob * 64, ncols = t.O - o0 < 64 ? t.O - o0 : 64, nct = (ncols + 15) / 16;
+    for (int j0 = 0; j0 < nct; j0 += 2) {
+      const bool two_cols = j0 + 1 < nct;
+      const int8_t* b = t.wdata + (static_cast<int64_t>(ob) * 4 + j0) * tile_bytes;
+      __mmask16 mk[2];
+      for (int j = 0; j < 2; ++j) {
+        const int n = ncols - 16 * (j0 + j);
+        mk[j] = n >= 16 ? 0xFFFF : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1u);
+      }
+      for (int i = 0; i < nrt; i += 2) {
+        const bool two_rows = i + 1 < nrt;
+        const int r0 = rts[i].r, nrows = rts[i].n + (two_rows ? rts[i + 1].n : 0);
+        for (int r = 0; r < nrows; ++r) erows[r] = epi_row(e, t.rpat ? t.rpat[r0 + r] : 0, t.as[r0 + r]);
+        with_epi_flags(e, [&](auto f) {
+          constexpr int F = decltype(f)::value;
+          if (two_rows && two_cols)
+            tiles<2, 2, F>(rts + i, A, b, nk, ek, e, erows, t.m0, o0 + 16 * j0, mk);
+          else if (two_rows)
+            tiles<2, 1, F>(rts + i, A, b, nk, ek, e, erows, t.m0, o0 + 16 * j0, mk);
+          else if (two_cols)
+            tiles<1, 2, F>(rts + i, A, b, nk, ek, e, erows, t.m0, o0 + 16 * j0, mk);
+          else
+            tiles<1, 1, F>(rts + i, A, b, nk, ek, e, erows, t.m0, o0 + 16 * j0, mk);
+        });
+      }
+    }
+  }
+  _tile_release();
+}
+
+}  // namespace qgnn
+
+#pragma GCC pop_options
+#endif  // __x86_64__
