@@ -11,7 +11,8 @@
 //   tmm6, 7  B[j]     16 k4-rows x (16 columns x 4 K codes) (s8): PackedW::amx
 //
 // Both operands are stored tile by tile, each tile a contiguous 1 KiB loaded with stride 64
-// (strided tiles share L1 sets across K chunks and ran at a quarter of the speed):
+// (strided tiles share L1 sets across K chunks: a quarter of the speed in a tile-load
+// microbenchmark):
 //
 //   panel[rt][k][r][kk]  = row 16 rt + r of the tile, K code 64 k + kk  (zero beyond Kp / rows)
 //   amx[ob][j][k][r][..] = PackedW::amx (qgnn_cpu.h)

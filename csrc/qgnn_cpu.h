@@ -90,9 +90,9 @@ struct Aligned64 {
 // weights (codes 0..255 do not fit int8; raw ACC = kernel ACC + 128 * AS), else 0.
 //
 // Where AMX can run, the same values are also kept as AMX-INT8 B tiles (amx_tiles), each
-// a contiguous 1 KiB so a tile load is one sequential stream (the layout above, read as
-// 64-byte slices at stride 256, sent every K chunk of a column tile to the same 16 L1
-// sets: a quarter of the speed):
+// a contiguous 1 KiB so a tile load is one sequential stream (read in place, the layout
+// above puts a tile's 16 rows 256 bytes apart, and every K chunk of a column tile in the
+// same 16 L1 sets):
 //
 //   amx[ob][j][k][r][c][i] = data[ob][16k + r][16j + c][i]     j < 4 column tiles of 16,
 //   k < Kq/64 chunks of 64 K codes, r < 16 k4-rows, c < 16, i < 4; k4-rows >= Kp/4 are 0
