@@ -78,6 +78,33 @@ def test_plan_wide_fp32_stem_and_per_channel_weights(zero_point):
     assert outputs_equal(run(im, "reference", images, labels), run(im, "cpu", images, labels))
 
 
+def test_plan_fp32_stem_requantization_ties():
+    """The FP32 stem's fused requantization on outputs whose quotient (y - l) / s is exactly a
+    half-integer while y * (1/s) rounds to the other code: codes as ref_quantize's IEEE
+    division, whatever fast path the row kernels take (a reciprocal one that skipped its
+    fix-up fails here)."""
+    im = copy.deepcopy(fold(model_for(4)))
+    stem, conv1 = im.backbone.conv1, im.backbone.layer1[0].conv1
+    s, l = (torch.tensor(float(v), dtype=torch.float32) for v in (conv1.a_scale, conv1.a_offset))
+    up, down = torch.tensor(float("inf")), torch.tensor(float("-inf"))
+    cases = []
+    for k in range(5, 15):  # codes of outputs >= 0 (LeakyReLU passes them unchanged)
+        ys = [(l.double() + (k + 0.5) * s.double()).float()]
+        for _ in range(40):  # 40 fp32 steps either side
+            ys = [torch.nextafter(ys[0], down)] + ys + [torch.nextafter(ys[-1], up)]
+        cases += [y for y in ys if y >= 0 and float((y - l) / s) == k + 0.5
+                  and torch.round((y - l) * (1 / s)) != torch.round(torch.tensor(k + 0.5))]
+    assert len(cases) >= 3, "no tie the reciprocal rounds the other way near this quantizer's codes"
+    # even channels output their shift (a tie) everywhere; odd ones keep the image's features,
+    # so the episode's outputs depend on the tie channels' codes
+    tie = torch.arange(stem.out_channels) % 2 == 0
+    stem.weight[tie] = 0.0
+    stem.post_scale[tie] = 1.0
+    stem.post_shift[tie] = torch.stack([cases[i % len(cases)] for i in range(int(tie.sum()))])
+    images, labels = calibration_episodes(im.config, tasks=1, seed=2)
+    assert outputs_equal(run(im, "reference", images, labels), run(im, "cpu", images, labels))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("bits", [2, 4])
 def test_plan_on_the_paper_model(bits):
