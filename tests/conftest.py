@@ -47,6 +47,15 @@ def cpu_isa(request):
     cpu.force_isa(None)
 
 
+@pytest.fixture(params=[1, 2], ids=["t1", "t2"])
+def threads(request):
+    """The cpu kernels on 1 and then 2 threads."""
+    from qgnn_deploy.backends import cpu
+    cpu.set_num_threads(request.param)
+    yield request.param
+    cpu.set_num_threads(None)
+
+
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     """Exports and the QDQ quantization go to a private cache shared by one module's tests."""

@@ -18,6 +18,7 @@ import torch
 
 from qgnn_deploy.ops import reference as R
 from qgnn_deploy.ops.packing import pack_codes
+from test_cpu_kernels import codes
 
 cpu = pytest.importorskip("qgnn_deploy.backends.cpu")
 if not cpu.is_available():  # pragma: no cover
@@ -40,17 +41,6 @@ def amx():
     cpu.force_isa("amx")
     yield
     cpu.force_isa(None)
-
-
-@pytest.fixture(params=[1, 2], ids=["t1", "t2"])
-def threads(request):
-    cpu.set_num_threads(request.param)
-    yield request.param
-    cpu.set_num_threads(None)
-
-
-def codes(shape, bits):
-    return torch.randint(0, 2 ** bits, shape, dtype=torch.uint8)
 
 
 def wparams(o, snapped):

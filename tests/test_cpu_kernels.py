@@ -21,13 +21,6 @@ if not cpu.is_available():  # pragma: no cover
 BITS = [2, 3, 4]
 
 
-@pytest.fixture(params=[1, 2], ids=["t1", "t2"])
-def threads(request):
-    cpu.set_num_threads(request.param)
-    yield request.param
-    cpu.set_num_threads(None)
-
-
 def codes(shape, bits):
     return torch.randint(0, 2 ** bits, shape, dtype=torch.uint8)
 
