@@ -544,9 +544,12 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
   // per-pixel code sums (AS of a row = sum over its valid taps) and the code-range check,
   // one pass over the input instead of one per tap
   std::vector<int32_t> psum(npix);
+  // the passes over the input (sums, window sums, padded copy) split from 128 KiB of codes
+  // (from 1 MiB before: the tiny model's 160 KiB maps ran them on one thread; 3% of its T=1)
+  const int pass_nt = npix * C > (1 << 17) ? sp.nt : 1;
   const int64_t pchunk = 4096, npch = (npix + pchunk - 1) / pchunk;
   std::vector<uint8_t> porv(npch, 0);
-  parallel_for(npix * C > (1 << 20) ? sp.nt : 1, npch, [&](int64_t ci, int) {
+  parallel_for(pass_nt, npch, [&](int64_t ci, int) {
     const int64_t p0 = ci * pchunk, p1 = std::min(npix, p0 + pchunk);
     uint8_t o = 0;
 #if defined(__x86_64__)
@@ -563,6 +566,27 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
   for (uint8_t v : porv) orv_all |= v;
   *bad_code = L.a_bits < 8 && (orv_all >> L.a_bits) != 0;
   if (*bad_code) return;
+  // AS of every row: the sum of psum over its window's valid taps, separably (a column of
+  // kernel rows, then the kernel's width), instead of ks*ks loads per row in the row loop
+  std::vector<int32_t> asum(M);
+  parallel_for(pass_nt, B, [&](int64_t b, int) {
+    std::vector<int32_t> col(W);
+    for (int oh = 0; oh < Ho; ++oh) {
+      const int ih0 = oh * stride - pad, i0 = std::max(0, -ih0), i1 = std::min(ks, H - ih0);
+      std::fill(col.begin(), col.end(), 0);
+      for (int i = i0; i < i1; ++i) {
+        const int32_t* src = psum.data() + (b * H + ih0 + i) * W;
+        for (int w = 0; w < W; ++w) col[w] += src[w];
+      }
+      int32_t* dst = asum.data() + (b * Ho + oh) * Wo;
+      for (int ow = 0; ow < Wo; ++ow) {
+        const int iw0 = ow * stride - pad, j1 = std::min(ks, W - iw0);
+        int32_t s = 0;
+        for (int j = std::max(0, -iw0); j < j1; ++j) s += col[iw0 + j];
+        dst[ow] = s;
+      }
+    }
+  });
 
   const int mb = sp.mb;
   // C % 4 == 0: the kernels read each tap's C codes in place; else gather (im2col) rows
@@ -582,7 +606,7 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
     const size_t img = static_cast<size_t>(Hp) * Wp * C, slack = static_cast<size_t>(16 * stride + ks) * C + 64;
     xpad.reset(new AlignedBuf(static_cast<size_t>(B) * img + slack));
     std::memset(xpad->p + static_cast<size_t>(B) * img, 0, slack);
-    parallel_for(npix * C > (1 << 20) ? sp.nt : 1, B, [&](int64_t b, int) {
+    parallel_for(pass_nt, B, [&](int64_t b, int) {
       uint8_t* dst = xpad->p + static_cast<size_t>(b) * img;
       const size_t prow = static_cast<size_t>(Wp) * C, side = static_cast<size_t>(pad) * C, rowb = static_cast<size_t>(W) * C;
       std::memset(dst, 0, pad * prow);
@@ -601,7 +625,7 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
   AlignedBuf zeros(static_cast<size_t>(C) + 64);
   std::memset(zeros.p, 0, static_cast<size_t>(C) + 64);
   std::vector<std::unique_ptr<AlignedBuf>> panels;
-  std::vector<std::vector<int32_t>> ass(sp.nt, std::vector<int32_t>(mb)), rpats(sp.nt, std::vector<int32_t>(mb));
+  std::vector<std::vector<int32_t>> rpats(sp.nt, std::vector<int32_t>(mb));
   std::vector<std::vector<const uint8_t*>> ptrs(sp.nt, std::vector<const uint8_t*>(static_cast<size_t>(mb) * (direct ? taps : 1)));
   std::vector<std::unique_ptr<AlignedBuf>> apanels;
   for (int i = 0; i < sp.nt; ++i) {
@@ -609,13 +633,12 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
     if (amx) apanels.emplace_back(new AlignedBuf(amx_panel_bytes(mb, Kp)));
   }
   const int32_t* pid = L.pid.data();
-  std::vector<int64_t> tap_off(taps);  // pixel offset of each tap from the top-left one
+  std::vector<int64_t> tap_off(taps);  // byte offset of each tap's codes from the top-left one's
   for (int i = 0; i < ks; ++i)
-    for (int j = 0; j < ks; ++j) tap_off[i * ks + j] = int64_t(i) * W + j;
+    for (int j = 0; j < ks; ++j) tap_off[i * ks + j] = (int64_t(i) * W + j) * C;
   parallel_for(sp.nt, sp.ntm * sp.ncg, [&](int64_t task, int tid) {
     const int64_t ti = task % sp.ntm;
     const int ob0 = static_cast<int>(task / sp.ntm) * sp.bpg;
-    int32_t* as = ass[tid].data();
     const uint8_t** pr = ptrs[tid].data();
     const int64_t m0 = ti * mb;
     const int rows = static_cast<int>(std::min<int64_t>(mb, M - m0));
@@ -633,42 +656,25 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
           }
         }
       }
-      uint8_t* dst = direct ? nullptr : panels[tid]->p + static_cast<size_t>(r) * Kp;
-      const uint8_t** prow = pr + static_cast<size_t>(r) * taps;
-      int32_t s = 0;
+      rp[r] = pid[static_cast<size_t>(oh) * Wo + ow];
+      if (inplace) continue;  // the tile reads the padded input
       const int ih0 = oh * stride - pad, iw0 = ow * stride - pad;
       const int64_t rowbase = b * H;
-      rp[r] = pid[static_cast<size_t>(oh) * Wo + ow];
-      if (inplace) {  // AS only: the tile reads the padded input
-        for (int i = std::max(0, -ih0); i < ks && ih0 + i < H; ++i)
-          for (int j = std::max(0, -iw0); j < ks && iw0 + j < W; ++j) s += psum[(rowbase + ih0 + i) * W + iw0 + j];
-        as[r] = s;
-        continue;
-      }
+      const uint8_t** prow = pr + static_cast<size_t>(r) * taps;
       if (direct && ih0 >= 0 && ih0 + ks <= H && iw0 >= 0 && iw0 + ks <= W) {  // every tap inside
-        const int64_t q0 = (rowbase + ih0) * W + iw0;
-        for (int tp = 0; tp < taps; ++tp) {
-          const int64_t q = q0 + tap_off[tp];
-          prow[tp] = x + q * C;
-          s += psum[q];
-        }
-        as[r] = s;
+        const uint8_t* x0 = x + ((rowbase + ih0) * W + iw0) * C;
+        for (int tp = 0; tp < taps; ++tp) prow[tp] = x0 + tap_off[tp];
         continue;
       }
+      uint8_t* dst = direct ? nullptr : panels[tid]->p + static_cast<size_t>(r) * Kp;
       for (int i = 0; i < ks; ++i) {
         const int ih = ih0 + i;
         const bool hin = ih >= 0 && ih < H;
         for (int j = 0; j < ks; ++j) {
           const int iw = iw0 + j;
           const int tp = i * ks + j;
-          const bool in = hin && iw >= 0 && iw < W;
           // taps outside the input read code 0: real-domain zero is handled by WS/CNT
-          const uint8_t* src = zeros.p;
-          if (in) {
-            const int64_t q = (rowbase + ih) * W + iw;
-            src = x + q * C;
-            s += psum[q];
-          }
+          const uint8_t* src = hin && iw >= 0 && iw < W ? x + ((rowbase + ih) * W + iw) * C : zeros.p;
           if (direct)
             prow[tp] = src;
           else
@@ -679,10 +685,9 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
         std::memset(dst + K, 0, Kp - K);
         pr[r] = dst;
       }
-      as[r] = s;
     }
     TileArgs t{pr, direct ? taps : 1, direct ? C / 4 : Kp / 4, rows, static_cast<int>(m0), wt, Kp, ob0,
-               std::min(sp.bpg, nblk - ob0), w.O, as, rp, &e, split, amx ? apanels[tid]->p : nullptr,
+               std::min(sp.bpg, nblk - ob0), w.O, asum.data() + m0, rp, &e, split, amx ? apanels[tid]->p : nullptr,
                inplace ? &ac : nullptr};
     tile(t);
   });
