@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from qgnn_deploy.backends import cpu as cpu_backend
-from qgnn_deploy.backends.cpu_plan import native_description
+from qgnn_deploy.backends.cpu_plan import _GRAPH_CACHE, native_description
 from qgnn_deploy.checkpoint import load_checkpoint
 from qgnn_deploy.data import calibration_episodes
 from qgnn_deploy.errors import InputError, KernelArgumentError
@@ -171,6 +171,29 @@ def test_plan_tasks_axis_is_dynamic_and_shapes_are_checked():
     with pytest.raises(InputError, match="support labels"):
         im(images, labels + model.config.way)
     assert im.compiled() is plan  # errors are caught before the plan, which stays valid
+
+
+def test_plan_graph_inputs_are_cached_per_label_batch():
+    model = model_for(4)
+    im = fold(model, backend="cpu")
+    images, labels = calibration_episodes(model.config, tasks=3, seed=2)
+    ref = run(im, "reference", images, labels)
+    im.backend = "cpu"
+    plan = im.compiled()
+    first = im(images, labels)
+    assert outputs_equal(ref, first)
+    feed = plan._graph_feed(labels)
+    assert all(not a.flags.writeable for a in feed.values())  # shared: nobody may write them
+    # same labels (another tensor, int32): same graphs; other labels: their own graphs
+    assert outputs_equal(first, im(images, labels.clone().to(torch.int32)))
+    swapped = labels.flip(-1).contiguous()
+    assert outputs_equal(run(im, "reference", images, swapped), run(im, "cpu", images, swapped))
+    for t in range(1, 3):  # a prefix of the batch is another key, not a slice of the cached arrays
+        assert outputs_equal(run(im, "reference", images[:t], labels[:t]), run(im, "cpu", images[:t], labels[:t]))
+    for seed in range(40):  # the cache stays bounded
+        lab = torch.randint(0, model.config.way, labels.shape, generator=torch.Generator().manual_seed(seed))
+        plan._graph_feed(lab)
+    assert len(plan._graphs) <= _GRAPH_CACHE
 
 
 def test_plan_is_a_snapshot_recompiled_on_request_and_copies():

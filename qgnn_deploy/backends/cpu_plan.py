@@ -23,6 +23,7 @@ from . import cpu as cpu_ops
 
 _DTYPE = {"u8": 0, "f32": 1}
 _ROLE = {"input": 0, "output": 1, "temp": 2}
+_GRAPH_CACHE = 16  # distinct support-label batches whose graph inputs are kept
 
 
 def native_description(plan):
@@ -46,13 +47,30 @@ class CpuPlan:
         self.input_ids = self.plan.inputs
         self.family, self.config = model.family_spec, model.config
         self.graph_names = [name for name, _ in self.family.graph_inputs(self.config)]
+        self._graphs: Dict[bytes, Dict[int, np.ndarray]] = {}
+
+    def _graph_feed(self, support_labels: torch.Tensor) -> Dict[int, np.ndarray]:
+        """The label-derived plan inputs of these labels, built once per distinct label batch
+        (an application usually sends the same support labels every episode: building them
+        was ~0.1 ms of a 2.5 ms tiny episode). Read-only arrays: the plan never writes its
+        inputs, and concurrent callers share them."""
+        labels = support_labels.detach().cpu().numpy()
+        key = f"{labels.dtype.str}{labels.shape}".encode() + labels.tobytes()
+        feed = self._graphs.get(key)
+        if feed is None:
+            graph = self.family.graph_arrays(labels, self.config)
+            feed = {self.input_ids[name]: a.reshape(-1) for name, a in zip(self.graph_names, graph)}
+            for a in feed.values():
+                a.flags.writeable = False
+            if len(self._graphs) >= _GRAPH_CACHE:
+                self._graphs.pop(next(iter(self._graphs)), None)  # the oldest
+            self._graphs[key] = feed
+        return feed
 
     def _run(self, images: torch.Tensor, support_labels: torch.Tensor, profile: bool):
         t = int(images.shape[0])
-        graph = self.family.graph_arrays(support_labels.detach().cpu().numpy(), self.config)
-        feed = {self.input_ids["images"]: images.detach().cpu().float().contiguous().numpy().reshape(-1)}
-        for name, a in zip(self.graph_names, graph):
-            feed[self.input_ids[name]] = a.reshape(-1)
+        feed = dict(self._graph_feed(support_labels))
+        feed[self.input_ids["images"]] = images.detach().cpu().float().contiguous().numpy().reshape(-1)
         outs, ns = cpu_ops._call(self.native.run, t, feed, cpu_ops.get_num_threads(), profile)
         return t, outs, ns
 
