@@ -98,8 +98,58 @@ void prepare_float_layer(FloatLayer& L, const float* weight, int O, int K, const
     a.C = C;
     a.Ho = (H + 2 * pad - ks) / stride + 1;
     a.Wo = (W + 2 * pad - ks) / stride + 1;
+    L.wt32.clear();
+    L.bias32.clear();
+    L.wabs.clear();
+    if (nq > 0 && O > 16 && O <= 64) {  // the float32 sums' operands (run_float_layer decides per call)
+      L.wt32.assign(static_cast<size_t>(K) * 64, 0.f);
+      L.bias32.assign(64, 0.f);
+      L.wabs.assign(O, 0.f);
+      for (int o = 0; o < O; ++o) {
+        double sa = 0.0;
+        for (int k = 0; k < K; ++k) {
+          const float w = weight[static_cast<size_t>(o) * K + k];
+          L.wt32[static_cast<size_t>(k) * 64 + o] = w;
+          sa += std::fabs(static_cast<double>(w));
+        }
+        L.wabs[o] = static_cast<float>(sa * (1.0 + 1e-6));  // rounded up
+        if (bias) L.bias32[o] = bias[o];
+      }
+    }
   }
 }
+
+namespace {
+
+// The float32 sums' margins of one call ([nq][64], run_float_layer): how far inside its
+// rounding interval the quotient u = (y - l) / s of a float32 sum must lie for the code of
+// the float64 sum to be the same. X bounds |x| over the input. With A = |bias| + X sum|w|,
+// the float32 FMA chain of K + 1 terms and the float64 sum rounded to float32 differ by
+// delta <= (K + 3) 2^-24 A; the epilogue (*ps, +sh, LeakyReLU slope g, -l, /s or *1/s)
+// moves that by at most g |ps| delta / s, and its own roundings on either path by less
+// than 16 2^-24 (g Y + |l|) / s, Y = |ps| (A + delta) + |sh| bounding its values.
+// Stored as the room 0.5 - margin; false (float64 sums instead) when a margin is not
+// small or X is not finite.
+bool f32_margins(const FloatLayer& L, float X, std::vector<float>& m) {
+  const F64Args& a = L.args;
+  constexpr double u = 1.0 / 16777216.0;
+  const double g = a.has_slope ? std::max(1.0, std::fabs(double(a.slope))) : 1.0;
+  m.assign(static_cast<size_t>(a.rq.nq) * 64, 0.5f);  // padded columns: never checked
+  for (int o = 0; o < a.O; ++o) {
+    const double A = std::fabs(double(L.bias32[o])) + double(X) * L.wabs[o];
+    const double delta = (a.K + 3) * u * A;
+    const double ps = a.ps ? std::fabs(double(a.ps[o])) : 1.0, sh = a.sh ? std::fabs(double(a.sh[o])) : 0.0;
+    const double Y = ps * (A + delta) + sh;
+    for (int k = 0; k < a.rq.nq; ++k) {
+      const double mk = (g * ps * delta + 16 * u * (g * Y + std::fabs(double(a.rq.out_l[k])))) / a.rq.out_s[k];
+      if (!(mk < 0.125)) return false;  // also NaN / Inf
+      m[static_cast<size_t>(k) * 64 + o] = static_cast<float>(0.5 - mk * (1.0 + 1e-6));
+    }
+  }
+  return true;
+}
+
+}  // namespace
 
 void run_float_layer(const FloatLayer& L, const float* x, int64_t rows, const float* residual, float* out_f,
                      uint8_t* const* out_q, int nthreads) {
@@ -107,13 +157,18 @@ void run_float_layer(const FloatLayer& L, const float* x, int64_t rows, const fl
   const RowsFn fn = pick_rows();
   constexpr int64_t kRows = 64;  // output rows per task
   const int nt = double(rows) * a.K * a.O < 1.0e6 ? 1 : nthreads;
-  // A padded conv of <= 16 outputs reads a zero-bordered copy of its input, so that its
-  // border pixels take the 4-pixel path too (the one-pixel path spent 36% of the tiny
-  // stem's sums on its 12% border pixels; the tiny episode 1.7% faster; with 64 outputs the
-  // copy cost what it saved). The padding's products are exact zeros added to sums that
-  // start at the bias: the same float64 sums.
+  // float32 sums with the rounding check (f32_margins) where the AVX-512 rows run them, for
+  // 17 .. 64 outputs: the resnet12 stem (64) 17% faster than its float64 sums (A/B in one
+  // process, T=1). The tiny stem (16) was 20% slower: redoing its pixels near a rounding
+  // boundary in float64 took 15% of its time, and its float64 sums run four pixels at once.
+  const bool f32 = !L.wt32.empty() && a.O > 16 && !residual && fn == f64_rows_avx512;
+  // A padded conv reads a zero-bordered copy of its input, when it has <= 16 outputs or
+  // sums in float32: its border pixels then take the multi-pixel paths too (the one-pixel
+  // path spent 36% of the tiny stem's float64 sums on its 12% border pixels; with 64
+  // outputs in float64 the copy cost what it saved). The padding's products are exact
+  // zeros added to sums that start at the bias: the same float64 sums.
   std::vector<float> xpad;
-  if (a.ks && a.pad && a.Op <= 16) {
+  if (a.ks && a.pad && (a.Op <= 16 || f32)) {
     const int64_t B = rows / (int64_t(a.Ho) * a.Wo);
     const int Hp = a.H + 2 * a.pad, Wp = a.W + 2 * a.pad;
     const size_t row = size_t(a.W) * a.C, prow = size_t(Wp) * a.C, side = size_t(a.pad) * a.C;
@@ -127,6 +182,27 @@ void run_float_layer(const FloatLayer& L, const float* x, int64_t rows, const fl
     a.H = Hp;
     a.W = Wp;
     a.pad = 0;
+  }
+  std::vector<float> margin;  // rooms, f32_margins
+  if (f32 && !a.pad) {
+    const int64_t n = rows / (int64_t(a.Ho) * a.Wo) * a.H * a.W * a.C;
+    // max |x| as the largest bit pattern of |x| (an integer max: vectorized; Inf and NaN
+    // patterns are above every finite one)
+    uint32_t top = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      uint32_t v;
+      std::memcpy(&v, x + i, 4);
+      v &= 0x7FFFFFFFu;
+      top = v > top ? v : top;
+    }
+    float X;
+    std::memcpy(&X, &top, 4);
+    if (top >= 0x7F800000u) X = std::numeric_limits<float>::infinity();
+    if (f32_margins(L, X, margin)) {
+      a.wt32 = L.wt32.data();
+      a.bias32 = L.bias32.data();
+      a.room = margin.data();
+    }
   }
   parallel_for(nt, (rows + kRows - 1) / kRows, [&](int64_t ti, int) {
     fn(a, x, ti * kRows, std::min(rows, (ti + 1) * kRows), residual, out_f, out_q);

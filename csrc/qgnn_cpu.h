@@ -320,6 +320,13 @@ struct F64Args {
   int O = 0, Op = 0, K = 0;      // Op: O rounded up to 8
   int ks = 0, stride = 1, pad = 0, H = 1, W = 1, C = 0, Ho = 1, Wo = 1;  // conv geometry; ks = 0: linear
   Requant rq;                    // requantized outputs (rq.out_q unused: the rows take out_q)
+  // Per call, AVX-512 rows only (null: float64 sums): a conv with code outputs, no residual,
+  // O <= 64 and an unpadded input sums in float32 and keeps a code when the quotient lies
+  // less than room[k * 64 + o] (0.5 - its error margin) from its nearest integer, else
+  // redoes that pixel in float64
+  const float* wt32 = nullptr;   // [K][64] float32 weights
+  const float* bias32 = nullptr; // [64]
+  const float* room = nullptr;   // [nq][64]
 };
 // output rows [r0, r1): linear x [rows, K]; conv x NHWC [B, H, W, C]; res / out_f / the
 // nq out_q [rows, O]
@@ -335,6 +342,9 @@ struct FloatLayer {
   std::vector<double, Aligned64<double>> wt;
   std::vector<double, Aligned64<double>> bias;   // padded to Op
   std::vector<float> post_scale, post_shift;     // padded to Op, or empty
+  std::vector<float, Aligned64<float>> wt32;     // [K][64] for the float32 sums (O <= 64 convs), or empty
+  std::vector<float, Aligned64<float>> bias32;   // [64]
+  std::vector<float> wabs;                       // [O] sum_k |w[o][k]|: the float32 sums' error bound
   F64Args args;                  // points into the vectors above; holds the geometry
   FloatLayer() = default;
   FloatLayer(const FloatLayer&) = delete;
