@@ -162,7 +162,7 @@ void run_float_layer(const FloatLayer& L, const float* x, int64_t rows, const fl
   // 17% faster than on its float64 sums, relative to its neighbour step in alternating
   // processes at T=1; the tiny stem, 16, was 20% slower: redoing its pixels near a rounding
   // boundary in float64 took 15% of its time, and its float64 sums run four pixels at once)
-  const bool f32 = !L.wt32.empty() && a.O > 16 && !residual && fn == f64_rows_avx512;
+  const bool f32 = !L.wt32.empty() && !residual && fn == f64_rows_avx512;
   // A padded conv reads a zero-bordered copy of its input, when it has <= 16 outputs or
   // sums in float32: its border pixels then take the multi-pixel paths too (the one-pixel
   // path spent 36% of the tiny stem's float64 sums on its 12% border pixels; with 64
@@ -185,7 +185,7 @@ void run_float_layer(const FloatLayer& L, const float* x, int64_t rows, const fl
     a.pad = 0;
   }
   std::vector<float> margin;  // rooms, f32_margins
-  if (f32 && !a.pad) {
+  if (f32) {  // its padded input was copied above: a.pad == 0
     const int64_t n = rows / (int64_t(a.Ho) * a.Wo) * a.H * a.W * a.C;
     // max |x| as the largest bit pattern of |x| (an integer max: vectorized; Inf and NaN
     // patterns are above every finite one)
