@@ -4,7 +4,8 @@
 // alignment, bits, geometry) before a pointer reaches a kernel, and failures raise
 // qgnn_deploy._C.KernelArgumentError (a ValueError; the Python wrapper re-raises it as
 // qgnn_deploy.errors.KernelArgumentError). An ISA path this CPU cannot run (QGNN_CPU_ISA,
-// force_isa) raises qgnn_deploy._C.IsaUnavailableError (-> BackendUnavailableError).
+// force_isa) raises qgnn_deploy._C.IsaUnavailableError (-> BackendUnavailableError); NaN /
+// Inf episode images reaching a plan raise qgnn_deploy._C.InputValueError (-> InputError).
 // Kernels run without the GIL.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -177,9 +178,12 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "qgnn-deploy packed-int CPU kernels (AVX-512 VNNI / AVX-VNNI / AVX2 / scalar, chosen at run time)";
   static py::exception<ArgError> exc(m, "KernelArgumentError", PyExc_ValueError);
   static py::exception<qgnn::IsaUnavailable> isa_exc(m, "IsaUnavailableError", PyExc_RuntimeError);
+  static py::exception<qgnn::InputValueError> input_exc(m, "InputValueError", exc.ptr());
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
+    } catch (const qgnn::InputValueError& e) {
+      PyErr_SetString(input_exc.ptr(), e.what());
     } catch (const ArgError& e) {
       PyErr_SetString(exc.ptr(), e.what());
     } catch (const qgnn::IsaUnavailable& e) {

@@ -211,11 +211,23 @@ void run_float_layer(const FloatLayer& L, const float* x, int64_t rows, const fl
 }
 
 // ------------------------------------------------------------------ maps
-void nchw_to_nhwc(const float* x, int64_t B, int C, int H, int W, float* y) {
+bool nchw_to_nhwc(const float* x, int64_t B, int C, int H, int W, float* y) {
+  // plane by plane, the check fused into the copy (a NaN or Inf has every exponent bit
+  // set): +20% on the copy alone, a separate pass over the input was +50%
   const int64_t hw = int64_t(H) * W;
+  uint32_t nonfinite = 0;
   for (int64_t b = 0; b < B; ++b)
-    for (int64_t p = 0; p < hw; ++p)
-      for (int c = 0; c < C; ++c) y[(b * hw + p) * C + c] = x[(b * C + c) * hw + p];
+    for (int c = 0; c < C; ++c) {
+      const float* __restrict xs = x + (b * C + c) * hw;
+      float* __restrict yb = y + b * hw * C + c;
+      for (int64_t p = 0; p < hw; ++p) {
+        uint32_t bits;
+        std::memcpy(&bits, xs + p, 4);
+        yb[p * C] = xs[p];
+        nonfinite |= (bits & 0x7F800000u) == 0x7F800000u;
+      }
+    }
+  return nonfinite == 0;
 }
 
 namespace {

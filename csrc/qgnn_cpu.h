@@ -21,6 +21,12 @@ struct ArgError : std::invalid_argument {
   using std::invalid_argument::invalid_argument;
 };
 
+// Raised for a caller's values a kernel cannot compute on (NaN / Inf images): the binding
+// maps it to qgnn_deploy._C.InputValueError, which the Python side raises as InputError.
+struct InputValueError : ArgError {
+  using ArgError::ArgError;
+};
+
 // ------------------------------------------------------------------ dispatch
 // Kernel paths, slowest first: the numeric order is the dispatch preference (detected_isa
 // picks the highest one isa_blocker clears). Amx runs the GEMMs on AMX-INT8 tiles and
@@ -364,7 +370,8 @@ void run_float_layer(const FloatLayer& L, const float* x, int64_t rows, const fl
 // ------------------------------------------------------------------ episode glue
 // The non-layer steps of ops/episode_ops.py on raw buffers (row-major, tasks first).
 // Reductions are float64 and rounded once, elementwise arithmetic is float32 IEEE.
-void nchw_to_nhwc(const float* x, int64_t B, int C, int H, int W, float* y);
+// nchw_to_nhwc returns false when x holds a NaN or Inf (it is read anyway: the check is free)
+bool nchw_to_nhwc(const float* x, int64_t B, int C, int H, int W, float* y);
 template <class T>
 void max_pool_nhwc(const T* x, int64_t B, int H, int W, int C, int ks, int stride, int pad, T* y, int nthreads);
 void mean_hw(const float* x, int64_t B, int H, int W, int C, float* y);

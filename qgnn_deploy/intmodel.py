@@ -73,7 +73,7 @@ from torch import nn
 
 from .config import LayerBits, ModelConfig, check_node_bits
 from .errors import ArtifactError, ConfigError
-from .models.qgnn import EpisodeOutput, check_episode, episode_graph, episode_graph_arrays
+from .models.qgnn import EpisodeOutput, check_episode, check_episode_shapes, episode_graph, episode_graph_arrays
 from .ops import registry as qops
 from .ops.episode_ops import TORCH_OPS, f32_conv2d, f32_linear
 from .ops.reference import count_node_widths
@@ -756,21 +756,22 @@ class _EGNNFamily(_Family):
     def output(self, named, config):
         """models.egnn.EGNNOutput: edges per layer [T, 2, N, N] (non-transductive: assembled
         from the query graphs as the float model does, ``assemble_query_graphs``), the query
-        graphs' own edges [T, Q, 2, M, M]."""
+        graphs' own edges [T, Q, 2, M, M]; both built when first read."""
         from .models.egnn import EGNNOutput, assemble_query_graphs
         sims, dsims = named["sim_edges"], named["dsim_edges"]
-        layers = len(sims)
-        # all layers in one stack and one assembly: a dozen torch calls per layer were 20% of
-        # the cpu backend's egnn-tiny episode at T=1
-        both = torch.stack(sims + dsims).unflatten(0, (2, layers))          # [2, L, T, G, M, M]
-        graphs = both.permute(1, 2, 3, 0, 4, 5)                              # [L, T, G, 2, M, M]
-        if config.transductive:
-            edges, query_graphs = list(graphs[:, :, 0].unbind(0)), None
-        else:
-            flat = graphs.flatten(0, 1)                                      # [L*T, Q, 2, M, M]
-            edges = list(assemble_query_graphs(flat, config.num_nodes).unflatten(0, (layers, -1)).unbind(0))
-            query_graphs = list(graphs.unbind(0))
-        return EGNNOutput(named["logits"], edges, named["embeddings"], query_graphs, bool(config.transductive))
+
+        def graphs():
+            # all layers in one stack and one assembly: a dozen torch calls per layer were 20%
+            # of the cpu backend's egnn-tiny episode at T=1
+            layers = len(sims)
+            both = torch.stack(sims + dsims).unflatten(0, (2, layers))          # [2, L, T, G, M, M]
+            per_layer = both.permute(1, 2, 3, 0, 4, 5)                           # [L, T, G, 2, M, M]
+            if config.transductive:
+                return list(per_layer[:, :, 0].unbind(0)), None
+            flat = per_layer.flatten(0, 1)                                       # [L*T, Q, 2, M, M]
+            edges = assemble_query_graphs(flat, config.num_nodes).unflatten(0, (layers, -1))
+            return list(edges.unbind(0)), list(per_layer.unbind(0))
+        return EGNNOutput.deferred(named["logits"], named["embeddings"], bool(config.transductive), graphs)
 
 
 FAMILIES: Dict[str, _Family] = {"dpgn": _DPGNFamily(), "egnn": _EGNNFamily()}
@@ -983,7 +984,8 @@ class IntModel(nn.Module):
         if (self._backend or current_backend()) == "cpu":
             from .backends import cpu as cpu_ops
             cpu_ops.wake_workers()  # the workers' wake-up overlaps the checks
-            check_episode(images, support_labels, self.config)
+            # the plan checks the values: labels once per distinct batch, NaN / Inf natively
+            check_episode_shapes(images, support_labels, self.config)
             return self.compiled().run(images, support_labels)
         check_episode(images, support_labels, self.config)
         graph = self._family.graph(support_labels, self.config, images.device)

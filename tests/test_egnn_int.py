@@ -101,6 +101,7 @@ def test_plan_is_bit_identical_to_the_reference_on_every_isa(bits, zero_point, c
         assert out.logits.shape == (tasks, 5, 5) and len(out.edges) == im.generations == 3
         assert out.edges[0].shape == (tasks, 2, 10, 10) and out.query_graph_edges[0].shape == (tasks, 5, 2, 6, 6)
         assert_identical(out, ref, (cpu_isa, tasks))
+        assert out.edges is out.edges and out.query_graph_edges is out.query_graph_edges  # built once
 
 
 @needs_cpu
@@ -352,6 +353,10 @@ def test_bad_episodes_are_refused():
             run(im, backend, images, labels[:, :4])
         with pytest.raises(InputError, match="lie in"):
             run(im, backend, images, labels + 5)
+        bad = images.clone()
+        bad[1, 9, 2, 31, 31] = float("nan")  # the last value of the batch
+        with pytest.raises(InputError, match="NaN or Inf"):
+            run(im, backend, bad, labels)
 
 
 def test_episode_ops_refuse_wrong_shapes():

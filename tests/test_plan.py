@@ -169,13 +169,25 @@ def test_plan_tasks_axis_is_dynamic_and_shapes_are_checked():
         im(images[:, :-1], labels)
     with pytest.raises(InputError, match="3x32x32"):
         im(torch.zeros(1, model.config.num_nodes, 3, 28, 28), labels[:1])
-    bad = images.clone()
-    bad[0, 0, 0, 0, 0] = float("nan")
-    with pytest.raises(InputError, match="NaN"):
-        im(bad, labels)
-    with pytest.raises(InputError, match="support labels"):
-        im(images, labels + model.config.way)
-    assert im.compiled() is plan  # errors are caught before the plan, which stays valid
+    # NaN / Inf are found by the plan's first step (every value, every task), not in Python
+    for where, value in [((0, 0, 0, 0, 0), "nan"), ((4, -1, 2, 31, 31), "inf"), ((2, 3, 1, 7, 0), "-inf")]:
+        bad = images.clone()
+        bad[where] = float(value)
+        with pytest.raises(InputError, match="images contain NaN or Inf values"):
+            im(bad, labels)
+        with pytest.raises(InputError, match="images contain NaN or Inf values"):
+            im(bad[where[0]:where[0] + 1], labels[where[0]:where[0] + 1])
+    huge = images.double()
+    huge[1, 1, 1, 1, 1] = 1e300  # finite in float64, Inf in the float32 the model computes in
+    with pytest.raises(InputError, match="NaN or Inf"):
+        im(huge, labels)
+    for _ in range(2):  # out-of-range labels are never cached as valid
+        with pytest.raises(InputError, match="support labels"):
+            im(images, labels + model.config.way)
+        with pytest.raises(InputError, match="support labels"):
+            im(images, labels - 1)
+    assert im.compiled() is plan  # a rejected episode leaves the plan valid
+    assert torch.equal(im(images, labels).logits, whole.logits)
 
 
 def test_plan_graph_inputs_are_cached_per_label_batch():

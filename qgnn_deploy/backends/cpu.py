@@ -49,7 +49,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..errors import BackendUnavailableError, KernelArgumentError
+from ..errors import BackendUnavailableError, InputError, KernelArgumentError
 
 Tensor = torch.Tensor
 
@@ -173,6 +173,8 @@ def _call(fn, *args, **kwargs):
     """Call into the extension, turning its argument errors into the package's error type."""
     try:
         return fn(*args, **kwargs)
+    except _ext().InputValueError as e:  # the caller's values (NaN / Inf images), not ours
+        raise InputError(str(e)) from None
     except _ext().KernelArgumentError as e:
         raise KernelArgumentError(str(e)) from None
     except _ext().IsaUnavailableError as e:

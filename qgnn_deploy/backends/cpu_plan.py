@@ -7,8 +7,10 @@
     prof = im.compiled().profile(images, support_labels)   # per-step wall times
 
 The plan (:mod:`qgnn_deploy.plan`) is built once per model and validated once by the
-native side (``_C.Plan``: every buffer, size and layer parameter); a call checks the
-episode (``check_episode``: shapes, dtypes, NaN/Inf, labels) and hands the arrays over.
+native side (``_C.Plan``: every buffer, size and layer parameter). A call's episode is
+checked as ``check_episode`` does, in three places: shapes and dtypes by the caller
+(``IntModel.forward``), the support labels here once per distinct label batch, NaN / Inf
+images by the plan's first step (which reads every value anyway; ``InputError`` either way).
 The native run releases the GIL; concurrent calls are safe (each takes its own arena).
 Threads: :func:`qgnn_deploy.backends.cpu.get_num_threads`.
 """
@@ -19,6 +21,7 @@ from typing import Dict, List
 import numpy as np
 import torch
 
+from ..models.qgnn import check_support_labels
 from . import cpu as cpu_ops
 
 _DTYPE = {"u8": 0, "f32": 1}
@@ -47,7 +50,7 @@ class CpuPlan:
         self.input_ids = self.plan.inputs
         self.family, self.config = model.family_spec, model.config
         self.graph_names = [name for name, _ in self.family.graph_inputs(self.config)]
-        self._graphs: Dict[bytes, Dict[int, np.ndarray]] = {}
+        self._graphs: Dict[tuple, Dict[int, np.ndarray]] = {}
 
     def _graph_feed(self, support_labels: torch.Tensor) -> Dict[int, np.ndarray]:
         """The label-derived plan inputs of these labels, built once per distinct label batch
@@ -55,9 +58,10 @@ class CpuPlan:
         was ~0.1 ms of a 2.5 ms tiny episode). Read-only arrays: the plan never writes its
         inputs, and concurrent callers share them."""
         labels = support_labels.detach().cpu().numpy()
-        key = f"{labels.dtype.str}{labels.shape}".encode() + labels.tobytes()
+        key = (labels.dtype.char, labels.shape, labels.tobytes())
         feed = self._graphs.get(key)
         if feed is None:
+            check_support_labels(labels, self.config.way)  # only valid batches are kept
             graph = self.family.graph_arrays(labels, self.config)
             feed = {self.input_ids[name]: a.reshape(-1) for name, a in zip(self.graph_names, graph)}
             for a in feed.values():

@@ -77,8 +77,9 @@ def episode_graph(support_labels: torch.Tensor, way: int, device=None):
     return tuple(torch.from_numpy(a).to(device) for a in arrays)
 
 
-def check_episode(images: torch.Tensor, support_labels: torch.Tensor, config: ModelConfig) -> None:
-    """Raise :class:`InputError` unless the batch is a valid episode for ``config``."""
+def check_episode_shapes(images: torch.Tensor, support_labels: torch.Tensor, config: ModelConfig) -> None:
+    """Raise :class:`InputError` unless the batch has an episode's types and shapes for ``config``
+    (values unchecked: :func:`check_episode` checks them too)."""
     n, s = config.num_nodes, config.image_size
     if not isinstance(images, torch.Tensor) or images.dim() != 5:
         raise InputError(f"images must be a 5-D tensor [tasks, {n}, 3, {s}, {s}], got "
@@ -90,6 +91,23 @@ def check_episode(images: torch.Tensor, support_labels: torch.Tensor, config: Mo
                          f"({config.num_supports} support + {config.way} query), got {images.shape[1]}")
     if tuple(images.shape[2:]) != (3, s, s):
         raise InputError(f"images must be 3x{s}x{s} for this model, got {tuple(images.shape[2:])}")
+    if not isinstance(support_labels, torch.Tensor) or support_labels.dtype not in (
+            torch.int64, torch.int32) or tuple(support_labels.shape) != (images.shape[0], config.num_supports):
+        got = (f"{support_labels.dtype} {tuple(support_labels.shape)}" if isinstance(support_labels, torch.Tensor)
+               else type(support_labels).__name__)
+        raise InputError(f"support_labels must be int64 [{images.shape[0]}, {config.num_supports}], got {got}")
+
+
+def check_support_labels(labels: np.ndarray, way: int) -> None:
+    """Raise :class:`InputError` unless every support label (int array) lies in [0, way)."""
+    if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= way):
+        raise InputError(f"support labels must lie in [0, {way})")
+
+
+def check_episode(images: torch.Tensor, support_labels: torch.Tensor, config: ModelConfig) -> None:
+    """Raise :class:`InputError` unless the batch is a valid episode for ``config``: types and
+    shapes, finite images, labels in range."""
+    check_episode_shapes(images, support_labels, config)
     # numpy on CPU tensors: single-threaded, and it leaves torch's OpenMP workers asleep
     # (waking them here slowed the compiled plan's own threads that follow)
     finite = (np.isfinite(images.detach().numpy()).all()
@@ -97,15 +115,7 @@ def check_episode(images: torch.Tensor, support_labels: torch.Tensor, config: Mo
               else torch.isfinite(images).all())
     if not bool(finite):
         raise InputError("images contain NaN or Inf values")
-    if not isinstance(support_labels, torch.Tensor) or support_labels.dtype not in (
-            torch.int64, torch.int32) or tuple(support_labels.shape) != (images.shape[0], config.num_supports):
-        got = (f"{support_labels.dtype} {tuple(support_labels.shape)}" if isinstance(support_labels, torch.Tensor)
-               else type(support_labels).__name__)
-        raise InputError(f"support_labels must be int64 [{images.shape[0]}, {config.num_supports}], got {got}")
-    if support_labels.numel():
-        lab = support_labels.detach().cpu().numpy()
-        if int(lab.min()) < 0 or int(lab.max()) >= config.way:
-            raise InputError(f"support labels must lie in [0, {config.way})")
+    check_support_labels(support_labels.detach().cpu().numpy(), config.way)
 
 
 class QGNNModel(nn.Module):
