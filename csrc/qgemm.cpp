@@ -242,6 +242,7 @@ void tile_scalar(const TileArgs& t) {
 
 // ------------------------------------------------------------- drivers
 void rowsums_avx512(const uint8_t* x, int64_t rows, int n, int32_t* out, uint8_t* orv);
+void rowsums_avx2(const uint8_t* x, int64_t rows, int n, int32_t* out, uint8_t* orv);
 void pack_v_avx512(const uint8_t* v, const uint8_t* off, int N, int D, int Kp, int bias, int8_t* wd, int32_t* vs,
                    uint8_t* orv);
 
@@ -251,16 +252,17 @@ using TileFn = void (*)(const TileArgs&);
 
 // The tile of the active ISA path for a GEMM of Kp (padded) codes; throws (on the calling
 // thread, before any worker starts) when QGNN_CPU_ISA names a path this process cannot run.
-TileFn pick_tile(const PackedW& w, int Kp, int a_bits, bool* split) {
-  *split = false;
+TileFn pick_tile(const PackedW& w, int Kp, int a_bits, int* pair_run) {
+  *pair_run = 1;
   const Isa isa = active_isa();
 #if defined(__x86_64__)
   if (isa == Isa::Amx) return Kp >= kAmxMinK ? tile_amx : tile_avx512;
   if (isa == Isa::Avx512Vnni) return tile_avx512;
   if (isa == Isa::AvxVnni) return tile_avxvnni;
   if (isa == Isa::Avx2) {
-    // vpmaddubsw saturates int16 when a pair sum can exceed 32767
-    *split = 2 * ((1 << a_bits) - 1) * (w.bias ? 128 : (1 << w.bits) - 1) > 32767;
+    // |a0 w0 + a1 w1| <= pair; vpmaddubsw saturates int16 when that can exceed 32767
+    const int pair = 2 * ((1 << a_bits) - 1) * (w.bias ? 128 : (1 << w.bits) - 1);
+    *pair_run = 32767 / pair;
     return tile_avx2;
   }
 #endif
@@ -443,7 +445,16 @@ Split pick_split(int64_t M, int Kp, int nblk, int nthreads, double macs, bool am
 
 // Rows [m0, m0 + rows) of a linear layer's input: pointers (read in place, or copied into
 // the zero-padded panel when K is not a multiple of 4), row sums, the OR of the codes.
-void gather_rows(const uint8_t* x, int K, int Kp, int m0, int rows, bool avx512, uint8_t* panel,
+// rows x n bytes -> their sums (and OR into *orv) on the widest vectors of `isa`
+void rowsums(Isa isa, const uint8_t* x, int64_t rows, int n, int32_t* out, uint8_t* orv) {
+#if defined(__x86_64__)
+  if (has_avx512(isa)) return rowsums_avx512(x, rows, n, out, orv);
+  if (isa == Isa::Avx2 || isa == Isa::AvxVnni) return rowsums_avx2(x, rows, n, out, orv);
+#endif
+  for (int64_t r = 0; r < rows; ++r) out[r] = rowsum_u8(x + r * n, n, orv);
+}
+
+void gather_rows(const uint8_t* x, int K, int Kp, int m0, int rows, Isa isa, uint8_t* panel,
                  const uint8_t** pr, int32_t* as, uint8_t* orv) {
   const uint8_t* x0 = x + static_cast<size_t>(m0) * K;
   if (K == Kp) {
@@ -456,13 +467,7 @@ void gather_rows(const uint8_t* x, int K, int Kp, int m0, int rows, bool avx512,
       pr[r] = dst;
     }
   }
-#if defined(__x86_64__)
-  if (avx512) {
-    rowsums_avx512(x0, rows, K, as, orv);
-    return;
-  }
-#endif
-  for (int r = 0; r < rows; ++r) as[r] = rowsum_u8(pr[r], K, orv);
+  rowsums(isa, x0, rows, K, as, orv);
 }
 
 // A linear layer; with S, the layer whose fp32 output is L's residual (a ResNet block's
@@ -473,9 +478,9 @@ void run_linear(const QLayer& L, const uint8_t* x, int M, Epi& e, int nthreads, 
                 const QLayer* S = nullptr, const uint8_t* xs = nullptr) {
   const PackedW& w = *L.w;
   const int K = w.K, Kp = w.Kp, nblk = w.Op / 64, O = w.O;
-  bool split, split_s = false;
-  TileFn tile = pick_tile(w, Kp, L.a_bits, &split);
-  TileFn tile_s = S ? pick_tile(*S->w, S->w->Kp, S->a_bits, &split_s) : nullptr;
+  int run, run_s = 1;
+  TileFn tile = pick_tile(w, Kp, L.a_bits, &run);
+  TileFn tile_s = S ? pick_tile(*S->w, S->w->Kp, S->a_bits, &run_s) : nullptr;
   const int8_t* wt = tile_weights(w, tile);
   const int8_t* wt_s = S ? tile_weights(*S->w, tile_s) : nullptr;
   const int Kmax = S ? std::max(Kp, S->w->Kp) : Kp;
@@ -483,7 +488,7 @@ void run_linear(const QLayer& L, const uint8_t* x, int M, Epi& e, int nthreads, 
   const bool amx = tile == tile_amx || tile_s == tile_amx;
   const Split sp = pick_split(M, Kmax, nblk, nthreads, macs, amx);
   const int mb = sp.mb;
-  const bool avx512 = has_avx512(active_isa());
+  const Isa isa = active_isa();
   std::vector<std::unique_ptr<AlignedBuf>> panels, scratch, apanels;
   std::vector<std::vector<int32_t>> ass(sp.nt, std::vector<int32_t>(mb));
   std::vector<std::vector<const uint8_t*>> ptrs(sp.nt, std::vector<const uint8_t*>(mb));
@@ -501,8 +506,8 @@ void run_linear(const QLayer& L, const uint8_t* x, int M, Epi& e, int nthreads, 
     const int m0 = static_cast<int>(ti) * mb, rows = std::min(mb, M - m0);
     uint8_t* ap = amx ? apanels[tid]->p : nullptr;
     if (!S) {
-      gather_rows(x, K, Kp, m0, rows, avx512, panels[tid]->p, pr, as, &orvs[tid]);
-      TileArgs t{pr, 1, Kp / 4, rows, m0, wt, Kp, ob0, nb, O, as, nullptr, &e, split, ap};
+      gather_rows(x, K, Kp, m0, rows, isa, panels[tid]->p, pr, as, &orvs[tid]);
+      TileArgs t{pr, 1, Kp / 4, rows, m0, wt, Kp, ob0, nb, O, as, nullptr, &e, run, ap};
       tile(t);
       return;
     }
@@ -511,15 +516,15 @@ void run_linear(const QLayer& L, const uint8_t* x, int M, Epi& e, int nthreads, 
     const PackedW& ws = *S->w;
     Epi es = S->epi;
     es.out_f = res;
-    gather_rows(xs, ws.K, ws.Kp, m0, rows, avx512, panels[tid]->p, pr, as, &orvs_s[tid]);
-    TileArgs ts{pr, 1, ws.Kp / 4, rows, 0, wt_s, ws.Kp, ob0, nb, O, as, nullptr, &es, split_s, ap};
+    gather_rows(xs, ws.K, ws.Kp, m0, rows, isa, panels[tid]->p, pr, as, &orvs_s[tid]);
+    TileArgs ts{pr, 1, ws.Kp / 4, rows, 0, wt_s, ws.Kp, ob0, nb, O, as, nullptr, &es, run_s, ap};
     tile_s(ts);
     Epi el = e;
     el.residual = res;
     if (el.out_f) el.out_f += static_cast<int64_t>(m0) * O;
     for (int k = 0; k < el.rq.nq; ++k) el.rq.out_q[k] += static_cast<int64_t>(m0) * O;
-    gather_rows(x, K, Kp, m0, rows, avx512, panels[tid]->p, pr, as, &orvs[tid]);
-    TileArgs t{pr, 1, Kp / 4, rows, 0, wt, Kp, ob0, nb, O, as, nullptr, &el, split, ap};
+    gather_rows(x, K, Kp, m0, rows, isa, panels[tid]->p, pr, as, &orvs[tid]);
+    TileArgs t{pr, 1, Kp / 4, rows, 0, wt, Kp, ob0, nb, O, as, nullptr, &el, run, ap};
     tile(t);
   });
   uint8_t orv_all = 0, orv_s = 0;
@@ -536,9 +541,10 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
   const int P = Ho * Wo, K = ks * ks * C, Kp = w.Kp, taps = ks * ks, nblk = w.Op / 64;
   const int64_t M = static_cast<int64_t>(B) * P;
   const int64_t npix = static_cast<int64_t>(B) * H * W;
-  bool split;
-  TileFn tile = pick_tile(w, Kp, L.a_bits, &split);
+  int run;
+  TileFn tile = pick_tile(w, Kp, L.a_bits, &run);
   const bool amx = tile == tile_amx;
+  const Isa isa = active_isa();
   const int8_t* wt = tile_weights(w, tile);
   const Split sp = pick_split(M, Kp, nblk, nthreads, double(M) * Kp * w.Op, amx);
   // per-pixel code sums (AS of a row = sum over its valid taps) and the code-range check,
@@ -552,14 +558,7 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
   parallel_for(pass_nt, npch, [&](int64_t ci, int) {
     const int64_t p0 = ci * pchunk, p1 = std::min(npix, p0 + pchunk);
     uint8_t o = 0;
-#if defined(__x86_64__)
-    if (has_avx512(active_isa())) {
-      rowsums_avx512(x + p0 * C, p1 - p0, C, psum.data() + p0, &o);
-      porv[ci] = o;
-      return;
-    }
-#endif
-    for (int64_t q = p0; q < p1; ++q) psum[q] = rowsum_u8(x + q * C, C, &o);
+    rowsums(isa, x + p0 * C, p1 - p0, C, psum.data() + p0, &o);
     porv[ci] = o;
   });
   uint8_t orv_all = 0;
@@ -687,7 +686,7 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
       }
     }
     TileArgs t{pr, direct ? taps : 1, direct ? C / 4 : Kp / 4, rows, static_cast<int>(m0), wt, Kp, ob0,
-               std::min(sp.bpg, nblk - ob0), w.O, asum.data() + m0, rp, &e, split, amx ? apanels[tid]->p : nullptr,
+               std::min(sp.bpg, nblk - ob0), w.O, asum.data() + m0, rp, &e, run, amx ? apanels[tid]->p : nullptr,
                inplace ? &ac : nullptr};
     tile(t);
   });
@@ -740,8 +739,8 @@ void qbmm(const uint8_t* a, const uint8_t* v, const uint8_t* v_off, int T, int N
   PackedW dummy;
   dummy.bits = v_bits;
   dummy.bias = bias;
-  bool split;
-  TileFn tile = pick_tile(dummy, Kp, a_bits, &split);
+  int run;
+  TileFn tile = pick_tile(dummy, Kp, a_bits, &run);
   const bool amx = tile == tile_amx;
   std::vector<std::unique_ptr<AlignedBuf>> panels, wbufs, apanels, wtiles;
   std::vector<std::vector<int32_t>> ass(nt, std::vector<int32_t>(N)), vss(nt, std::vector<int32_t>(D));
@@ -818,7 +817,7 @@ void qbmm(const uint8_t* a, const uint8_t* v, const uint8_t* v_off, int T, int N
       amx_tiles(wd, Kp, Op, reinterpret_cast<int8_t*>(wtiles[tid]->p));
       wt = reinterpret_cast<int8_t*>(wtiles[tid]->p);
     }
-    TileArgs ta{pr, 1, Kp / 4, N, 0, wt, Kp, 0, Op / 64, D, as.data(), nullptr, &e, split, amx ? apanels[tid]->p : nullptr};
+    TileArgs ta{pr, 1, Kp / 4, N, 0, wt, Kp, 0, Op / 64, D, as.data(), nullptr, &e, run, amx ? apanels[tid]->p : nullptr};
     tile(ta);
   });
   uint8_t ora = 0, orv = 0;
@@ -831,10 +830,11 @@ void qbmm(const uint8_t* a, const uint8_t* v, const uint8_t* v_off, int T, int N
 
 // ------------------------------------------------------------- quantize
 int64_t quantize_avx512(const float* x, int64_t n, float l, float s, float qmax, uint8_t* out);
+int64_t quantize_avx2(const float* x, int64_t n, float l, float s, float qmax, uint8_t* out);
 
 int64_t quantize(const float* x, int64_t n, float l, float s, int bits, uint8_t* out, int nthreads) {
   const float qmax = static_cast<float>((1 << bits) - 1);
-  const bool simd = has_avx512(active_isa());
+  const Isa isa = active_isa();
   const int64_t chunk = 1 << 16;
   const int64_t nch = (n + chunk - 1) / chunk;
   const int nt = n < (1 << 18) ? 1 : std::max(1, nthreads);
@@ -842,8 +842,12 @@ int64_t quantize(const float* x, int64_t n, float l, float s, int bits, uint8_t*
   parallel_for(nt, nch, [&](int64_t c, int) {
     const int64_t i0 = c * chunk, i1 = std::min(n, i0 + chunk);
 #if defined(__x86_64__)
-    if (simd) {
+    if (has_avx512(isa)) {
       bads[c] = quantize_avx512(x + i0, i1 - i0, l, s, qmax, out + i0);
+      return;
+    }
+    if (isa == Isa::Avx2 || isa == Isa::AvxVnni) {
+      bads[c] = quantize_avx2(x + i0, i1 - i0, l, s, qmax, out + i0);
       return;
     }
 #endif

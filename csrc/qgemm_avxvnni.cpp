@@ -19,6 +19,7 @@ namespace qgnn {
 namespace {
 
 struct Dpbusd {
+  static constexpr bool kWiden = false;
   static __m256i step(__m256i acc, __m256i a, __m256i w) { return _mm256_dpbusd_avx_epi32(acc, a, w); }
 };
 

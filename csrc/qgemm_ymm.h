@@ -1,7 +1,7 @@
 // 256-bit (ymm) register tile shared by the AVX2 and AVX-VNNI translation units: R rows x
-// 16 columns of int32 accumulators (two ymm per row, 16 registers in all), the int8
-// products supplied by the including file's Mac, the fp32 epilogue on 8 columns at a
-// time in ref_epilogue's order.
+// 16 columns of int32 accumulators (two ymm per row), or of int16 partial sums plus the
+// int32 sums they are widened into, the int8 products supplied by the including file's
+// Mac, the fp32 epilogue on 8 columns at a time in ref_epilogue's order.
 //
 // Include it after the file's `#pragma GCC target` (so this code is compiled for that
 // target) and after <immintrin.h> / qgnn_cpu.h. Everything here has internal linkage: the
@@ -84,13 +84,23 @@ inline void epi8(const EpiY& e, const EpiRow& rw, int64_t m, int o, __m256i acc)
 }
 
 // R rows x 16 columns [oc, oc+16) of the 64-column weight block wb (ocb: oc within it).
-// Mac::step(acc, a, w) adds, per int32 lane, the 4 products of a's uint8 codes and w's int8.
+// Mac::step(acc, a, w) adds the products of a's uint8 codes and w's int8 to acc: per int32
+// lane all 4 of them, or, for a Mac with kWiden, per int16 lane a pair (int16 partial sums,
+// widened into int32 sums after every t.pair_run steps, before they can overflow).
 template <class Mac, int R>
 inline void ymm_block(const TileArgs& t, const int8_t* wb, int r0, int ocb, int oc) {
-  __m256i acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  __m256i acc[R][2], sum[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = sum[r][0] = sum[r][1] = _mm256_setzero_si256();
+  const auto widen = [&] {
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < 2; ++j) {
+        sum[r][j] = _mm256_add_epi32(sum[r][j], _mm256_madd_epi16(acc[r][j], _mm256_set1_epi16(1)));
+        acc[r][j] = _mm256_setzero_si256();
+      }
+  };
   const uint8_t* const* P = t.ptrs + static_cast<size_t>(r0) * t.taps;
   const int8_t* w = wb + ocb * 4;
+  int left = t.pair_run;
   for (int tap = 0; tap < t.taps; ++tap) {
     const uint8_t* p[R];
     for (int r = 0; r < R; ++r) p[r] = P[r * t.taps + tap];
@@ -102,7 +112,17 @@ inline void ymm_block(const TileArgs& t, const int8_t* wb, int r0, int ocb, int 
         acc[r][0] = Mac::step(acc[r][0], av, w0);
         acc[r][1] = Mac::step(acc[r][1], av, w1);
       }
+      if constexpr (Mac::kWiden) {
+        if (--left == 0) {
+          widen();
+          left = t.pair_run;
+        }
+      }
     }
+  }
+  if constexpr (Mac::kWiden) {
+    widen();
+    for (int r = 0; r < R; ++r) acc[r][0] = sum[r][0], acc[r][1] = sum[r][1];
   }
   const Epi& e = *t.e;
   const EpiY ey(e);

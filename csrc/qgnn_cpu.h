@@ -224,7 +224,10 @@ struct TileArgs {
   const int32_t* as;     // [rows] activation sums
   const int32_t* rpat;   // [rows] border pattern of each row (== e->pid[m % P]), or null: 0
   const Epi* e;
-  bool split;            // AVX2 only: activations split in nibbles (8-bit x 8-bit saturation)
+  // AVX2 only (pick_tile): how many consecutive vpmaddubsw int16 pair sums one int16 lane
+  // can add without overflow before they are widened to int32; 0: a pair sum itself could
+  // saturate (8-bit x 8-bit), so the activations go in as two nibbles
+  int pair_run;
   // AMX only: scratch of amx_panel_bytes(rows, Kp) bytes, 64-byte aligned; and for a conv
   // whose A tiles are read in place from its padded input (ptrs unused), that input
   uint8_t* apanel = nullptr;

@@ -100,6 +100,39 @@ def test_qlinear_exact(cpu_isa, threads, wb, ab, m, k, o):
     assert_codes_equal(cpu.cpu_qlinear(*args, **kw, **q), R.ref_qlinear(*args, **kw, **q))
 
 
+def _pair_run(wb, ab):
+    """AVX2's int16 pair sums per widening (pick_tile): |a0 w0 + a1 w1| <= 2 amax wmax."""
+    return 32767 // (2 * (2 ** ab - 1) * (128 if wb == 8 else 2 ** wb - 1))
+
+
+@pytest.mark.parametrize("wb,ab", [(2, 2), (3, 3), (4, 4), (4, 8), (8, 4), (8, 8)])
+def test_linear_acc_at_the_int16_pair_sum_bound(cpu_isa, wb, ab):
+    # every activation at its maximum and weights at both extremes (8-bit weights go in as
+    # code - 128, so code 0 is the largest magnitude), K long enough that the AVX2 tile
+    # widens its int16 pair sums mid-row more than once (2 x 2: every 7280 codes)
+    run = max(_pair_run(wb, ab), 1)
+    m, k, o = 5, 4 * run * 5 // 2 + 5, 20
+    x = torch.full((m, k), 2 ** ab - 1, dtype=torch.uint8)
+    wc = torch.full((o, k), 2 ** wb - 1, dtype=torch.uint8)
+    wc[1::2] = 0 if wb == 8 else 2 ** wb - 1
+    wc[3, ::3] = 0  # a mixed column
+    x[4] = codes((k,), ab)  # and a random row
+    acc, as_ = cpu.cpu_linear_acc(x, pack_codes(wc, wb), wb, ab)
+    racc, ras, _ = R.ref_linear_acc(x, wc)
+    assert torch.equal(acc, racc) and torch.equal(as_, ras)
+
+
+def test_qconv2d_widens_mid_kernel_at_the_bound(cpu_isa):
+    # 4-bit x 4-bit, C = 40: K = 360 codes, more than the 288 one widening covers, so the
+    # AVX2 tile widens inside a kernel window (between taps); maximal codes
+    x = torch.full((1, 5, 6, 40), 15, dtype=torch.uint8)
+    x[0, 2] = codes((6, 40), 4)
+    wc = torch.full((33, 9 * 40), 15, dtype=torch.uint8)
+    acc, as_ = cpu.cpu_conv2d_acc(x, pack_codes(wc, 4), 4, 3, 1, 1, 4)
+    racc, ras, _, _ = R.ref_conv2d_acc(x, wc, 3, 3, 1, 1)
+    assert torch.equal(acc, racc) and torch.equal(as_, ras)
+
+
 # ------------------------------------------------------------------ conv
 
 CONV_GEOMS = [(3, 1, 1), (1, 1, 0), (3, 2, 1), (1, 2, 0), (3, 1, 0), (3, 2, 0)]

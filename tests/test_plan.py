@@ -137,6 +137,23 @@ def test_plan_on_every_isa_and_thread_count(zero_point):
         cpu_backend.set_num_threads(None)
 
 
+@pytest.mark.parametrize("width", [8, 12, 24, 32])
+def test_plan_fp32_stem_widths_on_every_isa(width):
+    """Stem widths whose float64 sums take each multi-pixel kernel (1 to 4 vectors per pixel,
+    by the ISA's lanes; 12 outputs pad to 16) against the reference, on every ISA path."""
+    model = model_for(4, widths=(width, 16, 16, 16))
+    im = fold(model)
+    images, labels = calibration_episodes(model.config, tasks=1, seed=13)
+    want = run(im, "reference", images, labels)
+    im.backend = "cpu"
+    try:
+        for isa in cpu_backend.available_isas():
+            cpu_backend.force_isa(isa)
+            assert outputs_equal(want, im(images, labels)), isa
+    finally:
+        cpu_backend.force_isa(None)
+
+
 def test_plan_workers_stay_awake_only_while_a_run_lasts():
     """A run keeps its workers polling between steps; afterwards they poll for the spin
     budget (200 us) and sleep: the idle process then burns no CPU."""
