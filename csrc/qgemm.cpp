@@ -86,6 +86,15 @@ void prepack(const uint8_t* packed, int O, int K, int bits, int taps, PackedW* w
     w->wsum[o] = s;
   }
   // padded columns o >= O: zeros (never stored)
+  if (detected_isa() == Isa::Avx2 || detected_isa() == Isa::AvxVnni) {
+    w->ymm.resize(w->data.size());
+    const size_t group = static_cast<size_t>(w->Kp) * 16;  // one 16-column group's K run
+    for (int ob = 0; ob < w->Op / 64; ++ob)
+      for (int q = 0; q < 4; ++q)
+        for (int k4 = 0; k4 < w->Kp / 4; ++k4)
+          std::memcpy(w->ymm.data() + (static_cast<size_t>(ob) * 4 + q) * group + static_cast<size_t>(k4) * 64,
+                      w->data.data() + static_cast<size_t>(ob) * w->Kp * 64 + static_cast<size_t>(k4) * 256 + q * 64, 64);
+  }
   if (w->Kp >= kAmxMinK && isa_blocker(Isa::Amx).empty()) {
     w->amx.assign(static_cast<size_t>(w->Op) * amx_kq(w->Kp), 0);
     amx_tiles(w->data.data(), w->Kp, w->Op, w->amx.data());
@@ -270,8 +279,10 @@ TileFn pick_tile(const PackedW& w, int Kp, int a_bits, int* pair_run) {
   return tile_scalar;
 }
 
-// the weights in the layout `tile` reads
-const int8_t* tile_weights(const PackedW& w, TileFn tile) {
+// the weights in the layout `tile` reads (*ymm: in PackedW::ymm's)
+const int8_t* tile_weights(const PackedW& w, TileFn tile, bool* ymm) {
+  *ymm = (tile == tile_avx2 || tile == tile_avxvnni) && !w.ymm.empty();
+  if (*ymm) return w.ymm.data();
   if (tile != tile_amx) return w.data.data();
   if (w.amx.empty()) throw ArgError("these weights were packed without AMX tiles");  // prepack builds them
   return w.amx.data();
@@ -481,8 +492,9 @@ void run_linear(const QLayer& L, const uint8_t* x, int M, Epi& e, int nthreads, 
   int run, run_s = 1;
   TileFn tile = pick_tile(w, Kp, L.a_bits, &run);
   TileFn tile_s = S ? pick_tile(*S->w, S->w->Kp, S->a_bits, &run_s) : nullptr;
-  const int8_t* wt = tile_weights(w, tile);
-  const int8_t* wt_s = S ? tile_weights(*S->w, tile_s) : nullptr;
+  bool ymm, ymm_s = false;
+  const int8_t* wt = tile_weights(w, tile, &ymm);
+  const int8_t* wt_s = S ? tile_weights(*S->w, tile_s, &ymm_s) : nullptr;
   const int Kmax = S ? std::max(Kp, S->w->Kp) : Kp;
   const double macs = double(M) * w.Op * (Kp + (S ? S->w->Kp : 0));
   const bool amx = tile == tile_amx || tile_s == tile_amx;
@@ -508,6 +520,7 @@ void run_linear(const QLayer& L, const uint8_t* x, int M, Epi& e, int nthreads, 
     if (!S) {
       gather_rows(x, K, Kp, m0, rows, isa, panels[tid]->p, pr, as, &orvs[tid]);
       TileArgs t{pr, 1, Kp / 4, rows, m0, wt, Kp, ob0, nb, O, as, nullptr, &e, run, ap};
+      t.ymm_layout = ymm;
       tile(t);
       return;
     }
@@ -518,6 +531,7 @@ void run_linear(const QLayer& L, const uint8_t* x, int M, Epi& e, int nthreads, 
     es.out_f = res;
     gather_rows(xs, ws.K, ws.Kp, m0, rows, isa, panels[tid]->p, pr, as, &orvs_s[tid]);
     TileArgs ts{pr, 1, ws.Kp / 4, rows, 0, wt_s, ws.Kp, ob0, nb, O, as, nullptr, &es, run_s, ap};
+    ts.ymm_layout = ymm_s;
     tile_s(ts);
     Epi el = e;
     el.residual = res;
@@ -525,6 +539,7 @@ void run_linear(const QLayer& L, const uint8_t* x, int M, Epi& e, int nthreads, 
     for (int k = 0; k < el.rq.nq; ++k) el.rq.out_q[k] += static_cast<int64_t>(m0) * O;
     gather_rows(x, K, Kp, m0, rows, isa, panels[tid]->p, pr, as, &orvs[tid]);
     TileArgs t{pr, 1, Kp / 4, rows, 0, wt, Kp, ob0, nb, O, as, nullptr, &el, run, ap};
+    t.ymm_layout = ymm;
     tile(t);
   });
   uint8_t orv_all = 0, orv_s = 0;
@@ -545,7 +560,8 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
   TileFn tile = pick_tile(w, Kp, L.a_bits, &run);
   const bool amx = tile == tile_amx;
   const Isa isa = active_isa();
-  const int8_t* wt = tile_weights(w, tile);
+  bool ymm;
+  const int8_t* wt = tile_weights(w, tile, &ymm);
   const Split sp = pick_split(M, Kp, nblk, nthreads, double(M) * Kp * w.Op, amx);
   // per-pixel code sums (AS of a row = sum over its valid taps) and the code-range check,
   // one pass over the input instead of one per tap
@@ -688,6 +704,7 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
     TileArgs t{pr, direct ? taps : 1, direct ? C / 4 : Kp / 4, rows, static_cast<int>(m0), wt, Kp, ob0,
                std::min(sp.bpg, nblk - ob0), w.O, asum.data() + m0, rp, &e, run, amx ? apanels[tid]->p : nullptr,
                inplace ? &ac : nullptr};
+    t.ymm_layout = ymm;
     tile(t);
   });
 }

@@ -37,49 +37,94 @@ struct EpiY {
         has_slope(e.has_slope), zrem(e.zero_rem) {}
 };
 
-// 8 full columns [o, o+8) of row m, order as ref_epilogue
-inline void epi8(const EpiY& e, const EpiRow& rw, int64_t m, int o, __m256i acc) {
+// The column operands of 8 full columns [o, o+8), loaded once per tile block: the code
+// stores may alias anything, so operands re-read per row were loaded again after every store.
+struct Cols8 {
+  __m256i nzw;
+  __m256 c1, c3, ps, sh;
+};
+inline Cols8 load_cols8(const EpiY& e, int o) {
+  Cols8 c;
+  c.nzw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e.nzw + o));
+  c.c1 = _mm256_loadu_ps(e.c1 + o);
+  c.c3 = e.zrem ? _mm256_setzero_ps() : _mm256_loadu_ps(e.c3 + o);
+  c.ps = e.post_scale ? _mm256_loadu_ps(e.post_scale + o) : _mm256_setzero_ps();
+  c.sh = e.post_shift ? _mm256_loadu_ps(e.post_shift + o) : _mm256_setzero_ps();
+  return c;
+}
+
+// y of 8 full columns [o, o+8) of row m, order as ref_epilogue (acc_out written here)
+inline __m256 epi8_value(const EpiY& e, const Cols8& c, const EpiRow& rw, int64_t m, int o, __m256i acc) {
   const int64_t base = m * e.O + o;
   const __m256i asv = _mm256_set1_epi32(rw.as);
   if (e.acc_out)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(e.acc_out + base), _mm256_add_epi32(acc, _mm256_set1_epi32(e.wbias * rw.as)));
   // ACC' = ACC + (wbias - zw)*AS - za*WS'   (int32, wrapping like the reference's int32)
-  acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(e.nzw + o)), asv));
+  acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(c.nzw, asv));
   acc = _mm256_sub_epi32(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rw.zws + o)));
-  __m256 y = _mm256_mul_ps(_mm256_loadu_ps(e.c1 + o), _mm256_cvtepi32_ps(acc));
+  __m256 y = _mm256_mul_ps(c.c1, _mm256_cvtepi32_ps(acc));
   if (!e.zrem) {  // the remainder terms (signed zeros for code outputs of a snapped layer)
     const __m256 t2 = _mm256_loadu_ps(rw.t2 + o);
-    const __m256 t3 = _mm256_mul_ps(_mm256_loadu_ps(e.c3 + o), _mm256_set1_ps(rw.asp));
+    const __m256 t3 = _mm256_mul_ps(c.c3, _mm256_set1_ps(rw.asp));
     y = e.as_first ? _mm256_add_ps(_mm256_add_ps(y, t3), t2) : _mm256_add_ps(_mm256_add_ps(y, t2), t3);
     y = _mm256_add_ps(y, _mm256_loadu_ps(rw.t4 + o));
   }
-  if (e.post_scale) y = _mm256_mul_ps(y, _mm256_loadu_ps(e.post_scale + o));
-  if (e.post_shift) y = _mm256_add_ps(y, _mm256_loadu_ps(e.post_shift + o));
+  if (e.post_scale) y = _mm256_mul_ps(y, c.ps);
+  if (e.post_shift) y = _mm256_add_ps(y, c.sh);
   if (e.residual) y = _mm256_add_ps(y, _mm256_loadu_ps(e.residual + base));
   if (e.has_slope) {
     const __m256 pos = _mm256_cmp_ps(y, _mm256_setzero_ps(), _CMP_GE_OQ);
     y = _mm256_blendv_ps(_mm256_mul_ps(y, _mm256_set1_ps(e.slope)), y, pos);
   }
-  if (e.rq.nq) {
-    // rne((y - l) / s) via the reciprocal, lanes within 1e-4 of a half-integer redone with
-    // the exact division: the argument of epi16 in qgemm_avx512.cpp
-    for (int k = 0; k < e.rq.nq; ++k) {
-      const __m256 num = _mm256_sub_ps(y, _mm256_set1_ps(e.rq.out_l[k]));
-      __m256 u = _mm256_mul_ps(num, _mm256_set1_ps(e.rq.inv_out_s[k]));
-      const __m256 frac = _mm256_sub_ps(u, _mm256_round_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-      const __m256 absfrac = _mm256_andnot_ps(_mm256_set1_ps(-0.f), frac);
-      const __m256 near = _mm256_cmp_ps(absfrac, _mm256_set1_ps(0.4999f), _CMP_GT_OQ);
-      if (!_mm256_testz_ps(near, near)) u = _mm256_blendv_ps(u, _mm256_div_ps(num, _mm256_set1_ps(e.rq.out_s[k])), near);
-      u = _mm256_round_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      u = _mm256_max_ps(u, _mm256_setzero_ps());  // NaN in the first operand -> 0
-      u = _mm256_min_ps(u, _mm256_set1_ps(e.rq.qmax[k]));
-      const __m256i q = _mm256_cvttps_epi32(u);                      // 8 x int32 in 0..255
-      const __m128i w16 = _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
-      const __m128i b8 = _mm_packus_epi16(w16, w16);
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(e.rq.out_q[k] + base), b8);
-    }
-  } else {
+  return y;
+}
+
+// the codes clamp(rne((y - l_k) / s_k), 0, qmax_k) of quantizer k as int32 lanes: the
+// quotient by the reciprocal, lanes within 1e-4 of a half-integer redone with the exact
+// division (the argument of epi16 in qgemm_avx512.cpp)
+inline __m256i requant8(const EpiY& e, int k, __m256 y) {
+  const __m256 num = _mm256_sub_ps(y, _mm256_set1_ps(e.rq.out_l[k]));
+  __m256 u = _mm256_mul_ps(num, _mm256_set1_ps(e.rq.inv_out_s[k]));
+  const __m256 frac = _mm256_sub_ps(u, _mm256_round_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  const __m256 absfrac = _mm256_andnot_ps(_mm256_set1_ps(-0.f), frac);
+  const __m256 near = _mm256_cmp_ps(absfrac, _mm256_set1_ps(0.4999f), _CMP_GT_OQ);
+  if (!_mm256_testz_ps(near, near)) u = _mm256_blendv_ps(u, _mm256_div_ps(num, _mm256_set1_ps(e.rq.out_s[k])), near);
+  u = _mm256_round_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  u = _mm256_max_ps(u, _mm256_setzero_ps());  // NaN in the first operand -> 0
+  u = _mm256_min_ps(u, _mm256_set1_ps(e.rq.qmax[k]));
+  return _mm256_cvttps_epi32(u);  // 8 x int32 in 0..255
+}
+
+// 8 full columns [o, o+8) of row m
+inline void epi8(const EpiY& e, const Cols8& c, const EpiRow& rw, int64_t m, int o, __m256i acc) {
+  const int64_t base = m * e.O + o;
+  const __m256 y = epi8_value(e, c, rw, m, o, acc);
+  if (!e.rq.nq) {
     _mm256_storeu_ps(e.out_f + base, y);
+    return;
+  }
+  for (int k = 0; k < e.rq.nq; ++k) {
+    const __m256i q = requant8(e, k, y);
+    const __m128i w16 = _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(e.rq.out_q[k] + base), _mm_packus_epi16(w16, w16));
+  }
+}
+
+// 16 full columns [o, o+16) of row m: both halves' codes packed and stored at once
+inline void epi16(const EpiY& e, const Cols8 (&c)[2], const EpiRow& rw, int64_t m, int o, __m256i acc0,
+                  __m256i acc1) {
+  const int64_t base = m * e.O + o;
+  const __m256 y0 = epi8_value(e, c[0], rw, m, o, acc0), y1 = epi8_value(e, c[1], rw, m, o + 8, acc1);
+  if (!e.rq.nq) {
+    _mm256_storeu_ps(e.out_f + base, y0);
+    _mm256_storeu_ps(e.out_f + base + 8, y1);
+    return;
+  }
+  for (int k = 0; k < e.rq.nq; ++k) {
+    // packus works per 128-bit lane: [q0 lo, q1 lo, q0 hi, q1 hi] -> columns in order
+    const __m256i w16 = _mm256_permute4x64_epi64(_mm256_packus_epi32(requant8(e, k, y0), requant8(e, k, y1)), 0xD8);
+    const __m128i b8 = _mm_packus_epi16(_mm256_castsi256_si128(w16), _mm256_extracti128_si256(w16, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(e.rq.out_q[k] + base), b8);
   }
 }
 
@@ -99,12 +144,14 @@ inline void ymm_block(const TileArgs& t, const int8_t* wb, int r0, int ocb, int 
       }
   };
   const uint8_t* const* P = t.ptrs + static_cast<size_t>(r0) * t.taps;
-  const int8_t* w = wb + ocb * 4;
+  // the group's 64 bytes per k4: contiguous (PackedW::ymm) or 256 apart (PackedW::data)
+  const int8_t* w = wb + (t.ymm_layout ? ocb * t.Kp : ocb * 4);
+  const int wstep = t.ymm_layout ? 64 : 256;
   int left = t.pair_run;
   for (int tap = 0; tap < t.taps; ++tap) {
     const uint8_t* p[R];
     for (int r = 0; r < R; ++r) p[r] = P[r * t.taps + tap];
-    for (int c4 = 0; c4 < t.c4n; ++c4, w += 256) {
+    for (int c4 = 0; c4 < t.c4n; ++c4, w += wstep) {
       const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
       const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32));
       for (int r = 0; r < R; ++r) {
@@ -126,6 +173,15 @@ inline void ymm_block(const TileArgs& t, const int8_t* wb, int r0, int ocb, int 
   }
   const Epi& e = *t.e;
   const EpiY ey(e);
+  if (oc + 16 <= e.O) {
+    const Cols8 c[2] = {load_cols8(ey, oc), load_cols8(ey, oc + 8)};
+    for (int r = 0; r < R; ++r) {
+      const int64_t m = static_cast<int64_t>(t.m0) + r0 + r;
+      const EpiRow rw = epi_row(e, t.rpat ? t.rpat[r0 + r] : 0, t.as[r0 + r]);
+      epi16(ey, c, rw, m, oc, acc[r][0], acc[r][1]);
+    }
+    return;
+  }
   for (int r = 0; r < R; ++r) {
     const int64_t m = static_cast<int64_t>(t.m0) + r0 + r;
     const int32_t as = t.as[r0 + r];
@@ -133,7 +189,7 @@ inline void ymm_block(const TileArgs& t, const int8_t* wb, int r0, int ocb, int 
     for (int j = 0; j < 2; ++j) {
       const int o = oc + 8 * j;
       if (o + 8 <= e.O) {
-        epi8(ey, rw, m, o, acc[r][j]);
+        epi8(ey, load_cols8(ey, o), rw, m, o, acc[r][j]);
       } else if (o < e.O) {
         alignas(32) int32_t tmp[8];
         _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), acc[r][j]);

@@ -102,10 +102,17 @@ struct Aligned64 {
 //
 //   amx[ob][j][k][r][c][i] = data[ob][16k + r][16j + c][i]     j < 4 column tiles of 16,
 //   k < Kq/64 chunks of 64 K codes, r < 16 k4-rows, c < 16, i < 4; k4-rows >= Kp/4 are 0
+//
+// Where the CPU's own path is a 256-bit one (AVX2, AVX-VNNI), also as that tile streams them,
+// each 16-column group's K run contiguous (read in place, a group's 64 bytes per k4 lie
+// 256 bytes apart: only a quarter of the L1 sets hold a group, which missed from K ~ 512):
+//
+//   ymm[ob][q][k4][c][j] = data[ob][k4][16q + c][j]     q < 4 groups of 16 columns, c < 16
 struct PackedW {
   int O = 0, K = 0, Kp = 0, Op = 0, bits = 0, taps = 1, bias = 0;
   std::vector<int8_t, Aligned64<int8_t>> data;   // Op/64 * Kp/4 * 256, 64-byte aligned
   std::vector<int8_t, Aligned64<int8_t>> amx;    // Op * Kq (Kq = Kp rounded up to 64), or empty
+  std::vector<int8_t, Aligned64<int8_t>> ymm;    // Op * Kp, or empty
   std::vector<int32_t> wsum;     // [O] sum_k code
   std::vector<int32_t> tapsum;   // [O][taps] per kernel tap (conv border WS)
 };
@@ -232,6 +239,9 @@ struct TileArgs {
   // whose A tiles are read in place from its padded input (ptrs unused), that input
   uint8_t* apanel = nullptr;
   const AmxConv* conv = nullptr;
+  // AVX2 / AVX-VNNI only: wdata in PackedW::ymm's layout (else data's: qbmm's run-time V,
+  // or weights packed where the CPU's own path is not a 256-bit one)
+  bool ymm_layout = false;
 };
 
 void tile_scalar(const TileArgs& t);
