@@ -454,8 +454,6 @@ Split pick_split(int64_t M, int Kp, int nblk, int nthreads, double macs, bool am
   return s;
 }
 
-// Rows [m0, m0 + rows) of a linear layer's input: pointers (read in place, or copied into
-// the zero-padded panel when K is not a multiple of 4), row sums, the OR of the codes.
 // rows x n bytes -> their sums (and OR into *orv) on the widest vectors of `isa`
 void rowsums(Isa isa, const uint8_t* x, int64_t rows, int n, int32_t* out, uint8_t* orv) {
 #if defined(__x86_64__)
@@ -465,6 +463,8 @@ void rowsums(Isa isa, const uint8_t* x, int64_t rows, int n, int32_t* out, uint8
   for (int64_t r = 0; r < rows; ++r) out[r] = rowsum_u8(x + r * n, n, orv);
 }
 
+// Rows [m0, m0 + rows) of a linear layer's input: pointers (read in place, or copied into
+// the zero-padded panel when K is not a multiple of 4), row sums, the OR of the codes.
 void gather_rows(const uint8_t* x, int K, int Kp, int m0, int rows, Isa isa, uint8_t* panel,
                  const uint8_t** pr, int32_t* as, uint8_t* orv) {
   const uint8_t* x0 = x + static_cast<size_t>(m0) * K;

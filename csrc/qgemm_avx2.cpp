@@ -2,9 +2,10 @@
 // codes x int8 weights, saturated to int16); TileArgs::pair_run, from pick_tile:
 //   pair_run >= 1 (every width pair but 8 x 8; 4-bit x 4-bit: |pair| <= 450, 72 pairs fit an
 //     int16 lane; 8-bit x 4-bit: 4): the pair sums are added in int16 (vpaddw) and widened by
-//     vpmaddwd only every pair_run steps, so a step costs one multiply instead of two (the
-//     multiply ports bound this loop: measured 1.6x on a Zen 3 for 4-bit 3x3 convs); 3-row
+//     vpmaddwd only every pair_run steps, so a step costs one multiply instead of two (a
+//     2000 x 4096 x 64 GEMM on one Zen 3 core: 72 -> 91 GMAC/s, 122 with PackedW::ymm); 3-row
 //     tile: 6 int16 + 6 int32 accumulators + 2 weight vectors + 1 broadcast of 16 registers
+//     (4 or more rows, their int32 sums in memory, spilled the int16 ones: 0.55x)
 //   pair_run 0 (8-bit x 8-bit: 2*255*128 > 32767): activations go in as two nibbles, hi
 //     pairs weighted by 16 in vpmaddwd after every step, 4-row tile.
 // Target pragma opened after the includes (see qgemm_avx512.cpp).

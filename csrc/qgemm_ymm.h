@@ -1,7 +1,7 @@
 // 256-bit (ymm) register tile shared by the AVX2 and AVX-VNNI translation units: R rows x
 // 16 columns of int32 accumulators (two ymm per row), or of int16 partial sums plus the
 // int32 sums they are widened into, the int8 products supplied by the including file's
-// Mac, the fp32 epilogue on 8 columns at a time in ref_epilogue's order.
+// Mac, the fp32 epilogue in ref_epilogue's order on 16 columns (8 at a ragged edge).
 //
 // Include it after the file's `#pragma GCC target` (so this code is compiled for that
 // target) and after <immintrin.h> / qgnn_cpu.h. Everything here has internal linkage: the

@@ -81,7 +81,7 @@ def test_quantize_rejects_nan_and_bad_args():
 # ------------------------------------------------------------------ linear
 
 @pytest.mark.parametrize("wb,ab", [(2, 2), (3, 3), (4, 4), (2, 4), (4, 8), (8, 8)])
-# rows cover every remainder of the 4- and 6-row register tiles; O tails of 8/16/64 columns
+# rows cover every remainder of the 3-, 4- and 6-row register tiles; O tails of 8/16/64 columns
 @pytest.mark.parametrize("m,k,o", [(1, 5, 3), (38, 70, 75), (13, 64, 130), (22, 33, 17), (23, 130, 8)])
 def test_qlinear_exact(cpu_isa, threads, wb, ab, m, k, o):
     x, wc = codes((m, k), ab), codes((o, k), wb)
