@@ -101,7 +101,7 @@ void prepare_float_layer(FloatLayer& L, const float* weight, int O, int K, const
     L.wt32.clear();
     L.bias32.clear();
     L.wabs.clear();
-    if (nq > 0 && O > 16 && O <= 64) {  // the float32 sums' operands (see run_float_layer)
+    if (nq > 0 && O <= 64) {  // the float32 sums' operands (see run_float_layer)
       L.wt32.assign(static_cast<size_t>(K) * 64, 0.f);
       L.bias32.assign(64, 0.f);
       L.wabs.assign(O, 0.f);
@@ -157,12 +157,16 @@ void run_float_layer(const FloatLayer& L, const float* x, int64_t rows, const fl
   const RowsFn fn = pick_rows();
   constexpr int64_t kRows = 64;  // output rows per task
   const int nt = double(rows) * a.K * a.O < 1.0e6 ? 1 : nthreads;
-  // float32 sums with the rounding check (f32_margins) where the AVX-512 rows run them
-  // (prepare_float_layer builds their operands for 17 .. 64 outputs: the resnet12 stem, 64,
-  // 17% faster than on its float64 sums, relative to its neighbour step in alternating
+  // float32 sums with the rounding check (f32_margins) for convs of <= 64 code outputs
+  // (prepare_float_layer builds their operands). AVX-512 from 17 outputs: the resnet12 stem,
+  // 64, 17% faster than on its float64 sums, relative to its neighbour step in alternating
   // processes at T=1; the tiny stem, 16, was 20% slower: redoing its pixels near a rounding
-  // boundary in float64 took 15% of its time, and its float64 sums run four pixels at once)
-  const bool f32 = !L.wt32.empty() && !residual && fn == f64_rows_avx512;
+  // boundary in float64 took 15% of its time, and its float64 sums run four pixels at once.
+  // AVX2 at every width (4 float64 lanes against 8 float32 ones): on a Zen 3 the resnet12
+  // stem ran 2x faster, egnn-tiny's (16) 1.17x, tiny's (16, two code outputs) the same, in
+  // alternating processes
+  const bool f32 = !L.wt32.empty() && !residual &&
+                   ((fn == f64_rows_avx512 && a.O > 16) || fn == f64_rows_avx2);
   // A padded conv reads a zero-bordered copy of its input, when it has <= 16 outputs or
   // sums in float32: its border pixels then take the multi-pixel paths too (the one-pixel
   // path spent 36% of the tiny stem's float64 sums on its 12% border pixels; with 64

@@ -339,7 +339,7 @@ struct F64Args {
   int O = 0, Op = 0, K = 0;      // Op: O rounded up to 8
   int ks = 0, stride = 1, pad = 0, H = 1, W = 1, C = 0, Ho = 1, Wo = 1;  // conv geometry; ks = 0: linear
   Requant rq;                    // requantized outputs (rq.out_q unused: the rows take out_q)
-  // Per call, AVX-512 rows only (null: float64 sums): a conv with code outputs, no residual,
+  // Per call, AVX-512 and AVX2 rows only (null: float64 sums): a conv with code outputs, no residual,
   // O <= 64 and an unpadded input sums in float32 and keeps a code when the quotient lies
   // less than room[k * 64 + o] (0.5 - its error margin) from its nearest integer, else
   // redoes that pixel in float64

@@ -83,8 +83,8 @@ def test_plan_fp32_stem_requantization_ties(width):
     """The FP32 stem's fused requantization on outputs whose quotient (y - l) / s is exactly a
     half-integer while y * (1/s) rounds to the other code: codes as ref_quantize's IEEE
     division, whatever fast path the row kernels take (a reciprocal one that skipped its
-    fix-up fails here; a 64-wide stem sums in float32 on AVX-512 and must redo these pixels
-    in float64)."""
+    fix-up fails here; a 64-wide stem sums in float32 on AVX-512, every width does on AVX2,
+    and must redo these pixels in float64)."""
     tiny = fold(model_for(4))
     im = copy.deepcopy(tiny if width == 16 else fold(model_for(4, widths=(64, 16, 16, 16))))
     stem, conv1 = im.backbone.conv1, im.backbone.layer1[0].conv1
@@ -139,8 +139,9 @@ def test_plan_on_every_isa_and_thread_count(zero_point):
 
 @pytest.mark.parametrize("width", [8, 12, 24, 32])
 def test_plan_fp32_stem_widths_on_every_isa(width):
-    """Stem widths whose float64 sums take each multi-pixel kernel (1 to 4 vectors per pixel,
-    by the ISA's lanes; 12 outputs pad to 16) against the reference, on every ISA path."""
+    """Stem widths whose sums take each multi-pixel kernel (float64: 1 to 4 vectors per pixel
+    by the ISA's lanes; AVX2's float32 sums: 1 to 4 ymm; 12 outputs pad to 16) against the
+    reference, on every ISA path."""
     model = model_for(4, widths=(width, 16, 16, 16))
     im = fold(model)
     images, labels = calibration_episodes(model.config, tasks=1, seed=13)
