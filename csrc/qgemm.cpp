@@ -86,7 +86,8 @@ void prepack(const uint8_t* packed, int O, int K, int bits, int taps, PackedW* w
     w->wsum[o] = s;
   }
   // padded columns o >= O: zeros (never stored)
-  if (detected_isa() == Isa::Avx2 || detected_isa() == Isa::AvxVnni) {
+  const Isa best = detected_isa();
+  if (best == Isa::Avx2 || best == Isa::AvxVnni) {
     w->ymm.resize(w->data.size());
     const size_t group = static_cast<size_t>(w->Kp) * 16;  // one 16-column group's K run
     for (int ob = 0; ob < w->Op / 64; ++ob)

@@ -112,9 +112,7 @@ int64_t quantize_avx2(const float* x, int64_t n, float l, float s, float qmax, u
     __m256 u = _mm256_div_ps(_mm256_sub_ps(xv, vl), vs);
     u = _mm256_round_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     u = _mm256_min_ps(_mm256_max_ps(u, _mm256_setzero_ps()), vq);  // max: NaN -> 0
-    const __m256i q = _mm256_cvttps_epi32(u);
-    const __m128i w16 = _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
-    const __m128i b8 = _mm_packus_epi16(w16, w16);
+    const __m128i b8 = pack_codes8(_mm256_cvttps_epi32(u));
     if (take == 8) {
       _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i), b8);
     } else {

@@ -95,6 +95,12 @@ inline __m256i requant8(const EpiY& e, int k, __m256 y) {
   return _mm256_cvttps_epi32(u);  // 8 x int32 in 0..255
 }
 
+// 8 int32 lanes holding codes 0..255 -> their 8 bytes in the low half
+inline __m128i pack_codes8(__m256i q) {
+  const __m128i w16 = _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+  return _mm_packus_epi16(w16, w16);
+}
+
 // 8 full columns [o, o+8) of row m
 inline void epi8(const EpiY& e, const Cols8& c, const EpiRow& rw, int64_t m, int o, __m256i acc) {
   const int64_t base = m * e.O + o;
@@ -104,9 +110,7 @@ inline void epi8(const EpiY& e, const Cols8& c, const EpiRow& rw, int64_t m, int
     return;
   }
   for (int k = 0; k < e.rq.nq; ++k) {
-    const __m256i q = requant8(e, k, y);
-    const __m128i w16 = _mm_packus_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(e.rq.out_q[k] + base), _mm_packus_epi16(w16, w16));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(e.rq.out_q[k] + base), pack_codes8(requant8(e, k, y)));
   }
 }
 

@@ -124,14 +124,20 @@ def test_plan_on_every_isa_and_thread_count(zero_point):
     model = model_for(3)
     im = fold(model, zero_point=zero_point)
     images, labels = calibration_episodes(model.config, tasks=2, seed=7)
+    assert_cpu_matches_reference_on_every_isa(im, images, labels, threads=(1, 2))
+
+
+def assert_cpu_matches_reference_on_every_isa(im, images, labels, threads=(None,)):
+    """im's cpu outputs equal its reference ones on every ISA path this CPU runs, at each
+    thread count (None: the default)."""
     want = run(im, "reference", images, labels)
     im.backend = "cpu"
     try:
         for isa in cpu_backend.available_isas():
             cpu_backend.force_isa(isa)
-            for threads in (1, 2):
-                cpu_backend.set_num_threads(threads)
-                assert outputs_equal(want, im(images, labels)), (isa, threads)
+            for n in threads:
+                cpu_backend.set_num_threads(n)
+                assert outputs_equal(want, im(images, labels)), (isa, n)
     finally:
         cpu_backend.force_isa(None)
         cpu_backend.set_num_threads(None)
@@ -145,14 +151,7 @@ def test_plan_fp32_stem_widths_on_every_isa(width):
     model = model_for(4, widths=(width, 16, 16, 16))
     im = fold(model)
     images, labels = calibration_episodes(model.config, tasks=1, seed=13)
-    want = run(im, "reference", images, labels)
-    im.backend = "cpu"
-    try:
-        for isa in cpu_backend.available_isas():
-            cpu_backend.force_isa(isa)
-            assert outputs_equal(want, im(images, labels)), isa
-    finally:
-        cpu_backend.force_isa(None)
+    assert_cpu_matches_reference_on_every_isa(im, images, labels)
 
 
 def test_plan_workers_stay_awake_only_while_a_run_lasts():
