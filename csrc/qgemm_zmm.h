@@ -5,25 +5,10 @@
 // including translation unit, never merged across targets: ODR).
 #pragma once
 
+#include "epi_flags.h"
+
 namespace qgnn {
 namespace {  // one copy per including ISA translation unit, on purpose
-
-// Epilogue on 16 columns [o, o+16) of row m (mask = columns < O); order as ref_epilogue.
-// F: compile-time epilogue flags (kPS | kSH | ...), or -1 to read them from e at run time.
-constexpr int kPS = 1, kSH = 2, kRES = 4, kSLOPE = 8, kQUANT = 16, kASFIRST = 32, kACC = 64, kZREM = 128;
-// the folded layers' epilogues (BN + LeakyReLU to codes; BN only; BN + LeakyReLU; BN +
-// residual + LeakyReLU, to fp32 or codes), compiled with their flags known; any other
-// combination reads them. kZREM (code outputs of a snapped layer): y = c1*ACC' alone,
-// since its remainder terms are signed zeros (Epi::zero_rem)
-constexpr int kConvBnLrelu = kPS | kSH | kSLOPE | kQUANT;
-constexpr int kBn = kPS | kSH, kBnLrelu = kPS | kSH | kSLOPE, kBnResLrelu = kPS | kSH | kRES | kSLOPE;
-constexpr int kBnResLreluQuant = kBnResLrelu | kQUANT;
-
-inline int epi_flags(const Epi& e) {
-  return (e.post_scale ? kPS : 0) | (e.post_shift ? kSH : 0) | (e.residual ? kRES : 0) | (e.has_slope ? kSLOPE : 0) |
-         (e.rq.nq ? kQUANT : 0) | (e.as_first ? kASFIRST : 0) | (e.acc_out ? kACC : 0) |
-         (e.zero_rem ? kZREM : 0);
-}
 
 // The per-column operands of one 16-column group, loaded once for all rows of a block.
 struct Cols {
@@ -58,10 +43,12 @@ inline Cols load_cols(const Epi& e, int o, __mmask16 mk) {
   return c;
 }
 
+// Epilogue on 16 columns [o, o+16) of row m (mask = columns < O); order as ref_epilogue;
+// F: its flags (epi_flags.h).
 template <int F>
 inline void epi16(const EpiK& e, const Cols& c, const EpiRow& rw, int64_t m, int o, __mmask16 mk, __m512i acc) {
   const int64_t base = m * e.O + o;
-#define HAS(flag, rt) (F < 0 ? (rt) : (F & (flag)) != 0)
+#define HAS(flag, rt) EPI_HAS(F, flag, rt)
   if (HAS(kACC, e.acc_out != nullptr))
     _mm512_mask_storeu_epi32(e.acc_out + base, mk, _mm512_add_epi32(acc, _mm512_set1_epi32(e.wbias * rw.as)));
   // ACC' = ACC + (wbias - zw)*AS - za*WS'   (int32, wrapping like the reference's int32)
@@ -107,25 +94,6 @@ inline void epi16(const EpiK& e, const Cols& c, const EpiRow& rw, int64_t m, int
     _mm512_mask_storeu_ps(e.out_f + base, mk, y);
   }
 #undef HAS
-}
-
-// Calls body(EpiF<F>{}) with F the compiled flag set of e's epilogue (-1: read at run time).
-template <int F>
-struct EpiF {
-  static constexpr int value = F;
-};
-template <class Body>
-inline void with_epi_flags(const Epi& e, Body&& body) {
-  switch (epi_flags(e)) {
-    case kConvBnLrelu: body(EpiF<kConvBnLrelu>{}); break;
-    case kBn: body(EpiF<kBn>{}); break;
-    case kBnLrelu: body(EpiF<kBnLrelu>{}); break;
-    case kBnResLrelu: body(EpiF<kBnResLrelu>{}); break;
-    case kBnResLreluQuant: body(EpiF<kBnResLreluQuant>{}); break;
-    case kConvBnLrelu | kZREM: body(EpiF<kConvBnLrelu | kZREM>{}); break;
-    case kBnResLreluQuant | kZREM: body(EpiF<kBnResLreluQuant | kZREM>{}); break;
-    default: body(EpiF<-1>{}); break;
-  }
 }
 
 }  // namespace

@@ -100,6 +100,50 @@ def test_qlinear_exact(cpu_isa, threads, wb, ab, m, k, o):
     assert_codes_equal(cpu.cpu_qlinear(*args, **kw, **q), R.ref_qlinear(*args, **kw, **q))
 
 
+@pytest.mark.parametrize("snap", [False, True])
+@pytest.mark.parametrize("bn,res,slope,quant", [
+    (False, False, False, False),  # flags read at run time
+    (True, False, False, False), (True, False, True, False), (True, True, True, False),  # BN (+ LeakyReLU, + residual)
+    (True, False, True, True), (True, True, True, True),  # ... to codes
+])
+def test_qlinear_every_compiled_epilogue(cpu_isa, snap, bn, res, slope, quant):
+    # each epilogue the tiles compile with its flags known (csrc/epi_flags.h), with real
+    # offsets and with offsets on the grid (zero remainder terms: Epi::zero_rem for codes);
+    # 16-code rows (the narrow-row pixel sums), an odd row count, a ragged 8-column tail
+    m, k, o = 29, 16, 40
+    x, wc = codes((m, k), 4), codes((o, k), 4)
+    wp = pack_codes(wc, 4)
+    if snap:  # powers of two: offset + scale * z is exactly 0
+        ws = 2.0 ** -torch.randint(4, 9, (o,)).float()
+        wo, a_scale, a_offset = -ws * torch.randint(0, 16, (o,)).float(), 0.25, -1.0
+    else:
+        (ws, wo), a_scale, a_offset = wparams(o), 0.037, -0.41
+    kw = dict(post_scale=torch.rand(o) + 0.5, post_shift=torch.randn(o)) if bn else {}
+    if res:
+        kw["residual"] = torch.randn(m, o)
+    if slope:
+        kw["slope"] = 0.2
+    if quant:
+        kw.update(out_l=-0.9, out_s=0.15, out_bits=4)
+    args = (x, wp, 4, 4, ws, wo, a_scale, a_offset)
+    got, want = cpu.cpu_qlinear(*args, **kw), R.ref_qlinear(*args, **kw)
+    if quant:
+        assert_codes_equal(got, want)
+    else:
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("c", [8, 16, 32])
+def test_conv_pixel_sums_of_narrow_rows(cpu_isa, c):
+    # 8- and 16-code pixels go several to a vector in the pixel sums (rowsums_*); 5 x 3 = 15
+    # pixels leave a remainder for the one-row path
+    x, wc = codes((1, 5, 3, c), 4), codes((24, 9 * c), 4)
+    x[0, 0, 0] = 15
+    acc, as_ = cpu.cpu_conv2d_acc(x, pack_codes(wc, 4), 4, 3, 1, 1, 4)
+    racc, ras, _, _ = R.ref_conv2d_acc(x, wc, 3, 3, 1, 1)
+    assert torch.equal(acc, racc) and torch.equal(as_, ras)
+
+
 def _pair_run(wb, ab):
     """AVX2's int16 pair sums per widening (pick_tile): |a0 w0 + a1 w1| <= 2 amax wmax."""
     return 32767 // (2 * (2 ** ab - 1) * (128 if wb == 8 else 2 ** wb - 1))
