@@ -365,6 +365,27 @@ def test_native_plan_rejects_inconsistent_descriptions():
             pytest.fail(what)
 
 
+@pytest.mark.parametrize("dtype", ["u8", "f32"])
+# channels: whole 16-byte chunks, chunks + a byte tail, a tail only; pads up to ks - 1 (the
+# windows clipped on every side); 1 and 2 threads
+@pytest.mark.parametrize("c,ks,stride,pad", [(16, 3, 2, 1), (21, 3, 2, 1), (5, 2, 2, 1), (40, 3, 1, 2)])
+def test_native_max_pool_step(threads, dtype, c, ks, stride, pad):
+    b, h, w, tasks = 3, 9, 7, 2
+    ho, wo = (h + 2 * pad - ks) // stride + 1, (w + 2 * pad - ks) // stride + 1
+    code = {"u8": 0, "f32": 1}[dtype]
+    buffers = [[code, b * h * w * c, 0, 0], [code, b * ho * wo * c, 1, 0]]
+    step = dict(kind="max_pool", name="pool", images=b, h=h, w=w, c=c, ks=ks, stride=stride, pad=pad,
+                **{"in": [0], "out": [1]})
+    plan = _build(buffers, [step], 0)
+    x = torch.randint(0, 256, (tasks * b, h, w, c), dtype=torch.uint8) if dtype == "u8" else \
+        torch.randn(tasks * b, h, w, c)
+    got = plan.run(tasks, {0: x.numpy().reshape(-1)}, threads)[0][1]
+    # the reference: torch's max-pool of the map padded with -inf (which allows any pad < ks)
+    xp = torch.nn.functional.pad(x.permute(0, 3, 1, 2).double(), (pad,) * 4, value=float("-inf"))
+    want = torch.nn.functional.max_pool2d(xp, ks, stride).permute(0, 2, 3, 1).to(x.dtype)
+    assert np.array_equal(got.reshape(want.shape), want.numpy())
+
+
 def test_native_plan_run_checks_its_inputs():
     im = fold(model_for(4))
     plan = im.compiled()
