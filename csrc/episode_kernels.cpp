@@ -3,6 +3,7 @@
 // rounded once to float32, elementwise float32 arithmetic in the same operation order
 // (built with -ffp-contract=off), so every quantizer downstream sees the same values.
 #include <algorithm>
+#include <memory>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -172,18 +173,24 @@ void run_float_layer(const FloatLayer& L, const float* x, int64_t rows, const fl
   // path spent 36% of the tiny stem's float64 sums on its 12% border pixels; with 64
   // outputs in float64 the copy cost what it saved). The padding's products are exact
   // zeros added to sums that start at the bias: the same float64 sums.
-  std::vector<float> xpad;
+  std::unique_ptr<float[]> xpad;  // uninitialised: the copy writes every value, border zeros included
   if (a.ks && a.pad && (a.Op <= 16 || f32)) {
     const int64_t B = rows / (int64_t(a.Ho) * a.Wo);
     const int Hp = a.H + 2 * a.pad, Wp = a.W + 2 * a.pad;
     const size_t row = size_t(a.W) * a.C, prow = size_t(Wp) * a.C, side = size_t(a.pad) * a.C;
-    xpad.assign(size_t(B) * Hp * prow, 0.f);
+    xpad.reset(new float[size_t(B) * Hp * prow]);
     parallel_for(nt, B, [&](int64_t b, int) {
-      for (int h = 0; h < a.H; ++h)
-        std::memcpy(xpad.data() + (size_t(b) * Hp + h + a.pad) * prow + side, x + (size_t(b) * a.H + h) * row,
-                    row * sizeof(float));
+      float* img = xpad.get() + size_t(b) * Hp * prow;
+      std::fill(img, img + a.pad * prow, 0.f);
+      for (int h = 0; h < a.H; ++h) {
+        float* d = img + (h + a.pad) * prow;
+        std::fill(d, d + side, 0.f);
+        std::memcpy(d + side, x + (size_t(b) * a.H + h) * row, row * sizeof(float));
+        std::fill(d + side + row, d + prow, 0.f);
+      }
+      std::fill(img + (a.pad + a.H) * prow, img + Hp * prow, 0.f);
     });
-    x = xpad.data();
+    x = xpad.get();
     a.H = Hp;
     a.W = Wp;
     a.pad = 0;

@@ -386,6 +386,35 @@ def test_native_max_pool_step(threads, dtype, c, ks, stride, pad):
     assert np.array_equal(got.reshape(want.shape), want.numpy())
 
 
+@pytest.mark.parametrize("o", [8, 16, 24, 32])
+@pytest.mark.parametrize("w,pad", [(31, 1), (29, 2)])
+def test_native_fp32_stem_step_on_rows_of_any_length(o, w, pad):
+    # output rows of 31 and 29 pixels: every remainder of the 6- and 3-pixel float32 calls
+    # (a pair, then one pixel) and the zero-bordered copy at pads 1 and 2, on every ISA path
+    # against the scalar one's float64 sums (test_plan_fp32_stem_widths_on_every_isa ties
+    # those to the reference)
+    b, h, c, tasks, ks = 2, 5, 3, 2, 2 * pad + 1
+    g = torch.Generator().manual_seed(o + w)
+    requant = [(-1.5, 0.26, 4), (-1.2, 0.23, 4)]
+    buffers = [[1, b * h * w * c, 0, 0]] + [[0, b * h * w * o, 1, 0] for _ in requant]
+    step = dict(kind="conv_f32", name="stem", images=b, h=h, w=w, c=c, ks=ks, stride=1, pad=pad,
+                weight=(torch.randn(o, ks, ks, c, generator=g) * 0.3).numpy(), post_scale=(torch.rand(o, generator=g) + 0.5).numpy(),
+                post_shift=torch.randn(o, generator=g).numpy(), slope=0.2, requant=requant,
+                **{"in": [0], "out": [1, 2]})
+    x = torch.randn(tasks * b, h, w, c, generator=g).numpy().reshape(-1)
+    plan = _build(buffers, [step], 0)
+    try:
+        runs = {}
+        for isa in cpu_backend.available_isas():
+            cpu_backend.force_isa(isa)
+            runs[isa] = plan.run(tasks, {0: x}, 2)[0]
+    finally:
+        cpu_backend.force_isa(None)
+    for isa, outs in runs.items():
+        for bid in (1, 2):
+            assert np.array_equal(outs[bid], runs["scalar"][bid]), (isa, bid)
+
+
 def test_native_plan_run_checks_its_inputs():
     im = fold(model_for(4))
     plan = im.compiled()
