@@ -3,10 +3,10 @@
 // rounded once to float32, elementwise float32 arithmetic in the same operation order
 // (built with -ffp-contract=off), so every quantizer downstream sees the same values.
 #include <algorithm>
-#include <memory>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <string>
 
 #include "qgnn_cpu.h"
