@@ -43,9 +43,9 @@ struct MaddubsSplit {
 
 void tile_avx2(const TileArgs& t) {
   if (t.pair_run >= 1)
-    ymm_tile<Maddubs16, 3>(t);
+    ymm_tile<Maddubs16, 3, 6>(t);
   else
-    ymm_tile_with<MaddubsSplit, 4, -1>(t);  // 8 x 8 bits: rare, its flags read at run time
+    ymm_tile_with<MaddubsSplit, 4, 4, -1>(t);  // 8 x 8 bits: rare, its flags read at run time
 }
 
 // Sums and OR of n-byte rows (pixels), as rowsum_u8: vpsadbw against zero adds 8 bytes per

@@ -25,7 +25,7 @@ struct Dpbusd {
 
 }  // namespace
 
-void tile_avxvnni(const TileArgs& t) { ymm_tile<Dpbusd, 6>(t); }
+void tile_avxvnni(const TileArgs& t) { ymm_tile<Dpbusd, 6, 6>(t); }
 
 }  // namespace qgnn
 

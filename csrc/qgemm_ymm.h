@@ -144,10 +144,12 @@ inline void epi16(const EpiY& e, const Cols8 (&c)[2], const EpiRow& rw, int64_t 
 // Mac::step(acc, a, w) adds the products of a's uint8 codes and w's int8 to acc: per int32
 // lane all 4 of them, or, for a Mac with kWiden, per int16 lane a pair (int16 partial sums,
 // widened into int32 sums after every t.pair_run steps, before they can overflow).
-// F: the epilogue's flags (epi_flags.h).
-template <class Mac, int R, int F>
+// F: the epilogue's flags (epi_flags.h). OneRun (a kWiden Mac whose whole K is one pair
+// run, taps * c4n <= pair_run: tiny's 16- and 32-channel 3x3 convs, most 1x1 ones): no int32
+// sums, the int16 ones widened once at the end, so that twice the rows fit the registers.
+template <class Mac, int R, int F, bool OneRun>
 inline void ymm_block(const TileArgs& t, const int8_t* wb, int r0, int ocb, int oc) {
-  __m256i acc[R][2], sum[R][2];
+  __m256i acc[R][2], sum[R][2];  // sum: unused (and dropped) when OneRun
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = sum[r][0] = sum[r][1] = _mm256_setzero_si256();
   const auto widen = [&] {
     for (int r = 0; r < R; ++r)
@@ -172,7 +174,7 @@ inline void ymm_block(const TileArgs& t, const int8_t* wb, int r0, int ocb, int 
         acc[r][0] = Mac::step(acc[r][0], av, w0);
         acc[r][1] = Mac::step(acc[r][1], av, w1);
       }
-      if constexpr (Mac::kWiden) {
+      if constexpr (Mac::kWiden && !OneRun) {
         if (--left == 0) {
           widen();
           left = t.pair_run;
@@ -180,7 +182,10 @@ inline void ymm_block(const TileArgs& t, const int8_t* wb, int r0, int ocb, int 
       }
     }
   }
-  if constexpr (Mac::kWiden) {
+  if constexpr (OneRun) {
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < 2; ++j) acc[r][j] = _mm256_madd_epi16(acc[r][j], _mm256_set1_epi16(1));
+  } else if constexpr (Mac::kWiden) {
     widen();
     for (int r = 0; r < R; ++r) acc[r][0] = sum[r][0], acc[r][1] = sum[r][1];
   }
@@ -212,42 +217,51 @@ inline void ymm_block(const TileArgs& t, const int8_t* wb, int r0, int ocb, int 
   }
 }
 
-// the last rows % MR rows of a column group: one ymm_block<Mac, left, F>
-template <class Mac, int R, int F>
+// the last rows % MR rows of a column group: one ymm_block<Mac, left, F, OneRun>
+template <class Mac, int R, int F, bool OneRun>
 inline void ymm_tail(const TileArgs& t, const int8_t* wb, int r0, int ocb, int oc, int left) {
   if constexpr (R > 0) {
     if (left == R)
-      ymm_block<Mac, R, F>(t, wb, r0, ocb, oc);
+      ymm_block<Mac, R, F, OneRun>(t, wb, r0, ocb, oc);
     else
-      ymm_tail<Mac, R - 1, F>(t, wb, r0, ocb, oc, left);
+      ymm_tail<Mac, R - 1, F, OneRun>(t, wb, r0, ocb, oc, left);
   }
 }
 
-// The whole TileArgs contract: every 16-column group of every weight block, MR rows at a
-// time, with the epilogue of flags F (-1: read at run time)
-template <class Mac, int MR, int F>
-void ymm_tile_with(const TileArgs& t) {
-  const Epi& e = *t.e;
-  if (e.as_out && t.ob0 == 0)
-    for (int r = 0; r < t.rows; ++r) e.as_out[t.m0 + r] = t.as[r];
+// every 16-column group of every weight block, MR rows at a time
+template <class Mac, int MR, int F, bool OneRun>
+void ymm_groups(const TileArgs& t) {
   for (int ob = t.ob0; ob < t.ob0 + t.nblk; ++ob) {
     const int8_t* wb = t.wdata + static_cast<size_t>(ob) * t.Kp * 64;
     for (int q = 0; q < 4; ++q) {
       const int oc = ob * 64 + q * 16;
       if (oc >= t.O) break;
       int r0 = 0;
-      for (; r0 + MR <= t.rows; r0 += MR) ymm_block<Mac, MR, F>(t, wb, r0, q * 16, oc);
-      ymm_tail<Mac, MR - 1, F>(t, wb, r0, q * 16, oc, t.rows - r0);
+      for (; r0 + MR <= t.rows; r0 += MR) ymm_block<Mac, MR, F, OneRun>(t, wb, r0, q * 16, oc);
+      ymm_tail<Mac, MR - 1, F, OneRun>(t, wb, r0, q * 16, oc, t.rows - r0);
     }
   }
+}
+
+// The whole TileArgs contract with the epilogue of flags F (-1: read at run time): MR rows
+// per block, or MR1 where K is one pair run (OneRun)
+template <class Mac, int MR, int MR1, int F>
+void ymm_tile_with(const TileArgs& t) {
+  const Epi& e = *t.e;
+  if (e.as_out && t.ob0 == 0)
+    for (int r = 0; r < t.rows; ++r) e.as_out[t.m0 + r] = t.as[r];
+  if constexpr (Mac::kWiden) {
+    if (t.taps * t.c4n <= t.pair_run) return ymm_groups<Mac, MR1, F, true>(t);
+  }
+  ymm_groups<Mac, MR, F, false>(t);
 }
 
 // ymm_tile_with the folded layers' epilogues compiled with their flags known (straight-line
 // code; with the flags read at run time a 16 -> 16 1x1 conv on one Zen 3 core was 8%
 // slower to codes, 19% to fp32)
-template <class Mac, int MR>
+template <class Mac, int MR, int MR1>
 void ymm_tile(const TileArgs& t) {
-  with_epi_flags(*t.e, [&](auto f) { ymm_tile_with<Mac, MR, decltype(f)::value>(t); });
+  with_epi_flags(*t.e, [&](auto f) { ymm_tile_with<Mac, MR, MR1, decltype(f)::value>(t); });
 }
 
 }  // namespace

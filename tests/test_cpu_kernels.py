@@ -166,6 +166,35 @@ def test_linear_acc_at_the_int16_pair_sum_bound(cpu_isa, wb, ab):
     assert torch.equal(acc, racc) and torch.equal(as_, ras)
 
 
+@pytest.mark.parametrize("wb,ab", [(2, 2), (3, 3), (4, 4), (4, 8), (8, 4)])
+@pytest.mark.parametrize("dk", [-3, 0, 4])
+def test_linear_acc_of_one_pair_run(cpu_isa, wb, ab, dk):
+    # K of at most one pair run (4 * run codes) goes through the AVX2 tile's 6-row blocks
+    # that widen only at the end; 4 codes more through the 3-row ones. Maximal codes, 13 rows
+    # (two 6-row blocks and a 1-row tail)
+    run = _pair_run(wb, ab)
+    m, k, o = 13, 4 * run + dk, 20
+    x = torch.full((m, k), 2 ** ab - 1, dtype=torch.uint8)
+    wc = torch.full((o, k), 2 ** wb - 1, dtype=torch.uint8)
+    wc[1::2] = 0 if wb == 8 else 2 ** wb - 1
+    x[12] = codes((k,), ab)
+    acc, as_ = cpu.cpu_linear_acc(x, pack_codes(wc, wb), wb, ab)
+    racc, ras, _ = R.ref_linear_acc(x, wc)
+    assert torch.equal(acc, racc) and torch.equal(as_, ras)
+
+
+@pytest.mark.parametrize("c", [32, 36])
+def test_qconv2d_acc_of_one_pair_run(cpu_isa, c):
+    # 4-bit x 4-bit 3x3: C = 32 is K = 288, exactly one pair run (tiny's layer-2 conv), C = 36
+    # one tap-channel group more; maximal codes, 7 x 5 pixels (blocks of 6 and a tail)
+    x = torch.full((1, 7, 5, c), 15, dtype=torch.uint8)
+    x[0, 3] = codes((5, c), 4)
+    wc = torch.full((20, 9 * c), 15, dtype=torch.uint8)
+    acc, as_ = cpu.cpu_conv2d_acc(x, pack_codes(wc, 4), 4, 3, 1, 1, 4)
+    racc, ras, _, _ = R.ref_conv2d_acc(x, wc, 3, 3, 1, 1)
+    assert torch.equal(acc, racc) and torch.equal(as_, ras)
+
+
 def test_qconv2d_widens_mid_kernel_at_the_bound(cpu_isa):
     # 4-bit x 4-bit, C = 40: K = 360 codes, more than the 288 one widening covers, so the
     # AVX2 tile widens inside a kernel window (between taps); maximal codes
