@@ -240,7 +240,7 @@ void tile_scalar(const TileArgs& t) {
         int32_t acc = 0;
         int k = 0;
         for (int tap = 0; tap < t.taps; ++tap) {
-          const uint8_t* a = t.ptrs[static_cast<size_t>(r) * t.taps + tap];
+          const uint8_t* a = t.ptrs[r] + t.toff[tap];
           for (int i = 0; i < 4 * t.c4n; ++i, ++k)
             acc += static_cast<int32_t>(a[i]) * wb[(k / 4) * 256 + c * 4 + (k % 4)];
         }
@@ -525,7 +525,7 @@ void run_linear(const QLayer& L, const uint8_t* x, int M, Epi& e, int nthreads, 
     uint8_t* ap = amx ? apanels[tid]->p : nullptr;
     if (!S) {
       gather_rows(x, K, Kp, m0, rows, isa, panels[tid]->p, pr, as, &orvs[tid]);
-      TileArgs t{pr, 1, Kp / 4, rows, m0, wt, Kp, ob0, nb, O, as, nullptr, &e, run, ap};
+      TileArgs t{pr, kOneTap, 1, Kp / 4, rows, m0, wt, Kp, ob0, nb, O, as, nullptr, &e, run, ap};
       t.ymm_layout = ymm;
       tile(t);
       return;
@@ -536,7 +536,7 @@ void run_linear(const QLayer& L, const uint8_t* x, int M, Epi& e, int nthreads, 
     Epi es = S->epi;
     es.out_f = res;
     gather_rows(xs, ws.K, ws.Kp, m0, rows, isa, panels[tid]->p, pr, as, &orvs_s[tid]);
-    TileArgs ts{pr, 1, ws.Kp / 4, rows, 0, wt_s, ws.Kp, ob0, nb, O, as, nullptr, &es, run_s, ap};
+    TileArgs ts{pr, kOneTap, 1, ws.Kp / 4, rows, 0, wt_s, ws.Kp, ob0, nb, O, as, nullptr, &es, run_s, ap};
     ts.ymm_layout = ymm_s;
     tile_s(ts);
     Epi el = e;
@@ -544,7 +544,7 @@ void run_linear(const QLayer& L, const uint8_t* x, int M, Epi& e, int nthreads, 
     if (el.out_f) el.out_f += static_cast<int64_t>(m0) * O;
     for (int k = 0; k < el.rq.nq; ++k) el.rq.out_q[k] += static_cast<int64_t>(m0) * O;
     gather_rows(x, K, Kp, m0, rows, isa, panels[tid]->p, pr, as, &orvs[tid]);
-    TileArgs t{pr, 1, Kp / 4, rows, 0, wt, Kp, ob0, nb, O, as, nullptr, &el, run, ap};
+    TileArgs t{pr, kOneTap, 1, Kp / 4, rows, 0, wt, Kp, ob0, nb, O, as, nullptr, &el, run, ap};
     t.ymm_layout = ymm;
     tile(t);
   });
@@ -591,45 +591,53 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
   // kernel rows, then the kernel's width), instead of ks*ks loads per row in the row loop
   std::vector<int32_t> asum(M);
   parallel_for(pass_nt, B, [&](int64_t b, int) {
-    std::vector<int32_t> col(W);
+    // the column sums with pad zeros each side, so that every window is ks of them
+    std::vector<int32_t> colp(W + 2 * pad + ks, 0);
+    int32_t* col = colp.data() + pad;
     for (int oh = 0; oh < Ho; ++oh) {
       const int ih0 = oh * stride - pad, i0 = std::max(0, -ih0), i1 = std::min(ks, H - ih0);
-      std::fill(col.begin(), col.end(), 0);
+      std::fill(col, col + W, 0);
       for (int i = i0; i < i1; ++i) {
         const int32_t* src = psum.data() + (b * H + ih0 + i) * W;
         for (int w = 0; w < W; ++w) col[w] += src[w];
       }
       int32_t* dst = asum.data() + (b * Ho + oh) * Wo;
-      for (int ow = 0; ow < Wo; ++ow) {
-        const int iw0 = ow * stride - pad, j1 = std::min(ks, W - iw0);
-        int32_t s = 0;
-        for (int j = std::max(0, -iw0); j < j1; ++j) s += col[iw0 + j];
-        dst[ow] = s;
+      const int32_t* c = colp.data();
+      if (ks == 3) {
+        for (int ow = 0; ow < Wo; ++ow, c += stride) dst[ow] = c[0] + c[1] + c[2];
+      } else {
+        for (int ow = 0; ow < Wo; ++ow, c += stride) {
+          int32_t s = 0;
+          for (int j = 0; j < ks; ++j) s += c[j];
+          dst[ow] = s;
+        }
       }
     }
   });
 
   const int mb = sp.mb;
-  // C % 4 == 0: the kernels read each tap's C codes in place; else gather (im2col) rows
+  // C % 4 == 0: the kernels read each tap's C codes in place, from x or (pad > 0) a
+  // zero-bordered copy of it, where every tap of every row lies inside; else gather
+  // (im2col) rows. A row is then one pointer, its taps fixed offsets from it: the table of
+  // ks*ks pointers per row, with a branch per tap at the borders, had been ~12% of a
+  // 16-channel 3x3 conv.
   const bool direct = C % 4 == 0;
   // AMX with whole 64-code chunks per tap and rows of >= 16 pixels: A tiles read in place
-  // from a zero-bordered copy of the input (one pass) instead of packing every row's taps
+  // from the (padded) input instead of packing every row's taps; a row tile of 16 pixels
+  // reads on across row ends, into slack after the copy unless Wo % 16 == 0
   const bool inplace = amx && C % 64 == 0 && Wo >= 16;
+  const bool on_x = pad == 0 && (!inplace || Wo % 16 == 0);
+  const int Hs = on_x ? H : H + 2 * pad, Ws = on_x ? W : W + 2 * pad;  // the source's dims
   std::unique_ptr<AlignedBuf> xpad;
-  std::vector<int64_t> aoff;
-  AmxConv ac{};
-  if (inplace && pad == 0 && Wo % 16 == 0) {  // runs of 16 never leave the input: x itself
-    for (int tp = 0; tp < taps; ++tp)
-      for (int c = 0; c < C; c += 64) aoff.push_back((static_cast<int64_t>(tp / ks) * W + tp % ks) * C + c);
-    ac = AmxConv{x, aoff.data(), C, stride, Ho, Wo, H, W};
-  } else if (inplace) {
-    const int Hp = H + 2 * pad, Wp = W + 2 * pad;
-    const size_t img = static_cast<size_t>(Hp) * Wp * C, slack = static_cast<size_t>(16 * stride + ks) * C + 64;
+  const uint8_t* xs = x;
+  if (direct && !on_x) {
+    const size_t img = static_cast<size_t>(Hs) * Ws * C;
+    const size_t slack = inplace ? static_cast<size_t>(16 * stride + ks) * C + 64 : 0;
     xpad.reset(new AlignedBuf(static_cast<size_t>(B) * img + slack));
     std::memset(xpad->p + static_cast<size_t>(B) * img, 0, slack);
     parallel_for(pass_nt, B, [&](int64_t b, int) {
       uint8_t* dst = xpad->p + static_cast<size_t>(b) * img;
-      const size_t prow = static_cast<size_t>(Wp) * C, side = static_cast<size_t>(pad) * C, rowb = static_cast<size_t>(W) * C;
+      const size_t prow = static_cast<size_t>(Ws) * C, side = static_cast<size_t>(pad) * C, rowb = static_cast<size_t>(W) * C;
       std::memset(dst, 0, pad * prow);
       for (int h = 0; h < H; ++h) {
         uint8_t* d = dst + (pad + h) * prow;
@@ -639,24 +647,32 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
       }
       std::memset(dst + (pad + H) * prow, 0, pad * prow);
     });
-    for (int tp = 0; tp < taps; ++tp)
-      for (int c = 0; c < C; c += 64) aoff.push_back((static_cast<int64_t>(tp / ks) * Wp + tp % ks) * C + c);
-    ac = AmxConv{xpad->p, aoff.data(), C, stride, Ho, Wo, Hp, Wp};
+    xs = xpad->p;
   }
-  AlignedBuf zeros(static_cast<size_t>(C) + 64);
-  std::memset(zeros.p, 0, static_cast<size_t>(C) + 64);
+  std::vector<int64_t> tap_off(taps);  // byte offset of each tap's codes from the top-left one's
+  for (int i = 0; i < ks; ++i)
+    for (int j = 0; j < ks; ++j) tap_off[i * ks + j] = (int64_t(i) * Ws + j) * C;
+  std::vector<int64_t> aoff;
+  AmxConv ac{};
+  if (inplace) {
+    for (int tp = 0; tp < taps; ++tp)
+      for (int c = 0; c < C; c += 64) aoff.push_back(tap_off[tp] + c);
+    ac = AmxConv{xs, aoff.data(), C, stride, Ho, Wo, Hs, Ws};
+  }
+  std::unique_ptr<AlignedBuf> zeros;
+  if (!direct) {
+    zeros.reset(new AlignedBuf(static_cast<size_t>(C) + 64));
+    std::memset(zeros->p, 0, static_cast<size_t>(C) + 64);
+  }
   std::vector<std::unique_ptr<AlignedBuf>> panels;
   std::vector<std::vector<int32_t>> rpats(sp.nt, std::vector<int32_t>(mb));
-  std::vector<std::vector<const uint8_t*>> ptrs(sp.nt, std::vector<const uint8_t*>(static_cast<size_t>(mb) * (direct ? taps : 1)));
+  std::vector<std::vector<const uint8_t*>> ptrs(sp.nt, std::vector<const uint8_t*>(mb));
   std::vector<std::unique_ptr<AlignedBuf>> apanels;
   for (int i = 0; i < sp.nt; ++i) {
-    panels.emplace_back(new AlignedBuf(direct ? 64 : static_cast<size_t>(mb) * Kp));
+    if (!direct) panels.emplace_back(new AlignedBuf(static_cast<size_t>(mb) * Kp));
     if (amx) apanels.emplace_back(new AlignedBuf(amx_panel_bytes(mb, Kp)));
   }
   const int32_t* pid = L.pid.data();
-  std::vector<int64_t> tap_off(taps);  // byte offset of each tap's codes from the top-left one's
-  for (int i = 0; i < ks; ++i)
-    for (int j = 0; j < ks; ++j) tap_off[i * ks + j] = (int64_t(i) * W + j) * C;
   parallel_for(sp.nt, sp.ntm * sp.ncg, [&](int64_t task, int tid) {
     const int64_t ti = task % sp.ntm;
     const int ob0 = static_cast<int>(task / sp.ntm) * sp.bpg;
@@ -678,38 +694,28 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
         }
       }
       rp[r] = pid[static_cast<size_t>(oh) * Wo + ow];
-      if (inplace) continue;  // the tile reads the padded input
-      const int ih0 = oh * stride - pad, iw0 = ow * stride - pad;
-      const int64_t rowbase = b * H;
-      const uint8_t** prow = pr + static_cast<size_t>(r) * taps;
-      if (direct && ih0 >= 0 && ih0 + ks <= H && iw0 >= 0 && iw0 + ks <= W) {  // every tap inside
-        const uint8_t* x0 = x + ((rowbase + ih0) * W + iw0) * C;
-        for (int tp = 0; tp < taps; ++tp) prow[tp] = x0 + tap_off[tp];
+      if (direct) {  // the window's top-left pixel in the source (padded coordinates)
+        pr[r] = xs + ((b * Hs + static_cast<int64_t>(oh) * stride) * Ws + static_cast<int64_t>(ow) * stride) * C;
         continue;
       }
-      uint8_t* dst = direct ? nullptr : panels[tid]->p + static_cast<size_t>(r) * Kp;
+      const int ih0 = oh * stride - pad, iw0 = ow * stride - pad;
+      uint8_t* dst = panels[tid]->p + static_cast<size_t>(r) * Kp;
       for (int i = 0; i < ks; ++i) {
         const int ih = ih0 + i;
         const bool hin = ih >= 0 && ih < H;
         for (int j = 0; j < ks; ++j) {
           const int iw = iw0 + j;
-          const int tp = i * ks + j;
           // taps outside the input read code 0: real-domain zero is handled by WS/CNT
-          const uint8_t* src = hin && iw >= 0 && iw < W ? x + ((rowbase + ih) * W + iw) * C : zeros.p;
-          if (direct)
-            prow[tp] = src;
-          else
-            std::memcpy(dst + static_cast<size_t>(tp) * C, src, C);
+          const uint8_t* src = hin && iw >= 0 && iw < W ? x + ((b * H + ih) * W + iw) * C : zeros->p;
+          std::memcpy(dst + static_cast<size_t>(i * ks + j) * C, src, C);
         }
       }
-      if (!direct) {
-        std::memset(dst + K, 0, Kp - K);
-        pr[r] = dst;
-      }
+      std::memset(dst + K, 0, Kp - K);
+      pr[r] = dst;
     }
-    TileArgs t{pr, direct ? taps : 1, direct ? C / 4 : Kp / 4, rows, static_cast<int>(m0), wt, Kp, ob0,
-               std::min(sp.bpg, nblk - ob0), w.O, asum.data() + m0, rp, &e, run, amx ? apanels[tid]->p : nullptr,
-               inplace ? &ac : nullptr};
+    TileArgs t{pr, direct ? tap_off.data() : kOneTap, direct ? taps : 1, direct ? C / 4 : Kp / 4, rows,
+               static_cast<int>(m0), wt, Kp, ob0, std::min(sp.bpg, nblk - ob0), w.O, asum.data() + m0, rp, &e,
+               run, amx ? apanels[tid]->p : nullptr, inplace ? &ac : nullptr};
     t.ymm_layout = ymm;
     tile(t);
   });
@@ -840,7 +846,7 @@ void qbmm(const uint8_t* a, const uint8_t* v, const uint8_t* v_off, int T, int N
       amx_tiles(wd, Kp, Op, reinterpret_cast<int8_t*>(wtiles[tid]->p));
       wt = reinterpret_cast<int8_t*>(wtiles[tid]->p);
     }
-    TileArgs ta{pr, 1, Kp / 4, N, 0, wt, Kp, 0, Op / 64, D, as.data(), nullptr, &e, run, amx ? apanels[tid]->p : nullptr};
+    TileArgs ta{pr, kOneTap, 1, Kp / 4, N, 0, wt, Kp, 0, Op / 64, D, as.data(), nullptr, &e, run, amx ? apanels[tid]->p : nullptr};
     tile(ta);
   });
   uint8_t ora = 0, orv = 0;

@@ -151,13 +151,13 @@ int pack_panel(const TileArgs& t, int nk, RowTile* rts) {
     int kpos = 0;
     if (r < t.rows && seg % kKChunk == 0) {  // whole chunks per tap: plain vector copies
       for (int tap = 0; tap < t.taps; ++tap) {
-        const uint8_t* src = t.ptrs[static_cast<size_t>(r) * t.taps + tap];
+        const uint8_t* src = t.ptrs[r] + t.toff[tap];
         for (int c = 0; c < seg; c += kKChunk, kpos += kKChunk)
           _mm512_store_si512(row + (kpos / kKChunk) * 1024, _mm512_loadu_si512(src + c));
       }
     } else if (r < t.rows) {
       for (int tap = 0; tap < t.taps; ++tap) {
-        const uint8_t* src = t.ptrs[static_cast<size_t>(r) * t.taps + tap];
+        const uint8_t* src = t.ptrs[r] + t.toff[tap];
         for (int left = seg; left > 0;) {
           const int off = kpos % kKChunk, n = left < kKChunk - off ? left : kKChunk - off;
           copy_small(row + (kpos / kKChunk) * 1024 + off, src, n);

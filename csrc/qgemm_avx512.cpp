@@ -40,12 +40,12 @@ inline void block(const TileArgs& t, const int8_t* wb, int r0, int o0, const __m
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_setzero_si512();
   }
-  const uint8_t* const* P = t.ptrs + static_cast<size_t>(r0) * t.taps;
+  const uint8_t* const* P = t.ptrs + r0;
   const int8_t* w = wb;
   for (int tap = 0; tap < t.taps; ++tap) {
     const uint8_t* p[R];
 #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) p[r] = P[r * t.taps + tap];
+    for (int r = 0; r < R; ++r) p[r] = P[r] + t.toff[tap];
     for (int c4 = 0; c4 < t.c4n; ++c4, w += 256) {
       __m512i wv[NV];
 #pragma GCC unroll 4

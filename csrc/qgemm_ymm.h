@@ -158,14 +158,14 @@ inline void ymm_block(const TileArgs& t, const int8_t* wb, int r0, int ocb, int 
         acc[r][j] = _mm256_setzero_si256();
       }
   };
-  const uint8_t* const* P = t.ptrs + static_cast<size_t>(r0) * t.taps;
+  const uint8_t* const* P = t.ptrs + r0;
   // the group's 64 bytes per k4: contiguous (PackedW::ymm) or 256 apart (PackedW::data)
   const int8_t* w = wb + (t.ymm_layout ? ocb * t.Kp : ocb * 4);
   const int wstep = t.ymm_layout ? 64 : 256;
   int left = t.pair_run;
   for (int tap = 0; tap < t.taps; ++tap) {
     const uint8_t* p[R];
-    for (int r = 0; r < R; ++r) p[r] = P[r * t.taps + tap];
+    for (int r = 0; r < R; ++r) p[r] = P[r] + t.toff[tap];
     for (int c4 = 0; c4 < t.c4n; ++c4, w += wstep) {
       const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
       const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32));

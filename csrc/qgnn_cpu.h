@@ -218,13 +218,17 @@ struct AmxConv {
 };
 
 // One M-tile of `rows` output rows against all column blocks of the weights, epilogue
-// fused into the store. Activations come as row pointers, one per (row, tap):
-//   ptrs[r * taps + t] -> 4*c4n codes of row r for kernel tap t (K = taps * 4*c4n = Kp)
-// so a conv reads its NHWC input in place (implicit GEMM, taps outside the input point
-// at a zero buffer) and a linear layer has taps = 1. Raw fields only: ISA translation
-// units must not instantiate std templates (ODR).
+// fused into the store. Activations come as one pointer per row and one byte offset per
+// kernel tap:
+//   ptrs[r] + toff[t] -> 4*c4n codes of row r for kernel tap t (K = taps * 4*c4n = Kp)
+// so a conv reads its NHWC input in place (implicit GEMM on the zero-bordered copy of its
+// input: a row's pointer is its window's top-left pixel) and a linear layer has taps = 1,
+// toff = kOneTap. Raw fields only: ISA translation units must not instantiate std
+// templates (ODR).
+inline constexpr int64_t kOneTap[1] = {0};
 struct TileArgs {
   const uint8_t* const* ptrs;
+  const int64_t* toff;
   int taps, c4n, rows, m0;
   const int8_t* wdata;   // PackedW::data (AMX: PackedW::amx)
   int Kp, ob0, nblk, O;  // column blocks [ob0, ob0 + nblk) of 64; as_out is written when ob0 == 0
