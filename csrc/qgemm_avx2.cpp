@@ -5,7 +5,10 @@
 //     vpmaddwd only every pair_run steps, so a step costs one multiply instead of two (a
 //     2000 x 4096 x 64 GEMM on one Zen 3 core: 72 -> 91 GMAC/s, 122 with PackedW::ymm); 3-row
 //     tile: 6 int16 + 6 int32 accumulators + 2 weight vectors + 1 broadcast of 16 registers
-//     (4 or more rows, their int32 sums in memory, spilled the int16 ones: 0.55x)
+//     (4 or more rows, their int32 sums in memory, spilled the int16 ones: 0.55x; 6 rows
+//     with the sums kept in memory explicitly: no faster). Where K is one pair run
+//     (taps * c4n <= pair_run: 4 x 4 bits to K = 288) there are no int32 sums and 6 rows
+//     fit: tiny's 16- and 32-channel convs ~15% faster.
 //   pair_run 0 (8-bit x 8-bit: 2*255*128 > 32767): activations go in as two nibbles, hi
 //     pairs weighted by 16 in vpmaddwd after every step, 4-row tile.
 // Target pragma opened after the includes (see qgemm_avx512.cpp).
