@@ -67,8 +67,9 @@ FORM_RUNTIMES = {
 DEFAULT_OPSET = 21
 #: bumped whenever the emitted graph changes for the same model and options (the onnx
 #: backend's cache key includes it): 2 = MatMulIntegerToFloat / NhwcMaxPool, auto = fast;
-#: 4 = the episode's sigmoid as float64 Exp / Div (onnxruntime's float64 Sigmoid underflows)
-EXPORT_FORMAT = 4
+#: 4 = the episode's sigmoid as float64 Exp / Div (onnxruntime's float64 Sigmoid underflows);
+#: 5 = fast form: snapped quantizers as Sub + QuantizeLinear like the other forms
+EXPORT_FORMAT = 5
 
 
 @dataclass
@@ -81,8 +82,8 @@ class ExportOptions:
         integer form in standard ONNX ops only, for runtimes without onnxruntime's contrib
         ops; exact), ``"qdq"`` (QCDQ + float conv; snapped offsets only), or ``"auto"``
         (``"fast"``: the fastest in onnxruntime; measured against the reference engine:
-        0 code mismatches on resnet12-cifarfs; on tiny 4-bit snapped one tie flip that
-        cascaded to 394 of 4.5 M codes, logits within 1e-7).
+        0 code mismatches on resnet12-cifarfs and on the shipped tiny models, logits within
+        3e-8).
         ``integer`` / ``fast`` run in onnxruntime only (``portability`` in the result).
     weights_format: ``"native"``: weight codes at their true width where ONNX has the
         type (UINT4 for 4-bit at opset >= 21, UINT2 for 2-bit at opset >= 25; 3-bit in
