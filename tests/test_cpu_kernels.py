@@ -133,6 +133,32 @@ def test_qlinear_every_compiled_epilogue(cpu_isa, snap, bn, res, slope, quant):
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("slope", [0.01, 1.0, 0.0, -0.3, 1.5])
+@pytest.mark.parametrize("quant", [False, True])
+def test_leaky_relu_slopes_and_non_finite_values(cpu_isa, slope, quant):
+    # 0 < slope <= 1 takes max(y*slope, y) in the 256-bit tiles, any other slope the select;
+    # both must give torch.where(y >= 0, y, y*slope) bit for bit, signed zeros, infinities
+    # and NaN included (here from the residual). Rows of 16 columns and an 8-column tail
+    m, k, o = 30, 16, 24
+    x, wc = codes((m, k), 4), codes((o, k), 4)
+    ws, wo = wparams(o)
+    res = torch.randn(m, o)
+    res[0, :6] = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, -0.0, -1e-40])
+    res[1, :] = -1e30
+    res[2, 16:] = float("-inf")
+    kw = dict(post_scale=torch.rand(o) + 0.5, post_shift=torch.randn(o), residual=res, slope=slope)
+    if quant:
+        kw.update(out_l=-0.9, out_s=0.15, out_bits=4)
+    args = (x, pack_codes(wc, 4), 4, 4, ws, wo, 0.037, -0.41)
+    got, want = cpu.cpu_qlinear(*args, **kw), R.ref_qlinear(*args, **kw)
+    if quant:
+        assert_codes_equal(got, want)
+    else:
+        assert torch.equal(got.isnan(), want.isnan())
+        ok = ~want.isnan()
+        assert torch.equal(got[ok], want[ok]) and torch.equal(got[ok].signbit(), want[ok].signbit())
+
+
 @pytest.mark.parametrize("c", [8, 16, 32])
 def test_conv_pixel_sums_of_narrow_rows(cpu_isa, c):
     # 8- and 16-code pixels go several to a vector in the pixel sums (rowsums_*); 5 x 3 = 15
