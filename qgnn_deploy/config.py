@@ -71,8 +71,92 @@ def check_layer_bits(bits: Any, what: str) -> LayerBits:
     return pair
 
 
+class EpisodeConfig:
+    """What every model family's config shares, mixed into its frozen dataclass: the
+    episode (``way``, ``shot``, ``image_size``), the encoder's four ``widths``, ``dropout``
+    and the quantization (``bits``, ``layer_bits``, ``weight_granularity``). Each family
+    declares the fields (its own defaults), ``_what`` (the name errors give it) and its
+    own checks in ``validate``, which calls :meth:`_validate_episode` first."""
+
+    _what = "model"
+
+    def _normalise(self) -> None:
+        """One stored form for ``layer_bits`` and ``widths`` (set through
+        ``object.__setattr__``: the dataclass is frozen)."""
+        if not isinstance(self.layer_bits, dict):
+            raise ConfigError(f"layer_bits must be a dict, got {type(self.layer_bits).__name__}")
+        object.__setattr__(self, "layer_bits", {
+            str(name): check_layer_bits(b, f"layer_bits[{name!r}]") for name, b in self.layer_bits.items()})
+        try:
+            object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"invalid {self._what} config: {e}") from None
+
+    @property
+    def num_supports(self) -> int:
+        return self.way * self.shot
+
+    @property
+    def num_nodes(self) -> int:
+        return self.way * self.shot + self.way
+
+    @property
+    def quantized(self) -> bool:
+        """Whether any layer is quantized (``bits`` or an override below 32)."""
+        return self.bits < 32 or any(b.quantized for b in self.layer_bits.values())
+
+    def bits_for(self, name: str) -> LayerBits:
+        """The (w, a) bit-widths of layer ``name`` (32 = FP)."""
+        return self.layer_bits.get(name, LayerBits(self.bits, self.bits))
+
+    def _validate_episode(self) -> None:
+        if self.way < 2:
+            raise ConfigError(f"way must be >= 2, got {self.way}")
+        if self.shot < 1:
+            raise ConfigError(f"shot must be >= 1, got {self.shot}")
+        if self.image_size not in SUPPORTED_IMAGE_SIZES:
+            raise ConfigError(
+                f"image_size must be one of {SUPPORTED_IMAGE_SIZES}, got {self.image_size}")
+        if len(self.widths) != 4 or any(w < 1 for w in self.widths):
+            raise ConfigError(f"widths must be 4 positive ints, got {self.widths}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        check_bits(self.bits, "bits")
+        if self.weight_granularity not in ("tensor", "channel"):
+            raise ConfigError(
+                f"weight_granularity must be 'tensor' or 'channel', got {self.weight_granularity!r}")
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes).validate()
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-ready: tuples as lists, ``layer_bits`` as ``{"w", "a"}`` dicts."""
+        d = dataclasses.asdict(self)
+        for name, v in d.items():
+            if isinstance(v, tuple):
+                d[name] = list(v)
+        d["layer_bits"] = {name: b.to_dict() for name, b in self.layer_bits.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]):
+        if not isinstance(d, dict):
+            raise ConfigError(f"{cls._what} config must be a dict, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown {cls._what} config keys: {unknown}")
+        try:
+            config = cls(**d)
+        except (TypeError, ValueError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"invalid {cls._what} config: {e}") from None
+        return config.validate()
+
+
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(EpisodeConfig):
     """Architecture and quantization of a QGNN-IC model.
 
     Attributes:
@@ -105,80 +189,22 @@ class ModelConfig:
     node_bits: Tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if not isinstance(self.layer_bits, dict):
-            raise ConfigError(f"layer_bits must be a dict, got {type(self.layer_bits).__name__}")
-        # one stored form (frozen dataclass: set through object.__setattr__)
-        object.__setattr__(self, "layer_bits", {
-            str(name): check_layer_bits(b, f"layer_bits[{name!r}]") for name, b in self.layer_bits.items()})
+        self._normalise()
         object.__setattr__(self, "node_bits", check_node_bits(self.node_bits))
 
-    @property
-    def num_supports(self) -> int:
-        return self.way * self.shot
-
-    @property
-    def num_nodes(self) -> int:
-        return self.way * self.shot + self.way
-
     def validate(self) -> "ModelConfig":
-        if self.way < 2:
-            raise ConfigError(f"way must be >= 2, got {self.way}")
-        if self.shot < 1:
-            raise ConfigError(f"shot must be >= 1, got {self.shot}")
-        if self.image_size not in SUPPORTED_IMAGE_SIZES:
-            raise ConfigError(
-                f"image_size must be one of {SUPPORTED_IMAGE_SIZES}, got {self.image_size}")
-        if len(self.widths) != 4 or any(int(w) < 1 for w in self.widths):
-            raise ConfigError(f"widths must be 4 positive ints, got {self.widths}")
+        self._validate_episode()
         if self.emb_dim < 1 or self.generations < 1:
             raise ConfigError("emb_dim and generations must be >= 1")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        check_bits(self.bits, "bits")
-        if self.weight_granularity not in ("tensor", "channel"):
-            raise ConfigError(
-                f"weight_granularity must be 'tensor' or 'channel', got {self.weight_granularity!r}")
         return self
 
     def bits_for(self, name: str) -> LayerBits:
         """The (w, a) bit-widths of layer ``name``; a quantized aggregation's node grid is
         ``max(node_bits)`` when per-node widths are on."""
-        bits = self.layer_bits.get(name, LayerBits(self.bits, self.bits))
+        bits = super().bits_for(name)
         if self.node_bits and bits.quantized and name.endswith(AGGREGATION_SUFFIX):
             return LayerBits(bits.w, self.node_bits[-1])
         return bits
-
-    @property
-    def quantized(self) -> bool:
-        """Whether any layer is quantized (``bits`` or an override below 32)."""
-        return self.bits < 32 or any(b.quantized for b in self.layer_bits.values())
-
-    def replace(self, **changes: Any) -> "ModelConfig":
-        return dataclasses.replace(self, **changes).validate()
-
-    def to_dict(self) -> Dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["widths"] = list(self.widths)
-        d["layer_bits"] = {name: b.to_dict() for name, b in self.layer_bits.items()}
-        d["node_bits"] = list(self.node_bits)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "ModelConfig":
-        if not isinstance(d, dict):
-            raise ConfigError(f"model config must be a dict, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown model config keys: {unknown}")
-        d = dict(d)
-        try:
-            if "widths" in d:
-                d["widths"] = tuple(int(w) for w in d["widths"])
-            config = cls(**d)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"invalid model config: {e}") from None
-        return config.validate()
 
 
 def check_node_bits(node_bits: Any, what: str = "node_bits") -> Tuple[int, ...]:

@@ -51,7 +51,6 @@ L1 norms, the sigmoid and the FP32 convs are computed in float64 and rounded onc
 """
 from __future__ import annotations
 
-import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -59,7 +58,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..config import SUPPORTED_IMAGE_SIZES, LayerBits, check_bits, check_layer_bits
+from ..config import EpisodeConfig, LayerBits, check_bits
 from ..errors import CheckpointError, ConfigError
 from ..ops.episode_ops import EDGE_EPS, TORCH_OPS, f32_row_sum, l1_normalize_rows
 from .layers import F64Conv2d, QAggregation, QConv2d, QLinear
@@ -78,7 +77,7 @@ FP32_LAYER_NOTE = "the first encoder conv (backbone.conv_1.0) and each edge MLP'
 # ------------------------------------------------------------------ configuration
 
 @dataclass(frozen=True)
-class EGNNConfig:
+class EGNNConfig(EpisodeConfig):
     """Architecture and quantization of an EGNN model.
 
     Attributes:
@@ -113,13 +112,11 @@ class EGNNConfig:
     layer_bits: Dict[str, LayerBits] = field(default_factory=dict)
     weight_granularity: str = "tensor"
 
+    _what = "EGNN"
+
     def __post_init__(self) -> None:
-        if not isinstance(self.layer_bits, dict):
-            raise ConfigError(f"layer_bits must be a dict, got {type(self.layer_bits).__name__}")
-        object.__setattr__(self, "layer_bits", {
-            str(name): check_layer_bits(b, f"layer_bits[{name!r}]") for name, b in self.layer_bits.items()})
+        self._normalise()
         try:
-            object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
             object.__setattr__(self, "encoder_dropout", tuple(float(p) for p in self.encoder_dropout))
         except (TypeError, ValueError) as e:
             raise ConfigError(f"invalid EGNN config: {e}") from None
@@ -130,16 +127,8 @@ class EGNNConfig:
         return FAMILY
 
     @property
-    def num_supports(self) -> int:
-        return self.way * self.shot
-
-    @property
     def num_queries(self) -> int:
         return self.way
-
-    @property
-    def num_nodes(self) -> int:
-        return self.way * self.shot + self.way
 
     @property
     def feature_side(self) -> int:
@@ -148,69 +137,31 @@ class EGNNConfig:
         side = (side - 2) // 2
         return side // 4
 
-    @property
-    def quantized(self) -> bool:
-        return self.bits < 32 or any(b.quantized for b in self.layer_bits.values())
-
     def validate(self) -> "EGNNConfig":
-        if self.way < 2:
-            raise ConfigError(f"way must be >= 2, got {self.way}")
-        if self.shot < 1:
-            raise ConfigError(f"shot must be >= 1, got {self.shot}")
-        if self.image_size not in SUPPORTED_IMAGE_SIZES:
-            raise ConfigError(f"image_size must be one of {SUPPORTED_IMAGE_SIZES}, got {self.image_size}")
-        if len(self.widths) != 4 or any(w < 1 for w in self.widths):
-            raise ConfigError(f"widths must be 4 positive ints, got {self.widths}")
+        self._validate_episode()
         for name in ("emb_dim", "node_features", "edge_features", "num_layers"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive int, got {v!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if len(self.encoder_dropout) != 2 or not all(0.0 <= p < 1.0 for p in self.encoder_dropout):
             raise ConfigError(f"encoder_dropout must be two rates in [0, 1), got {self.encoder_dropout}")
         if not isinstance(self.transductive, bool):
             raise ConfigError(f"transductive must be a bool, got {self.transductive!r}")
-        check_bits(self.bits, "bits")
-        if self.weight_granularity not in ("tensor", "channel"):
-            raise ConfigError(
-                f"weight_granularity must be 'tensor' or 'channel', got {self.weight_granularity!r}")
         return self
 
-    def bits_for(self, name: str) -> LayerBits:
-        """The (w, a) bit-widths of layer ``name`` (32 = FP)."""
-        return self.layer_bits.get(name, LayerBits(self.bits, self.bits))
-
-    def replace(self, **changes: Any) -> "EGNNConfig":
-        return dataclasses.replace(self, **changes).validate()
-
     def to_dict(self) -> Dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["widths"] = list(self.widths)
-        d["encoder_dropout"] = list(self.encoder_dropout)
-        d["layer_bits"] = {name: b.to_dict() for name, b in self.layer_bits.items()}
+        d = super().to_dict()
         d["family"] = FAMILY  # a DPGN ModelConfig.from_dict rejects it: no silent mix-up
         return d
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "EGNNConfig":
-        if not isinstance(d, dict):
-            raise ConfigError(f"EGNN config must be a dict, got {type(d).__name__}")
-        d = dict(d)
-        family = d.pop("family", FAMILY)
-        if family != FAMILY:
-            raise ConfigError(f"config is of model family {family!r}, not {FAMILY!r}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown EGNN config keys: {unknown}")
-        try:
-            config = cls(**d)
-        except (TypeError, ValueError) as e:
-            if isinstance(e, ConfigError):
-                raise
-            raise ConfigError(f"invalid EGNN config: {e}") from None
-        return config.validate()
+        if isinstance(d, dict):
+            d = dict(d)
+            family = d.pop("family", FAMILY)
+            if family != FAMILY:
+                raise ConfigError(f"config is of model family {family!r}, not {FAMILY!r}")
+        return super().from_dict(d)
 
 
 EGNN_PRESETS: Dict[str, EGNNConfig] = {
