@@ -249,7 +249,10 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("k", [](const qgnn::PackedW& w) { return w.K; })
       .def_property_readonly("bits", [](const qgnn::PackedW& w) { return w.bits; })
       .def_property_readonly("taps", [](const qgnn::PackedW& w) { return w.taps; })
-      .def_property_readonly("nbytes", [](const qgnn::PackedW& w) { return w.data.size(); });
+      .def_property_readonly("nbytes", [](const qgnn::PackedW& w) {
+        // every layout held (the AMX and ymm copies exist on CPUs that run them) and the sums
+        return w.data.size() + w.amx.size() + w.ymm.size() + (w.wsum.size() + w.tapsum.size()) * sizeof(int32_t);
+      }, "bytes the repacked weights hold: every tile layout built for this CPU, plus the code sums");
 
   m.def("pack", [](const py::array& codes, int bits) {
     check_bits(bits, "bits");

@@ -103,6 +103,17 @@ void expect_outputs(const Plan& p, const StepReader& r, PlanStep& st, const std:
   st.codes = outs;
 }
 
+// A layer step's input (in_dt: [rows, K], a conv's NHWC map) and outputs (fp32, or nq code
+// sets) against its geometry; returns the outputs' per-task size
+int64_t expect_layer_io(const Plan& p, const StepReader& r, PlanStep& st, const std::vector<int>& outs, bool conv,
+                        DType in_dt, int K, int O, int Ho, int Wo, int nq) {
+  const int64_t in_n = conv ? st.count * st.h * st.w * st.c : st.count * K;
+  const int64_t out_n = conv ? st.count * Ho * Wo * O : st.count * O;
+  expect(p, r, st.in[0], in_dt, in_n, "input");
+  expect_outputs(p, r, st, outs, nq, out_n);
+  return out_n;
+}
+
 void read_geometry(PlanStep& st, const StepReader& r) {
   st.count = r.i64("images");
   st.h = r.i32("h");
@@ -156,10 +167,7 @@ void read_qlayer(PlanStep& st, const StepReader& r, const Plan& p, bool conv, co
   const int K = build_qlayer(r, st, conv, st.packed, st.qlayer);
   const qgnn::QLayer& L = *st.qlayer;
   const int O = L.w->O;
-  const int64_t in_n = conv ? st.count * st.h * st.w * st.c : st.count * K;
-  const int64_t out_n = conv ? st.count * L.Ho * L.Wo * O : st.count * O;
-  expect(p, r, st.in[0], DType::U8, in_n, "input");
-  expect_outputs(p, r, st, outs, L.epi.rq.nq, out_n);
+  const int64_t out_n = expect_layer_io(p, r, st, outs, conv, DType::U8, K, O, L.Ho, L.Wo, L.epi.rq.nq);
   if (!conv && r.has("shortcut")) {
     const py::dict sd = py::reinterpret_borrow<py::dict>(r.at("shortcut"));
     const StepReader rs{sd, r.where + " shortcut"};
@@ -194,10 +202,7 @@ void read_flayer(PlanStep& st, const StepReader& r, const Plan& p, bool conv, co
   qgnn::prepare_float_layer(*st.flayer, static_cast<const float*>(w.data()), O, K, bias, ps, sh, has_slope, slope,
                             conv ? st.ks : 0, st.stride, st.pad, st.h, st.w, st.c, nq, ql, qs, qb);
   const qgnn::F64Args& L = st.flayer->args;
-  const int64_t in_n = conv ? st.count * st.h * st.w * st.c : st.count * K;
-  const int64_t out_n = conv ? st.count * L.Ho * L.Wo * O : st.count * O;
-  expect(p, r, st.in[0], DType::F32, in_n, "input");
-  expect_outputs(p, r, st, outs, nq, out_n);
+  const int64_t out_n = expect_layer_io(p, r, st, outs, conv, DType::F32, K, O, L.Ho, L.Wo, nq);
   if (st.in.size() > 1 && st.in[1] >= 0) expect(p, r, st.in[1], DType::F32, out_n, "residual");
 }
 

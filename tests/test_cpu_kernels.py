@@ -7,6 +7,7 @@ except fp32 ties (<= 0.1% of elements, by 1). Every ISA path is forced in turn (
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -439,3 +440,17 @@ def test_pack_cache_hits_aliases_and_sees_in_place_edits():
     assert torch.equal(cpu.cpu_qlinear(x, alias, 4, 4, ws, wo, 0.1, 0.0), R.ref_qlinear(x, wp, 4, 4, ws, wo, 0.1, 0.0))
     wp.zero_()  # bumps the shared version counter
     assert torch.equal(cpu.cpu_qlinear(x, alias, 4, 4, ws, wo, 0.1, 0.0), R.ref_qlinear(x, wp, 4, 4, ws, wo, 0.1, 0.0))
+
+
+def test_packed_weights_nbytes_counts_every_layout():
+    # O=70 -> Op=128 (two 64-column blocks), K=72 -> Kp=72: the canonical tiles are
+    # 2 * 18 * 256 bytes, plus the int32 code sums per output and per tap; a CPU detected
+    # as AVX2 / AVX-VNNI adds the same-sized ymm copy its tiles read; an AMX one adds tiles
+    # only from K = 256 (the second case: Kp = 288, rounded up to 320 per column)
+    ext = cpu._ext()
+    ymm = cpu.detected_isa() in ("avx2", "avxvnni")
+    amx = not cpu.isa_blocker("amx")
+    pw = ext.PackedWeights(np.zeros((70, 72), np.uint8), 8, 72, 9)
+    assert pw.nbytes == 2 * 18 * 256 * (2 if ymm else 1) + (70 + 70 * 9) * 4
+    pw = ext.PackedWeights(np.zeros((70, 288), np.uint8), 8, 288, 9)
+    assert pw.nbytes == 2 * 72 * 256 * (2 if ymm else 1) + (128 * 320 if amx else 0) + (70 + 70 * 9) * 4
