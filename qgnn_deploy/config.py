@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, NamedTuple, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Tuple
 
 from .errors import ConfigError
 
@@ -80,15 +80,17 @@ class EpisodeConfig:
 
     _what = "model"
 
-    def _normalise(self) -> None:
-        """One stored form for ``layer_bits`` and ``widths`` (set through
-        ``object.__setattr__``: the dataclass is frozen)."""
+    def _normalise(self, **tuples: Callable[[Any], Any]) -> None:
+        """One stored form (set through ``object.__setattr__``: the dataclass is frozen) for
+        ``layer_bits``, ``widths`` (a tuple of ints) and the family's ``tuples`` fields
+        (``name=element type``)."""
         if not isinstance(self.layer_bits, dict):
             raise ConfigError(f"layer_bits must be a dict, got {type(self.layer_bits).__name__}")
         object.__setattr__(self, "layer_bits", {
             str(name): check_layer_bits(b, f"layer_bits[{name!r}]") for name, b in self.layer_bits.items()})
         try:
-            object.__setattr__(self, "widths", tuple(int(w) for w in self.widths))
+            for name, kind in {"widths": int, **tuples}.items():
+                object.__setattr__(self, name, tuple(kind(v) for v in getattr(self, name)))
         except (TypeError, ValueError) as e:
             raise ConfigError(f"invalid {self._what} config: {e}") from None
 

@@ -115,11 +115,7 @@ class EGNNConfig(EpisodeConfig):
     _what = "EGNN"
 
     def __post_init__(self) -> None:
-        self._normalise()
-        try:
-            object.__setattr__(self, "encoder_dropout", tuple(float(p) for p in self.encoder_dropout))
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"invalid EGNN config: {e}") from None
+        self._normalise(encoder_dropout=float)
 
     @property
     def family(self) -> str:
