@@ -159,15 +159,17 @@ void run_float_layer(const FloatLayer& L, const float* x, int64_t rows, const fl
   constexpr int64_t kRows = 64;  // output rows per task
   const int nt = double(rows) * a.K * a.O < 1.0e6 ? 1 : nthreads;
   // float32 sums with the rounding check (f32_margins) for convs of <= 64 code outputs
-  // (prepare_float_layer builds their operands). AVX-512 from 17 outputs: the resnet12 stem,
-  // 64, 17% faster than on its float64 sums, relative to its neighbour step in alternating
-  // processes at T=1; the tiny stem, 16, was 20% slower: redoing its pixels near a rounding
-  // boundary in float64 took 15% of its time, and its float64 sums run four pixels at once.
-  // AVX2 at every width (4 float64 lanes against 8 float32 ones): on a Zen 3 the resnet12
-  // stem ran 2x faster, egnn-tiny's (16) 1.17x, tiny's (16, two code outputs) the same, in
-  // alternating processes
+  // (prepare_float_layer builds their operands), measured in alternating processes or
+  // interleaved in one, as the stem step's time:
+  // - AVX2 at every width (4 float64 lanes against 8 float32 ones): on a Zen 3 the resnet12
+  //   stem ran 2x faster, egnn-tiny's (16 outputs) 1.17x, tiny's (16, two code outputs) the same;
+  // - AVX-512 on a Zen 4 (no AMX) at every width too: egnn-tiny's stem 1.62x, tiny's 1.27x;
+  // - AVX-512 on the AMX Xeon from 17 outputs: the resnet12 stem (64) 17% faster, but the
+  //   tiny stem 20% slower (redoing its pixels near a rounding boundary in float64 took 15%
+  //   of its time, and its float64 sums run four pixels at once).
+  const bool amx_cpu = isa_blocker(Isa::Amx).empty();
   const bool f32 = !L.wt32.empty() && !residual &&
-                   ((fn == f64_rows_avx512 && a.O > 16) || fn == f64_rows_avx2);
+                   (fn == f64_rows_avx2 || (fn == f64_rows_avx512 && (a.O > 16 || !amx_cpu)));
   // A padded conv reads a zero-bordered copy of its input, when it has <= 16 outputs or
   // sums in float32: its border pixels then take the multi-pixel paths too (the one-pixel
   // path spent 36% of the tiny stem's float64 sums on its 12% border pixels; with 64
