@@ -58,22 +58,19 @@ inline void block(const TileArgs& t, const int8_t* wb, int r0, int o0, const __m
       }
     }
   }
-  alignas(64) int32_t buf[R][16 * NV];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) _mm512_store_si512(&buf[r][16 * j], acc[r][j]);
-  }
   const Epi& e = *t.e;
   const EpiK ek(e);
   EpiRow rows[R];
   for (int r = 0; r < R; ++r) rows[r] = epi_row(e, t.rpat ? t.rpat[r0 + r] : 0, t.as[r0 + r]);
   const int64_t m0 = static_cast<int64_t>(t.m0) + r0;
+#pragma GCC unroll 4
   for (int j = 0; j < NV; ++j) {
     if (!mk[j]) continue;
     const int o = o0 + 16 * j;
-    const Cols c = load_cols(e, o, mk[j]);
-    for (int r = 0; r < R; ++r) epi16<F>(ek, c, rows[r], m0 + r, o, mk[j], _mm512_load_si512(&buf[r][16 * j]));
+    __m512i a[R];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) a[r] = acc[r][j];
+    epi16_rows<F, R>(ek, load_cols(e, o, mk[j]), rows, m0, o, mk[j], a);
   }
 }
 

@@ -43,14 +43,16 @@ inline Cols load_cols(const Epi& e, int o, __mmask16 mk) {
   return c;
 }
 
-// Epilogue on 16 columns [o, o+16) of row m (mask = columns < O); order as ref_epilogue;
+// The epilogue in ref_epilogue's order on 16 columns [o, o+16) of row m (mask = columns
+// < O), in stages: the centred identity (acc_out written here), then post_scale,
+// post_shift, residual and LeakyReLU, then the requantization or the fp32 store.
 // F: its flags (epi_flags.h).
 template <int F>
-inline void epi16(const EpiK& e, const Cols& c, const EpiRow& rw, int64_t m, int o, __mmask16 mk, __m512i acc) {
-  const int64_t base = m * e.O + o;
+inline __m512 epi16_affine(const EpiK& e, const Cols& c, const EpiRow& rw, int64_t m, int o, __mmask16 mk,
+                           __m512i acc) {
 #define HAS(flag, rt) EPI_HAS(F, flag, rt)
   if (HAS(kACC, e.acc_out != nullptr))
-    _mm512_mask_storeu_epi32(e.acc_out + base, mk, _mm512_add_epi32(acc, _mm512_set1_epi32(e.wbias * rw.as)));
+    _mm512_mask_storeu_epi32(e.acc_out + m * e.O + o, mk, _mm512_add_epi32(acc, _mm512_set1_epi32(e.wbias * rw.as)));
   // ACC' = ACC + (wbias - zw)*AS - za*WS'   (int32, wrapping like the reference's int32)
   acc = _mm512_add_epi32(acc, _mm512_mullo_epi32(c.nzw, _mm512_set1_epi32(rw.as)));
   acc = _mm512_sub_epi32(acc, _mm512_maskz_loadu_epi32(mk, rw.zws + o));
@@ -65,6 +67,14 @@ inline void epi16(const EpiK& e, const Cols& c, const EpiRow& rw, int64_t m, int
     }
     y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mk, rw.t4 + o));
   }
+  return y;
+#undef HAS
+}
+
+// base: m * O + o
+template <int F>
+inline __m512 epi16_post(const EpiK& e, const Cols& c, int64_t base, __mmask16 mk, __m512 y) {
+#define HAS(flag, rt) EPI_HAS(F, flag, rt)
   if (HAS(kPS, e.ps)) y = _mm512_mul_ps(y, c.ps);
   if (HAS(kSH, e.sh)) y = _mm512_add_ps(y, c.sh);
   if (HAS(kRES, e.res)) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mk, e.residual + base));
@@ -73,27 +83,64 @@ inline void epi16(const EpiK& e, const Cols& c, const EpiRow& rw, int64_t m, int
     const __mmask16 neg = _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_NGE_UQ);
     y = _mm512_mask_mul_ps(y, neg, y, _mm512_set1_ps(e.slope));
   }
-  if (HAS(kQUANT, e.rq.nq != 0)) {
-    // rne((y - l) / s) via the reciprocal: relative error <= 2^-23, i.e. < 1e-4 absolute
-    // for |u| < 512, so the rounding can only differ within 1e-4 of a half-integer; those
-    // lanes (rare; vreduceps gives u - rne(u)) take the exact IEEE division. For
-    // |u| >= 512 the clamp to [0, qmax <= 255] decides whatever the rounding. Clamping
-    // before rounding is the same as after (integer bounds, rounding is monotone).
-    for (int k = 0; k < e.rq.nq; ++k) {
-      const __m512 num = _mm512_sub_ps(y, _mm512_set1_ps(e.rq.out_l[k]));
-      __m512 u = _mm512_mul_ps(num, _mm512_set1_ps(e.rq.inv_out_s[k]));
-      const __m512 frac = _mm512_reduce_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      const __mmask16 near = _mm512_cmp_ps_mask(_mm512_abs_ps(frac), _mm512_set1_ps(0.4999f), _CMP_GT_OQ);
-      if (near) u = _mm512_mask_div_ps(u, near, num, _mm512_set1_ps(e.rq.out_s[k]));
-      // NaN: max(NaN, 0) returns the second operand (0)
-      u = _mm512_min_ps(_mm512_max_ps(u, _mm512_setzero_ps()), _mm512_set1_ps(e.rq.qmax[k]));
-      const __m512i q = _mm512_cvt_roundps_epi32(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      _mm_mask_storeu_epi8(e.rq.out_q[k] + base, mk, _mm512_cvtepi32_epi8(q));
-    }
-  } else {
-    _mm512_mask_storeu_ps(e.out_f + base, mk, y);
-  }
+  return y;
 #undef HAS
+}
+
+// The codes clamp(rne((y - l_k) / s_k), 0, qmax_k) of quantizer k for the N vectors y, as
+// int32 lanes. rne((y - l) / s) via the reciprocal: relative error <= 2^-23, i.e. < 1e-4
+// absolute for |u| < 512, so the rounding can only differ within 1e-4 of a half-integer;
+// those lanes (rare; vreduceps gives u - rne(u)) take the exact IEEE division, one test for
+// all N. For |u| >= 512 the clamp to [0, qmax <= 255] decides whatever the rounding.
+// Clamping before rounding is the same as after (integer bounds, rounding is monotone).
+template <int N>
+inline void requant16(const EpiK& e, int k, const __m512 (&y)[N], __m512i (&q)[N]) {
+  const __m512 l = _mm512_set1_ps(e.rq.out_l[k]), inv = _mm512_set1_ps(e.rq.inv_out_s[k]);
+  __m512 num[N], u[N];
+  __mmask16 near[N], any = 0;
+  for (int i = 0; i < N; ++i) {
+    num[i] = _mm512_sub_ps(y[i], l);
+    u[i] = _mm512_mul_ps(num[i], inv);
+    const __m512 frac = _mm512_reduce_ps(u[i], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    near[i] = _mm512_cmp_ps_mask(_mm512_abs_ps(frac), _mm512_set1_ps(0.4999f), _CMP_GT_OQ);
+    any |= near[i];
+  }
+  if (any) {
+    const __m512 s = _mm512_set1_ps(e.rq.out_s[k]);
+    for (int i = 0; i < N; ++i) u[i] = _mm512_mask_div_ps(u[i], near[i], num[i], s);
+  }
+  // NaN: max(NaN, 0) returns the second operand (0)
+  const __m512 qm = _mm512_set1_ps(e.rq.qmax[k]);
+  for (int i = 0; i < N; ++i)
+    q[i] = _mm512_cvt_roundps_epi32(_mm512_min_ps(_mm512_max_ps(u[i], _mm512_setzero_ps()), qm),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+// The epilogue of the R rows m0.. of a block on one 16-column group, stage by stage across
+// the rows: one row's is a chain of ~25 dependent fp32 steps, and issued row after row the
+// chains filled the scheduler (as on the AVX2 tile, qgemm_ymm.h)
+template <int F, int R>
+inline void epi16_rows(const EpiK& e, const Cols& c, const EpiRow* rw, int64_t m0, int o, __mmask16 mk,
+                       const __m512i (&acc)[R]) {
+  __m512 y[R];
+  for (int r = 0; r < R; ++r) y[r] = epi16_affine<F>(e, c, rw[r], m0 + r, o, mk, acc[r]);
+  for (int r = 0; r < R; ++r) y[r] = epi16_post<F>(e, c, (m0 + r) * e.O + o, mk, y[r]);
+  if (!EPI_HAS(F, kQUANT, e.rq.nq != 0)) {
+    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(e.out_f + (m0 + r) * e.O + o, mk, y[r]);
+    return;
+  }
+  for (int k = 0; k < e.rq.nq; ++k) {
+    __m512i q[R];
+    requant16<R>(e, k, y, q);
+    for (int r = 0; r < R; ++r) _mm_mask_storeu_epi8(e.rq.out_q[k] + (m0 + r) * e.O + o, mk, _mm512_cvtepi32_epi8(q[r]));
+  }
+}
+
+// one row of it (the AMX tile's epilogue slices)
+template <int F>
+inline void epi16(const EpiK& e, const Cols& c, const EpiRow& rw, int64_t m, int o, __mmask16 mk, __m512i acc) {
+  const __m512i a[1] = {acc};
+  epi16_rows<F, 1>(e, c, &rw, m, o, mk, a);
 }
 
 }  // namespace
