@@ -167,7 +167,7 @@ void run_float_layer(const FloatLayer& L, const float* x, int64_t rows, const fl
   // - AVX-512 on the AMX Xeon from 17 outputs: the resnet12 stem (64) 17% faster, but the
   //   tiny stem 20% slower (redoing its pixels near a rounding boundary in float64 took 15%
   //   of its time, and its float64 sums run four pixels at once).
-  const bool amx_cpu = isa_blocker(Isa::Amx).empty();
+  static const bool amx_cpu = isa_blocker(Isa::Amx).empty();  // fixed for the process
   const bool f32 = !L.wt32.empty() && !residual &&
                    (fn == f64_rows_avx2 || (fn == f64_rows_avx512 && (a.O > 16 || !amx_cpu)));
   // A padded conv reads a zero-bordered copy of its input, when it has <= 16 outputs or
