@@ -206,6 +206,14 @@ PYBIND11_MODULE(_C, m) {
     if (hold_us < 0 || hold_us > 1000000) throw ArgError("hold_us must be in 0..1000000");
     qgnn::wake_workers(nthreads, hold_us);
   }, py::arg("nthreads"), py::arg("hold_us"));
+  m.def("pool_stats", [] {
+    const qgnn::PoolStats s = qgnn::pool_stats();
+    py::dict d;
+    d["moves"] = s.moves;
+    d["worker_tids"] = s.worker_tids;
+    d["worker_cpus"] = s.worker_cpus;
+    return d;
+  }, "the thread pool's workers: {moves, worker_tids, worker_cpus} (thread_pool.h)");
   m.def("detected_isa", [] { return std::string(qgnn::isa_name(qgnn::detected_isa())); });
   m.def("active_isa", [] { return std::string(qgnn::isa_name(qgnn::active_isa())); });
   m.def("force_isa", [](const std::string& s) { qgnn::force_isa(qgnn::isa_from_name(s)); },

@@ -1,12 +1,16 @@
 #include "thread_pool.h"
 
 #include <pthread.h>
+#include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -77,11 +81,49 @@ void poll(Pred pred, bool hold) {
   }
 }
 
+// Where a worker runs, published by the worker while it is awake (-1 while it sleeps).
+struct Placement {
+  std::atomic<int> cpu{-1};
+  std::atomic<int64_t> tid{0};  // the kernel's thread id (for sched_setaffinity)
+  int64_t moved_ns = 0;         // its last move (by a caller, under mu)
+};
+
+// A worker polling on the caller's CPU (or on another worker's) runs only when that thread is
+// preempted, while a CPU idles. The kernel's wake-up placement put one there after idle time
+// on the 2-vCPU development VM, and its load balancer took ~10 ms to move it: after another
+// engine's run in the process (onnxruntime), 8 tiny episodes in a row ran at one thread's
+// speed, with the worker joining 3 of their 176 loops. The caller moves such a worker off
+// the CPUs taken (its affinity without them, then its own back: the kernel migrates it at
+// once and it stays), at most once a millisecond per worker. Returns whether it moved it.
+bool separate(Placement& w, cpu_set_t& taken, int64_t now) {
+  const int cpu = w.cpu.load(std::memory_order_relaxed);
+  if (cpu < 0 || cpu >= CPU_SETSIZE) return false;
+  if (!CPU_ISSET(cpu, &taken)) {
+    CPU_SET(cpu, &taken);
+    return false;
+  }
+  const pid_t tid = static_cast<pid_t>(w.tid.load(std::memory_order_relaxed));
+  if (tid <= 0 || now - w.moved_ns < 1000000) return false;
+  w.moved_ns = now;
+  cpu_set_t allowed, away;
+  if (sched_getaffinity(tid, sizeof(allowed), &allowed) != 0) return false;
+  CPU_ZERO(&away);
+  for (int c = 0; c < CPU_SETSIZE; ++c)
+    if (CPU_ISSET(c, &allowed) && !CPU_ISSET(c, &taken)) CPU_SET(c, &away);
+  if (CPU_COUNT(&away) == 0) return false;
+  if (sched_setaffinity(tid, sizeof(away), &away) != 0) return false;
+  sched_setaffinity(tid, sizeof(allowed), &allowed);
+  w.cpu.store(-1, std::memory_order_relaxed);  // republished where it now runs
+  return true;
+}
+
 struct Pool {
   std::mutex busy;                 // one parallel_for at a time
   std::mutex mu;
   std::condition_variable wake, done;
   std::vector<std::thread> workers;
+  std::vector<std::unique_ptr<Placement>> placement;  // per worker
+  std::atomic<int64_t> moves{0};   // workers moved off a taken CPU (pool_stats)
   const std::function<void(int64_t, int)>* fn = nullptr;
   std::atomic<int64_t> next{0};
   int64_t ntasks = 0;
@@ -94,14 +136,20 @@ struct Pool {
     for (int64_t i; (i = next.fetch_add(1)) < ntasks;) (*fn)(i, tid);
   }
 
-  void worker(int idx) {
+  void worker(int idx, Placement& where) {
+    where.tid.store(static_cast<int64_t>(syscall(SYS_gettid)));
     int64_t seen = 0;
     std::unique_lock<std::mutex> lk(mu);
     for (;;) {
       lk.unlock();
-      poll([&] { return gen.load(std::memory_order_acquire) != seen; }, true);
+      poll([&] {
+        where.cpu.store(sched_getcpu(), std::memory_order_relaxed);
+        return gen.load(std::memory_order_acquire) != seen;
+      }, true);
       lk.lock();
+      if (gen.load() == seen) where.cpu.store(-1, std::memory_order_relaxed);  // about to sleep
       wake.wait(lk, [&] { return gen.load() != seen; });
+      where.cpu.store(sched_getcpu(), std::memory_order_relaxed);
       seen = gen.load();
       // a worker that wakes after the caller has finished everything stays out: the
       // caller never waits for a thread the OS has not scheduled yet
@@ -117,7 +165,9 @@ struct Pool {
   void spawn(int nw) {  // under mu
     while (static_cast<int>(workers.size()) < nw) {
       const int idx = static_cast<int>(workers.size());
-      workers.emplace_back([this, idx] { worker(idx); });
+      placement.emplace_back(new Placement());
+      Placement* where = placement.back().get();  // stays put when the vector grows
+      workers.emplace_back([this, idx, where] { worker(idx, *where); });
       workers.back().detach();   // the pool lives for the whole process (never destroyed)
     }
   }
@@ -145,6 +195,14 @@ struct Pool {
     {
       std::lock_guard<std::mutex> lk(mu);
       spawn(nw);
+      const int me = sched_getcpu();
+      if (me >= 0 && me < CPU_SETSIZE) {
+        cpu_set_t taken;
+        CPU_ZERO(&taken);
+        CPU_SET(me, &taken);
+        const int64_t now = now_ns();
+        for (int w = 0; w < nw; ++w) moves += separate(*placement[w], taken, now);
+      }
       fn = &f;
       ntasks = n;
       next.store(0);
@@ -183,6 +241,18 @@ Pool* pool() {
 
 int parallel_for(int nthreads, int64_t ntasks, const std::function<void(int64_t, int)>& fn) {
   return pool()->run(nthreads, ntasks, fn);
+}
+
+PoolStats pool_stats() {
+  Pool* p = pool();
+  std::lock_guard<std::mutex> lk(p->mu);
+  PoolStats s;
+  s.moves = p->moves.load();
+  for (const auto& w : p->placement) {
+    s.worker_tids.push_back(w->tid.load());
+    s.worker_cpus.push_back(w->cpu.load());
+  }
+  return s;
 }
 
 void wake_workers(int nthreads, int64_t hold_us) {

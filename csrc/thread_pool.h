@@ -7,17 +7,30 @@
 // thread took up to ~1 ms to wake on the development VM, longer than a small layer),
 // then sleep on a condition variable; tasks are handed out by an atomic counter
 // (dynamic schedule), and the calling thread works too. Concurrent callers do not
-// queue: a caller that finds the pool busy runs its loop on its own thread.
+// queue: a caller that finds the pool busy runs its loop on its own thread. Before each
+// loop the caller moves a worker found polling on its CPU, or on another worker's, to a
+// free one (a shared CPU runs one thread at a time while another idles).
 #pragma once
 
 #include <cstdint>
 #include <functional>
+#include <vector>
 
 namespace qgnn {
 
 // Runs fn(task, tid) for task in [0, ntasks) on up to nthreads threads (tid < nthreads).
 // Returns the number of threads used (1 when the pool was busy or nthreads <= 1).
 int parallel_for(int nthreads, int64_t ntasks, const std::function<void(int64_t, int)>& fn);
+
+// The pool's workers as the caller's placement check sees them: kernel thread ids, the CPU
+// each polls on (-1 asleep), and how many times a worker was moved off a CPU it shared
+// with the caller or another worker (thread_pool.cpp, separate()).
+struct PoolStats {
+  int64_t moves = 0;
+  std::vector<int64_t> worker_tids;
+  std::vector<int> worker_cpus;
+};
+PoolStats pool_stats();
 
 // Wakes up to nthreads - 1 sleeping workers now and keeps them polling for hold_us: a
 // caller about to run a loop after idle time (an episode request: its input checks take

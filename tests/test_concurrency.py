@@ -262,3 +262,58 @@ def test_wake_workers_between_and_during_runs(artifact):
     for args in ((0, 100), (2, -1), (2, 10 ** 7)):
         with pytest.raises(KernelArgumentError):
             cpu._call(cpu._ext().wake_workers, *args)
+
+
+def test_worker_sharing_the_callers_cpu_is_moved_off_it():
+    """A pool worker polling on the caller's CPU (as the kernel's wake-up placement left one
+    after idle time) is moved to a free CPU at the next parallel loop, and results stay the
+    same. Forced here with affinities: caller and worker on one CPU, then the worker's mask
+    opened again (the kernel's load balancer would move it only later)."""
+    import os
+    import time
+    try:
+        from qgnn_deploy.backends import cpu
+    except ImportError:
+        pytest.skip("cpu backend missing")
+    if not cpu.is_available():
+        pytest.skip("C++ extension not built")
+    if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs and sched_setaffinity")
+    from qgnn_deploy.ops.packing import pack_codes
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 16, (8, 16, 16, 64), generator=g).to(torch.uint8)
+    wp = pack_codes(torch.randint(0, 16, (96, 9 * 64), generator=g).to(torch.uint8), 4)
+    epi = dict(w_scale=torch.rand(96, generator=g) * 0.1 + 0.01, w_offset=torch.rand(96, generator=g) - 0.5,
+               a_scale=0.05, a_offset=-0.3, out_l=-1.0, out_s=0.1, out_bits=4)
+    ext = cpu._ext()
+    allowed = os.sched_getaffinity(0)
+    here = min(allowed)
+    cpu.set_num_threads(2)
+    try:
+        want = cpu.cpu_qconv2d(x, wp, 4, 4, 3, 1, 1, **epi)  # spawns the worker
+        tid = ext.pool_stats()["worker_tids"][0]
+        moved = False
+        for _ in range(5):  # the load balancer may move it first: then force it again
+            os.sched_setaffinity(0, {here})
+            os.sched_setaffinity(tid, {here})
+            ext.wake_workers(2, 500000)  # it polls (and publishes its CPU) meanwhile
+            deadline = time.monotonic() + 2.0
+            while ext.pool_stats()["worker_cpus"][0] != here and time.monotonic() < deadline:
+                time.sleep(0.001)
+            time.sleep(0.002)  # past the once-a-millisecond limit of the previous move
+            os.sched_setaffinity(tid, allowed)
+            before = ext.pool_stats()["moves"]
+            got = cpu.cpu_qconv2d(x, wp, 4, 4, 3, 1, 1, **epi)
+            assert torch.equal(got, want)
+            if ext.pool_stats()["moves"] > before:
+                moved = True
+                break
+        assert moved, "the worker sharing the caller's CPU was never moved"
+        assert os.sched_getaffinity(tid) == allowed  # its own mask is back
+        deadline = time.monotonic() + 2.0
+        while ext.pool_stats()["worker_cpus"][0] in (here, -1) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert ext.pool_stats()["worker_cpus"][0] not in (here, -1)
+    finally:
+        os.sched_setaffinity(0, allowed)
+        cpu.set_num_threads(None)
