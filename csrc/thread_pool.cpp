@@ -81,24 +81,28 @@ void poll(Pred pred, bool hold) {
   }
 }
 
-// Where a worker runs, published by the worker while it is awake (-1 while it sleeps).
+// Where a worker runs, published by the worker while it polls; -1 while it sleeps, and after a
+// wake-up until it first runs.
 struct Placement {
   std::atomic<int> cpu{-1};
   std::atomic<int64_t> tid{0};  // the kernel's thread id (for sched_setaffinity)
   int64_t moved_ns = 0;         // its last move (by a caller, under mu)
 };
 
-// A worker polling on the caller's CPU (or on another worker's) runs only when that thread is
-// preempted, while a CPU idles. The kernel's wake-up placement put one there after idle time
-// on the 2-vCPU development VM, and its load balancer took ~10 ms to move it: after another
-// engine's run in the process (onnxruntime), 8 tiny episodes in a row ran at one thread's
-// speed, with the worker joining 3 of their 176 loops. The caller moves such a worker off
-// the CPUs taken (its affinity without them, then its own back: the kernel migrates it at
-// once and it stays), at most once a millisecond per worker. Returns whether it moved it.
+// A worker on the caller's CPU (or on another worker's) runs only when that thread is
+// preempted, while a CPU idles. On the 2-vCPU development VM the kernel's wake-up placement
+// queued one there after idle time, and its load balancer took ~10 ms to move it: after
+// another engine's run in the process (onnxruntime), 8 tiny episodes in a row ran at one
+// thread's speed, with the worker joining 3 of their 176 loops. The caller moves a worker
+// polling on a taken CPU, or one of unknown place (just woken, not yet run: maybe queued
+// behind the caller; asleep, where the move changes nothing), off the taken CPUs: its
+// affinity without them, then its own mask back (the kernel migrates it at once and it
+// stays). At most once a millisecond per worker (three system calls). Returns whether it
+// moved it.
 bool separate(Placement& w, cpu_set_t& taken, int64_t now) {
   const int cpu = w.cpu.load(std::memory_order_relaxed);
-  if (cpu < 0 || cpu >= CPU_SETSIZE) return false;
-  if (!CPU_ISSET(cpu, &taken)) {
+  if (cpu >= CPU_SETSIZE) return false;
+  if (cpu >= 0 && !CPU_ISSET(cpu, &taken)) {
     CPU_SET(cpu, &taken);
     return false;
   }

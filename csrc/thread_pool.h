@@ -8,8 +8,9 @@
 // then sleep on a condition variable; tasks are handed out by an atomic counter
 // (dynamic schedule), and the calling thread works too. Concurrent callers do not
 // queue: a caller that finds the pool busy runs its loop on its own thread. Before each
-// loop the caller moves a worker found polling on its CPU, or on another worker's, to a
-// free one (a shared CPU runs one thread at a time while another idles).
+// loop the caller moves a worker found polling on its CPU or on another worker's, or just
+// woken and not yet run, off those CPUs (a shared CPU runs one thread at a time while
+// another idles).
 #pragma once
 
 #include <cstdint>
@@ -23,8 +24,8 @@ namespace qgnn {
 int parallel_for(int nthreads, int64_t ntasks, const std::function<void(int64_t, int)>& fn);
 
 // The pool's workers as the caller's placement check sees them: kernel thread ids, the CPU
-// each polls on (-1 asleep), and how many times a worker was moved off a CPU it shared
-// with the caller or another worker (thread_pool.cpp, separate()).
+// each polls on (-1: asleep, or woken and not yet run), and how many times a caller moved
+// one off the CPUs taken (thread_pool.cpp, separate()).
 struct PoolStats {
   int64_t moves = 0;
   std::vector<int64_t> worker_tids;
