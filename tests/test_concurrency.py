@@ -271,12 +271,8 @@ def test_worker_sharing_the_callers_cpu_is_moved_off_it():
     opened again (the kernel's load balancer would move it only later)."""
     import os
     import time
-    try:
-        from qgnn_deploy.backends import cpu
-    except ImportError:
-        pytest.skip("cpu backend missing")
-    if not cpu.is_available():
-        pytest.skip("C++ extension not built")
+    _need("cpu")
+    from qgnn_deploy.backends import cpu
     if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs two CPUs and sched_setaffinity")
     from qgnn_deploy.ops.packing import pack_codes
