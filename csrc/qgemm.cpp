@@ -3,6 +3,7 @@
 // and the portable scalar tile. ISA tiles live in qgemm_amx.cpp / qgemm_avx512.cpp /
 // qgemm_avxvnni.cpp / qgemm_avx2.cpp.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -54,6 +55,44 @@ void pack_row(const uint8_t* codes, int K, int bits, uint8_t* row) {
   }
 }
 
+namespace {
+
+// PackedW::wino from the 3x3 codes [O][(kh, kw, C)] (the transforms: qconv_winograd_avx512.cpp)
+void prepack_winograd(const uint8_t* codes, int C, PackedW* w) {
+  static const int G2[4][3] = {{2, 0, 0}, {1, 1, 1}, {1, -1, 1}, {0, 0, 2}};
+  static const int At[2][4] = {{1, 1, 1, 0}, {0, 1, -1, -1}};
+  const int O = w->O, K = 9 * C;
+  w->wino_cw = 1 << (w->bits - 1);
+  w->wino.assign(static_cast<size_t>(w->Op) * 16 * C, 0);
+  w->wino_corr.assign(static_cast<size_t>(4) * w->Op, 0);
+  for (int o = 0; o < O; ++o) {
+    int8_t* blk = w->wino.data() + static_cast<size_t>(o / 64) * 16 * C * 64;
+    const int col = o % 64;
+    int32_t usum[16] = {};
+    for (int c = 0; c < C; ++c) {
+      int g[3][3], t[4][3];
+      for (int i = 0; i < 3; ++i)
+        for (int j = 0; j < 3; ++j) g[i][j] = codes[static_cast<size_t>(o) * K + (i * 3 + j) * C + c] - w->wino_cw;
+      for (int r = 0; r < 4; ++r)
+        for (int j = 0; j < 3; ++j) t[r][j] = G2[r][0] * g[0][j] + G2[r][1] * g[1][j] + G2[r][2] * g[2][j];
+      for (int r = 0; r < 4; ++r)
+        for (int s = 0; s < 4; ++s) {
+          const int u = t[r][0] * G2[s][0] + t[r][1] * G2[s][1] + t[r][2] * G2[s][2];  // |u| <= 72
+          blk[(static_cast<size_t>(r * 4 + s) * C / 4 + c / 4) * 256 + col * 4 + c % 4] = static_cast<int8_t>(u);
+          usum[r * 4 + s] += u;
+        }
+    }
+    for (int q = 0; q < 4; ++q) {
+      int32_t v = 0;
+      for (int r = 0; r < 4; ++r)
+        for (int s = 0; s < 4; ++s) v += At[q / 2][r] * At[q % 2][s] * usum[r * 4 + s];
+      w->wino_corr[static_cast<size_t>(q) * w->Op + o] = v;
+    }
+  }
+}
+
+}  // namespace
+
 void prepack(const uint8_t* packed, int O, int K, int bits, int taps, PackedW* w) {
   if (O <= 0 || K <= 0) throw ArgError("prepack: O and K must be positive");
   if (taps <= 0 || K % taps) throw ArgError("prepack: K must be a multiple of the kernel taps");
@@ -69,9 +108,11 @@ void prepack(const uint8_t* packed, int O, int K, int bits, int taps, PackedW* w
   w->wsum.assign(O, 0);
   w->tapsum.assign(static_cast<size_t>(O) * taps, 0);
   const int C = K / taps;
-  std::vector<uint8_t> codes(K);
+  const bool wino = taps == 9 && bits <= 4 && C % 4 == 0 && isa_blocker(Isa::Avx512Vnni).empty();
+  std::vector<uint8_t> codes(K), all(wino ? static_cast<size_t>(O) * K : 0);
   for (int o = 0; o < O; ++o) {
     unpack_row(packed + static_cast<size_t>(o) * rowbytes, K, bits, codes.data());
+    if (wino) std::memcpy(all.data() + static_cast<size_t>(o) * K, codes.data(), K);
     const int ob = o / 64, c = o % 64;
     int8_t* blk = w->data.data() + static_cast<size_t>(ob) * w->Kp * 64;
     int32_t s = 0;
@@ -86,6 +127,7 @@ void prepack(const uint8_t* packed, int O, int K, int bits, int taps, PackedW* w
     w->wsum[o] = s;
   }
   // padded columns o >= O: zeros (never stored)
+  if (wino) prepack_winograd(all.data(), C, w);
   const Isa best = detected_isa();
   if (best == Isa::Avx2 || best == Isa::AvxVnni) {
     w->ymm.resize(w->data.size());
@@ -556,6 +598,85 @@ void run_linear(const QLayer& L, const uint8_t* x, int M, Epi& e, int nthreads, 
   *bad_code = (L.a_bits < 8 && (orv_all >> L.a_bits) != 0) || (S && S->a_bits < 8 && (orv_s >> S->a_bits) != 0);
 }
 
+std::atomic<int> g_conv_algo{static_cast<int>(ConvAlgo::Auto)};
+std::atomic<int64_t> g_winograd_runs{0};
+
+// Whether the conv runs as Winograd F(2x2, 3x3) (qconv_winograd_avx512.cpp): a 3x3 stride-1
+// pad-1 conv with even output sizes, codes of <= 4 bits, its weights' transform packed and
+// the AVX-512 VNNI path active (AMX runs the long-K convs faster as direct GEMMs); under
+// Auto from 32 input channels, where its 2.25x fewer products outweigh the transforms
+// (16 channels: a 4-step K loop per element, the stores of M as long as the GEMM).
+bool use_winograd(const QLayer& L, Isa isa, int B) {
+  const ConvAlgo algo = static_cast<ConvAlgo>(g_conv_algo.load());
+  if (algo == ConvAlgo::Direct || isa != Isa::Avx512Vnni || L.w->wino.empty()) return false;
+  if (L.ks != 3 || L.stride != 1 || L.pad != 1 || L.Ho % 2 || L.Wo % 2 || L.a_bits > 4 || B <= 0) return false;
+  return algo == ConvAlgo::Winograd || L.C >= 32;
+}
+
+// Jobs of whole tile rows x column groups: V of a job (16 * tiles * C bytes) ~<= 128 KiB,
+// at most 48 tiles, the threads balanced as in pick_mb; a group's U (16 * C * 64 bytes per
+// block) ~<= 512 KiB.
+void run_winograd(const QLayer& L, const uint8_t* xpad, int B, const int32_t* asum, const Epi& e, int nt) {
+  const PackedW& w = *L.w;
+  const int C = L.C, Ho = L.Ho, Wo = L.Wo, ntpr = Wo / 2, nblk = w.Op / 64;
+  const int64_t TR = static_cast<int64_t>(B) * (Ho / 2);
+  const int cap = std::max(1, std::min(48, (128 * 1024) / (16 * C)) / ntpr);
+  int jr = static_cast<int>(std::min<int64_t>(cap, TR));
+  if (nt > 1) {
+    int64_t best_cost = -1;
+    for (int r = jr; r >= 1; --r) {
+      const int64_t jobs = (TR + r - 1) / r;
+      const int64_t cost = (jobs + nt - 1) / nt * (int64_t(r) * ntpr + 2);
+      if (best_cost < 0 || cost < best_cost) {
+        best_cost = cost;
+        jr = r;
+      }
+    }
+  }
+  const int64_t njr = (TR + jr - 1) / jr;
+  int bpg = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nblk, (512 * 1024) / (int64_t(16) * C * 64))));
+  if (nt > 1 && njr < 4 * nt) bpg = std::min(bpg, static_cast<int>(std::max<int64_t>(1, nblk * njr / (4 * nt))));
+  const int ncg = (nblk + bpg - 1) / bpg;
+  g_winograd_runs.fetch_add(1, std::memory_order_relaxed);
+  const int voff = 2 * ((1 << L.a_bits) - 1);
+  std::vector<int32_t> corr(w.wino_corr.size());
+  for (size_t i = 0; i < corr.size(); ++i) corr[i] = voff * w.wino_corr[i];
+  const int tiles = jr * ntpr;
+  std::vector<std::unique_ptr<AlignedBuf>> vb, mb, ab;
+  for (int i = 0; i < nt; ++i) {
+    vb.emplace_back(new AlignedBuf(static_cast<size_t>(16) * tiles * C));
+    mb.emplace_back(new AlignedBuf(static_cast<size_t>(16) * kWinoChunk * 64 * sizeof(int32_t)));
+    ab.emplace_back(new AlignedBuf(static_cast<size_t>(tiles) * 4 * 64 * sizeof(int32_t)));
+  }
+  parallel_for(nt, njr * ncg, [&](int64_t task, int tid) {
+    const int64_t ji = task % njr;
+    const int ob0 = static_cast<int>(task / njr) * bpg;
+    WinoArgs a{};
+    a.xpad = xpad;
+    a.C = C;
+    a.Ho = Ho;
+    a.Wo = Wo;
+    a.tr0 = ji * jr;
+    a.ntr = std::min<int64_t>(jr, TR - a.tr0);
+    a.u = w.wino.data();
+    a.corr = corr.data();
+    a.cw = w.wino_cw;
+    a.voff = voff;
+    a.ob0 = ob0;
+    a.nblk = std::min(bpg, nblk - ob0);
+    a.O = w.O;
+    a.Op = w.Op;
+    a.as = asum;
+    a.pid = e.pid;
+    a.P = e.P;
+    a.e = &e;
+    a.vbuf = vb[tid]->p;
+    a.mbuf = reinterpret_cast<int32_t*>(mb[tid]->p);
+    a.abuf = reinterpret_cast<int32_t*>(ab[tid]->p);
+    wino_avx512(a);
+  });
+}
+
 void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, int* bad_code) {
   const PackedW& w = *L.w;
   const int H = L.H, W = L.W, C = L.C, ks = L.ks, stride = L.stride, pad = L.pad, Ho = L.Ho, Wo = L.Wo;
@@ -649,6 +770,7 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
     });
     xs = xpad->p;
   }
+  if (use_winograd(L, isa, B)) return run_winograd(L, xs, B, asum.data(), e, sp.nt);
   std::vector<int64_t> tap_off(taps);  // byte offset of each tap's codes from the top-left one's
   for (int i = 0; i < ks; ++i)
     for (int j = 0; j < ks; ++j) tap_off[i * ks + j] = (int64_t(i) * Ws + j) * C;
@@ -722,6 +844,10 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
 }
 
 }  // namespace
+
+void force_conv_algo(ConvAlgo a) { g_conv_algo.store(static_cast<int>(a)); }
+ConvAlgo conv_algo() { return static_cast<ConvAlgo>(g_conv_algo.load()); }
+int64_t winograd_runs() { return g_winograd_runs.load(); }
 
 void run_layer(const QLayer& L, const uint8_t* x, int64_t rows, const float* residual, float* out_f,
                uint8_t* const* out_q, int32_t* acc_out, int32_t* as_out, int nthreads, int* bad_code) {

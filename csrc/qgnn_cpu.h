@@ -115,6 +115,15 @@ struct PackedW {
   std::vector<int8_t, Aligned64<int8_t>> ymm;    // Op * Kp, or empty
   std::vector<int32_t> wsum;     // [O] sum_k code
   std::vector<int32_t> tapsum;   // [O][taps] per kernel tap (conv border WS)
+  // A 3x3 conv of <= 4-bit codes where AVX-512 VNNI runs, C = K / 9 a multiple of 4: its
+  // Winograd F(2x2, 3x3) weights (qconv_winograd_avx512.cpp), per 64-column block and
+  // transform element e < 16 the layout of data with K = C:
+  //   wino[ob][e][c4][c][j] = U_e[4*c4 + j][64*ob + c],  U = (2G)(code - wino_cw)(2G)^T
+  // and wino_corr[q][o] (q < 4: the tile's output pixels, row-major) = (A^T S A)[q] of the
+  // column sums S_e[o] = sum_c U_e[c][o]; empty otherwise
+  std::vector<int8_t, Aligned64<int8_t>> wino;   // Op/64 * 16 * C * 64
+  std::vector<int32_t> wino_corr;                // [4][Op]
+  int wino_cw = 0;
 };
 
 void prepack(const uint8_t* packed, int O, int K, int bits, int taps, PackedW* out);
@@ -248,6 +257,28 @@ struct TileArgs {
   bool ymm_layout = false;
 };
 
+// One job of the Winograd conv (qconv_winograd_avx512.cpp): tile rows [tr0, tr0 + ntr) of all
+// images (Ho / 2 per image, Wo / 2 tiles each, Ho and Wo even) against column blocks
+// [ob0, ob0 + nblk), epilogue fused. Raw fields only, like TileArgs.
+constexpr int kWinoChunk = 12;   // tiles per register chunk (6 for 64-column blocks)
+struct WinoArgs {
+  const uint8_t* xpad;   // NHWC [B, Ho + 2, Wo + 2, C] codes with the zero border
+  int C, Ho, Wo;
+  int64_t tr0, ntr;
+  const int8_t* u;       // PackedW::wino
+  const int32_t* corr;   // [4][Op]: voff * PackedW::wino_corr
+  int cw, voff;          // PackedW::wino_cw; 2 * (2^a_bits - 1)
+  int ob0, nblk, O, Op;
+  const int32_t* as;     // [M] AS of every output row
+  const int32_t* pid;    // Epi::pid, Epi::P
+  int P;
+  const Epi* e;
+  uint8_t* vbuf;         // scratch: 16 * tiles * C
+  int32_t* mbuf;         // 16 * kWinoChunk * 64
+  int32_t* abuf;         // tiles * 4 * 64
+};
+void wino_avx512(const WinoArgs& a);
+
 void tile_scalar(const TileArgs& t);
 void tile_avx2(const TileArgs& t);
 void tile_avxvnni(const TileArgs& t);
@@ -308,6 +339,14 @@ void run_layer(const QLayer& L, const uint8_t* x, int64_t rows, const float* res
 // residual = S's output.
 void run_layer_with_shortcut(const QLayer& L, const uint8_t* x, const QLayer& S, const uint8_t* xs, int64_t rows,
                              float* out_f, uint8_t* const* out_q, int nthreads, int* bad_code);
+
+// How 3x3 convs run on the AVX-512 VNNI path: Auto picks Winograd F(2x2, 3x3) where it is
+// exact and faster (run_conv), Direct never, Winograd wherever it is exact (tests, benches).
+// Process-wide, like force_isa.
+enum class ConvAlgo : int { Auto = 0, Direct = 1, Winograd = 2 };
+void force_conv_algo(ConvAlgo a);
+ConvAlgo conv_algo();
+int64_t winograd_runs();   // convs run as Winograd in this process (tests: the path is taken)
 
 // ------------------------------------------------------------------ ops
 // Threads: M-tiles (or tasks) spread over `nthreads` (thread_pool.h); ops under ~2 MMAC

@@ -274,6 +274,100 @@ def test_qconv2d_model_shapes_batch1(bits):
         cpu.set_num_threads(None)
 
 
+# Winograd F(2x2, 3x3) (csrc/qconv_winograd_avx512.cpp): 3x3 stride-1 pad-1 convs of
+# <= 4-bit codes with even outputs and C % 4 == 0 on the AVX-512 VNNI path. Shapes: the
+# smallest (one tile, one channel quad), 16-channel maps, C = 20 and 36 (masked channel
+# slices), O = 130 (two full blocks and a ragged one), one tile row per image (2 x W), batch 1
+WINO_SHAPES = [(1, 2, 2, 4, 1), (2, 6, 4, 16, 70), (3, 4, 6, 20, 17), (1, 10, 12, 36, 130),
+               (2, 2, 8, 128, 40), (1, 8, 8, 64, 64)]
+
+
+@pytest.fixture
+def winograd():
+    """Every eligible conv forced onto Winograd; the count of convs that ran it."""
+    before = cpu.winograd_runs()
+    cpu.force_conv_algo("winograd")
+    yield lambda: cpu.winograd_runs() - before
+    cpu.force_conv_algo(None)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("b,h,w,c,o", WINO_SHAPES)
+def test_qconv2d_winograd_exact(cpu_isa, threads, winograd, bits, b, h, w, c, o):
+    x, wc = codes((b, h, w, c), bits), codes((o, 9 * c), bits)
+    if c == 64:  # the transforms' extremes: maximal codes, maximal and zero weight rows
+        x[:] = 2 ** bits - 1
+        wc[:5], wc[5:9] = 2 ** bits - 1, 0
+    wp = pack_codes(wc, bits)
+    ws, wo = wparams(o)
+    acc, as_ = cpu.cpu_conv2d_acc(x, wp, bits, 3, 1, 1, bits)
+    racc, ras, _, _ = R.ref_conv2d_acc(x, wc, 3, 3, 1, 1)
+    assert torch.equal(acc, racc) and torch.equal(as_, ras)
+    args = (x, wp, bits, bits, 3, 1, 1, ws, wo, 0.05, -0.3)
+    kw = epilogue_kwargs(o, (b, h, w, o))
+    assert torch.equal(cpu.cpu_qconv2d(*args, **kw), R.ref_qconv2d(*args, **kw))
+    q = dict(out_l=-1.3, out_s=0.2, out_bits=4)
+    assert_codes_equal(cpu.cpu_qconv2d(*args, **kw, **q), R.ref_qconv2d(*args, **kw, **q))
+    kw.pop("residual")
+    assert_codes_equal(cpu.cpu_qconv2d(*args, **kw, **q), R.ref_qconv2d(*args, **kw, **q))
+    ran = winograd()
+    if cpu.active_isa() == "avx512vnni":
+        assert ran == 4
+    else:  # AMX, 256-bit and scalar paths run the direct conv
+        assert ran == 0
+
+
+@pytest.mark.parametrize("snap", [False, True])
+def test_qconv2d_winograd_snapped_codes(cpu_isa, winograd, snap):
+    # the snapped epilogue (remainder terms skipped) on Winograd's ACC; 2 x 6 images
+    b, h, w, c, o = 2, 2, 6, 32, 24
+    x, wc = codes((b, h, w, c), 4), codes((o, 9 * c), 4)
+    wp = pack_codes(wc, 4)
+    if snap:  # powers of two: offset + scale * z is exactly 0
+        ws = 2.0 ** -torch.randint(4, 9, (o,)).float()
+        wo, a_scale, a_offset = -ws * torch.randint(0, 16, (o,)).float(), 0.25, -1.0
+    else:
+        (ws, wo), a_scale, a_offset = wparams(o), 0.05, -0.3
+    args = (x, wp, 4, 4, 3, 1, 1, ws, wo, a_scale, a_offset)
+    kw = dict(post_scale=torch.rand(o) + 0.5, post_shift=torch.randn(o), slope=0.1, out_l=-1.3, out_s=0.2,
+              out_bits=4)
+    assert_codes_equal(cpu.cpu_qconv2d(*args, **kw), R.ref_qconv2d(*args, **kw))
+
+
+def test_qconv2d_winograd_not_taken_where_it_is_not_exact(winograd):
+    # stride 2, no padding, odd outputs, 8-bit activations or weights, C % 4 != 0: direct
+    if cpu.isa_blocker("avx512vnni"):
+        pytest.skip("avx512vnni: " + cpu.isa_blocker("avx512vnni"))
+    cases = [((1, 8, 8, 16), 3, 2, 1, 4, 4), ((1, 8, 8, 16), 3, 1, 0, 4, 4), ((1, 7, 8, 16), 3, 1, 1, 4, 4),
+             ((1, 8, 8, 16), 3, 1, 1, 4, 8), ((1, 8, 8, 16), 3, 1, 1, 8, 4), ((1, 8, 8, 13), 3, 1, 1, 4, 4)]
+    cpu.force_isa("avx512vnni")
+    try:
+        for shape, ks, stride, pad, wb, ab in cases:
+            x, wc = codes(shape, ab), codes((9, ks * ks * shape[3]), wb)
+            acc, _ = cpu.cpu_conv2d_acc(x, pack_codes(wc, wb), wb, ks, stride, pad, ab)
+            assert torch.equal(acc, R.ref_conv2d_acc(x, wc, ks, ks, stride, pad)[0])
+        assert winograd() == 0
+        x, wc = codes((1, 8, 8, 16), 4), codes((9, 144), 4)
+        cpu.cpu_conv2d_acc(x, pack_codes(wc, 4), 4, 3, 1, 1, 4)
+        assert winograd() == 1  # the eligible control case
+    finally:
+        cpu.force_isa(None)
+
+
+def test_conv_algo_setting():
+    assert cpu.conv_algo() == "auto" and cpu.CONV_ALGOS == ("auto", "direct", "winograd")
+    try:
+        for name in cpu.CONV_ALGOS:
+            cpu.force_conv_algo(name)
+            assert cpu.conv_algo() == name
+        with pytest.raises(KernelArgumentError, match="auto, direct, winograd"):
+            cpu.force_conv_algo("fft")
+        assert cpu.conv_algo() == "winograd"  # a rejected name changes nothing
+    finally:
+        cpu.force_conv_algo(None)
+    assert cpu.conv_algo() == "auto"
+
+
 def test_qconv2d_w2a2_large_k(cpu_isa):
     # K = 9*256: the long reduction
     x, wc = codes((2, 5, 5, 256), 2), codes((96, 9 * 256), 2)

@@ -136,6 +136,29 @@ def force_isa(name: Optional[str]) -> None:
     _call(_ext().force_isa, name or "auto")
 
 
+CONV_ALGOS = ("auto", "direct", "winograd")
+
+
+def force_conv_algo(name: Optional[str]) -> None:
+    """How 3x3 convs run on the AVX-512 VNNI path, process-wide: ``"auto"`` (or ``None``)
+    picks integer Winograd F(2x2, 3x3) where it is exact and faster, ``"direct"`` never uses
+    it, ``"winograd"`` uses it on every conv it is exact for (3x3, stride 1, pad 1, even
+    output sizes, <= 4-bit codes, channels a multiple of 4). Results are identical either
+    way. Raises KernelArgumentError for another name."""
+    _call(_ext().force_conv_algo, name or "auto")
+
+
+def conv_algo() -> str:
+    """The setting of :func:`force_conv_algo`."""
+    return _ext().conv_algo()
+
+
+def winograd_runs() -> int:
+    """How many convs this process has run as Winograd (a counter: tests and benches check
+    which path ran)."""
+    return _ext().winograd_runs()
+
+
 def active_isa() -> str:
     """The ISA path the next op runs on: forced, else ``QGNN_CPU_ISA`` (read once per
     process), else :func:`detected_isa`. A bad ``QGNN_CPU_ISA`` raises here and in every op
@@ -427,6 +450,6 @@ __all__ = [
     "cpu_quantize", "cpu_qlinear", "cpu_qconv2d", "cpu_qbmm", "cpu_node_rows", "cpu_pack", "cpu_unpack",
     "cpu_prepack", "cpu_linear_acc", "cpu_conv2d_acc", "cpu_bmm_acc", "set_num_threads",
     "get_num_threads", "force_isa", "active_isa", "detected_isa", "isa_blocker", "available_isas",
-    "amx_probe", "ISAS",
+    "amx_probe", "ISAS", "force_conv_algo", "conv_algo", "winograd_runs", "CONV_ALGOS",
     "is_available",
 ]
