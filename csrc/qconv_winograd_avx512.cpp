@@ -119,46 +119,50 @@ void gemm_rows(const uint8_t* v, int C, const int8_t* u, int32_t* m, int rows) {
   }
 }
 
+// The ACC of one tile's 4 pixels on 16 columns [o, o + 16) from its 16 element sums
+// (registers), into accb (job-local pixel rows of 64)
+inline void output_transform(const WinoArgs& a, const __m512i (&mv)[16], int t, int ob, int o, int32_t* accb) {
+  const int Wo = a.Wo, ntpr = Wo / 2, tyl = t / ntpr, tx = t % ntpr;
+  const int64_t p00 = static_cast<int64_t>(2 * tyl) * Wo + 2 * tx;  // the tile's top-left pixel, job-local
+  const int64_t pix[4] = {p00, p00 + 1, p00 + Wo, p00 + Wo + 1};
+  const int64_t m0 = a.tr0 * 2 * Wo;
+  __m512i s0[4], s1[4];  // M A, per row of the 4x4
+  for (int i = 0; i < 4; ++i) {
+    s0[i] = _mm512_add_epi32(_mm512_add_epi32(mv[4 * i], mv[4 * i + 1]), mv[4 * i + 2]);
+    s1[i] = _mm512_sub_epi32(_mm512_sub_epi32(mv[4 * i + 1], mv[4 * i + 2]), mv[4 * i + 3]);
+  }
+  __m512i y[4];  // A^T (M A): pixels (0,0), (0,1), (1,0), (1,1)
+  y[0] = _mm512_add_epi32(_mm512_add_epi32(s0[0], s0[1]), s0[2]);
+  y[1] = _mm512_add_epi32(_mm512_add_epi32(s1[0], s1[1]), s1[2]);
+  y[2] = _mm512_sub_epi32(_mm512_sub_epi32(s0[1], s0[2]), s0[3]);
+  y[3] = _mm512_sub_epi32(_mm512_sub_epi32(s1[1], s1[2]), s1[3]);
+  const __m512i cwv = _mm512_set1_epi32(a.cw);
+  for (int q = 0; q < 4; ++q) {
+    const int64_t p = pix[q];
+    __m512i acc = _mm512_srai_epi32(_mm512_sub_epi32(y[q], _mm512_loadu_si512(a.corr + q * a.Op + ob * 64 + o)), 2);
+    acc = _mm512_add_epi32(acc, _mm512_mullo_epi32(cwv, _mm512_set1_epi32(a.as[m0 + p])));
+    _mm512_storeu_si512(accb + p * 64 + o, acc);
+  }
+}
+
 // One 64-column block: GEMMs chunk by chunk of RN tiles, each chunk's M turned into the
 // ACC of its 4 pixels per tile while it is in L1.
 template <int NV, int RN>
 void block_acc(const WinoArgs& a, int ntiles, int ob, int32_t* accb) {
-  const int C = a.C, Wo = a.Wo, ntpr = Wo / 2;
+  const int C = a.C;
   const int8_t* ub = a.u + static_cast<int64_t>(ob) * 16 * C * 64;
   const int64_t es = static_cast<int64_t>(ntiles) * C;
-  const int64_t m0 = a.tr0 * 2 * Wo;
-  const __m512i cwv = _mm512_set1_epi32(a.cw);
   for (int t0 = 0; t0 < ntiles; t0 += RN) {
     const int rows = ntiles - t0 < RN ? ntiles - t0 : RN;
     for (int e = 0; e < 16; ++e)
       gemm_rows<NV, RN>(a.vbuf + e * es + static_cast<int64_t>(t0) * C, C, ub + static_cast<int64_t>(e) * C * 64,
                         a.mbuf + e * RN * 64, rows);
-    for (int r = 0; r < rows; ++r) {
-      const int t = t0 + r, tyl = t / ntpr, tx = t % ntpr;
-      const int64_t p00 = static_cast<int64_t>(2 * tyl) * Wo + 2 * tx;  // the tile's top-left pixel, job-local
-      const int64_t pix[4] = {p00, p00 + 1, p00 + Wo, p00 + Wo + 1};
+    for (int r = 0; r < rows; ++r)
       for (int j = 0; j < NV; ++j) {
-        const int o = 16 * j;
         __m512i mv[16];
-        for (int e = 0; e < 16; ++e) mv[e] = _mm512_loadu_si512(a.mbuf + (e * RN + r) * 64 + o);
-        __m512i s0[4], s1[4];  // M A, per row of the 4x4
-        for (int i = 0; i < 4; ++i) {
-          s0[i] = _mm512_add_epi32(_mm512_add_epi32(mv[4 * i], mv[4 * i + 1]), mv[4 * i + 2]);
-          s1[i] = _mm512_sub_epi32(_mm512_sub_epi32(mv[4 * i + 1], mv[4 * i + 2]), mv[4 * i + 3]);
-        }
-        __m512i y[4];  // A^T (M A): pixels (0,0), (0,1), (1,0), (1,1)
-        y[0] = _mm512_add_epi32(_mm512_add_epi32(s0[0], s0[1]), s0[2]);
-        y[1] = _mm512_add_epi32(_mm512_add_epi32(s1[0], s1[1]), s1[2]);
-        y[2] = _mm512_sub_epi32(_mm512_sub_epi32(s0[1], s0[2]), s0[3]);
-        y[3] = _mm512_sub_epi32(_mm512_sub_epi32(s1[1], s1[2]), s1[3]);
-        for (int q = 0; q < 4; ++q) {
-          const int64_t p = pix[q];
-          __m512i acc = _mm512_srai_epi32(_mm512_sub_epi32(y[q], _mm512_loadu_si512(a.corr + q * a.Op + ob * 64 + o)), 2);
-          acc = _mm512_add_epi32(acc, _mm512_mullo_epi32(cwv, _mm512_set1_epi32(a.as[m0 + p])));
-          _mm512_storeu_si512(accb + p * 64 + o, acc);
-        }
+        for (int e = 0; e < 16; ++e) mv[e] = _mm512_loadu_si512(a.mbuf + (e * RN + r) * 64 + 16 * j);
+        output_transform(a, mv, t0 + r, ob, 16 * j, accb);
       }
-    }
   }
 }
 

@@ -389,6 +389,10 @@ struct F64Args {
   const float* wt32 = nullptr;   // [K][64] float32 weights
   const float* bias32 = nullptr; // [64]
   const float* room = nullptr;   // [nq][64]
+  // with a LeakyReLU: the rooms of lanes whose z = sum * ps + sh is below zcut[o] (negative
+  // on both paths: only the slope's share of the error), or null
+  const float* room_neg = nullptr;  // [nq][64]
+  const float* zcut = nullptr;      // [64]
 };
 // output rows [r0, r1): linear x [rows, K]; conv x NHWC [B, H, W, C]; res / out_f / the
 // nq out_q [rows, O]

@@ -101,14 +101,36 @@ def test_plan_fp32_stem_requantization_ties(width):
         cases += [y for y in ys if y >= 0 and float((y - l) / s) == k + 0.5
                   and torch.round((y - l) * (1 / s)) != torch.round(torch.tensor(k + 0.5))]
     assert len(cases) >= 3, "no tie the reciprocal rounds the other way near this quantizer's codes"
+    # below zero, where the rows check the quotient against the LeakyReLU's smaller margin:
+    # a quantizer with most codes under y = 0 (offset -3), shifts z with slope * z such a tie
+    slope, l3 = torch.tensor(float(stem.slope), dtype=torch.float32), torch.tensor(-3.0)
+    neg = []
+    for k in range(0, 15):
+        ys = [(l3.double() + (k + 0.5) * s.double()).float()]
+        for _ in range(40):
+            ys = [torch.nextafter(ys[0], down)] + ys + [torch.nextafter(ys[-1], up)]
+        for y in ys:
+            if not (y < 0 and float((y - l3) / s) == k + 0.5
+                    and torch.round((y - l3) * (1 / s)) != torch.round(torch.tensor(k + 0.5))):
+                continue
+            z = (y / slope).float()
+            for _ in range(200):
+                if z * slope == y:
+                    neg.append(z)
+                    break
+                z = torch.nextafter(z, down if z * slope > y else up)
+    assert neg, "no negative tie the reciprocal rounds the other way for this quantizer"
     # even channels output their shift (a tie) everywhere; odd ones keep the image's features,
     # so the episode's outputs depend on the tie channels' codes
     tie = torch.arange(stem.out_channels) % 2 == 0
     stem.weight[tie] = 0.0
     stem.post_scale[tie] = 1.0
-    stem.post_shift[tie] = torch.stack([cases[i % len(cases)] for i in range(int(tie.sum()))])
     images, labels = calibration_episodes(im.config, tasks=1, seed=2)
-    assert outputs_equal(run(im, "reference", images, labels), run(im, "cpu", images, labels))
+    for shifts, offset in ((cases, l), (neg, l3)):
+        stem.post_shift[tie] = torch.stack([shifts[i % len(shifts)] for i in range(int(tie.sum()))])
+        conv1.a_offset = float(offset)
+        im.recompile()
+        assert outputs_equal(run(im, "reference", images, labels), run(im, "cpu", images, labels))
 
 
 @pytest.mark.slow
