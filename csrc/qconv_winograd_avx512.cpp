@@ -16,8 +16,10 @@
 //   M_e = sum_c V_e[c] U_e[c]    one int32 GEMM per element e = 4r + s (vpdpbusd)
 //   Y   = A^T M A - voff A^T (sum_c U) A     A^T = | 1  1  1  0 |
 //                                                   | 0  1 -1 -1 |
-//   ACC = Y / 4 + cw * AS        Y is exactly 4x the conv with centred weights (2G scales
-//                                G by 2 each side); cw * AS puts the centre back
+//   ACC = Y / 4 + (cw - zw) * AS  Y is exactly 4x the conv with centred weights (2G scales
+//                                G by 2 each side); cw * AS puts the centre back, and the
+//                                -zw * AS of the epilogue's centred identity comes along
+//                                (Epi::centred)
 //
 // Scratch of one job: V [16][tiles][C] uint8, M [16][R][64] int32 (one register chunk),
 // ACC [tiles * 4 pixels][64] int32 in pixel order, so the epilogue runs on consecutive rows.
@@ -136,7 +138,7 @@ inline void output_transform(const WinoArgs& a, const __m512i (&mv)[16], int t, 
   y[1] = _mm512_add_epi32(_mm512_add_epi32(s1[0], s1[1]), s1[2]);
   y[2] = _mm512_sub_epi32(_mm512_sub_epi32(s0[1], s0[2]), s0[3]);
   y[3] = _mm512_sub_epi32(_mm512_sub_epi32(s1[1], s1[2]), s1[3]);
-  const __m512i cwv = _mm512_set1_epi32(a.cw);
+  const __m512i cwv = _mm512_loadu_si512(a.cwz + ob * 64 + o);
   for (int q = 0; q < 4; ++q) {
     const int64_t p = pix[q];
     __m512i acc = _mm512_srai_epi32(_mm512_sub_epi32(y[q], _mm512_loadu_si512(a.corr + q * a.Op + ob * 64 + o)), 2);
@@ -218,7 +220,7 @@ void wino_avx512(const WinoArgs& a) {
       block_acc<2, kWinoChunk>(a, ntiles, ob, a.abuf);
     else
       block_acc<4, 6>(a, ntiles, ob, a.abuf);
-    with_epi_flags(e, [&](auto f) { block_epilogue<decltype(f)::value>(a, npix, ob, a.abuf); });
+    with_epi_flags<kCENT>(e, [&](auto f) { block_epilogue<decltype(f)::value>(a, npix, ob, a.abuf); });
   }
 }
 

@@ -397,6 +397,18 @@ void prepare_layer(QLayer& L, const PackedW& w, int a_bits, const LayerParams& p
     L.c3[o] = dw * p.a_scale;
     L.c4[o] = dw * da;
   }
+  // centred weights for the AVX-512 tile: code - zw fits int8 for <= 4-bit codes and zw <= 128
+  L.wc.clear();
+  if (w.bits <= 4 && *std::max_element(L.zw.begin(), L.zw.end()) <= 128 && isa_blocker(Isa::Avx512Vnni).empty()) {
+    L.wc.assign(w.data.size(), 0);
+    for (int ob = 0; ob < Op / 64; ++ob)
+      for (int k4 = 0; k4 < w.Kp / 4; ++k4)
+        for (int c = 0; c < 64 && ob * 64 + c < O; ++c)
+          for (int j = 0; j < 4 && 4 * k4 + j < w.K; ++j) {
+            const size_t i = (static_cast<size_t>(ob) * w.Kp / 4 + k4) * 256 + c * 4 + j;
+            L.wc[i] = static_cast<int8_t>(w.data[i] - L.zw[ob * 64 + c]);
+          }
+  }
   // folded constants are finite by construction; Inf/NaN here is a bad caller (as ref_*)
   for (const float* v : {p.post_scale, p.post_shift})
     if (v)
@@ -529,6 +541,14 @@ void gather_rows(const uint8_t* x, int K, int Kp, int m0, int rows, Isa isa, uin
   rowsums(isa, x0, rows, K, as, orv);
 }
 
+// The weights `tile` reads for L: its centred copy where the tile is the AVX-512 one and L
+// has it (then e.centred), else wt
+const int8_t* centred_weights(const QLayer& L, TileFn tile, Epi& e, const int8_t* wt) {
+  if (tile != tile_avx512 || L.wc.empty()) return wt;
+  e.centred = true;
+  return L.wc.data();
+}
+
 // A linear layer; with S, the layer whose fp32 output is L's residual (a ResNet block's
 // shortcut, same rows and outputs) runs inside the same tasks: per M-tile and column group
 // S's epilogue writes its outputs into a per-thread scratch tile, which L's epilogue adds as
@@ -541,8 +561,9 @@ void run_linear(const QLayer& L, const uint8_t* x, int M, Epi& e, int nthreads, 
   TileFn tile = pick_tile(w, Kp, L.a_bits, &run);
   TileFn tile_s = S ? pick_tile(*S->w, S->w->Kp, S->a_bits, &run_s) : nullptr;
   bool ymm, ymm_s = false;
-  const int8_t* wt = tile_weights(w, tile, &ymm);
-  const int8_t* wt_s = S ? tile_weights(*S->w, tile_s, &ymm_s) : nullptr;
+  const int8_t* wt = centred_weights(L, tile, e, tile_weights(w, tile, &ymm));
+  Epi es0 = S ? S->epi : Epi{};
+  const int8_t* wt_s = S ? centred_weights(*S, tile_s, es0, tile_weights(*S->w, tile_s, &ymm_s)) : nullptr;
   const int Kmax = S ? std::max(Kp, S->w->Kp) : Kp;
   const double macs = double(M) * w.Op * (Kp + (S ? S->w->Kp : 0));
   const bool amx = tile == tile_amx || tile_s == tile_amx;
@@ -575,7 +596,7 @@ void run_linear(const QLayer& L, const uint8_t* x, int M, Epi& e, int nthreads, 
     // the tile's rows indexed from 0: S writes scratch rows, L's outputs are offset to m0
     float* res = reinterpret_cast<float*>(scratch[tid]->p);
     const PackedW& ws = *S->w;
-    Epi es = S->epi;
+    Epi es = es0;
     es.out_f = res;
     gather_rows(xs, ws.K, ws.Kp, m0, rows, isa, panels[tid]->p, pr, as, &orvs_s[tid]);
     TileArgs ts{pr, kOneTap, 1, ws.Kp / 4, rows, 0, wt_s, ws.Kp, ob0, nb, O, as, nullptr, &es, run_s, ap};
@@ -639,8 +660,12 @@ void run_winograd(const QLayer& L, const uint8_t* xpad, int B, const int32_t* as
   const int ncg = (nblk + bpg - 1) / bpg;
   g_winograd_runs.fetch_add(1, std::memory_order_relaxed);
   const int voff = 2 * ((1 << L.a_bits) - 1);
-  std::vector<int32_t> corr(w.wino_corr.size());
+  std::vector<int32_t> corr(w.wino_corr.size()), cwz(w.Op, 0);
   for (size_t i = 0; i < corr.size(); ++i) corr[i] = voff * w.wino_corr[i];
+  // ACC - zw*AS straight from the transform: (cw - zw)*AS puts the weights' centre back
+  for (int o = 0; o < w.O; ++o) cwz[o] = w.wino_cw - L.zw[o];
+  Epi ec = e;
+  ec.centred = true;
   const int tiles = jr * ntpr;
   std::vector<std::unique_ptr<AlignedBuf>> vb, mb, ab;
   for (int i = 0; i < nt; ++i) {
@@ -660,16 +685,16 @@ void run_winograd(const QLayer& L, const uint8_t* xpad, int B, const int32_t* as
     a.ntr = std::min<int64_t>(jr, TR - a.tr0);
     a.u = w.wino.data();
     a.corr = corr.data();
-    a.cw = w.wino_cw;
+    a.cwz = cwz.data();
     a.voff = voff;
     a.ob0 = ob0;
     a.nblk = std::min(bpg, nblk - ob0);
     a.O = w.O;
     a.Op = w.Op;
     a.as = asum;
-    a.pid = e.pid;
-    a.P = e.P;
-    a.e = &e;
+    a.pid = ec.pid;
+    a.P = ec.P;
+    a.e = &ec;
     a.vbuf = vb[tid]->p;
     a.mbuf = reinterpret_cast<int32_t*>(mb[tid]->p);
     a.abuf = reinterpret_cast<int32_t*>(ab[tid]->p);
@@ -771,6 +796,7 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
     xs = xpad->p;
   }
   if (use_winograd(L, isa, B)) return run_winograd(L, xs, B, asum.data(), e, sp.nt);
+  wt = centred_weights(L, tile, e, wt);
   std::vector<int64_t> tap_off(taps);  // byte offset of each tap's codes from the top-left one's
   for (int i = 0; i < ks; ++i)
     for (int j = 0; j < ks; ++j) tap_off[i * ks + j] = (int64_t(i) * Ws + j) * C;

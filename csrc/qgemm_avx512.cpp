@@ -134,7 +134,7 @@ void tile_avx512(const TileArgs& t) {
       mk[j] = n >= 16 ? 0xFFFF : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1u);
     }
     const int ncols = t.O - o0 < 64 ? t.O - o0 : 64;
-    with_epi_flags(e, [&](auto f) { run_block<decltype(f)::value>(t, wb, o0, mk, ncols); });
+    with_epi_flags<kCENT>(e, [&](auto f) { run_block<decltype(f)::value>(t, wb, o0, mk, ncols); });
   }
 }
 

@@ -26,11 +26,11 @@ struct EpiK {
   int32_t wbias;
   float slope;
   Requant rq;
-  bool ps, sh, res, has_slope, as_first, zrem;
+  bool ps, sh, res, has_slope, as_first, zrem, cent;
   explicit EpiK(const Epi& e)
       : residual(e.residual), out_f(e.out_f), acc_out(e.acc_out), O(e.O), wbias(e.wbias), slope(e.slope), rq(e.rq),
         ps(e.post_scale != nullptr), sh(e.post_shift != nullptr), res(e.residual != nullptr),
-        has_slope(e.has_slope), as_first(e.as_first), zrem(e.zero_rem) {}
+        has_slope(e.has_slope), as_first(e.as_first), zrem(e.zero_rem), cent(e.centred) {}
 };
 
 inline Cols load_cols(const Epi& e, int o, __mmask16 mk) {
@@ -51,10 +51,15 @@ template <int F>
 inline __m512 epi16_affine(const EpiK& e, const Cols& c, const EpiRow& rw, int64_t m, int o, __mmask16 mk,
                            __m512i acc) {
 #define HAS(flag, rt) EPI_HAS(F, flag, rt)
-  if (HAS(kACC, e.acc_out != nullptr))
-    _mm512_mask_storeu_epi32(e.acc_out + m * e.O + o, mk, _mm512_add_epi32(acc, _mm512_set1_epi32(e.wbias * rw.as)));
+  const bool cent = HAS(kCENT, e.cent);
+  if (HAS(kACC, e.acc_out != nullptr)) {
+    // raw ACC = kernel ACC + wbias*AS, or + zw*AS = (wbias - nzw)*AS when centred
+    const __m512i as = _mm512_set1_epi32(rw.as), wb = _mm512_set1_epi32(e.wbias);
+    const __m512i add = cent ? _mm512_mullo_epi32(_mm512_sub_epi32(wb, c.nzw), as) : _mm512_mullo_epi32(wb, as);
+    _mm512_mask_storeu_epi32(e.acc_out + m * e.O + o, mk, _mm512_add_epi32(acc, add));
+  }
   // ACC' = ACC + (wbias - zw)*AS - za*WS'   (int32, wrapping like the reference's int32)
-  acc = _mm512_add_epi32(acc, _mm512_mullo_epi32(c.nzw, _mm512_set1_epi32(rw.as)));
+  if (!cent) acc = _mm512_add_epi32(acc, _mm512_mullo_epi32(c.nzw, _mm512_set1_epi32(rw.as)));
   acc = _mm512_sub_epi32(acc, _mm512_maskz_loadu_epi32(mk, rw.zws + o));
   __m512 y = _mm512_mul_ps(c.c1, _mm512_cvtepi32_ps(acc));
   if (!HAS(kZREM, e.zrem)) {

@@ -172,6 +172,9 @@ struct Epi {
   // skip them (set by centre(); fp32 outputs keep them, and their zeros' signs)
   bool zero_rem = false;
   int32_t wbias = 0;             // raw ACC = kernel ACC + wbias * AS (8-bit weights)
+  // the kernel ACC is ACC - zw*AS already (the AVX-512 tiles on QLayer::wc, the Winograd
+  // conv): the epilogue skips its (wbias - zw)*AS term; raw ACC = kernel ACC + zw*AS
+  bool centred = false;
   const int32_t* zw = nullptr;   // [>= O] column zero points (binding)
   int32_t za = 0;                // row zero point (binding)
   // per output row, pattern pid[m % P] (conv borders; else pattern 0) selects
@@ -267,7 +270,8 @@ struct WinoArgs {
   int64_t tr0, ntr;
   const int8_t* u;       // PackedW::wino
   const int32_t* corr;   // [4][Op]: voff * PackedW::wino_corr
-  int cw, voff;          // PackedW::wino_cw; 2 * (2^a_bits - 1)
+  const int32_t* cwz;    // [Op]: PackedW::wino_cw - zw[o] (the sums come out centred: Epi::centred)
+  int voff;              // 2 * (2^a_bits - 1)
   int ob0, nblk, O, Op;
   const int32_t* as;     // [M] AS of every output row
   const int32_t* pid;    // Epi::pid, Epi::P
@@ -317,6 +321,10 @@ struct QLayer {
   std::vector<float> c1, c2, c3, c4, post_scale, post_shift;
   std::vector<int32_t> zw, pid;
   CentredTables tables;
+  // the weights with their zero points taken out, PackedW::data's layout: wc = code - zw[o]
+  // (int8 where every zw <= 128 and codes have <= 4 bits, on a CPU with AVX-512 VNNI; else
+  // empty), so the AVX-512 tile's ACC is ACC - zw*AS (Epi::centred)
+  std::vector<int8_t, Aligned64<int8_t>> wc;
   Epi epi;                           // out_*, residual, acc_out, as_out are set per run
   QLayer() = default;
   QLayer(const QLayer&) = delete;

@@ -101,6 +101,31 @@ def test_qlinear_exact(cpu_isa, threads, wb, ab, m, k, o):
     assert_codes_equal(cpu.cpu_qlinear(*args, **kw, **q), R.ref_qlinear(*args, **kw, **q))
 
 
+@pytest.mark.parametrize("zw", [0, 7, 128, 129, 255])
+def test_weight_zero_points_at_the_centring_bound(cpu_isa, zw):
+    # the AVX-512 tile takes the zero points out of <= 4-bit weights (code - zw in int8) up
+    # to zw = 128, and keeps them in the epilogue beyond; a linear layer, a direct 3x3 conv
+    # and a Winograd one (its transform always takes them out), fp32 and code outputs
+    o = 40
+    ws = torch.rand(o) * 0.05 + 0.005
+    wo = -ws * zw  # zero_split: z = rne(-offset / scale) = zw exactly
+    x, wc = codes((21, 36), 4), codes((o, 36), 4)
+    args = (x, pack_codes(wc, 4), 4, 4, ws, wo, 0.05, -0.3)
+    kw = dict(post_scale=torch.rand(o) + 0.5, post_shift=torch.randn(o), slope=0.1)
+    assert torch.equal(cpu.cpu_qlinear(*args, **kw), R.ref_qlinear(*args, **kw))
+    q = dict(out_l=-1.3, out_s=0.2, out_bits=4)
+    assert_codes_equal(cpu.cpu_qlinear(*args, **kw, **q), R.ref_qlinear(*args, **kw, **q))
+    xc, wcc = codes((2, 4, 6, 32), 4), codes((o, 9 * 32), 4)
+    for algo in ("direct", "winograd"):
+        cpu.force_conv_algo(algo)
+        try:
+            cargs = (xc, pack_codes(wcc, 4), 4, 4, 3, 1, 1, ws, wo, 0.05, -0.3)
+            assert torch.equal(cpu.cpu_qconv2d(*cargs, **kw), R.ref_qconv2d(*cargs, **kw))
+            assert_codes_equal(cpu.cpu_qconv2d(*cargs, **kw, **q), R.ref_qconv2d(*cargs, **kw, **q))
+        finally:
+            cpu.force_conv_algo(None)
+
+
 @pytest.mark.parametrize("snap", [False, True])
 @pytest.mark.parametrize("bn,res,slope,quant", [
     (False, False, False, False),  # flags read at run time
