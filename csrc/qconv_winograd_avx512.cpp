@@ -168,6 +168,20 @@ void block_acc(const WinoArgs& a, int ntiles, int ob, int32_t* accb) {
   }
 }
 
+// The epilogue of R pixels p.. (job-local; rows m0 + p..) on 16 columns [o, o + 16)
+template <int F, int R>
+inline void epilogue_rows(const WinoArgs& a, const EpiK& ek, const Cols& cols, int64_t m0, int p, int o, int j,
+                          __mmask16 mk, const int32_t* accb) {
+  EpiRow rw[R];
+  __m512i acc[R];
+  for (int r = 0; r < R; ++r) {
+    const int64_t m = m0 + p + r;
+    rw[r] = epi_row(*a.e, a.pid[m % a.P], a.as[m]);
+    acc[r] = _mm512_loadu_si512(accb + static_cast<int64_t>(p + r) * 64 + 16 * j);
+  }
+  epi16_rows<F, R>(ek, cols, rw, m0 + p, o, mk, acc);
+}
+
 // The epilogue of the job's pixels (consecutive rows m0..) on one block, 8 rows at a time
 template <int F>
 void block_epilogue(const WinoArgs& a, int npix, int ob, const int32_t* accb) {
@@ -181,26 +195,8 @@ void block_epilogue(const WinoArgs& a, int npix, int ob, const int32_t* accb) {
     const __mmask16 mk = n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1u);
     const Cols cols = load_cols(e, o, mk);
     int p = 0;
-    for (; p + 8 <= npix; p += 8) {
-      EpiRow rw[8];
-      __m512i acc[8];
-      for (int r = 0; r < 8; ++r) {
-        const int64_t m = m0 + p + r;
-        rw[r] = epi_row(e, a.pid[m % a.P], a.as[m]);
-        acc[r] = _mm512_loadu_si512(accb + static_cast<int64_t>(p + r) * 64 + 16 * j);
-      }
-      epi16_rows<F, 8>(ek, cols, rw, m0 + p, o, mk, acc);
-    }
-    for (; p < npix; p += 4) {  // npix is a multiple of 4 (Wo even)
-      EpiRow rw[4];
-      __m512i acc[4];
-      for (int r = 0; r < 4; ++r) {
-        const int64_t m = m0 + p + r;
-        rw[r] = epi_row(e, a.pid[m % a.P], a.as[m]);
-        acc[r] = _mm512_loadu_si512(accb + static_cast<int64_t>(p + r) * 64 + 16 * j);
-      }
-      epi16_rows<F, 4>(ek, cols, rw, m0 + p, o, mk, acc);
-    }
+    for (; p + 8 <= npix; p += 8) epilogue_rows<F, 8>(a, ek, cols, m0, p, o, j, mk, accb);
+    for (; p < npix; p += 4) epilogue_rows<F, 4>(a, ek, cols, m0, p, o, j, mk, accb);  // npix % 4 == 0 (Wo even)
   }
 }
 

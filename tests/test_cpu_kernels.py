@@ -45,6 +45,15 @@ def wparams(o):
     return torch.rand(o) * 0.05 + 0.005, torch.randn(o) * 0.2
 
 
+def snapped_or_real(o, snap, a_scale, a_offset):
+    """(w_scale, w_offset, a_scale, a_offset): offsets on the grid (powers of two: offset +
+    scale * z is exactly 0, so every remainder term is zero) or real ones."""
+    if snap:
+        ws = 2.0 ** -torch.randint(4, 9, (o,)).float()
+        return ws, -ws * torch.randint(0, 16, (o,)).float(), 0.25, -1.0
+    return (*wparams(o), a_scale, a_offset)
+
+
 # ------------------------------------------------------------------ packing
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -139,11 +148,7 @@ def test_qlinear_every_compiled_epilogue(cpu_isa, snap, bn, res, slope, quant):
     m, k, o = 29, 16, 40
     x, wc = codes((m, k), 4), codes((o, k), 4)
     wp = pack_codes(wc, 4)
-    if snap:  # powers of two: offset + scale * z is exactly 0
-        ws = 2.0 ** -torch.randint(4, 9, (o,)).float()
-        wo, a_scale, a_offset = -ws * torch.randint(0, 16, (o,)).float(), 0.25, -1.0
-    else:
-        (ws, wo), a_scale, a_offset = wparams(o), 0.037, -0.41
+    ws, wo, a_scale, a_offset = snapped_or_real(o, snap, 0.037, -0.41)
     kw = dict(post_scale=torch.rand(o) + 0.5, post_shift=torch.randn(o)) if bn else {}
     if res:
         kw["residual"] = torch.randn(m, o)
@@ -348,11 +353,7 @@ def test_qconv2d_winograd_snapped_codes(cpu_isa, winograd, snap):
     b, h, w, c, o = 2, 2, 6, 32, 24
     x, wc = codes((b, h, w, c), 4), codes((o, 9 * c), 4)
     wp = pack_codes(wc, 4)
-    if snap:  # powers of two: offset + scale * z is exactly 0
-        ws = 2.0 ** -torch.randint(4, 9, (o,)).float()
-        wo, a_scale, a_offset = -ws * torch.randint(0, 16, (o,)).float(), 0.25, -1.0
-    else:
-        (ws, wo), a_scale, a_offset = wparams(o), 0.05, -0.3
+    ws, wo, a_scale, a_offset = snapped_or_real(o, snap, 0.05, -0.3)
     args = (x, wp, 4, 4, 3, 1, 1, ws, wo, a_scale, a_offset)
     kw = dict(post_scale=torch.rand(o) + 0.5, post_shift=torch.randn(o), slope=0.1, out_l=-1.3, out_s=0.2,
               out_bits=4)
