@@ -218,16 +218,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("active_isa", [] { return std::string(qgnn::isa_name(qgnn::active_isa())); });
   m.def("force_isa", [](const std::string& s) { qgnn::force_isa(qgnn::isa_from_name(s)); },
         "force an ISA path ('auto' or '': back to QGNN_CPU_ISA / detected)");
+  // qgnn::ConvAlgo's names, in its order
+  static const char* const conv_algos[] = {"auto", "direct", "winograd"};
   m.def("force_conv_algo", [](const std::string& s) {
-    static const char* names[] = {"auto", "direct", "winograd"};
     for (int i = 0; i < 3; ++i)
-      if (s == names[i]) return qgnn::force_conv_algo(static_cast<qgnn::ConvAlgo>(i));
+      if (s == conv_algos[i]) return qgnn::force_conv_algo(static_cast<qgnn::ConvAlgo>(i));
     throw qgnn::ArgError("unknown conv algorithm '" + s + "' (auto, direct, winograd)");
   }, "how 3x3 convs run on the AVX-512 VNNI path: 'auto', 'direct' or 'winograd' (qgnn_cpu.h ConvAlgo)");
-  m.def("conv_algo", [] {
-    static const char* names[] = {"auto", "direct", "winograd"};
-    return std::string(names[static_cast<int>(qgnn::conv_algo())]);
-  });
+  m.def("conv_algo", [] { return std::string(conv_algos[static_cast<int>(qgnn::conv_algo())]); });
   m.def("winograd_runs", [] { return qgnn::winograd_runs(); }, "convs run as Winograd in this process");
   m.def("amx_probe", [] {
     const qgnn::AmxProbe p = qgnn::probe_amx();

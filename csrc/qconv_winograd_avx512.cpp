@@ -176,7 +176,7 @@ inline void epilogue_rows(const WinoArgs& a, const EpiK& ek, const Cols& cols, i
   __m512i acc[R];
   for (int r = 0; r < R; ++r) {
     const int64_t m = m0 + p + r;
-    rw[r] = epi_row(*a.e, a.pid[m % a.P], a.as[m]);
+    rw[r] = epi_row(*a.e, a.e->pid[m % a.e->P], a.as[m]);
     acc[r] = _mm512_loadu_si512(accb + static_cast<int64_t>(p + r) * 64 + 16 * j);
   }
   epi16_rows<F, R>(ek, cols, rw, m0 + p, o, mk, acc);

@@ -487,6 +487,16 @@ void prepare_layer(QLayer& L, const PackedW& w, int a_bits, const LayerParams& p
   e.pid = L.pid.data();
   e.P = P;
   centre(e, ws_tab.data(), cnt_tab.data(), npat, L.tables);
+  L.wino_corr.clear();
+  L.wino_cwz.clear();
+  if (!w.wino.empty()) {  // the Winograd conv's per-column constants (WinoArgs)
+    const int voff = 2 * ((1 << a_bits) - 1);
+    L.wino_corr.resize(w.wino_corr.size());
+    for (size_t i = 0; i < w.wino_corr.size(); ++i) L.wino_corr[i] = voff * w.wino_corr[i];
+    // ACC - zw*AS straight from the transform: (cw - zw)*AS puts the weights' centre back
+    L.wino_cwz.assign(Op, 0);
+    for (int o = 0; o < O; ++o) L.wino_cwz[o] = w.wino_cw - L.zw[o];
+  }
 }
 
 namespace {
@@ -659,11 +669,6 @@ void run_winograd(const QLayer& L, const uint8_t* xpad, int B, const int32_t* as
   if (nt > 1 && njr < 4 * nt) bpg = std::min(bpg, static_cast<int>(std::max<int64_t>(1, nblk * njr / (4 * nt))));
   const int ncg = (nblk + bpg - 1) / bpg;
   g_winograd_runs.fetch_add(1, std::memory_order_relaxed);
-  const int voff = 2 * ((1 << L.a_bits) - 1);
-  std::vector<int32_t> corr(w.wino_corr.size()), cwz(w.Op, 0);
-  for (size_t i = 0; i < corr.size(); ++i) corr[i] = voff * w.wino_corr[i];
-  // ACC - zw*AS straight from the transform: (cw - zw)*AS puts the weights' centre back
-  for (int o = 0; o < w.O; ++o) cwz[o] = w.wino_cw - L.zw[o];
   Epi ec = e;
   ec.centred = true;
   const int tiles = jr * ntpr;
@@ -684,16 +689,14 @@ void run_winograd(const QLayer& L, const uint8_t* xpad, int B, const int32_t* as
     a.tr0 = ji * jr;
     a.ntr = std::min<int64_t>(jr, TR - a.tr0);
     a.u = w.wino.data();
-    a.corr = corr.data();
-    a.cwz = cwz.data();
-    a.voff = voff;
+    a.corr = L.wino_corr.data();
+    a.cwz = L.wino_cwz.data();
+    a.voff = 2 * ((1 << L.a_bits) - 1);
     a.ob0 = ob0;
     a.nblk = std::min(bpg, nblk - ob0);
     a.O = w.O;
     a.Op = w.Op;
     a.as = asum;
-    a.pid = ec.pid;
-    a.P = ec.P;
     a.e = &ec;
     a.vbuf = vb[tid]->p;
     a.mbuf = reinterpret_cast<int32_t*>(mb[tid]->p);

@@ -269,14 +269,12 @@ struct WinoArgs {
   int C, Ho, Wo;
   int64_t tr0, ntr;
   const int8_t* u;       // PackedW::wino
-  const int32_t* corr;   // [4][Op]: voff * PackedW::wino_corr
-  const int32_t* cwz;    // [Op]: PackedW::wino_cw - zw[o] (the sums come out centred: Epi::centred)
+  const int32_t* corr;   // [4][Op]: voff * PackedW::wino_corr (QLayer::wino_corr)
+  const int32_t* cwz;    // [Op]: PackedW::wino_cw - zw[o] (QLayer::wino_cwz; the sums come out centred)
   int voff;              // 2 * (2^a_bits - 1)
   int ob0, nblk, O, Op;
   const int32_t* as;     // [M] AS of every output row
-  const int32_t* pid;    // Epi::pid, Epi::P
-  int P;
-  const Epi* e;
+  const Epi* e;          // its pid / P give each row's border pattern
   uint8_t* vbuf;         // scratch: 16 * tiles * C
   int32_t* mbuf;         // 16 * kWinoChunk * 64
   int32_t* abuf;         // tiles * 4 * 64
@@ -325,6 +323,8 @@ struct QLayer {
   // (int8 where every zw <= 128 and codes have <= 4 bits, on a CPU with AVX-512 VNNI; else
   // empty), so the AVX-512 tile's ACC is ACC - zw*AS (Epi::centred)
   std::vector<int8_t, Aligned64<int8_t>> wc;
+  // a conv with PackedW::wino: WinoArgs::corr and ::cwz, derived here once
+  std::vector<int32_t> wino_corr, wino_cwz;
   Epi epi;                           // out_*, residual, acc_out, as_out are set per run
   QLayer() = default;
   QLayer(const QLayer&) = delete;
