@@ -227,6 +227,8 @@ PYBIND11_MODULE(_C, m) {
   }, "how 3x3 convs run on the AVX-512 VNNI path: 'auto', 'direct' or 'winograd' (qgnn_cpu.h ConvAlgo)");
   m.def("conv_algo", [] { return std::string(conv_algos[static_cast<int>(qgnn::conv_algo())]); });
   m.def("winograd_runs", [] { return qgnn::winograd_runs(); }, "convs run as Winograd in this process");
+  m.def("fused_redos", [] { return qgnn::fused_redos(); },
+        "rows x 16 columns of fused epilogues redone in the reference's order, in this process");
   m.def("amx_probe", [] {
     const qgnn::AmxProbe p = qgnn::probe_amx();
     py::dict d;

@@ -140,7 +140,7 @@ void Plan::exec(const PlanStep& st, int64_t T, const std::vector<void*>& ptrs, i
       bmm_f64(in_f(0), in_f(1), TB, st.n, st.d, out_f);
       break;
     case StepKind::NchwToNhwc:
-      if (!nchw_to_nhwc(in_f(0), st.count * T, st.c, st.h, st.w, out_f))
+      if (!nchw_to_nhwc(in_f(0), st.count * T, st.c, st.h, st.w, out_f, nthreads))
         throw InputValueError("images contain NaN or Inf values");
       break;
     case StepKind::MaxPool:

@@ -193,7 +193,7 @@ void block_epilogue(const WinoArgs& a, int npix, int ob, const int32_t* accb) {
     const int n = a.O - o;
     if (n <= 0) break;
     const __mmask16 mk = n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1u);
-    const Cols cols = load_cols(e, o, mk);
+    const Cols cols = load_cols<F>(e, o, mk);
     int p = 0;
     for (; p + 8 <= npix; p += 8) epilogue_rows<F, 8>(a, ek, cols, m0, p, o, j, mk, accb);
     for (; p < npix; p += 4) epilogue_rows<F, 4>(a, ek, cols, m0, p, o, j, mk, accb);  // npix % 4 == 0 (Wo even)
@@ -216,7 +216,7 @@ void wino_avx512(const WinoArgs& a) {
       block_acc<2, kWinoChunk>(a, ntiles, ob, a.abuf);
     else
       block_acc<4, 6>(a, ntiles, ob, a.abuf);
-    with_epi_flags<kCENT>(e, [&](auto f) { block_epilogue<decltype(f)::value>(a, npix, ob, a.abuf); });
+    with_epi_flags<kCENT | kFUSED>(e, [&](auto f) { block_epilogue<decltype(f)::value>(a, npix, ob, a.abuf); });
   }
 }
 

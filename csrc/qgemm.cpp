@@ -370,6 +370,76 @@ int pick_mb(int64_t M, int Kp, int nthreads, int group) {
 
 }  // namespace
 
+namespace {
+
+// FusedEpi of a layer with code outputs and remainder terms (not zero_rem), where the AVX-512
+// tiles run. The bound on |u_fused - u_reference| (u = 2^-24, values bounded per column o):
+//   S = |c1| max|ACC'| + max|t2| + |c3| max|AS'| + max|t4|  bounds every partial sum of y,
+//     with |ACC'| <= sum_k |w_k - zw| * amax and |AS'| <= K * amax, amax = the largest
+//     |code - za| of the activations;
+//   the reference's z = y*ps + sh is within u (7 |ps| S + |sh|) of its real value, the fused
+//   one within u (5 |ps| S + 3 |sh|): D = 16 u (|ps| S + |sh|) apart;
+//   a LeakyReLU scales that by |slope| where both are negative, by <= 1 + |slope| where the
+//     signs differ: g = 2 max(1, |slope|);
+//   the residual's add and the quantizer's own roundings, on codes not clamped, move u by
+//     less than 64 u max(1, |slope|) (|l|/s + qmax + 2) (|z| <= (|l| + (qmax + 2) s) there);
+//     clamped ones differ only in relative terms ~u, which keep them beyond 0 and qmax.
+// No fusion when a bound is not below 1/8 (the codes would need the exact order too often).
+void fuse_epilogue(QLayer& L) {
+  Epi& e = L.epi;
+  const PackedW& w = *L.w;
+  L.fz_c1.clear();
+  L.fz_c3.clear();
+  L.fz_t24.clear();
+  e.fz = FusedEpi{};
+  if (e.rq.nq == 0 || e.zero_rem || e.as_first || !isa_blocker(Isa::Avx512Vnni).empty()) return;
+  constexpr double u = 1.0 / 16777216.0;
+  const int O = e.O, Op = w.Op, npat = static_cast<int>(L.tables.cnt.size());
+  const double qa = double((1 << L.a_bits) - 1);
+  const double amax = std::max(std::fabs(double(e.za)), std::fabs(qa - e.za));
+  const double g1 = e.has_slope ? std::max(1.0, std::fabs(double(e.slope))) : 1.0;
+  double dmax = 0.0;  // max over columns of D
+  L.fz_c1.assign(Op, 0.f);
+  L.fz_c3.assign(Op, 0.f);
+  L.fz_t24.assign(static_cast<size_t>(npat) * O, 0.f);
+  for (int o = 0; o < O; ++o) {
+    const float ps = e.post_scale ? e.post_scale[o] : 1.f, sh = e.post_shift ? e.post_shift[o] : 0.f;
+    double wabs = 0.0;  // sum_k |code - zw|, codes = data + bias
+    const int ob = o / 64, c = o % 64;
+    for (int k = 0; k < w.K; ++k)
+      wabs += std::fabs(double(w.data[(static_cast<size_t>(ob) * w.Kp / 4 + k / 4) * 256 + c * 4 + k % 4]) + w.bias -
+                        e.zw[o]);
+    double t2m = 0.0, t4m = 0.0;
+    for (int q = 0; q < npat; ++q) {
+      const size_t i = static_cast<size_t>(q) * O + o;
+      t2m = std::max(t2m, std::fabs(double(L.tables.t2[i])));
+      t4m = std::max(t4m, std::fabs(double(L.tables.t4[i])));
+      L.fz_t24[i] = static_cast<float>((double(L.tables.t2[i]) + double(L.tables.t4[i])) * ps + sh);
+    }
+    const double S = (std::fabs(double(e.c1[o])) * wabs * amax + t2m + std::fabs(double(e.c3[o])) * w.K * amax + t4m) *
+                     (1.0 + 1e-6);
+    dmax = std::max(dmax, 16 * u * (std::fabs(double(ps)) * S + std::fabs(double(sh))));
+    L.fz_c1[o] = e.c1[o] * ps;
+    L.fz_c3[o] = e.c3[o] * ps;
+  }
+  FusedEpi f;
+  for (int k = 0; k < e.rq.nq; ++k) {
+    const double s = e.rq.out_s[k], l = e.rq.out_l[k], qm = e.rq.qmax[k];
+    const double mk = 2 * g1 * dmax * (1 + 4 * u) / s + 64 * u * g1 * (std::fabs(l) / s + qm + 2);
+    if (!(mk < 0.125)) return;  // also NaN / Inf
+    f.room[k] = static_cast<float>(0.5 - mk * (1.0 + 1e-6));
+    f.mpos[k] = e.rq.inv_out_s[k];
+    f.mneg[k] = e.has_slope ? e.slope * e.rq.inv_out_s[k] : e.rq.inv_out_s[k];
+    f.nl[k] = -e.rq.out_l[k] * e.rq.inv_out_s[k];
+  }
+  f.c1 = L.fz_c1.data();
+  f.c3 = L.fz_c3.data();
+  f.t24_tab = L.fz_t24.data();
+  e.fz = f;
+}
+
+}  // namespace
+
 void prepare_layer(QLayer& L, const PackedW& w, int a_bits, const LayerParams& p, int ks, int stride, int pad,
                    int H, int W, int C) {
   const int O = w.O, Op = w.Op;
@@ -440,6 +510,7 @@ void prepare_layer(QLayer& L, const PackedW& w, int a_bits, const LayerParams& p
     e.pid = nullptr;
     e.P = 1;
     centre(e, w.wsum.data(), &cnt, 1, L.tables);
+    fuse_epilogue(L);
     return;
   }
   L.conv = true;
@@ -487,6 +558,7 @@ void prepare_layer(QLayer& L, const PackedW& w, int a_bits, const LayerParams& p
   e.pid = L.pid.data();
   e.P = P;
   centre(e, ws_tab.data(), cnt_tab.data(), npat, L.tables);
+  fuse_epilogue(L);
   L.wino_corr.clear();
   L.wino_cwz.clear();
   if (!w.wino.empty()) {  // the Winograd conv's per-column constants (WinoArgs)
@@ -718,52 +790,6 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
   bool ymm;
   const int8_t* wt = tile_weights(w, tile, &ymm);
   const Split sp = pick_split(M, Kp, nblk, nthreads, double(M) * Kp * w.Op, amx);
-  // per-pixel code sums (AS of a row = sum over its valid taps) and the code-range check,
-  // one pass over the input instead of one per tap
-  std::vector<int32_t> psum(npix);
-  // the passes over the input (sums, window sums, padded copy) split from 128 KiB of codes
-  // (from 1 MiB before: the tiny model's 160 KiB maps ran them on one thread; 3% of its T=1)
-  const int pass_nt = npix * C > (1 << 17) ? sp.nt : 1;
-  const int64_t pchunk = 4096, npch = (npix + pchunk - 1) / pchunk;
-  std::vector<uint8_t> porv(npch, 0);
-  parallel_for(pass_nt, npch, [&](int64_t ci, int) {
-    const int64_t p0 = ci * pchunk, p1 = std::min(npix, p0 + pchunk);
-    uint8_t o = 0;
-    rowsums(isa, x + p0 * C, p1 - p0, C, psum.data() + p0, &o);
-    porv[ci] = o;
-  });
-  uint8_t orv_all = 0;
-  for (uint8_t v : porv) orv_all |= v;
-  *bad_code = L.a_bits < 8 && (orv_all >> L.a_bits) != 0;
-  if (*bad_code) return;
-  // AS of every row: the sum of psum over its window's valid taps, separably (a column of
-  // kernel rows, then the kernel's width), instead of ks*ks loads per row in the row loop
-  std::vector<int32_t> asum(M);
-  parallel_for(pass_nt, B, [&](int64_t b, int) {
-    // the column sums with pad zeros each side, so that every window is ks of them
-    std::vector<int32_t> colp(W + 2 * pad + ks, 0);
-    int32_t* col = colp.data() + pad;
-    for (int oh = 0; oh < Ho; ++oh) {
-      const int ih0 = oh * stride - pad, i0 = std::max(0, -ih0), i1 = std::min(ks, H - ih0);
-      std::fill(col, col + W, 0);
-      for (int i = i0; i < i1; ++i) {
-        const int32_t* src = psum.data() + (b * H + ih0 + i) * W;
-        for (int w = 0; w < W; ++w) col[w] += src[w];
-      }
-      int32_t* dst = asum.data() + (b * Ho + oh) * Wo;
-      const int32_t* c = colp.data();
-      if (ks == 3) {
-        for (int ow = 0; ow < Wo; ++ow, c += stride) dst[ow] = c[0] + c[1] + c[2];
-      } else {
-        for (int ow = 0; ow < Wo; ++ow, c += stride) {
-          int32_t s = 0;
-          for (int j = 0; j < ks; ++j) s += c[j];
-          dst[ow] = s;
-        }
-      }
-    }
-  });
-
   const int mb = sp.mb;
   // C % 4 == 0: the kernels read each tap's C codes in place, from x or (pad > 0) a
   // zero-bordered copy of it, where every tap of every row lies inside; else gather
@@ -779,25 +805,65 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
   const int Hs = on_x ? H : H + 2 * pad, Ws = on_x ? W : W + 2 * pad;  // the source's dims
   std::unique_ptr<AlignedBuf> xpad;
   const uint8_t* xs = x;
+  const size_t img = static_cast<size_t>(Hs) * Ws * C;
   if (direct && !on_x) {
-    const size_t img = static_cast<size_t>(Hs) * Ws * C;
     const size_t slack = inplace ? static_cast<size_t>(16 * stride + ks) * C + 64 : 0;
     xpad.reset(new AlignedBuf(static_cast<size_t>(B) * img + slack));
     std::memset(xpad->p + static_cast<size_t>(B) * img, 0, slack);
-    parallel_for(pass_nt, B, [&](int64_t b, int) {
-      uint8_t* dst = xpad->p + static_cast<size_t>(b) * img;
-      const size_t prow = static_cast<size_t>(Ws) * C, side = static_cast<size_t>(pad) * C, rowb = static_cast<size_t>(W) * C;
-      std::memset(dst, 0, pad * prow);
-      for (int h = 0; h < H; ++h) {
-        uint8_t* d = dst + (pad + h) * prow;
-        std::memset(d, 0, side);
-        std::memcpy(d + side, x + (static_cast<size_t>(b) * H + h) * rowb, rowb);
-        std::memset(d + side + rowb, 0, side);
-      }
-      std::memset(dst + (pad + H) * prow, 0, pad * prow);
-    });
     xs = xpad->p;
   }
+  // One pass over the input per image: per-pixel code sums with the code-range check, AS of
+  // every row (the sum of them over its window's valid taps, separably: a column of kernel
+  // rows, then the kernel's width), and the zero-bordered copy. Split by image from 128 KiB
+  // of codes (the tiny model's 160 KiB maps had run them on one thread: 3% of its T=1);
+  // three passes with a barrier each had been 19% of its 16-channel 3x3 conv.
+  std::vector<int32_t> psum(npix), asum(M);
+  std::vector<uint8_t> borv(B, 0);
+  const int pass_nt = npix * C > (1 << 17) ? sp.nt : 1;
+  parallel_for(pass_nt, B, [&](int64_t b, int) {
+    const uint8_t* xb = x + static_cast<size_t>(b) * H * W * C;
+    int32_t* ps = psum.data() + static_cast<size_t>(b) * H * W;
+    uint8_t o = 0;
+    rowsums(isa, xb, int64_t(H) * W, C, ps, &o);
+    borv[b] = o;
+    // the column sums with pad zeros each side, so that every window is ks of them
+    std::vector<int32_t> colp(W + 2 * pad + ks, 0);
+    int32_t* col = colp.data() + pad;
+    for (int oh = 0; oh < Ho; ++oh) {
+      const int ih0 = oh * stride - pad, i0 = std::max(0, -ih0), i1 = std::min(ks, H - ih0);
+      std::fill(col, col + W, 0);
+      for (int i = i0; i < i1; ++i) {
+        const int32_t* src = ps + (ih0 + i) * W;
+        for (int w = 0; w < W; ++w) col[w] += src[w];
+      }
+      int32_t* dst = asum.data() + (b * Ho + oh) * Wo;
+      const int32_t* c = colp.data();
+      if (ks == 3 && stride == 1) {
+        for (int ow = 0; ow < Wo; ++ow) dst[ow] = c[ow] + c[ow + 1] + c[ow + 2];
+      } else {
+        for (int ow = 0; ow < Wo; ++ow, c += stride) {
+          int32_t s = 0;
+          for (int j = 0; j < ks; ++j) s += c[j];
+          dst[ow] = s;
+        }
+      }
+    }
+    if (!xpad) return;
+    uint8_t* d0 = xpad->p + static_cast<size_t>(b) * img;
+    const size_t prow = static_cast<size_t>(Ws) * C, side = static_cast<size_t>(pad) * C, rowb = static_cast<size_t>(W) * C;
+    std::memset(d0, 0, pad * prow);
+    for (int h = 0; h < H; ++h) {
+      uint8_t* d = d0 + (pad + h) * prow;
+      std::memset(d, 0, side);
+      std::memcpy(d + side, xb + h * rowb, rowb);
+      std::memset(d + side + rowb, 0, side);
+    }
+    std::memset(d0 + (pad + H) * prow, 0, pad * prow);
+  });
+  uint8_t orv_all = 0;
+  for (uint8_t v : borv) orv_all |= v;
+  *bad_code = L.a_bits < 8 && (orv_all >> L.a_bits) != 0;
+  if (*bad_code) return;
   if (use_winograd(L, isa, B)) return run_winograd(L, xs, B, asum.data(), e, sp.nt);
   wt = centred_weights(L, tile, e, wt);
   std::vector<int64_t> tap_off(taps);  // byte offset of each tap's codes from the top-left one's
@@ -831,10 +897,27 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
     const int64_t m0 = ti * mb;
     const int rows = static_cast<int>(std::min<int64_t>(mb, M - m0));
     int32_t* rp = rpats[tid].data();
-    // (b, oh, ow) of the tile's first row, then stepped: no divisions per row
     int64_t b = m0 / P;
+    if (direct) {  // each row's window top-left pixel in the source (padded coordinates),
+      // one output row's run of them at a time: an arithmetic sequence (the per-row stepping
+      // of (b, oh, ow) had been 13% of the tiny model's 16-channel 3x3 conv)
+      const int64_t step = static_cast<int64_t>(stride) * C;
+      int p = static_cast<int>(m0 % P);
+      for (int r = 0; r < rows;) {
+        const int oh = p / Wo, ow0 = p % Wo, n = std::min(rows - r, Wo - ow0);
+        const uint8_t* base = xs + ((b * Hs + static_cast<int64_t>(oh) * stride) * Ws + static_cast<int64_t>(ow0) * stride) * C;
+        for (int i = 0; i < n; ++i) pr[r + i] = base + i * step;
+        std::memcpy(rp + r, pid + p, sizeof(int32_t) * n);
+        r += n;
+        if ((p += n) == P) {
+          p = 0;
+          ++b;
+        }
+      }
+    }
+    // else (b, oh, ow) of the tile's first row, then stepped: no divisions per row
     int oh = static_cast<int>(m0 % P) / Wo, ow = static_cast<int>(m0 % P) % Wo;
-    for (int r = 0; r < rows; ++r) {
+    for (int r = 0; r < rows && !direct; ++r) {
       if (r) {
         if (++ow == Wo) {
           ow = 0;
@@ -845,10 +928,6 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
         }
       }
       rp[r] = pid[static_cast<size_t>(oh) * Wo + ow];
-      if (direct) {  // the window's top-left pixel in the source (padded coordinates)
-        pr[r] = xs + ((b * Hs + static_cast<int64_t>(oh) * stride) * Ws + static_cast<int64_t>(ow) * stride) * C;
-        continue;
-      }
       const int ih0 = oh * stride - pad, iw0 = ow * stride - pad;
       uint8_t* dst = panels[tid]->p + static_cast<size_t>(r) * Kp;
       for (int i = 0; i < ks; ++i) {
@@ -877,6 +956,9 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
 void force_conv_algo(ConvAlgo a) { g_conv_algo.store(static_cast<int>(a)); }
 ConvAlgo conv_algo() { return static_cast<ConvAlgo>(g_conv_algo.load()); }
 int64_t winograd_runs() { return g_winograd_runs.load(); }
+static std::atomic<int64_t> g_fused_redos{0};
+int64_t fused_redos() { return g_fused_redos.load(); }
+void count_fused_redos(int n) { g_fused_redos.fetch_add(n, std::memory_order_relaxed); }
 
 void run_layer(const QLayer& L, const uint8_t* x, int64_t rows, const float* residual, float* out_f,
                uint8_t* const* out_q, int32_t* acc_out, int32_t* as_out, int nthreads, int* bad_code) {

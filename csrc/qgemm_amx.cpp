@@ -222,7 +222,7 @@ void tile_amx(const TileArgs& t) {
   _tile_loadconfig(&cfg);  // per call: torch's oneDNN may load its own config on this thread
   const EpiK ek(e);
   const int64_t tile_bytes = static_cast<int64_t>(nk) * 1024;
-  with_epi_flags(e, [&](auto f) {
+  with_epi_flags<kFUSED>(e, [&](auto f) {
     constexpr int F = decltype(f)::value;
     Pending ring[2];  // the block in flight, the one whose epilogue is pending
     Pending* prev = nullptr;
@@ -248,7 +248,7 @@ void tile_amx(const TileArgs& t) {
           cur.o = o0 + 16 * j0;
           for (int j = 0; j < cur.ct; ++j) {
             cur.mk[j] = mk[j];
-            if (mk[j]) cur.cols[j] = load_cols(e, cur.o + 16 * j, mk[j]);
+            if (mk[j]) cur.cols[j] = load_cols<F>(e, cur.o + 16 * j, mk[j]);
           }
           for (int r = 0; r < cur.nrows; ++r) cur.erows[r] = epi_row(e, t.rpat ? t.rpat[r0 + r] : 0, t.as[r0 + r]);
           cur.j = cur.rr = 0;

@@ -75,7 +75,7 @@ inline void block(const TileArgs& t, const int8_t* wb, int r0, int o0, const __m
     __m512i a[R];
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) a[r] = acc[r][j];
-    epi16_rows<F, R>(ek, load_cols(e, o, mk[j]), rows, m0, o, mk[j], a);
+    epi16_rows<F, R>(ek, load_cols<F>(e, o, mk[j]), rows, m0, o, mk[j], a);
   }
 }
 
@@ -134,7 +134,7 @@ void tile_avx512(const TileArgs& t) {
       mk[j] = n >= 16 ? 0xFFFF : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1u);
     }
     const int ncols = t.O - o0 < 64 ? t.O - o0 : 64;
-    with_epi_flags<kCENT>(e, [&](auto f) { run_block<decltype(f)::value>(t, wb, o0, mk, ncols); });
+    with_epi_flags<kCENT | kFUSED>(e, [&](auto f) { run_block<decltype(f)::value>(t, wb, o0, mk, ncols); });
   }
 }
 

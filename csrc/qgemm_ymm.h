@@ -32,10 +32,13 @@ struct EpiY {
   int32_t wbias;
   float slope;
   Requant rq;
+  const int32_t* zws;
+  const float *t2, *t4;
   bool as_first, has_slope, zrem, slope_in01;
   explicit EpiY(const Epi& e)
       : c1(e.c1), c3(e.c3), post_scale(e.post_scale), post_shift(e.post_shift), residual(e.residual), nzw(e.nzw),
-        out_f(e.out_f), acc_out(e.acc_out), O(e.O), wbias(e.wbias), slope(e.slope), rq(e.rq), as_first(e.as_first),
+        out_f(e.out_f), acc_out(e.acc_out), O(e.O), wbias(e.wbias), slope(e.slope), rq(e.rq), zws(e.zws_tab),
+        t2(e.t2_tab), t4(e.t4_tab), as_first(e.as_first),
         has_slope(e.has_slope), zrem(e.zero_rem), slope_in01(e.slope > 0.f && e.slope <= 1.f) {}
 };
 
@@ -66,13 +69,13 @@ inline __m256 epi8_affine(const EpiY& e, const Cols8& c, const EpiRow& rw, int64
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(e.acc_out + m * e.O + o), _mm256_add_epi32(acc, _mm256_set1_epi32(e.wbias * rw.as)));
   // ACC' = ACC + (wbias - zw)*AS - za*WS'   (int32, wrapping like the reference's int32)
   acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(c.nzw, asv));
-  acc = _mm256_sub_epi32(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rw.zws + o)));
+  acc = _mm256_sub_epi32(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e.zws + rw.prow + o)));
   __m256 y = _mm256_mul_ps(c.c1, _mm256_cvtepi32_ps(acc));
   if (!HAS(kZREM, e.zrem)) {  // the remainder terms (signed zeros for code outputs of a snapped layer)
-    const __m256 t2 = _mm256_loadu_ps(rw.t2 + o);
+    const __m256 t2 = _mm256_loadu_ps(e.t2 + rw.prow + o);
     const __m256 t3 = _mm256_mul_ps(c.c3, _mm256_set1_ps(rw.asp));
     y = HAS(kASFIRST, e.as_first) ? _mm256_add_ps(_mm256_add_ps(y, t3), t2) : _mm256_add_ps(_mm256_add_ps(y, t2), t3);
-    y = _mm256_add_ps(y, _mm256_loadu_ps(rw.t4 + o));
+    y = _mm256_add_ps(y, _mm256_loadu_ps(e.t4 + rw.prow + o));
   }
   return y;
 #undef HAS

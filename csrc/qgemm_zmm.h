@@ -7,10 +7,12 @@
 
 #include "epi_flags.h"
 
+
 namespace qgnn {
 namespace {  // one copy per including ISA translation unit, on purpose
 
 // The per-column operands of one 16-column group, loaded once for all rows of a block.
+// kFUSED: c1 and c3 hold FusedEpi's c1*ps and c3*ps, ps and sh are unused.
 struct Cols {
   __m512i nzw;
   __m512 c1, c3, ps, sh;
@@ -26,16 +28,28 @@ struct EpiK {
   int32_t wbias;
   float slope;
   Requant rq;
+  FusedEpi fz;
+  const Epi* epi;  // the columns of the rows a fused epilogue redoes
+  const int32_t* zws;
+  const float *t2, *t4;
   bool ps, sh, res, has_slope, as_first, zrem, cent;
   explicit EpiK(const Epi& e)
       : residual(e.residual), out_f(e.out_f), acc_out(e.acc_out), O(e.O), wbias(e.wbias), slope(e.slope), rq(e.rq),
-        ps(e.post_scale != nullptr), sh(e.post_shift != nullptr), res(e.residual != nullptr),
+        fz(e.fz), epi(&e), zws(e.zws_tab), t2(e.t2_tab), t4(e.t4_tab), ps(e.post_scale != nullptr), sh(e.post_shift != nullptr), res(e.residual != nullptr),
         has_slope(e.has_slope), as_first(e.as_first), zrem(e.zero_rem), cent(e.centred) {}
 };
 
-inline Cols load_cols(const Epi& e, int o, __mmask16 mk) {
+// F: the epilogue's flags (a fused one loads its own two columns only)
+template <int F>
+__attribute__((always_inline)) inline Cols load_cols(const Epi& e, int o, __mmask16 mk) {
   Cols c;
   c.nzw = _mm512_maskz_loadu_epi32(mk, e.nzw + o);
+  if constexpr (F >= 0 && (F & kFUSED) != 0) {
+    c.c1 = _mm512_maskz_loadu_ps(mk, e.fz.c1 + o);
+    c.c3 = _mm512_maskz_loadu_ps(mk, e.fz.c3 + o);
+    c.ps = c.sh = _mm512_setzero_ps();
+    return c;
+  }
   c.c1 = _mm512_maskz_loadu_ps(mk, e.c1 + o);
   c.c3 = _mm512_maskz_loadu_ps(mk, e.c3 + o);
   c.ps = e.post_scale ? _mm512_maskz_loadu_ps(mk, e.post_scale + o) : _mm512_setzero_ps();
@@ -60,17 +74,17 @@ inline __m512 epi16_affine(const EpiK& e, const Cols& c, const EpiRow& rw, int64
   }
   // ACC' = ACC + (wbias - zw)*AS - za*WS'   (int32, wrapping like the reference's int32)
   if (!cent) acc = _mm512_add_epi32(acc, _mm512_mullo_epi32(c.nzw, _mm512_set1_epi32(rw.as)));
-  acc = _mm512_sub_epi32(acc, _mm512_maskz_loadu_epi32(mk, rw.zws + o));
+  acc = _mm512_sub_epi32(acc, _mm512_maskz_loadu_epi32(mk, e.zws + rw.prow + o));
   __m512 y = _mm512_mul_ps(c.c1, _mm512_cvtepi32_ps(acc));
   if (!HAS(kZREM, e.zrem)) {
     const __m512 t3 = _mm512_mul_ps(c.c3, _mm512_set1_ps(rw.asp));
-    const __m512 t2 = _mm512_maskz_loadu_ps(mk, rw.t2 + o);
+    const __m512 t2 = _mm512_maskz_loadu_ps(mk, e.t2 + rw.prow + o);
     if (HAS(kASFIRST, e.as_first)) {
       y = _mm512_add_ps(_mm512_add_ps(y, t3), t2);
     } else {
       y = _mm512_add_ps(_mm512_add_ps(y, t2), t3);
     }
-    y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mk, rw.t4 + o));
+    y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mk, e.t4 + rw.prow + o));
   }
   return y;
 #undef HAS
@@ -121,12 +135,12 @@ inline void requant16(const EpiK& e, int k, const __m512 (&y)[N], __m512i (&q)[N
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 
-// The epilogue of the R rows m0.. of a block on one 16-column group, stage by stage across
-// the rows: one row's is a chain of ~25 dependent fp32 steps, and issued row after row the
-// chains filled the scheduler (as on the AVX2 tile, qgemm_ymm.h)
+// The epilogue of the R rows m0.. of a block on one 16-column group in the reference's
+// order, stage by stage across the rows: one row's is a chain of ~25 dependent fp32 steps,
+// and issued row after row the chains filled the scheduler (as on the AVX2 tile, qgemm_ymm.h)
 template <int F, int R>
-inline void epi16_rows(const EpiK& e, const Cols& c, const EpiRow* rw, int64_t m0, int o, __mmask16 mk,
-                       const __m512i (&acc)[R]) {
+inline void epi16_rows_exact(const EpiK& e, const Cols& c, const EpiRow* rw, int64_t m0, int o, __mmask16 mk,
+                             const __m512i (&acc)[R]) {
   __m512 y[R];
   for (int r = 0; r < R; ++r) y[r] = epi16_affine<F>(e, c, rw[r], m0 + r, o, mk, acc[r]);
   for (int r = 0; r < R; ++r) y[r] = epi16_post<F>(e, c, (m0 + r) * e.O + o, mk, y[r]);
@@ -144,6 +158,75 @@ inline void epi16_rows(const EpiK& e, const Cols& c, const EpiRow* rw, int64_t m
       for (int r = 0; r < R; ++r) _mm_storeu_si128(reinterpret_cast<__m128i*>(e.rq.out_q[k] + (m0 + r) * e.O + o), _mm512_cvtepi32_epi8(q[r]));
     else
       for (int r = 0; r < R; ++r) _mm_mask_storeu_epi8(e.rq.out_q[k] + (m0 + r) * e.O + o, mk, _mm512_cvtepi32_epi8(q[r]));
+  }
+}
+
+// The fused epilogue (FusedEpi) of the R rows: stores their codes and returns the mask of
+// the rows with a quotient within its bound of a rounding boundary, which the caller redoes
+// in the reference's order. ACC' as epi16_affine (int32, wrapping).
+template <int F, int R>
+inline unsigned epi16_rows_fused(const EpiK& e, const Cols& c, const EpiRow* rw, int64_t m0, int o, __mmask16 mk,
+                                 const __m512i (&acc)[R]) {
+  constexpr bool cent = (F & kCENT) != 0, res = (F & kRES) != 0, slope = (F & kSLOPE) != 0;
+  __m512 z[R];
+  __mmask16 neg[R];
+  for (int r = 0; r < R; ++r) {
+    __m512i a = acc[r];
+    if (!cent) a = _mm512_add_epi32(a, _mm512_mullo_epi32(c.nzw, _mm512_set1_epi32(rw[r].as)));
+    a = _mm512_sub_epi32(a, _mm512_maskz_loadu_epi32(mk, e.zws + rw[r].prow + o));
+    const __m512 b = _mm512_fmadd_ps(c.c3, _mm512_set1_ps(rw[r].asp), _mm512_maskz_loadu_ps(mk, e.fz.t24_tab + rw[r].prow + o));
+    z[r] = _mm512_fmadd_ps(c.c1, _mm512_cvtepi32_ps(a), b);
+  }
+  for (int r = 0; r < R; ++r) {
+    if (res) z[r] = _mm512_add_ps(z[r], _mm512_maskz_loadu_ps(mk, e.residual + (m0 + r) * e.O + o));
+    // the exact epilogue's LeakyReLU test (NaN counts as negative; its code is 0 either way)
+    if (slope) neg[r] = _mm512_cmp_ps_mask(z[r], _mm512_setzero_ps(), _CMP_NGE_UQ);
+  }
+  // lanes near a boundary, per row and in all: the per-row bits only where there is one
+  __mmask16 near[R] = {}, any = 0;
+  for (int k = 0; k < e.rq.nq; ++k) {
+    const __m512 mp = _mm512_set1_ps(e.fz.mpos[k]), mn = _mm512_set1_ps(e.fz.mneg[k]);
+    const __m512 nl = _mm512_set1_ps(e.fz.nl[k]), qm = _mm512_set1_ps(e.rq.qmax[k]);
+    const __m512 room = _mm512_set1_ps(e.fz.room[k]);
+    uint8_t* const out = e.rq.out_q[k];
+    for (int r = 0; r < R; ++r) {
+      const __m512 m = slope ? _mm512_mask_blend_ps(neg[r], mp, mn) : mp;
+      // NaN: max(NaN, 0) returns the second operand (0)
+      const __m512 u = _mm512_min_ps(_mm512_max_ps(_mm512_fmadd_ps(z[r], m, nl), _mm512_setzero_ps()), qm);
+      const __m512 frac = _mm512_abs_ps(_mm512_reduce_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      near[r] |= _mm512_mask_cmp_ps_mask(mk, frac, room, _CMP_NLT_UQ);
+      any |= near[r];
+      const __m128i q = _mm512_cvtepi32_epi8(_mm512_cvt_roundps_epi32(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      if (mk == 0xFFFF)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (m0 + r) * e.O + o), q);
+      else
+        _mm_mask_storeu_epi8(out + (m0 + r) * e.O + o, mk, q);
+    }
+  }
+  if (!any) return 0;
+  unsigned redo = 0;
+  for (int r = 0; r < R; ++r) redo |= static_cast<unsigned>(near[r] != 0) << r;
+  return redo;
+}
+
+// The epilogue of the R rows (c: load_cols<F>): fused for kFUSED, then the rows it leaves
+// in the reference's order
+template <int F, int R>
+inline void epi16_rows(const EpiK& e, const Cols& c, const EpiRow* rw, int64_t m0, int o, __mmask16 mk,
+                       const __m512i (&acc)[R]) {
+  if constexpr (F >= 0 && (F & kFUSED) != 0) {
+    unsigned redo = epi16_rows_fused<F, R>(e, c, rw, m0, o, mk, acc);
+    if (!redo) return;
+    count_fused_redos(__builtin_popcount(redo));
+    constexpr int FX = F & ~kFUSED;
+    const Cols cx = load_cols<FX>(*e.epi, o, mk);
+    for (; redo; redo &= redo - 1) {
+      const int r = __builtin_ctz(redo);
+      const __m512i a[1] = {acc[r]};
+      epi16_rows_exact<FX, 1>(e, cx, rw + r, m0 + r, o, mk, a);
+    }
+  } else {
+    epi16_rows_exact<F, R>(e, c, rw, m0, o, mk, acc);
   }
 }
 

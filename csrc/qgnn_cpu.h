@@ -157,6 +157,19 @@ Requant make_requant(int nq, const float* out_l, const float* out_s, const int* 
 // then y = c1*ACC' + c2*WS' + c3*AS' + c4*CNT in fp32, in this order (as_first swaps
 // terms 2 and 3: the order of ref_qbmm), *post_scale, +post_shift, +residual, LeakyReLU,
 // quantize. int32 arithmetic wraps (the reference rejects results beyond int32).
+// The fused form of a code-output epilogue (fuse_epilogue, qgemm.cpp; the AVX-512 tiles):
+//   z = fma(c1*ps, ACC', fma(c3*ps, AS', (t2 + t4)*ps + sh)) [+ residual]
+//   u = fma(z, z >= 0 ? 1/s : slope/s, -l/s),  code = rne(clamp(u, 0, qmax))
+// three roundings where the reference's order takes ten. Its u is within a bound of the
+// reference's quotient that the layer's constants and the codes' ranges give; a code is
+// kept where |u - rne(u)| < room[k] = 0.5 - that bound, else the row's 16 columns are
+// redone in the reference's order (rare: the bound is ~1e-5).
+struct FusedEpi {
+  const float *c1 = nullptr, *c3 = nullptr;  // c1*ps, c3*ps [>= Op]; c1 null: not fused
+  const float* t24_tab = nullptr;            // (t2 + t4)*ps + sh [patterns][O]
+  float mpos[kMaxRequant] = {}, mneg[kMaxRequant] = {}, nl[kMaxRequant] = {}, room[kMaxRequant] = {};
+};
+
 struct Epi {
   const float *c1 = nullptr, *c2 = nullptr, *c3 = nullptr, *c4 = nullptr;  // [>= Op]
   const float *post_scale = nullptr, *post_shift = nullptr;                 // [O] or null
@@ -186,25 +199,24 @@ struct Epi {
   const float* t4_tab = nullptr;     // c4[o] * float(CNT)  [patterns][O]
   const int32_t* pid = nullptr;      // [P] or null (pattern 0)
   int P = 1;
+  FusedEpi fz;                       // set by fuse_epilogue (conv / linear layers)
   // optional raw outputs for exact tests (int32 [M, O] / [M]); epilogue still runs
   int32_t* acc_out = nullptr;
   int32_t* as_out = nullptr;
 };
 
-// A tile row's epilogue operands: its border pattern's rows of the c2*WS', za*WS' and
-// c4*CNT tables, its AS, and AS' = AS - za*CNT (int32, wrapping) in fp32. The ISA tiles
-// build it with epi_row; internal linkage, so each target's translation unit keeps its own.
+// A tile row's epilogue operands: the offset prow = pattern * O of its border pattern's row
+// in the [patterns][O] tables (zws_tab, t2_tab, t4_tab, FusedEpi::t24_tab), its AS, and
+// AS' = AS - za*CNT (int32, wrapping) in fp32. The ISA tiles build it with epi_row; internal
+// linkage, so each target's translation unit keeps its own.
 struct EpiRow {
-  const float* t2;
-  const int32_t* zws;
-  const float* t4;
+  int32_t prow;
   int32_t as;
   float asp;
 };
 static inline EpiRow epi_row(const Epi& e, int pat, int32_t as) {
-  const int64_t prow = static_cast<int64_t>(pat) * e.O;
   const uint32_t asp = static_cast<uint32_t>(as) - static_cast<uint32_t>(e.za) * static_cast<uint32_t>(e.cnt_tab[pat]);
-  return EpiRow{e.t2_tab + prow, e.zws_tab + prow, e.t4_tab + prow, as, static_cast<float>(static_cast<int32_t>(asp))};
+  return EpiRow{pat * e.O, as, static_cast<float>(static_cast<int32_t>(asp))};
 }
 
 // ref_zero_split: z = clamp(rne(-offset / scale), 0, 255), d = offset + scale * z (fp32)
@@ -325,6 +337,7 @@ struct QLayer {
   std::vector<int8_t, Aligned64<int8_t>> wc;
   // a conv with PackedW::wino: WinoArgs::corr and ::cwz, derived here once
   std::vector<int32_t> wino_corr, wino_cwz;
+  std::vector<float> fz_c1, fz_c3, fz_t24;  // FusedEpi's tables
   Epi epi;                           // out_*, residual, acc_out, as_out are set per run
   QLayer() = default;
   QLayer(const QLayer&) = delete;
@@ -355,6 +368,10 @@ enum class ConvAlgo : int { Auto = 0, Direct = 1, Winograd = 2 };
 void force_conv_algo(ConvAlgo a);
 ConvAlgo conv_algo();
 int64_t winograd_runs();   // convs run as Winograd in this process (tests: the path is taken)
+// Rows x 16 columns whose fused epilogue (FusedEpi) was redone in the reference's order, in
+// this process (tests: the fallback is taken); count_fused_redos adds to it
+int64_t fused_redos();
+void count_fused_redos(int n);
 
 // ------------------------------------------------------------------ ops
 // Threads: M-tiles (or tasks) spread over `nthreads` (thread_pool.h); ops under ~2 MMAC
@@ -439,7 +456,7 @@ void run_float_layer(const FloatLayer& L, const float* x, int64_t rows, const fl
 // The non-layer steps of ops/episode_ops.py on raw buffers (row-major, tasks first).
 // Reductions are float64 and rounded once, elementwise arithmetic is float32 IEEE.
 // nchw_to_nhwc returns false when x holds a NaN or Inf (checked as it is copied: +20% on the copy)
-bool nchw_to_nhwc(const float* x, int64_t B, int C, int H, int W, float* y);
+bool nchw_to_nhwc(const float* x, int64_t B, int C, int H, int W, float* y, int nthreads);
 template <class T>
 void max_pool_nhwc(const T* x, int64_t B, int H, int W, int C, int ks, int stride, int pad, T* y, int nthreads);
 void mean_hw(const float* x, int64_t B, int H, int W, int C, float* y);

@@ -34,8 +34,9 @@ def epilogue_kwargs(o, out_shape, full=True):
 
 
 def assert_codes_equal(got, want):
-    """Output codes are identical: the kernels' fused epilogue evaluates the reference's fp32
-    operations in its order (no FMA contraction), so even rounding ties round alike
+    """Output codes are identical: the kernels' epilogue evaluates the reference's fp32
+    operations in its order (no FMA contraction), or on AVX-512 a fused form whose quotients
+    near a rounding boundary are redone in that order, so even rounding ties round alike
     (measured: 0 mismatches over 300 fuzz examples per kernel)."""
     assert got.dtype == want.dtype == torch.uint8 and got.shape == want.shape
     assert torch.equal(got, want), f"{int((got != want).sum())} of {want.numel()} codes differ"
@@ -484,6 +485,9 @@ def test_conv_and_bmm_bad_args_raise():
         dict(x=codes((1, 1, 1, 8), 4), padding=0),     # input smaller than the kernel
         dict(residual=torch.zeros(1, 4, 4, 7)),
     ]
+    hot = codes((3, 4, 4, 8), 4)
+    hot[2, 3, 3, 7] = 16  # one code out of range, in the last image's last pixel
+    bad += [dict(x=hot), dict(x=hot, padding=0)]
     for over in bad:
         kw = dict(x=x, w_packed=wp, w_bits=4, a_bits=4, kernel_size=3, stride=1, padding=1,
                   w_scale=one, w_offset=zero, a_scale=0.1, a_offset=0.0)
@@ -550,6 +554,42 @@ def test_requantization_ties_take_the_exact_path(cpu_isa, out_s):
     args = (x, wp, 4, 4, torch.ones(48), torch.zeros(48), 1.0, 0.0)
     kw = dict(post_scale=torch.full((48,), 0.5), out_l=0.0, out_s=out_s, out_bits=8)
     assert torch.equal(cpu.cpu_qlinear(*args, **kw), R.ref_qlinear(*args, **kw))
+
+
+def near_tie_params(o):
+    """(w_scale, w_offset, a_scale, a_offset) with zero points 7 (the middle of 4-bit codes)
+    and remainders 2^-21: y = ACC' + 2^-21 (WS' + AS') + 2^-42 CNT, so y / 2 lies within
+    ~1e-4 of a half-integer wherever ACC' is odd, and the remainder terms alone decide its
+    rounding."""
+    d = 2.0 ** -21
+    return torch.ones(o), torch.full((o,), -7.0 + d), 1.0, -7.0 + d
+
+
+@pytest.mark.parametrize("variant", ["lrelu", "residual"])
+def test_fused_epilogue_redoes_near_ties_in_the_reference_order(cpu_isa, variant):
+    # AVX-512's fused epilogue (FusedEpi, qgnn_cpu.h: the folded layers' BN + LeakyReLU to
+    # codes, with or without a residual) rounds differently from the reference's order; on
+    # quotients this close to x.5 it must give the row back to the exact order. Negative
+    # values too, scaled by an exact 0.5.
+    o = 48
+    ws, wo, a_scale, a_offset = near_tie_params(o)
+    kw = dict(post_scale=torch.full((o,), 0.5), post_shift=torch.full((o,), -6.0), slope=0.5, out_l=-134.0,
+              out_s=1.0, out_bits=8)
+    before = cpu.fused_redos()
+    x, wc = codes((96, 40), 4), codes((o, 40), 4)
+    args = (x, pack_codes(wc, 4), 4, 4, ws, wo, a_scale, a_offset)
+    lkw = dict(kw, residual=torch.randint(-4, 5, (96, o)).float() * 0.5) if variant == "residual" else kw
+    assert_codes_equal(cpu.cpu_qlinear(*args, **lkw), R.ref_qlinear(*args, **lkw))
+    # a 3x3 conv: borders (patterns) and, on AVX-512 VNNI, the Winograd ACC (C = 32)
+    x, wc = codes((2, 6, 8, 32), 4), codes((o, 9 * 32), 4)
+    args = (x, pack_codes(wc, 4), 4, 4, 3, 1, 1, ws, wo, a_scale, a_offset)
+    ckw = dict(kw, residual=torch.randint(-4, 5, (2, 6, 8, o)).float() * 0.5) if variant == "residual" else kw
+    assert_codes_equal(cpu.cpu_qconv2d(*args, **ckw), R.ref_qconv2d(*args, **ckw))
+    redone = cpu.fused_redos() - before
+    if cpu_isa in ("avx512vnni", "amx"):
+        assert redone > 0
+    else:  # the 256-bit and scalar tiles evaluate the reference's order only
+        assert redone == 0
 
 
 def test_pack_cache_hits_aliases_and_sees_in_place_edits():

@@ -159,6 +159,13 @@ def winograd_runs() -> int:
     return _ext().winograd_runs()
 
 
+def fused_redos() -> int:
+    """How many rows x 16 columns of fused epilogues this process has redone in the
+    reference's order, their quotient being within its error bound of a rounding boundary
+    (a counter: tests check that the fallback runs)."""
+    return _ext().fused_redos()
+
+
 def active_isa() -> str:
     """The ISA path the next op runs on: forced, else ``QGNN_CPU_ISA`` (read once per
     process), else :func:`detected_isa`. A bad ``QGNN_CPU_ISA`` raises here and in every op
@@ -450,6 +457,6 @@ __all__ = [
     "cpu_quantize", "cpu_qlinear", "cpu_qconv2d", "cpu_qbmm", "cpu_node_rows", "cpu_pack", "cpu_unpack",
     "cpu_prepack", "cpu_linear_acc", "cpu_conv2d_acc", "cpu_bmm_acc", "set_num_threads",
     "get_num_threads", "force_isa", "active_isa", "detected_isa", "isa_blocker", "available_isas",
-    "amx_probe", "ISAS", "force_conv_algo", "conv_algo", "winograd_runs", "CONV_ALGOS",
+    "amx_probe", "ISAS", "force_conv_algo", "conv_algo", "winograd_runs", "fused_redos", "CONV_ALGOS",
     "is_available",
 ]
