@@ -188,22 +188,43 @@ void run_float_layer(const FloatLayer& L, const float* x, int64_t rows, const fl
   // outputs in float64 the copy cost what it saved). The padding's products are exact
   // zeros added to sums that start at the bias: the same float64 sums.
   std::unique_ptr<float[]> xpad;  // uninitialised: the copy writes every value, border zeros included
-  if (a.ks && a.pad && (a.Op <= 16 || f32)) {
-    const int64_t B = rows / (int64_t(a.Ho) * a.Wo);
-    const int Hp = a.H + 2 * a.pad, Wp = a.W + 2 * a.pad;
-    const size_t row = size_t(a.W) * a.C, prow = size_t(Wp) * a.C, side = size_t(a.pad) * a.C;
-    xpad.reset(new float[size_t(B) * Hp * prow]);
-    parallel_for(nt, B, [&](int64_t b, int) {
+  const bool pad_copy = a.ks && a.pad && (a.Op <= 16 || f32);
+  const int64_t B = a.ks ? rows / (int64_t(a.Ho) * a.Wo) : 0;
+  const int Hp = a.H + 2 * a.pad, Wp = a.W + 2 * a.pad;
+  const size_t row = size_t(a.W) * a.C, prow = size_t(Wp) * a.C, side = size_t(a.pad) * a.C;
+  // per image, one pass: the copy and (float32 sums) max |x| as the largest bit pattern of
+  // |x| (Inf and NaN patterns are above every finite one; a signed int32 max, which the
+  // baseline x86-64 build vectorizes: an unsigned one it did not, 10 us of the tiny stem).
+  // On the threads from 256 KiB of input: below, the split's two barriers cost more than
+  // they saved (the tiny stem's 120 KiB: 14 us on two threads, 6 us on one)
+  std::vector<int32_t> tops(B, 0);
+  if (pad_copy || f32) {
+    if (pad_copy) xpad.reset(new float[size_t(B) * Hp * prow]);
+    parallel_for(B * int64_t(row) * a.H >= (1 << 16) ? nt : 1, B, [&](int64_t b, int) {
+      const float* src = x + size_t(b) * a.H * row;
+      if (f32) {
+        int32_t t = 0;
+        for (size_t i = 0; i < a.H * row; ++i) {
+          int32_t v;
+          std::memcpy(&v, src + i, 4);
+          v &= 0x7FFFFFFF;
+          t = v > t ? v : t;
+        }
+        tops[b] = t;
+      }
+      if (!pad_copy) return;
       float* img = xpad.get() + size_t(b) * Hp * prow;
       std::fill(img, img + a.pad * prow, 0.f);
       for (int h = 0; h < a.H; ++h) {
         float* d = img + (h + a.pad) * prow;
         std::fill(d, d + side, 0.f);
-        std::memcpy(d + side, x + (size_t(b) * a.H + h) * row, row * sizeof(float));
+        std::memcpy(d + side, src + h * row, row * sizeof(float));
         std::fill(d + side + row, d + prow, 0.f);
       }
       std::fill(img + (a.pad + a.H) * prow, img + Hp * prow, 0.f);
     });
+  }
+  if (pad_copy) {
     x = xpad.get();
     a.H = Hp;
     a.W = Wp;
@@ -211,25 +232,7 @@ void run_float_layer(const FloatLayer& L, const float* x, int64_t rows, const fl
   }
   std::vector<float> margin;  // rooms, f32_margins
   if (f32) {  // its padded input was copied above: a.pad == 0
-    const int64_t n = rows / (int64_t(a.Ho) * a.Wo) * a.H * a.W * a.C;
-    // max |x| as the largest bit pattern of |x| (Inf and NaN patterns are above every
-    // finite one), split over the threads: a signed int32 max, which the baseline x86-64
-    // build vectorizes (an unsigned one it did not: 10 us of the tiny stem, one thread)
-    constexpr int64_t kChunk = 8192;
-    const int64_t nch = (n + kChunk - 1) / kChunk;
-    std::vector<int32_t> tops(nch, 0);
-    parallel_for(nt, nch, [&](int64_t ci, int) {
-      const int64_t i1 = std::min(n, (ci + 1) * kChunk);
-      int32_t t = 0;
-      for (int64_t i = ci * kChunk; i < i1; ++i) {
-        int32_t v;
-        std::memcpy(&v, x + i, 4);
-        v &= 0x7FFFFFFF;
-        t = v > t ? v : t;
-      }
-      tops[ci] = t;
-    });
-    const uint32_t top = static_cast<uint32_t>(*std::max_element(tops.begin(), tops.end()));
+    const uint32_t top = tops.empty() ? 0u : static_cast<uint32_t>(*std::max_element(tops.begin(), tops.end()));
     float X;
     std::memcpy(&X, &top, 4);
     if (top >= 0x7F800000u) X = std::numeric_limits<float>::infinity();

@@ -905,7 +905,8 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
       int p = static_cast<int>(m0 % P);
       for (int r = 0; r < rows;) {
         const int oh = p / Wo, ow0 = p % Wo, n = std::min(rows - r, Wo - ow0);
-        const uint8_t* base = xs + ((b * Hs + static_cast<int64_t>(oh) * stride) * Ws + static_cast<int64_t>(ow0) * stride) * C;
+        const uint8_t* base =
+            xs + ((b * Hs + static_cast<int64_t>(oh) * stride) * Ws + static_cast<int64_t>(ow0) * stride) * C;
         for (int i = 0; i < n; ++i) pr[r + i] = base + i * step;
         std::memcpy(rp + r, pid + p, sizeof(int32_t) * n);
         r += n;
@@ -915,7 +916,7 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
         }
       }
     }
-    // else (b, oh, ow) of the tile's first row, then stepped: no divisions per row
+    // else gathered: (b, oh, ow) of the tile's first row, then stepped (no divisions per row)
     int oh = static_cast<int>(m0 % P) / Wo, ow = static_cast<int>(m0 % P) % Wo;
     for (int r = 0; r < rows && !direct; ++r) {
       if (r) {

@@ -7,7 +7,6 @@
 
 #include "epi_flags.h"
 
-
 namespace qgnn {
 namespace {  // one copy per including ISA translation unit, on purpose
 
@@ -35,8 +34,8 @@ struct EpiK {
   bool ps, sh, res, has_slope, as_first, zrem, cent;
   explicit EpiK(const Epi& e)
       : residual(e.residual), out_f(e.out_f), acc_out(e.acc_out), O(e.O), wbias(e.wbias), slope(e.slope), rq(e.rq),
-        fz(e.fz), epi(&e), zws(e.zws_tab), t2(e.t2_tab), t4(e.t4_tab), ps(e.post_scale != nullptr), sh(e.post_shift != nullptr), res(e.residual != nullptr),
-        has_slope(e.has_slope), as_first(e.as_first), zrem(e.zero_rem), cent(e.centred) {}
+        fz(e.fz), epi(&e), zws(e.zws_tab), t2(e.t2_tab), t4(e.t4_tab), ps(e.post_scale != nullptr),
+        sh(e.post_shift != nullptr), res(e.residual != nullptr), has_slope(e.has_slope), as_first(e.as_first), zrem(e.zero_rem), cent(e.centred) {}
 };
 
 // F: the epilogue's flags (a fused one loads its own two columns only)
@@ -174,7 +173,8 @@ inline unsigned epi16_rows_fused(const EpiK& e, const Cols& c, const EpiRow* rw,
     __m512i a = acc[r];
     if (!cent) a = _mm512_add_epi32(a, _mm512_mullo_epi32(c.nzw, _mm512_set1_epi32(rw[r].as)));
     a = _mm512_sub_epi32(a, _mm512_maskz_loadu_epi32(mk, e.zws + rw[r].prow + o));
-    const __m512 b = _mm512_fmadd_ps(c.c3, _mm512_set1_ps(rw[r].asp), _mm512_maskz_loadu_ps(mk, e.fz.t24_tab + rw[r].prow + o));
+    const __m512 t24 = _mm512_maskz_loadu_ps(mk, e.fz.t24_tab + rw[r].prow + o);
+    const __m512 b = _mm512_fmadd_ps(c.c3, _mm512_set1_ps(rw[r].asp), t24);
     z[r] = _mm512_fmadd_ps(c.c1, _mm512_cvtepi32_ps(a), b);
   }
   for (int r = 0; r < R; ++r) {
@@ -196,7 +196,8 @@ inline unsigned epi16_rows_fused(const EpiK& e, const Cols& c, const EpiRow* rw,
       const __m512 frac = _mm512_abs_ps(_mm512_reduce_ps(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
       near[r] |= _mm512_mask_cmp_ps_mask(mk, frac, room, _CMP_NLT_UQ);
       any |= near[r];
-      const __m128i q = _mm512_cvtepi32_epi8(_mm512_cvt_roundps_epi32(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      const __m128i q =
+          _mm512_cvtepi32_epi8(_mm512_cvt_roundps_epi32(u, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
       if (mk == 0xFFFF)
         _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (m0 + r) * e.O + o), q);
       else
