@@ -212,6 +212,57 @@ void pack_v_avx512(const uint8_t* v, const uint8_t* off, int N, int D, int Kp, i
   *orv |= or_bytes(o);
 }
 
+// Output rows [r0, r1) (b * Ho + oh) of the 3x3, stride-2, pad-1 max-pool of uint8 NHWC
+// maps, C = 16, 32 or a multiple of 64, separably: v = the max of the window's input rows,
+// pixel by pixel over the whole row on 64-byte vectors (v[0] and v[W + 1..] are the padding:
+// 0, which no code is below), then out[ow] = max(v[2ow], v[2ow + 1], v[2ow + 2]). For
+// C = 16 / 32 a vector holds 4 / 2 pixels:
+//   A = v[2ow ..], B = the next vector, A' B' the same from v[2ow + 2 ..]
+//   out[ow ..] = max(even(A B), odd(A B), even(A' B'))   (pixels picked by vpermt2q)
+// (the 16-byte-chunk path did 9 loads and 8 max per output pixel).
+// v: max_pool3s2_vbytes(W, C) zero bytes, the caller's (kept zero outside v[1..W]).
+void max_pool3s2_u8_avx512(const uint8_t* x, uint8_t* y, int64_t r0, int64_t r1, int H, int W, int C, uint8_t* v) {
+  const int Ho = (H - 1) / 2 + 1, Wo = (W - 1) / 2 + 1;
+  const int q = C / 8, ppv = C < 64 ? 8 / q : 1;  // qwords per pixel, pixels per vector
+  const int64_t rowb = int64_t(W) * C;
+  // qword indices of the even / odd pixels of a vector pair
+  const __m512i even = q == 2 ? _mm512_setr_epi64(0, 1, 4, 5, 8, 9, 12, 13) : _mm512_setr_epi64(0, 1, 2, 3, 8, 9, 10, 11);
+  const __m512i odd = q == 2 ? _mm512_setr_epi64(2, 3, 6, 7, 10, 11, 14, 15) : _mm512_setr_epi64(4, 5, 6, 7, 12, 13, 14, 15);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / Ho;
+    const int oh = static_cast<int>(r % Ho), i0 = oh > 0 ? 2 * oh - 1 : 0, i1 = 2 * oh + 2 < H ? 2 * oh + 2 : H;
+    const uint8_t* in = x + (b * H + i0) * rowb;
+    uint8_t* vr = v + C;  // v[1 + j] = input column j
+    for (int64_t k = 0; k < rowb; k += 64) {
+      const __mmask64 mk = rowb - k >= 64 ? ~0ull : _bzhi_u64(~0ull, static_cast<unsigned>(rowb - k));
+      __m512i m = _mm512_maskz_loadu_epi8(mk, in + k);
+      for (int i = 1; i < i1 - i0; ++i) m = _mm512_max_epu8(m, _mm512_maskz_loadu_epi8(mk, in + i * rowb + k));
+      _mm512_mask_storeu_epi8(vr + k, mk, m);
+    }
+    uint8_t* out = y + r * int64_t(Wo) * C;
+    if (C >= 64) {
+      for (int ow = 0; ow < Wo; ++ow)
+        for (int c = 0; c < C; c += 64) {
+          const uint8_t* p = v + int64_t(2 * ow) * C + c;
+          const __m512i m = _mm512_max_epu8(_mm512_max_epu8(_mm512_loadu_si512(p), _mm512_loadu_si512(p + C)),
+                                            _mm512_loadu_si512(p + 2 * C));
+          _mm512_storeu_si512(out + int64_t(ow) * C + c, m);
+        }
+      continue;
+    }
+    for (int ow = 0; ow < Wo; ow += ppv) {
+      const uint8_t* p = v + int64_t(2 * ow) * C;
+      const __m512i a = _mm512_loadu_si512(p), bb = _mm512_loadu_si512(p + 64);
+      const __m512i a2 = _mm512_loadu_si512(p + 2 * C), b2 = _mm512_loadu_si512(p + 2 * C + 64);
+      const __m512i m = _mm512_max_epu8(_mm512_max_epu8(_mm512_permutex2var_epi64(a, even, bb),
+                                                        _mm512_permutex2var_epi64(a, odd, bb)),
+                                        _mm512_permutex2var_epi64(a2, even, b2));
+      const int n = Wo - ow < ppv ? Wo - ow : ppv;
+      _mm512_mask_storeu_epi8(out + int64_t(ow) * C, _bzhi_u64(~0ull, static_cast<unsigned>(n * C)), m);
+    }
+  }
+}
+
 int64_t quantize_avx512(const float* x, int64_t n, float l, float s, float qmax, uint8_t* out) {
   const __m512 vl = _mm512_set1_ps(l), vs = _mm512_set1_ps(s), vq = _mm512_set1_ps(qmax);
   const __m512 inf = _mm512_set1_ps(__builtin_inff());

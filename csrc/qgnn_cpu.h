@@ -457,6 +457,10 @@ void run_float_layer(const FloatLayer& L, const float* x, int64_t rows, const fl
 // Reductions are float64 and rounded once, elementwise arithmetic is float32 IEEE.
 // nchw_to_nhwc returns false when x holds a NaN or Inf (checked as it is copied: +20% on the copy)
 bool nchw_to_nhwc(const float* x, int64_t B, int C, int H, int W, float* y, int nthreads);
+// The 3x3, stride-2, pad-1 max-pool of uint8 maps with C = 16, 32 or a multiple of 64 on
+// AVX-512 (qgemm_avx512.cpp): output rows [r0, r1); v: max_pool3s2_vbytes(W, C) zero bytes
+inline int64_t max_pool3s2_vbytes(int W, int C) { return (int64_t(W) + 2 + 16) * C + 128; }
+void max_pool3s2_u8_avx512(const uint8_t* x, uint8_t* y, int64_t r0, int64_t r1, int H, int W, int C, uint8_t* v);
 template <class T>
 void max_pool_nhwc(const T* x, int64_t B, int H, int W, int C, int ks, int stride, int pad, T* y, int nthreads);
 void mean_hw(const float* x, int64_t B, int H, int W, int C, float* y);

@@ -390,10 +390,16 @@ def test_native_plan_rejects_inconsistent_descriptions():
 
 @pytest.mark.parametrize("dtype", ["u8", "f32"])
 # channels: whole 16-byte chunks, chunks + a byte tail, a tail only; pads up to ks - 1 (the
-# windows clipped on every side); 1 and 2 threads
-@pytest.mark.parametrize("c,ks,stride,pad", [(16, 3, 2, 1), (21, 3, 2, 1), (5, 2, 2, 1), (40, 3, 1, 2)])
-def test_native_max_pool_step(threads, dtype, c, ks, stride, pad):
-    b, h, w, tasks = 3, 9, 7, 2
+# windows clipped on every side); 1 and 2 threads; the AVX-512 path of codes (3x3, stride 2,
+# pad 1; 16, 32 and 64k channels) on odd and even maps, 4 / 2 pixels per vector and a ragged
+# last group
+@pytest.mark.parametrize("c,ks,stride,pad", [(16, 3, 2, 1), (21, 3, 2, 1), (5, 2, 2, 1), (40, 3, 1, 2),
+                                             (32, 3, 2, 1), (64, 3, 2, 1), (128, 3, 2, 1)])
+@pytest.mark.parametrize("h,w", [(9, 7), (8, 14), (2, 2), (1, 17)])
+def test_native_max_pool_step(threads, dtype, c, ks, stride, pad, h, w):
+    if h + 2 * pad < ks or w + 2 * pad < ks:
+        pytest.skip("map smaller than the padded window")
+    b, tasks = 3, 2
     ho, wo = (h + 2 * pad - ks) // stride + 1, (w + 2 * pad - ks) // stride + 1
     code = {"u8": 0, "f32": 1}[dtype]
     buffers = [[code, b * h * w * c, 0, 0], [code, b * ho * wo * c, 1, 0]]
