@@ -197,8 +197,8 @@ void run_float_layer(const FloatLayer& L, const float* x, int64_t rows, const fl
   // per image, one pass: the copy and (float32 sums) max |x| as the largest bit pattern of
   // |x| (Inf and NaN patterns are above every finite one; a signed int32 max, which the
   // baseline x86-64 build vectorizes: an unsigned one it did not, 10 us of the tiny stem).
-  // On the threads from 256 KiB of input: below, the split's two barriers cost more than
-  // they saved (the tiny stem's 120 KiB: 14 us on two threads, 6 us on one)
+  // On the threads from 256 KiB of input: below, the split's barriers cost more than they
+  // saved (the tiny stem's 120 KiB: its copy alone took 9-12 us on two threads, 5 on one)
   std::vector<int32_t> tops(B, 0);
   if (pad_copy || f32) {
     if (pad_copy) xpad.reset(new float[size_t(B) * Hp * prow]);
@@ -257,7 +257,7 @@ void run_float_layer(const FloatLayer& L, const float* x, int64_t rows, const fl
 bool nchw_to_nhwc(const float* x, int64_t B, int C, int H, int W, float* y, int nthreads) {
   // plane by plane, the check fused into the copy (a NaN or Inf has every exponent bit
   // set): +20% on the copy alone, a separate pass over the input was +50%. Split by image
-  // from 64 KiB (the tiny model's 10 images: 13 us on one thread, 8% of the stem's time)
+  // from 64 KiB (the tiny model's 10 images: 13 us on one thread, 8.5 us on two)
   const int64_t hw = int64_t(H) * W;
   std::vector<uint8_t> bad(B, 0);
   parallel_for(B * C * hw >= (1 << 14) ? nthreads : 1, B, [&](int64_t b, int) {
