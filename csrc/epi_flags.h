@@ -4,7 +4,6 @@
 // headers that include it (one copy per ISA translation unit: ODR).
 #pragma once
 
-
 namespace qgnn {
 namespace {
 

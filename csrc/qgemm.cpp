@@ -915,34 +915,34 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
           ++b;
         }
       }
-    }
-    // else gathered: (b, oh, ow) of the tile's first row, then stepped (no divisions per row)
-    int oh = static_cast<int>(m0 % P) / Wo, ow = static_cast<int>(m0 % P) % Wo;
-    for (int r = 0; r < rows && !direct; ++r) {
-      if (r) {
-        if (++ow == Wo) {
-          ow = 0;
-          if (++oh == Ho) {
-            oh = 0;
-            ++b;
+    } else {  // gathered: (b, oh, ow) of the tile's first row, then stepped (no divisions per row)
+      int oh = static_cast<int>(m0 % P) / Wo, ow = static_cast<int>(m0 % P) % Wo;
+      for (int r = 0; r < rows; ++r) {
+        if (r) {
+          if (++ow == Wo) {
+            ow = 0;
+            if (++oh == Ho) {
+              oh = 0;
+              ++b;
+            }
           }
         }
-      }
-      rp[r] = pid[static_cast<size_t>(oh) * Wo + ow];
-      const int ih0 = oh * stride - pad, iw0 = ow * stride - pad;
-      uint8_t* dst = panels[tid]->p + static_cast<size_t>(r) * Kp;
-      for (int i = 0; i < ks; ++i) {
-        const int ih = ih0 + i;
-        const bool hin = ih >= 0 && ih < H;
-        for (int j = 0; j < ks; ++j) {
-          const int iw = iw0 + j;
-          // taps outside the input read code 0: real-domain zero is handled by WS/CNT
-          const uint8_t* src = hin && iw >= 0 && iw < W ? x + ((b * H + ih) * W + iw) * C : zeros->p;
-          std::memcpy(dst + static_cast<size_t>(i * ks + j) * C, src, C);
+        rp[r] = pid[static_cast<size_t>(oh) * Wo + ow];
+        const int ih0 = oh * stride - pad, iw0 = ow * stride - pad;
+        uint8_t* dst = panels[tid]->p + static_cast<size_t>(r) * Kp;
+        for (int i = 0; i < ks; ++i) {
+          const int ih = ih0 + i;
+          const bool hin = ih >= 0 && ih < H;
+          for (int j = 0; j < ks; ++j) {
+            const int iw = iw0 + j;
+            // taps outside the input read code 0: real-domain zero is handled by WS/CNT
+            const uint8_t* src = hin && iw >= 0 && iw < W ? x + ((b * H + ih) * W + iw) * C : zeros->p;
+            std::memcpy(dst + static_cast<size_t>(i * ks + j) * C, src, C);
+          }
         }
+        std::memset(dst + K, 0, Kp - K);
+        pr[r] = dst;
       }
-      std::memset(dst + K, 0, Kp - K);
-      pr[r] = dst;
     }
     TileArgs t{pr, direct ? tap_off.data() : kOneTap, direct ? taps : 1, direct ? C / 4 : Kp / 4, rows,
                static_cast<int>(m0), wt, Kp, ob0, std::min(sp.bpg, nblk - ob0), w.O, asum.data() + m0, rp, &e,

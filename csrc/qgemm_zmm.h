@@ -35,7 +35,8 @@ struct EpiK {
   explicit EpiK(const Epi& e)
       : residual(e.residual), out_f(e.out_f), acc_out(e.acc_out), O(e.O), wbias(e.wbias), slope(e.slope), rq(e.rq),
         fz(e.fz), epi(&e), zws(e.zws_tab), t2(e.t2_tab), t4(e.t4_tab), ps(e.post_scale != nullptr),
-        sh(e.post_shift != nullptr), res(e.residual != nullptr), has_slope(e.has_slope), as_first(e.as_first), zrem(e.zero_rem), cent(e.centred) {}
+        sh(e.post_shift != nullptr), res(e.residual != nullptr), has_slope(e.has_slope), as_first(e.as_first),
+        zrem(e.zero_rem), cent(e.centred) {}
 };
 
 // F: the epilogue's flags (a fused one loads its own two columns only)

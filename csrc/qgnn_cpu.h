@@ -163,7 +163,7 @@ Requant make_requant(int nq, const float* out_l, const float* out_s, const int* 
 // three roundings where the reference's order takes ten. Its u is within a bound of the
 // reference's quotient that the layer's constants and the codes' ranges give; a code is
 // kept where |u - rne(u)| < room[k] = 0.5 - that bound, else the row's 16 columns are
-// redone in the reference's order (rare: the bound is ~1e-5).
+// redone in the reference's order (the bound: 2-5e-4 on the shipped models, ~1% of rows).
 struct FusedEpi {
   const float *c1 = nullptr, *c3 = nullptr;  // c1*ps, c3*ps [>= Op]; c1 null: not fused
   const float* t24_tab = nullptr;            // (t2 + t4)*ps + sh [patterns][O]
