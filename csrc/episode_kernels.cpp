@@ -13,6 +13,7 @@
 
 #include "qgnn_cpu.h"
 #include "thread_pool.h"
+#include "workspace.h"
 
 #define F64_SUFFIX scalar
 #define F64_LANES 2
@@ -189,7 +190,8 @@ void run_float_layer(const FloatLayer& L, const float* x, int64_t rows, const fl
   // path spent 36% of the tiny stem's float64 sums on its 12% border pixels; with 64
   // outputs in float64 the copy cost what it saved). The padding's products are exact
   // zeros added to sums that start at the bias: the same float64 sums.
-  std::unique_ptr<float[]> xpad;  // uninitialised: the copy writes every value, border zeros included
+  Scratch ws;
+  float* xpad = nullptr;  // uninitialised: the copy writes every value, border zeros included
   const bool pad_copy = a.ks && a.pad && (a.Op <= 16 || f32);
   const int64_t B = a.ks ? rows / (int64_t(a.Ho) * a.Wo) : 0;
   const int Hp = a.H + 2 * a.pad, Wp = a.W + 2 * a.pad;
@@ -199,9 +201,9 @@ void run_float_layer(const FloatLayer& L, const float* x, int64_t rows, const fl
   // baseline x86-64 build vectorizes: an unsigned one it did not, 10 us of the tiny stem).
   // On the threads from 256 KiB of input: below, the split's barriers cost more than they
   // saved (the tiny stem's 120 KiB: its copy alone took 9-12 us on two threads, 5 on one)
-  std::vector<int32_t> tops(B, 0);
+  const auto tops = ws.take_slices<int32_t>(B, 1);  // per image
   if (pad_copy || f32) {
-    if (pad_copy) xpad.reset(new float[size_t(B) * Hp * prow]);
+    if (pad_copy) xpad = ws.take<float>(size_t(B) * Hp * prow);
     parallel_for(B * int64_t(row) * a.H >= (1 << 16) ? nt : 1, B, [&](int64_t b, int) {
       const float* src = x + size_t(b) * a.H * row;
       if (f32) {
@@ -212,10 +214,10 @@ void run_float_layer(const FloatLayer& L, const float* x, int64_t rows, const fl
           v &= 0x7FFFFFFF;
           t = v > t ? v : t;
         }
-        tops[b] = t;
+        *tops(b) = t;
       }
       if (!pad_copy) return;
-      float* img = xpad.get() + size_t(b) * Hp * prow;
+      float* img = xpad + size_t(b) * Hp * prow;
       std::fill(img, img + a.pad * prow, 0.f);
       for (int h = 0; h < a.H; ++h) {
         float* d = img + (h + a.pad) * prow;
@@ -227,14 +229,16 @@ void run_float_layer(const FloatLayer& L, const float* x, int64_t rows, const fl
     });
   }
   if (pad_copy) {
-    x = xpad.get();
+    x = xpad;
     a.H = Hp;
     a.W = Wp;
     a.pad = 0;
   }
   std::vector<float> margin;  // rooms, f32_margins
   if (f32) {  // its padded input was copied above: a.pad == 0
-    const uint32_t top = tops.empty() ? 0u : static_cast<uint32_t>(*std::max_element(tops.begin(), tops.end()));
+    int32_t t = 0;
+    for (int64_t b = 0; b < B; ++b) t = std::max(t, *tops(b));
+    const uint32_t top = static_cast<uint32_t>(t);
     float X;
     std::memcpy(&X, &top, 4);
     if (top >= 0x7F800000u) X = std::numeric_limits<float>::infinity();
@@ -259,7 +263,8 @@ bool nchw_to_nhwc(const float* x, int64_t B, int C, int H, int W, float* y, int 
   // set): +20% on the copy alone, a separate pass over the input was +50%. Split by image
   // from 64 KiB (the tiny model's 10 images: 13 us on one thread, 8.5 us on two)
   const int64_t hw = int64_t(H) * W;
-  std::vector<uint8_t> bad(B, 0);
+  Scratch ws;
+  const auto bad = ws.take_slices<uint8_t>(B, 1);  // per image
   parallel_for(B * C * hw >= (1 << 14) ? nthreads : 1, B, [&](int64_t b, int) {
     uint32_t nonfinite = 0;
     for (int c = 0; c < C; ++c) {
@@ -272,9 +277,11 @@ bool nchw_to_nhwc(const float* x, int64_t B, int C, int H, int W, float* y, int 
         nonfinite |= (bits & 0x7F800000u) == 0x7F800000u;
       }
     }
-    bad[b] = nonfinite != 0;
+    *bad(b) = nonfinite != 0;
   });
-  return std::find(bad.begin(), bad.end(), 1) == bad.end();
+  for (int64_t b = 0; b < B; ++b)
+    if (*bad(b)) return false;
+  return true;
 }
 
 namespace {
@@ -329,8 +336,11 @@ void max_pool_nhwc(const T* x, int64_t B, int H, int W, int C, int ks, int strid
     // pool steps at T=1: 55 -> 27 us)
     if (has_avx512(active_isa()) && ks == 3 && stride == 2 && pad == 1 && (C == 16 || C == 32 || C % 64 == 0)) {
       parallel_for(nt, (rows + per - 1) / per, [=](int64_t t, int) {
-        std::vector<uint8_t> v(max_pool3s2_vbytes(W, C), 0);
-        max_pool3s2_u8_avx512(x, y, t * per, std::min(rows, (t + 1) * per), H, W, C, v.data());
+        Scratch ws;
+        const size_t n = static_cast<size_t>(max_pool3s2_vbytes(W, C));
+        uint8_t* v = ws.take<uint8_t>(n);
+        std::memset(v, 0, n);
+        max_pool3s2_u8_avx512(x, y, t * per, std::min(rows, (t + 1) * per), H, W, C, v);
       });
       return;
     }

@@ -75,10 +75,14 @@ void Plan::run(int64_t T, std::vector<void*> ptrs, int nthreads, int64_t* step_n
     if (buffers[i].role == Role::Temp) ptrs[i] = arena->p + buffers[i].offset * T;
   using Clock = std::chrono::steady_clock;
   try {
-    for (size_t k = 0; k < steps.size(); ++k) {
-      const auto t0 = Clock::now();
-      exec(steps[k], T, ptrs, nthreads);
-      if (step_ns) step_ns[k] = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count();
+    if (!step_ns) {  // the clock only when profiling (~25 ns a read, two per step)
+      for (const PlanStep& st : steps) exec(st, T, ptrs, nthreads);
+    } else {
+      for (size_t k = 0; k < steps.size(); ++k) {
+        const auto t0 = Clock::now();
+        exec(steps[k], T, ptrs, nthreads);
+        step_ns[k] = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count();
+      }
     }
   } catch (...) {
     release(std::move(arena));

@@ -25,6 +25,7 @@ struct PlanBuffer {
   int64_t numel = 0;       // elements per task
   Role role = Role::Temp;
   int64_t offset = 0;      // Temp: byte offset per task in the arena (a multiple of 64)
+  std::vector<int64_t> shape;  // per task (numel values; [numel] if not given); an output comes back as [T, *shape]
 };
 
 enum class StepKind : int {

@@ -445,9 +445,14 @@ std::shared_ptr<Plan> make_plan(const std::vector<std::vector<int64_t>>& buffers
   p->arena_per_task = arena_per_task;
   for (size_t i = 0; i < buffers.size(); ++i) {
     const auto& b = buffers[i];
-    if (b.size() != 4 || b[0] < 0 || b[0] > 1 || b[2] < 0 || b[2] > 2 || b[1] < 1 || b[1] > kMaxElems)
+    if (b.size() < 4 || b.size() > 12 || b[0] < 0 || b[0] > 1 || b[2] < 0 || b[2] > 2 || b[1] < 1 ||
+        b[1] > kMaxElems)
       throw ArgError("plan: buffer " + std::to_string(i) + " is malformed");
-    qgnn::PlanBuffer pb{static_cast<DType>(b[0]), b[1], static_cast<Role>(b[2]), b[3]};
+    qgnn::PlanBuffer pb{static_cast<DType>(b[0]), b[1], static_cast<Role>(b[2]), b[3], {b.begin() + 4, b.end()}};
+    if (pb.shape.empty()) pb.shape = {pb.numel};  // no shape given: flat
+    int64_t numel = 1;
+    for (int64_t d : pb.shape) numel = d < 1 || d > kMaxElems ? 0 : numel * d;
+    if (numel != pb.numel) throw ArgError("plan: buffer " + std::to_string(i) + "'s shape does not hold its values");
     const int64_t bytes = pb.numel * (pb.dtype == DType::U8 ? 1 : 4);
     if (pb.role == Role::Temp && (pb.offset < 0 || pb.offset % 64 || pb.offset + bytes > arena_per_task))
       throw ArgError("plan: buffer " + std::to_string(i) + " lies outside the arena");
@@ -468,35 +473,42 @@ std::shared_ptr<Plan> make_plan(const std::vector<std::vector<int64_t>>& buffers
   return p;
 }
 
-py::tuple run_plan(const Plan& p, int64_t T, const py::dict& inputs, int nthreads, bool profile) {
+py::tuple run_plan(const Plan& p, int64_t T, const py::sequence& inputs, int nthreads, bool profile) {
   if (T < 1 || T > (int64_t(1) << 24)) throw ArgError("tasks must be in 1 .. 2^24");
   if (nthreads < 1 || nthreads > 1024) throw ArgError("nthreads must be in 1..1024");
   std::vector<void*> ptrs(p.buffers.size(), nullptr);
   std::vector<py::array> keep;
-  py::dict outs;
+  py::list outs;
+  size_t next_in = 0;
+  const size_t n_in = static_cast<size_t>(py::len(inputs));
   for (size_t i = 0; i < p.buffers.size(); ++i) {
     const qgnn::PlanBuffer& b = p.buffers[i];
     const int64_t n = b.numel * T;
     if (b.role == Role::Input) {
-      py::object key = py::int_(i);
-      if (!inputs.contains(key)) throw ArgError("plan input " + std::to_string(i) + " is missing");
-      py::array a = py::reinterpret_borrow<py::array>(inputs[key]);
+      const std::string what = "plan input " + std::to_string(next_in) + " (buffer " + std::to_string(i) + ")";
+      if (next_in >= n_in) throw ArgError(what + " is missing");
+      py::object o = inputs[next_in++];
+      if (!py::isinstance<py::array>(o)) throw ArgError(what + " must be a numpy array");
+      py::array a = py::reinterpret_borrow<py::array>(o);
       const bool f32 = b.dtype == DType::F32;
       if (!(f32 ? a.dtype().is(py::dtype::of<float>()) : a.dtype().is(py::dtype::of<uint8_t>())))
-        throw ArgError("plan input " + std::to_string(i) + " must be " + (f32 ? "float32" : "uint8"));
+        throw ArgError(what + " must be " + (f32 ? "float32" : "uint8"));
       if (!(a.flags() & py::array::c_style) || reinterpret_cast<uintptr_t>(a.data()) % (f32 ? 4 : 1))
-        throw ArgError("plan input " + std::to_string(i) + " must be C-contiguous and aligned");
+        throw ArgError(what + " must be C-contiguous and aligned");
       if (a.size() != n)
-        throw ArgError("plan input " + std::to_string(i) + " holds " + std::to_string(a.size()) + " values, " +
-                       std::to_string(T) + " tasks need " + std::to_string(n));
+        throw ArgError(what + " holds " + std::to_string(a.size()) + " values, " + std::to_string(T) +
+                       " tasks need " + std::to_string(n));
       keep.push_back(a);
       ptrs[i] = const_cast<void*>(a.data());
     } else if (b.role == Role::Output) {
-      py::array a = b.dtype == DType::F32 ? py::array(py::array_t<float>(n)) : py::array(py::array_t<uint8_t>(n));
-      outs[py::int_(i)] = a;
+      std::vector<py::ssize_t> shape{static_cast<py::ssize_t>(T)};
+      shape.insert(shape.end(), b.shape.begin(), b.shape.end());
+      py::array a = b.dtype == DType::F32 ? py::array(py::array_t<float>(shape)) : py::array(py::array_t<uint8_t>(shape));
       ptrs[i] = a.mutable_data();
+      outs.append(a);
     }
   }
+  if (next_in != n_in) throw ArgError("the plan takes " + std::to_string(next_in) + " inputs, got " + std::to_string(n_in));
   std::vector<int64_t> ns(profile ? p.steps.size() : 0);
   {
     py::gil_scoped_release nogil;
@@ -514,8 +526,8 @@ void bind_plan(py::module& m) {
       .def(py::init(&make_plan), py::arg("buffers"), py::arg("steps"), py::arg("arena_per_task"))
       .def("run", &run_plan, py::arg("tasks"), py::arg("inputs"), py::arg("nthreads") = 1,
            py::arg("profile") = false,
-           "Runs the plan on `tasks` tasks: inputs {buffer id: flat array}; returns ({output id: flat array}, "
-           "per-step nanoseconds or None)")
+           "Runs the plan on `tasks` tasks: inputs, one C-contiguous array per input buffer in buffer order; "
+           "returns ([T, *shape] arrays, one per output buffer in buffer order; per-step nanoseconds or None)")
       .def_property_readonly("num_steps", [](const Plan& p) { return p.steps.size(); })
       .def_property_readonly("arena_per_task", [](const Plan& p) { return p.arena_per_task; })
       .def("step_kinds", [](const Plan& p) {

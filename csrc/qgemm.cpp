@@ -13,6 +13,7 @@
 
 #include "qgnn_cpu.h"
 #include "thread_pool.h"
+#include "workspace.h"
 
 namespace qgnn {
 
@@ -331,12 +332,6 @@ const int8_t* tile_weights(const PackedW& w, TileFn tile, bool* ymm) {
   return w.amx.data();
 }
 
-struct AlignedBuf {
-  uint8_t* p = nullptr;
-  explicit AlignedBuf(size_t n) { p = static_cast<uint8_t*>(std::aligned_alloc(64, (n + 63) / 64 * 64 + 64)); }
-  ~AlignedBuf() { std::free(p); }
-};
-
 // A layer's work in MAC-equivalents: its MACs plus, per output, the fused epilogue, which
 // costs about as much as 128 MACs of the tile (a 16 -> 16 1x1 conv on one Zen 3 core:
 // ~1.3 ns per output, ~0.01 ns per MAC). Below 2e6 the fork/join costs more than it saves;
@@ -652,51 +647,58 @@ void run_linear(const QLayer& L, const uint8_t* x, int M, Epi& e, int nthreads, 
   const Split sp = pick_split(M, Kmax, nblk, nthreads, macs, amx);
   const int mb = sp.mb;
   const Isa isa = active_isa();
-  std::vector<std::unique_ptr<AlignedBuf>> panels, scratch, apanels;
-  std::vector<std::vector<int32_t>> ass(sp.nt, std::vector<int32_t>(mb));
-  std::vector<std::vector<const uint8_t*>> ptrs(sp.nt, std::vector<const uint8_t*>(mb));
-  std::vector<uint8_t> orvs(sp.nt, 0), orvs_s(sp.nt, 0);
-  for (int i = 0; i < sp.nt; ++i) {
-    panels.emplace_back(new AlignedBuf(static_cast<size_t>(mb) * Kmax));
-    if (S) scratch.emplace_back(new AlignedBuf(static_cast<size_t>(mb) * O * sizeof(float)));
-    if (amx) apanels.emplace_back(new AlignedBuf(amx_panel_bytes(mb, Kmax)));
-  }
+  // per thread, its buffers taken in a row (see run_winograd): row sums, row pointers, a
+  // zero-padded panel, S's output tile, AMX's A panel, the ORs of the codes read (L's, S's)
+  Scratch ws;
+  struct alignas(64) Bufs {
+    int32_t* as;
+    const uint8_t** pr;
+    uint8_t *panel, *apanel;
+    float* res;
+    uint8_t orv[2];
+  };
+  Bufs* bufs = ws.take<Bufs>(sp.nt);
+  for (int i = 0; i < sp.nt; ++i)
+    bufs[i] = Bufs{ws.take<int32_t>(mb), ws.take<const uint8_t*>(mb), ws.take<uint8_t>(static_cast<size_t>(mb) * Kmax),
+                   amx ? ws.take<uint8_t>(amx_panel_bytes(mb, Kmax)) : nullptr,
+                   S ? ws.take<float>(static_cast<size_t>(mb) * O) : nullptr, {0, 0}};
   parallel_for(sp.nt, sp.ntm * sp.ncg, [&](int64_t task, int tid) {
     const int64_t ti = task % sp.ntm;
     const int ob0 = static_cast<int>(task / sp.ntm) * sp.bpg, nb = std::min(sp.bpg, nblk - ob0);
-    int32_t* as = ass[tid].data();
-    const uint8_t** pr = ptrs[tid].data();
+    Bufs& bf = bufs[tid];
+    int32_t* as = bf.as;
+    const uint8_t** pr = bf.pr;
     const int m0 = static_cast<int>(ti) * mb, rows = std::min(mb, M - m0);
-    uint8_t* ap = amx ? apanels[tid]->p : nullptr;
+    uint8_t* ap = bf.apanel;
     if (!S) {
-      gather_rows(x, K, Kp, m0, rows, isa, panels[tid]->p, pr, as, &orvs[tid]);
+      gather_rows(x, K, Kp, m0, rows, isa, bf.panel, pr, as, &bf.orv[0]);
       TileArgs t{pr, kOneTap, 1, Kp / 4, rows, m0, wt, Kp, ob0, nb, O, as, nullptr, &e, run, ap};
       t.ymm_layout = ymm;
       tile(t);
       return;
     }
     // the tile's rows indexed from 0: S writes scratch rows, L's outputs are offset to m0
-    float* res = reinterpret_cast<float*>(scratch[tid]->p);
-    const PackedW& ws = *S->w;
+    float* res = bf.res;
+    const PackedW& sw = *S->w;
     Epi es = es0;
     es.out_f = res;
-    gather_rows(xs, ws.K, ws.Kp, m0, rows, isa, panels[tid]->p, pr, as, &orvs_s[tid]);
-    TileArgs ts{pr, kOneTap, 1, ws.Kp / 4, rows, 0, wt_s, ws.Kp, ob0, nb, O, as, nullptr, &es, run_s, ap};
+    gather_rows(xs, sw.K, sw.Kp, m0, rows, isa, bf.panel, pr, as, &bf.orv[1]);
+    TileArgs ts{pr, kOneTap, 1, sw.Kp / 4, rows, 0, wt_s, sw.Kp, ob0, nb, O, as, nullptr, &es, run_s, ap};
     ts.ymm_layout = ymm_s;
     tile_s(ts);
     Epi el = e;
     el.residual = res;
     if (el.out_f) el.out_f += static_cast<int64_t>(m0) * O;
     for (int k = 0; k < el.rq.nq; ++k) el.rq.out_q[k] += static_cast<int64_t>(m0) * O;
-    gather_rows(x, K, Kp, m0, rows, isa, panels[tid]->p, pr, as, &orvs[tid]);
+    gather_rows(x, K, Kp, m0, rows, isa, bf.panel, pr, as, &bf.orv[0]);
     TileArgs t{pr, kOneTap, 1, Kp / 4, rows, 0, wt, Kp, ob0, nb, O, as, nullptr, &el, run, ap};
     t.ymm_layout = ymm;
     tile(t);
   });
   uint8_t orv_all = 0, orv_s = 0;
   for (int i = 0; i < sp.nt; ++i) {
-    orv_all |= orvs[i];
-    orv_s |= orvs_s[i];
+    orv_all |= bufs[i].orv[0];
+    orv_s |= bufs[i].orv[1];
   }
   *bad_code = (L.a_bits < 8 && (orv_all >> L.a_bits) != 0) || (S && S->a_bits < 8 && (orv_s >> S->a_bits) != 0);
 }
@@ -744,12 +746,18 @@ void run_winograd(const QLayer& L, const uint8_t* xpad, int B, const int32_t* as
   Epi ec = e;
   ec.centred = true;
   const int tiles = jr * ntpr;
-  std::vector<std::unique_ptr<AlignedBuf>> vb, mb, ab;
-  for (int i = 0; i < nt; ++i) {
-    vb.emplace_back(new AlignedBuf(static_cast<size_t>(16) * tiles * C));
-    mb.emplace_back(new AlignedBuf(static_cast<size_t>(16) * kWinoChunk * 64 * sizeof(int32_t)));
-    ab.emplace_back(new AlignedBuf(static_cast<size_t>(tiles) * 4 * 64 * sizeof(int32_t)));
-  }
+  // per thread, its own three takes in a row: V, M and the output tiles' accumulators (laid
+  // out kind by kind instead, one thread's buffers a fixed distance from the other's, tiny's
+  // 32-channel conv ran 15-40% slower, the most on a busy VM)
+  Scratch ws;
+  struct Bufs {
+    uint8_t* v;
+    int32_t *m, *acc;
+  };
+  Bufs* bufs = ws.take<Bufs>(nt);
+  for (int i = 0; i < nt; ++i)
+    bufs[i] = Bufs{ws.take<uint8_t>(static_cast<size_t>(16) * tiles * C), ws.take<int32_t>(static_cast<size_t>(16) * kWinoChunk * 64),
+                   ws.take<int32_t>(static_cast<size_t>(tiles) * 4 * 64)};
   parallel_for(nt, njr * ncg, [&](int64_t task, int tid) {
     const int64_t ji = task % njr;
     const int ob0 = static_cast<int>(task / njr) * bpg;
@@ -770,9 +778,9 @@ void run_winograd(const QLayer& L, const uint8_t* xpad, int B, const int32_t* as
     a.Op = w.Op;
     a.as = asum;
     a.e = &ec;
-    a.vbuf = vb[tid]->p;
-    a.mbuf = reinterpret_cast<int32_t*>(mb[tid]->p);
-    a.abuf = reinterpret_cast<int32_t*>(ab[tid]->p);
+    a.vbuf = bufs[tid].v;
+    a.mbuf = bufs[tid].m;
+    a.abuf = bufs[tid].acc;
     wino_avx512(a);
   });
 }
@@ -803,32 +811,36 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
   const bool inplace = amx && C % 64 == 0 && Wo >= 16;
   const bool on_x = pad == 0 && (!inplace || Wo % 16 == 0);
   const int Hs = on_x ? H : H + 2 * pad, Ws = on_x ? W : W + 2 * pad;  // the source's dims
-  std::unique_ptr<AlignedBuf> xpad;
+  Scratch ws;
+  uint8_t* xpad = nullptr;
   const uint8_t* xs = x;
   const size_t img = static_cast<size_t>(Hs) * Ws * C;
   if (direct && !on_x) {
     const size_t slack = inplace ? static_cast<size_t>(16 * stride + ks) * C + 64 : 0;
-    xpad.reset(new AlignedBuf(static_cast<size_t>(B) * img + slack));
-    std::memset(xpad->p + static_cast<size_t>(B) * img, 0, slack);
-    xs = xpad->p;
+    xpad = ws.take<uint8_t>(static_cast<size_t>(B) * img + slack);
+    std::memset(xpad + static_cast<size_t>(B) * img, 0, slack);
+    xs = xpad;
   }
   // One pass over the input per image: per-pixel code sums with the code-range check, AS of
   // every row (the sum of them over its window's valid taps, separably: a column of kernel
   // rows, then the kernel's width), and the zero-bordered copy. Split by image from 128 KiB
   // of codes (the tiny model's 160 KiB maps had run them on one thread: 3% of its T=1);
   // three passes with a barrier each had been 19% of its 16-channel 3x3 conv.
-  std::vector<int32_t> psum(npix), asum(M);
-  std::vector<uint8_t> borv(B, 0);
+  int32_t* psum = ws.take<int32_t>(npix);
+  int32_t* asum = ws.take<int32_t>(M);
+  const auto borv = ws.take_slices<uint8_t>(B, 1);  // per image: the OR of its codes
   const int pass_nt = npix * C > (1 << 17) ? sp.nt : 1;
   parallel_for(pass_nt, B, [&](int64_t b, int) {
     const uint8_t* xb = x + static_cast<size_t>(b) * H * W * C;
-    int32_t* ps = psum.data() + static_cast<size_t>(b) * H * W;
+    int32_t* ps = psum + static_cast<size_t>(b) * H * W;
     uint8_t o = 0;
     rowsums(isa, xb, int64_t(H) * W, C, ps, &o);
-    borv[b] = o;
+    *borv(b) = o;
     // the column sums with pad zeros each side, so that every window is ks of them
-    std::vector<int32_t> colp(W + 2 * pad + ks, 0);
-    int32_t* col = colp.data() + pad;
+    Scratch wt;  // on the thread running this image
+    int32_t* colp = wt.take<int32_t>(W + 2 * pad + ks);
+    std::fill(colp, colp + W + 2 * pad + ks, 0);
+    int32_t* col = colp + pad;
     for (int oh = 0; oh < Ho; ++oh) {
       const int ih0 = oh * stride - pad, i0 = std::max(0, -ih0), i1 = std::min(ks, H - ih0);
       std::fill(col, col + W, 0);
@@ -836,8 +848,8 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
         const int32_t* src = ps + (ih0 + i) * W;
         for (int w = 0; w < W; ++w) col[w] += src[w];
       }
-      int32_t* dst = asum.data() + (b * Ho + oh) * Wo;
-      const int32_t* c = colp.data();
+      int32_t* dst = asum + (b * Ho + oh) * Wo;
+      const int32_t* c = colp;
       if (ks == 3 && stride == 1) {
         for (int ow = 0; ow < Wo; ++ow) dst[ow] = c[ow] + c[ow + 1] + c[ow + 2];
       } else {
@@ -849,7 +861,7 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
       }
     }
     if (!xpad) return;
-    uint8_t* d0 = xpad->p + static_cast<size_t>(b) * img;
+    uint8_t* d0 = xpad + static_cast<size_t>(b) * img;
     const size_t prow = static_cast<size_t>(Ws) * C, side = static_cast<size_t>(pad) * C, rowb = static_cast<size_t>(W) * C;
     std::memset(d0, 0, pad * prow);
     for (int h = 0; h < H; ++h) {
@@ -861,10 +873,10 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
     std::memset(d0 + (pad + H) * prow, 0, pad * prow);
   });
   uint8_t orv_all = 0;
-  for (uint8_t v : borv) orv_all |= v;
+  for (int b = 0; b < B; ++b) orv_all |= *borv(b);
   *bad_code = L.a_bits < 8 && (orv_all >> L.a_bits) != 0;
   if (*bad_code) return;
-  if (use_winograd(L, isa, B)) return run_winograd(L, xs, B, asum.data(), e, sp.nt);
+  if (use_winograd(L, isa, B)) return run_winograd(L, xs, B, asum, e, sp.nt);
   wt = centred_weights(L, tile, e, wt);
   std::vector<int64_t> tap_off(taps);  // byte offset of each tap's codes from the top-left one's
   for (int i = 0; i < ks; ++i)
@@ -876,27 +888,31 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
       for (int c = 0; c < C; c += 64) aoff.push_back(tap_off[tp] + c);
     ac = AmxConv{xs, aoff.data(), C, stride, Ho, Wo, Hs, Ws};
   }
-  std::unique_ptr<AlignedBuf> zeros;
+  uint8_t* zeros = nullptr;
   if (!direct) {
-    zeros.reset(new AlignedBuf(static_cast<size_t>(C) + 64));
-    std::memset(zeros->p, 0, static_cast<size_t>(C) + 64);
+    zeros = ws.take<uint8_t>(static_cast<size_t>(C) + 64);
+    std::memset(zeros, 0, static_cast<size_t>(C) + 64);
   }
-  std::vector<std::unique_ptr<AlignedBuf>> panels;
-  std::vector<std::vector<int32_t>> rpats(sp.nt, std::vector<int32_t>(mb));
-  std::vector<std::vector<const uint8_t*>> ptrs(sp.nt, std::vector<const uint8_t*>(mb));
-  std::vector<std::unique_ptr<AlignedBuf>> apanels;
-  for (int i = 0; i < sp.nt; ++i) {
-    if (!direct) panels.emplace_back(new AlignedBuf(static_cast<size_t>(mb) * Kp));
-    if (amx) apanels.emplace_back(new AlignedBuf(amx_panel_bytes(mb, Kp)));
-  }
+  // per thread, its buffers taken in a row (see run_winograd): border patterns, row pointers,
+  // the gathered rows' panel, AMX's A panel
+  struct alignas(64) Bufs {
+    int32_t* rp;
+    const uint8_t** pr;
+    uint8_t *panel, *apanel;
+  };
+  Bufs* bufs = ws.take<Bufs>(sp.nt);
+  for (int i = 0; i < sp.nt; ++i)
+    bufs[i] = Bufs{ws.take<int32_t>(mb), ws.take<const uint8_t*>(mb),
+                   direct ? nullptr : ws.take<uint8_t>(static_cast<size_t>(mb) * Kp),
+                   amx ? ws.take<uint8_t>(amx_panel_bytes(mb, Kp)) : nullptr};
   const int32_t* pid = L.pid.data();
   parallel_for(sp.nt, sp.ntm * sp.ncg, [&](int64_t task, int tid) {
     const int64_t ti = task % sp.ntm;
     const int ob0 = static_cast<int>(task / sp.ntm) * sp.bpg;
-    const uint8_t** pr = ptrs[tid].data();
+    const uint8_t** pr = bufs[tid].pr;
     const int64_t m0 = ti * mb;
     const int rows = static_cast<int>(std::min<int64_t>(mb, M - m0));
-    int32_t* rp = rpats[tid].data();
+    int32_t* rp = bufs[tid].rp;
     int64_t b = m0 / P;
     if (direct) {  // each row's window top-left pixel in the source (padded coordinates),
       // one output row's run of them at a time: an arithmetic sequence (the per-row stepping
@@ -929,14 +945,14 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
         }
         rp[r] = pid[static_cast<size_t>(oh) * Wo + ow];
         const int ih0 = oh * stride - pad, iw0 = ow * stride - pad;
-        uint8_t* dst = panels[tid]->p + static_cast<size_t>(r) * Kp;
+        uint8_t* dst = bufs[tid].panel + static_cast<size_t>(r) * Kp;
         for (int i = 0; i < ks; ++i) {
           const int ih = ih0 + i;
           const bool hin = ih >= 0 && ih < H;
           for (int j = 0; j < ks; ++j) {
             const int iw = iw0 + j;
             // taps outside the input read code 0: real-domain zero is handled by WS/CNT
-            const uint8_t* src = hin && iw >= 0 && iw < W ? x + ((b * H + ih) * W + iw) * C : zeros->p;
+            const uint8_t* src = hin && iw >= 0 && iw < W ? x + ((b * H + ih) * W + iw) * C : zeros;
             std::memcpy(dst + static_cast<size_t>(i * ks + j) * C, src, C);
           }
         }
@@ -945,8 +961,8 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
       }
     }
     TileArgs t{pr, direct ? tap_off.data() : kOneTap, direct ? taps : 1, direct ? C / 4 : Kp / 4, rows,
-               static_cast<int>(m0), wt, Kp, ob0, std::min(sp.bpg, nblk - ob0), w.O, asum.data() + m0, rp, &e,
-               run, amx ? apanels[tid]->p : nullptr, inplace ? &ac : nullptr};
+               static_cast<int>(m0), wt, Kp, ob0, std::min(sp.bpg, nblk - ob0), w.O, asum + m0, rp, &e,
+               run, bufs[tid].apanel, inplace ? &ac : nullptr};
     t.ymm_layout = ymm;
     tile(t);
   });
@@ -1009,44 +1025,52 @@ void qbmm(const uint8_t* a, const uint8_t* v, const uint8_t* v_off, int T, int N
   int run;
   TileFn tile = pick_tile(dummy, Kp, a_bits, &run);
   const bool amx = tile == tile_amx;
-  std::vector<std::unique_ptr<AlignedBuf>> panels, wbufs, apanels, wtiles;
-  std::vector<std::vector<int32_t>> ass(nt, std::vector<int32_t>(N)), vss(nt, std::vector<int32_t>(D));
-  std::vector<std::vector<const uint8_t*>> ptrs(nt, std::vector<const uint8_t*>(N));
-  std::vector<uint8_t> oras(nt, 0), orvs(nt, 0);
+  // per thread, reused across its tasks and taken in a row (see run_winograd): A's panel and
+  // row sums, V in the weight layout and its column sums, row pointers, AMX's panels, the ORs
+  // of A's and V's codes
+  Scratch ws;
+  struct alignas(64) Bufs {
+    uint8_t* panel;
+    int8_t* wd;
+    int32_t *as, *vs;
+    const uint8_t** pr;
+    uint8_t* apanel;
+    int8_t* wtile;
+    uint8_t ora, orv;
+  };
+  Bufs* bufs = ws.take<Bufs>(nt);
+  for (int i = 0; i < nt; ++i)
+    bufs[i] = Bufs{ws.take<uint8_t>(static_cast<size_t>(N) * Kp), ws.take<int8_t>(static_cast<size_t>(Op) * Kp),
+                   ws.take<int32_t>(N), ws.take<int32_t>(D), ws.take<const uint8_t*>(N),
+                   amx ? ws.take<uint8_t>(amx_panel_bytes(N, Kp)) : nullptr,
+                   amx ? ws.take<int8_t>(static_cast<size_t>(Op) * amx_kq(Kp)) : nullptr, 0, 0};
   std::vector<CentredTables> cts(nt);
-  const bool avx512 = has_avx512(active_isa());  // reused across a thread's tasks (no per-task malloc)
-  for (int i = 0; i < nt; ++i) {
-    panels.emplace_back(new AlignedBuf(static_cast<size_t>(N) * Kp));
-    wbufs.emplace_back(new AlignedBuf(static_cast<size_t>(Op) * Kp));
-    if (amx) {
-      apanels.emplace_back(new AlignedBuf(amx_panel_bytes(N, Kp)));
-      wtiles.emplace_back(new AlignedBuf(static_cast<size_t>(Op) * amx_kq(Kp)));
-    }
-  }
+  const bool avx512 = has_avx512(active_isa());
   const int32_t cnt = N;
   parallel_for(nt, T, [&](int64_t t, int tid) {
-    std::vector<int32_t>& as = ass[tid];
-    std::vector<int32_t>& vs = vss[tid];
-    uint8_t& ora_t = oras[tid];
-    uint8_t& orv_t = orvs[tid];
-    const uint8_t** pr = ptrs[tid].data();
+    Bufs& bf = bufs[tid];
+    int32_t* as = bf.as;
+    int32_t* vs = bf.vs;
+    uint8_t& ora_t = bf.ora;
+    uint8_t& orv_t = bf.orv;
+    const uint8_t** pr = bf.pr;
     const uint8_t* at = a + static_cast<size_t>(t) * N * N;
     const uint8_t* vt = v + static_cast<size_t>(t) * N * D;
     const uint8_t* ot = v_off ? v_off + static_cast<size_t>(t) * N : nullptr;
     for (int i = 0; i < N; ++i) {
-      uint8_t* dst = panels[tid]->p + static_cast<size_t>(i) * Kp;
+      uint8_t* dst = bf.panel + static_cast<size_t>(i) * Kp;
       std::memcpy(dst, at + static_cast<size_t>(i) * N, N);
       std::memset(dst + N, 0, Kp - N);
       as[i] = rowsum_u8(dst, N, &ora_t);
       pr[i] = dst;
     }
     // V^T into the weight layout: data[ob][k4][c][j] = v[4*k4 + j][64*ob + c] - bias
-    int8_t* wd = reinterpret_cast<int8_t*>(wbufs[tid]->p);
+    int8_t* wd = bf.wd;
     std::memset(wd, 0, static_cast<size_t>(Op) * Kp);
-    std::fill(vs.begin(), vs.end(), 0);
+    std::fill(vs, vs + D, 0);
 #if defined(__x86_64__)
     if (avx512) {
-      pack_v_avx512(vt, ot, N, D, Kp, bias, wd, vs.data(), &orv_t);
+      pack_v_avx512(vt, ot, N, D, Kp, bias, wd, vs, &orv_t);
     } else
 #endif
     for (int k = 0; k < N; ++k) {
@@ -1075,22 +1099,22 @@ void qbmm(const uint8_t* a, const uint8_t* v, const uint8_t* v_off, int T, int N
     e.wbias = bias;
     e.zw = zvs.data();
     e.za = za;
-    centre(e, vs.data(), &cnt, 1, cts[tid]);
+    centre(e, vs, &cnt, 1, cts[tid]);
     e.acc_out = acc_out ? acc_out + static_cast<size_t>(t) * N * D : nullptr;
     e.as_out = as_out ? as_out + static_cast<size_t>(t) * N : nullptr;
-    if (vs_out) std::copy(vs.begin(), vs.end(), vs_out + static_cast<size_t>(t) * D);
+    if (vs_out) std::copy(vs, vs + D, vs_out + static_cast<size_t>(t) * D);
     const int8_t* wt = wd;
     if (amx) {
-      amx_tiles(wd, Kp, Op, reinterpret_cast<int8_t*>(wtiles[tid]->p));
-      wt = reinterpret_cast<int8_t*>(wtiles[tid]->p);
+      amx_tiles(wd, Kp, Op, bf.wtile);
+      wt = bf.wtile;
     }
-    TileArgs ta{pr, kOneTap, 1, Kp / 4, N, 0, wt, Kp, 0, Op / 64, D, as.data(), nullptr, &e, run, amx ? apanels[tid]->p : nullptr};
+    TileArgs ta{pr, kOneTap, 1, Kp / 4, N, 0, wt, Kp, 0, Op / 64, D, as, nullptr, &e, run, bf.apanel};
     tile(ta);
   });
   uint8_t ora = 0, orv = 0;
   for (int i = 0; i < nt; ++i) {
-    ora |= oras[i];
-    orv |= orvs[i];
+    ora |= bufs[i].ora;
+    orv |= bufs[i].orv;
   }
   *bad_code = (a_bits < 8 && (ora >> a_bits) != 0) ? 1 : (v_bits < 8 && (orv >> v_bits) != 0) ? 2 : 0;
 }

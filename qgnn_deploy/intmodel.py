@@ -71,6 +71,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backends import cpu as cpu_ops
+from .backends import current_backend
 from .config import LayerBits, ModelConfig, check_node_bits
 from .errors import ArtifactError, ConfigError
 from .models.qgnn import EpisodeOutput, check_episode, check_episode_shapes, episode_graph, episode_graph_arrays
@@ -980,13 +982,11 @@ class IntModel(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: Tensor, support_labels: Tensor) -> EpisodeOutput:
-        from .backends import current_backend
         if (self._backend or current_backend()) == "cpu":
-            from .backends import cpu as cpu_ops
-            cpu_ops.wake_workers()  # the workers' wake-up overlaps the checks
+            threads = cpu_ops.wake_workers()  # the workers' wake-up overlaps the checks
             # the plan checks the values: labels once per distinct batch, NaN / Inf natively
             check_episode_shapes(images, support_labels, self.config)
-            return self.compiled().run(images, support_labels)
+            return self.compiled().run(images, support_labels, threads)
         check_episode(images, support_labels, self.config)
         graph = self._family.graph(support_labels, self.config, images.device)
         with self._backend_context():

@@ -159,6 +159,26 @@ def test_accuracy_on_the_same_episodes(tiny4, cache_dir):
     check_accuracy_rows(*tiny4, "onnxruntime_int8_qdq")
 
 
+def test_engines_select_their_backend_and_the_bench_restores_the_models(tiny4):
+    from qgnn_deploy.benchmarks.episode import run_episode_bench
+    from qgnn_deploy.report import default_episode
+    _, im = tiny4
+    engines, unavailable, _ = build_engines(None, im, backends=("cpu", "cpu-eager"), baselines=())
+    assert not unavailable
+    images, labels = default_episode(im.config, 1, 0)
+    for e in engines:
+        e.predict(images, labels)
+        assert im.backend == e.name
+    im.backend = "reference"
+    try:
+        out = run_episode_bench(None, im, backends=("cpu", "cpu-eager"), baselines=(), tasks=1, repeats=1,
+                                warmup=1, progress=False)
+        assert [r["backend"] for r in out["results"]] == ["cpu", "cpu-eager"]
+        assert im.backend == "reference"
+    finally:
+        im.backend = None
+
+
 # ------------------------------------------------------------------ the command
 
 def test_bench_json_has_every_variant_accuracy_and_flags(capsys, cache_dir):

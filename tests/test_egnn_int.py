@@ -253,10 +253,10 @@ def _one_op_plan(build, inputs):
     outs = outs if isinstance(outs, tuple) else (outs,)
     plan = b.finish({f"y{i}": o for i, o in enumerate(outs)})
     native = cpu_backend._call(cpu_backend._ext().Plan, *native_description(plan))
-    feed = {plan.inputs[k]: v.contiguous().numpy().reshape(-1) for k, v in inputs.items()}
-    res, _ = cpu_backend._call(native.run, t, feed, 2, False)
-    got = tuple(torch.from_numpy(res[plan.outputs[f"y{i}"]]).view(t, *plan.buffers[plan.outputs[f"y{i}"]].shape)
-                for i in range(len(outs)))
+    feed = {plan.inputs[k]: v.contiguous().numpy() for k, v in inputs.items()}
+    res, _ = cpu_backend._call(native.run, t, [feed[b.id] for b in plan.buffers if b.role == "input"], 2, False)
+    at = {b.id: i for i, b in enumerate(b for b in plan.buffers if b.role == "output")}
+    got = tuple(torch.from_numpy(res[at[plan.outputs[f"y{i}"]]]) for i in range(len(outs)))
     return eager, got
 
 

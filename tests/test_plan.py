@@ -240,7 +240,8 @@ def test_plan_graph_inputs_are_cached_per_label_batch():
     first = im(images, labels)
     assert outputs_equal(ref, first)
     feed = plan._graph_feed(labels)
-    assert all(not a.flags.writeable for a in feed.values())  # shared: nobody may write them
+    assert feed[plan._images_at] is None and len(feed) == len(plan._feed_at)
+    assert all(not a.flags.writeable for a in feed if a is not None)  # shared: nobody may write them
     # same labels (another tensor, int32): same graphs; other labels: their own graphs
     assert outputs_equal(first, im(images, labels.clone().to(torch.int32)))
     swapped = labels.flip(-1).contiguous()
@@ -379,6 +380,7 @@ def test_native_plan_rejects_inconsistent_descriptions():
         "arena too small": lambda b, s: b.__setitem__(slice(None), [[x[0], x[1], x[2], x[3] + (1 << 30)]
                                                                      if x[2] == 2 else x for x in b]),
         "reads before any write": lambda b, s: s.insert(0, dict(s[k])),
+        "shape not its size": lambda b, s: b[0].append(7),
     }
     for what, edit in cases.items():
         b, s = copy.deepcopy(buffers), copy.deepcopy(steps)
@@ -408,7 +410,7 @@ def test_native_max_pool_step(threads, dtype, c, ks, stride, pad, h, w):
     plan = _build(buffers, [step], 0)
     x = torch.randint(0, 256, (tasks * b, h, w, c), dtype=torch.uint8) if dtype == "u8" else \
         torch.randn(tasks * b, h, w, c)
-    got = plan.run(tasks, {0: x.numpy().reshape(-1)}, threads)[0][1]
+    got = plan.run(tasks, [x.numpy()], threads)[0][0]
     # the reference: torch's max-pool of the map padded with -inf (which allows any pad < ks)
     xp = torch.nn.functional.pad(x.permute(0, 3, 1, 2).double(), (pad,) * 4, value=float("-inf"))
     want = torch.nn.functional.max_pool2d(xp, ks, stride).permute(0, 2, 3, 1).to(x.dtype)
@@ -436,12 +438,12 @@ def test_native_fp32_stem_step_on_rows_of_any_length(o, w, pad):
         runs = {}
         for isa in cpu_backend.available_isas():
             cpu_backend.force_isa(isa)
-            runs[isa] = plan.run(tasks, {0: x}, 2)[0]
+            runs[isa] = plan.run(tasks, [x], 2)[0]
     finally:
         cpu_backend.force_isa(None)
     for isa, outs in runs.items():
-        for bid in (1, 2):
-            assert np.array_equal(outs[bid], runs["scalar"][bid]), (isa, bid)
+        for k in (0, 1):
+            assert np.array_equal(outs[k], runs["scalar"][k]), (isa, k)
 
 
 def test_native_plan_run_checks_its_inputs():
@@ -454,19 +456,27 @@ def test_native_plan_run_checks_its_inputs():
     feed = {ids["images"]: images.numpy().reshape(-1)}
     feed.update({ids[n]: g.numpy().reshape(-1) for n, g in
                  zip(("distribution_node", "point_edge", "distribution_edge", "onehot"), graph)})
-    native.run(1, feed, 1)
+    order = [b.id for b in plan.plan.buffers if b.role == "input"]  # the native run's input order
+    outs, _ = native.run(1, [feed[i] for i in order], 1)
+    shapes = [(1, *b.shape) for b in plan.plan.buffers if b.role == "output"]
+    assert [o.shape for o in outs] == shapes
     for what, edit in {
         "missing input": lambda f: f.pop(ids["onehot"]),
         "wrong dtype": lambda f: f.__setitem__(ids["images"], f[ids["images"]].astype(np.float64)),
         "wrong size": lambda f: f.__setitem__(ids["images"], f[ids["images"]][:-3].copy()),
         "non-contiguous": lambda f: f.__setitem__(ids["point_edge"], np.repeat(f[ids["point_edge"]], 2)[::2]),
+        "not an array": lambda f: f.__setitem__(ids["images"], f[ids["images"]].tolist()),
     }.items():
         f = dict(feed)
         edit(f)
         with pytest.raises(KernelArgumentError):
-            cpu_backend._call(native.run, 1, f, 1)
+            cpu_backend._call(native.run, 1, [f[i] for i in order if i in f], 1)
             pytest.fail(what)
+    listed = [feed[i] for i in order]
+    for bad in ([*listed, listed[0]], {i: feed[i] for i in order}):  # one input too many; a dict
+        with pytest.raises(KernelArgumentError):
+            cpu_backend._call(native.run, 1, bad, 1)
     with pytest.raises(KernelArgumentError):
-        cpu_backend._call(native.run, 2, feed, 1)  # feed holds one task
+        cpu_backend._call(native.run, 2, listed, 1)  # the inputs hold one task
     with pytest.raises(KernelArgumentError):
-        cpu_backend._call(native.run, 0, feed, 1)
+        cpu_backend._call(native.run, 0, listed, 1)

@@ -113,12 +113,14 @@ def get_num_threads() -> int:
 WAKE_HOLD_US = 2000
 
 
-def wake_workers() -> None:
+def wake_workers() -> int:
     """Wake the kernels' sleeping worker threads now (they poll for :data:`WAKE_HOLD_US`):
     called when an episode arrives, before its checks, so the plan's first steps find them
     awake (after idle time they sleep, and waking one took as long as the tiny model's stem
-    conv). Threads: :func:`get_num_threads`."""
-    _call(_ext().wake_workers, get_num_threads(), WAKE_HOLD_US)
+    conv). Threads: :func:`get_num_threads`, which it returns (the episode's count)."""
+    n = get_num_threads()
+    _call(_ext().wake_workers, n, WAKE_HOLD_US)
+    return n
 
 
 #: instruction-set paths of the kernels, slowest first (the ``QGNN_CPU_ISA`` values besides

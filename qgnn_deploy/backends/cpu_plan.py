@@ -30,10 +30,11 @@ _GRAPH_CACHE = 16  # distinct support-label batches whose graph inputs are kept
 
 
 def native_description(plan):
-    """What ``_C.Plan`` is built from: (buffers [dtype, numel, role, arena offset] per task,
-    steps as dicts of their parameters with "kind", "name", "in", "out", arena bytes per task)."""
+    """What ``_C.Plan`` is built from: (buffers [dtype, numel, role, arena offset, *shape] per
+    task, steps as dicts of their parameters with "kind", "name", "in", "out", arena bytes per
+    task)."""
     offsets, arena = plan.layout()
-    buffers = [[_DTYPE[b.dtype], b.numel, _ROLE[b.role], max(offsets[b.id], 0)] for b in plan.buffers]
+    buffers = [[_DTYPE[b.dtype], b.numel, _ROLE[b.role], max(offsets[b.id], 0), *b.shape] for b in plan.buffers]
     steps = [dict(st.params, kind=st.kind, name=st.name, **{"in": list(st.inputs), "out": list(st.outputs)})
              for st in plan.steps]
     return buffers, steps, arena
@@ -50,51 +51,62 @@ class CpuPlan:
         self.input_ids = self.plan.inputs
         self.family, self.config = model.family_spec, model.config
         self.graph_names = [name for name, _ in self.family.graph_inputs(self.config)]
-        self._graphs: Dict[tuple, Dict[int, np.ndarray]] = {}
+        self._graphs: Dict[tuple, List[np.ndarray]] = {}
+        # the native run takes its inputs and returns its outputs in buffer order
+        order = [b.id for b in self.plan.buffers if b.role == "input"]
+        self._feed_at = {bid: i for i, bid in enumerate(order)}
+        self._images_at = self._feed_at[self.input_ids["images"]]
+        at = {b.id: i for i, b in enumerate(b for b in self.plan.buffers if b.role == "output")}
+        self._named = [(key, [at[b] for b in bid] if isinstance(bid, list) else at[bid])
+                       for key, bid in self.plan.outputs.items()]
 
-    def _graph_feed(self, support_labels: torch.Tensor) -> Dict[int, np.ndarray]:
-        """The label-derived plan inputs of these labels, built once per distinct label batch
-        (an application usually sends the same support labels every episode: building them
-        was ~0.1 ms of a 2.5 ms tiny episode). Read-only arrays: the plan never writes its
-        inputs, and concurrent callers share them."""
+    def _graph_feed(self, support_labels: torch.Tensor) -> List[np.ndarray]:
+        """The plan's inputs for these labels in its order, the images' slot None: the
+        label-derived ones are built once per distinct label batch (an application usually
+        sends the same support labels every episode: building them was ~0.1 ms of a 2.5 ms
+        tiny episode). Read-only arrays: the plan never writes its inputs, and concurrent
+        callers share them."""
         labels = support_labels.detach().cpu().numpy()
         key = (labels.dtype.char, labels.shape, labels.tobytes())
         feed = self._graphs.get(key)
         if feed is None:
             check_support_labels(labels, self.config.way)  # only valid batches are kept
-            graph = self.family.graph_arrays(labels, self.config)
-            feed = {self.input_ids[name]: a.reshape(-1) for name, a in zip(self.graph_names, graph)}
-            for a in feed.values():
+            feed = [None] * len(self._feed_at)
+            for name, a in zip(self.graph_names, self.family.graph_arrays(labels, self.config)):
+                a = np.ascontiguousarray(a)
                 a.flags.writeable = False
+                feed[self._feed_at[self.input_ids[name]]] = a
             if len(self._graphs) >= _GRAPH_CACHE:
                 self._graphs.pop(next(iter(self._graphs)), None)  # the oldest
             self._graphs[key] = feed
         return feed
 
-    def _run(self, images: torch.Tensor, support_labels: torch.Tensor, profile: bool):
-        t = int(images.shape[0])
-        feed = dict(self._graph_feed(support_labels))
-        feed[self.input_ids["images"]] = images.detach().cpu().float().contiguous().numpy().reshape(-1)
-        outs, ns = cpu_ops._call(self.native.run, t, feed, cpu_ops.get_num_threads(), profile)
-        return t, outs, ns
+    def _run(self, images: torch.Tensor, support_labels: torch.Tensor, profile: bool, threads: int = 0):
+        """(T, output arrays [T, *shape] in buffer order, per-step ns or None). Python's share
+        of a tiny T=1 episode was ~45 us of its ~0.85 ms (the native run evicts the
+        interpreter's data): as few calls per episode as it takes."""
+        feed = list(self._graph_feed(support_labels))
+        if images.dtype != torch.float32 or not images.is_contiguous():
+            images = images.float().contiguous()
+        feed[self._images_at] = images.detach().cpu().numpy()
+        outs, ns = cpu_ops._call(self.native.run, images.shape[0], feed, threads or cpu_ops.get_num_threads(),
+                                 profile)
+        return outs, ns
 
-    def _tensor(self, outs, bid: int, t: int) -> torch.Tensor:
-        # numpy's reshape, then the tensor: half the cost of a torch view (7 outputs a call)
-        return torch.from_numpy(outs[bid].reshape(t, *self.plan.buffers[bid].shape))
-
-    def run(self, images: torch.Tensor, support_labels: torch.Tensor):
+    def run(self, images: torch.Tensor, support_labels: torch.Tensor, threads: int = 0):
         """images [T, N, 3, S, S] fp32, support_labels int [T, NS] (checked by the caller,
-        ``IntModel.forward``) -> the family's output (EpisodeOutput for DPGN, EGNNOutput)."""
-        t, outs, _ = self._run(images, support_labels, False)
-        named = {key: [self._tensor(outs, b, t) for b in bid] if isinstance(bid, list) else self._tensor(outs, bid, t)
-                 for key, bid in self.plan.outputs.items()}
+        ``IntModel.forward``) -> the family's output (EpisodeOutput for DPGN, EGNNOutput).
+        ``threads``: 0 for :func:`~qgnn_deploy.backends.cpu.get_num_threads`."""
+        outs, _ = self._run(images, support_labels, False, threads)
+        t = torch.from_numpy
+        named = {key: [t(outs[i]) for i in at] if isinstance(at, list) else t(outs[at]) for key, at in self._named}
         return self.family.output(named, self.config)
 
     def profile(self, images: torch.Tensor, support_labels: torch.Tensor,
                 repeats: int = 1) -> List[Dict[str, object]]:
         """Per-step wall time (median over ``repeats`` runs): [{index, kind, name, ms}], in
         plan order. Inputs as :meth:`run` (``IntModel.profile`` validates them)."""
-        runs = [self._run(images, support_labels, True)[2] for _ in range(max(1, repeats))]
+        runs = [self._run(images, support_labels, True)[1] for _ in range(max(1, repeats))]
         med = np.median(np.asarray(runs, dtype=np.float64), axis=0) / 1e6
         return [{"index": i, "kind": st.kind, "name": st.name, "ms": float(med[i])}
                 for i, st in enumerate(self.plan.steps)]
