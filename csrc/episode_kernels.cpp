@@ -383,10 +383,19 @@ void pairwise_sqdiff(const float* v, int64_t T, int N, int C, float* y, int nthr
 }
 
 namespace {
+// float64 sum of n float32 values in four interleaved chains (float64 sums may be reordered:
+// integer-contract.md; one chain's add latency had made neg_sum_last ~4x slower)
 inline double row_sum(const float* x, int n) {
-  double s = 0.0;
-  for (int i = 0; i < n; ++i) s += x[i];
-  return s;
+  double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+  int i = 0;
+  for (; i + 4 <= n; i += 4) {
+    s0 += x[i];
+    s1 += x[i + 1];
+    s2 += x[i + 2];
+    s3 += x[i + 3];
+  }
+  for (; i < n; ++i) s0 += x[i];
+  return (s0 + s1) + (s2 + s3);
 }
 }  // namespace
 
