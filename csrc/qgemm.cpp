@@ -895,7 +895,7 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
   }
   // per thread, its buffers taken in a row (see run_winograd): border patterns, row pointers,
   // the gathered rows' panel, AMX's A panel
-  struct alignas(64) Bufs {
+  struct Bufs {
     int32_t* rp;
     const uint8_t** pr;
     uint8_t *panel, *apanel;

@@ -82,7 +82,7 @@ class CpuPlan:
         return feed
 
     def _run(self, images: torch.Tensor, support_labels: torch.Tensor, profile: bool, threads: int = 0):
-        """(T, output arrays [T, *shape] in buffer order, per-step ns or None). Python's share
+        """(output arrays [T, *shape] in buffer order, per-step ns or None). Python's share
         of a tiny T=1 episode was ~45 us of its ~0.85 ms (the native run evicts the
         interpreter's data): as few calls per episode as it takes."""
         feed = list(self._graph_feed(support_labels))
