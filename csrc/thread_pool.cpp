@@ -129,15 +129,28 @@ struct Pool {
   std::vector<std::unique_ptr<Placement>> placement;  // per worker
   std::atomic<int64_t> moves{0};   // workers moved off a taken CPU (pool_stats)
   const std::function<void(int64_t, int)>* fn = nullptr;
-  std::atomic<int64_t> next{0};
-  int64_t ntasks = 0;
   std::atomic<int64_t> gen{0};     // written under mu; read lock-free by polling workers
   bool open = false;               // workers may still join the current generation
   int wanted = 0;                  // workers allowed to take part in this generation
   std::atomic<int> active{0};      // workers inside work() right now
 
+  // Thread t first runs the tasks [t n / p, (t + 1) n / p) of the p taking part, in order,
+  // then takes what is left of the others' ranges: consecutive loops over the same rows
+  // give each thread the rows it wrote in the loop before (still in its own cache). One
+  // shared counter had each 2-thread loop read about half its input from the other core:
+  // the tiny model's episode 5-6% slower at T=1 and T=10, egnn-tiny's 10% (interleaved in
+  // one process, Zen 4).
+  struct alignas(64) Range {
+    std::atomic<int64_t> next{0};
+    int64_t end = 0;
+  };
+  std::unique_ptr<Range[]> ranges;
+  int cap = 0, parts = 1;
   void work(int tid) {
-    for (int64_t i; (i = next.fetch_add(1)) < ntasks;) (*fn)(i, tid);
+    for (int k = 0; k < parts; ++k) {
+      Range& r = ranges[(tid + k) % parts];
+      for (int64_t i; (i = r.next.fetch_add(1)) < r.end;) (*fn)(i, tid);
+    }
   }
 
   void worker(int idx, Placement& where) {
@@ -208,8 +221,16 @@ struct Pool {
         for (int w = 0; w < nw; ++w) moves += separate(*placement[w], taken, now);
       }
       fn = &f;
-      ntasks = n;
-      next.store(0);
+      parts = nw + 1;
+      if (parts > cap) {  // no thread is in work(): the last loop's workers have all left
+        ranges.reset(new Range[parts]);
+        cap = parts;
+      }
+      const int64_t each = n / parts, more = n % parts;  // the first `more` ranges one longer
+      for (int t = 0; t < parts; ++t) {
+        ranges[t].next.store(t * each + std::min<int64_t>(t, more));
+        ranges[t].end = (t + 1) * each + std::min<int64_t>(t + 1, more);
+      }
       wanted = nw;
       open = true;
       gen.fetch_add(1, std::memory_order_release);
