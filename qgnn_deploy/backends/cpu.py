@@ -119,7 +119,7 @@ def wake_workers() -> int:
     awake (after idle time they sleep, and waking one took as long as the tiny model's stem
     conv). Threads: :func:`get_num_threads`, which it returns (the episode's count)."""
     n = get_num_threads()
-    _call(_ext().wake_workers, n, WAKE_HOLD_US)
+    _ext().wake_workers(n, WAKE_HOLD_US)  # n is in range: nothing for _call to translate
     return n
 
 
