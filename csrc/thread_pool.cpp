@@ -134,8 +134,8 @@ struct Pool {
   int wanted = 0;                  // workers allowed to take part in this generation
   std::atomic<int> active{0};      // workers inside work() right now
 
-  // Thread t first runs the tasks [t n / p, (t + 1) n / p) of the p taking part, in order,
-  // then takes what is left of the others' ranges: consecutive loops over the same rows
+  // Thread t first runs the t-th of p contiguous, in-order shares of the tasks (sizes within
+  // one), then takes what is left of the others' shares: consecutive loops over the same rows
   // give each thread the rows it wrote in the loop before (still in its own cache). One
   // shared counter had each 2-thread loop read about half its input from the other core:
   // the tiny model's episode 5-6% slower at T=1 and T=10, egnn-tiny's 10% (interleaved in

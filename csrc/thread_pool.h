@@ -5,10 +5,10 @@
 // 2-thread OpenMP region then ran 3-5x slower than 1 thread. These workers poll for the
 // next loop for a short, bounded time (QGNN_CPU_SPIN_US, default 200 us: a sleeping
 // thread took up to ~1 ms to wake on the development VM, longer than a small layer),
-// then sleep on a condition variable; each thread runs its own contiguous range of the
+// then sleep on a condition variable; each thread runs its own contiguous share of the
 // tasks first, then helps with what is left of the others' (so loops over the same rows
-// keep each thread on its own rows), and the calling thread works too. Concurrent callers do not
-// queue: a caller that finds the pool busy runs its loop on its own thread. Before each
+// keep each thread on its own rows), and the calling thread works too. Concurrent callers
+// do not queue: a caller that finds the pool busy runs its loop on its own thread. Before each
 // loop the caller moves a worker found polling on its CPU or on another worker's, or just
 // woken and not yet run, off those CPUs (a shared CPU runs one thread at a time while
 // another idles).
