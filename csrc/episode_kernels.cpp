@@ -167,8 +167,9 @@ bool f32_margins(const FloatLayer& L, float X, std::vector<float>& m) {
 
 }  // namespace
 
-void run_float_layer(const FloatLayer& L, const float* x, int64_t rows, const float* residual, float* out_f,
-                     uint8_t* const* out_q, int nthreads) {
+bool run_float_layer(const FloatLayer& L, const float* x, int64_t rows, const float* residual, float* out_f,
+                     uint8_t* const* out_q, int nthreads, bool x_nchw) {
+  if (x_nchw && (!L.args.ks || residual)) throw ArgError("FP32 layer: an NCHW input needs a conv without residual");
   F64Args a = L.args;
   const RowsFn fn = pick_rows();
   constexpr int64_t kRows = 64;  // output rows per task
@@ -189,10 +190,12 @@ void run_float_layer(const FloatLayer& L, const float* x, int64_t rows, const fl
   // sums in float32: its border pixels then take the multi-pixel paths too (the one-pixel
   // path spent 36% of the tiny stem's float64 sums on its 12% border pixels; with 64
   // outputs in float64 the copy cost what it saved). The padding's products are exact
-  // zeros added to sums that start at the bias: the same float64 sums.
+  // zeros added to sums that start at the bias: the same float64 sums. An NCHW input is
+  // always copied (its layout change and NaN / Inf check fused in: the tiny model's images
+  // took a separate step of ~9 us, then its stem's copy ~5 us).
   Scratch ws;
   float* xpad = nullptr;  // uninitialised: the copy writes every value, border zeros included
-  const bool pad_copy = a.ks && a.pad && (a.Op <= 16 || f32);
+  const bool pad_copy = a.ks && (x_nchw || (a.pad && (a.Op <= 16 || f32)));
   const int64_t B = a.ks ? rows / (int64_t(a.Ho) * a.Wo) : 0;
   const int Hp = a.H + 2 * a.pad, Wp = a.W + 2 * a.pad;
   const size_t row = size_t(a.W) * a.C, prow = size_t(Wp) * a.C, side = size_t(a.pad) * a.C;
@@ -204,9 +207,10 @@ void run_float_layer(const FloatLayer& L, const float* x, int64_t rows, const fl
   const auto tops = ws.take_slices<int32_t>(B, 1);  // per image
   if (pad_copy || f32) {
     if (pad_copy) xpad = ws.take<float>(size_t(B) * Hp * prow);
-    parallel_for(B * int64_t(row) * a.H >= (1 << 16) ? nt : 1, B, [&](int64_t b, int) {
+    // the transposing copy from 64 KiB (the strided stores cost more than a row's memcpy)
+    parallel_for(B * int64_t(row) * a.H >= (x_nchw ? (1 << 14) : (1 << 16)) ? nt : 1, B, [&](int64_t b, int) {
       const float* src = x + size_t(b) * a.H * row;
-      if (f32) {
+      if (f32 || x_nchw) {
         int32_t t = 0;
         for (size_t i = 0; i < a.H * row; ++i) {
           int32_t v;
@@ -222,12 +226,24 @@ void run_float_layer(const FloatLayer& L, const float* x, int64_t rows, const fl
       for (int h = 0; h < a.H; ++h) {
         float* d = img + (h + a.pad) * prow;
         std::fill(d, d + side, 0.f);
-        std::memcpy(d + side, src + h * row, row * sizeof(float));
+        if (!x_nchw) {
+          std::memcpy(d + side, src + h * row, row * sizeof(float));
+        } else {  // plane by plane: contiguous reads, stores C floats apart
+          for (int c = 0; c < a.C; ++c) {
+            const float* __restrict plane = src + (size_t(c) * a.H + h) * a.W;
+            float* __restrict dc = d + side + c;
+            for (int w = 0; w < a.W; ++w) dc[size_t(w) * a.C] = plane[w];
+          }
+        }
         std::fill(d + side + row, d + prow, 0.f);
       }
       std::fill(img + (a.pad + a.H) * prow, img + Hp * prow, 0.f);
     });
   }
+  int32_t top = 0;  // the largest |x| bit pattern: >= 0x7F800000 for an Inf or NaN
+  if (f32 || x_nchw)
+    for (int64_t b = 0; b < B; ++b) top = std::max(top, *tops(b));
+  if (x_nchw && static_cast<uint32_t>(top) >= 0x7F800000u) return false;
   if (pad_copy) {
     x = xpad;
     a.H = Hp;
@@ -236,12 +252,9 @@ void run_float_layer(const FloatLayer& L, const float* x, int64_t rows, const fl
   }
   std::vector<float> margin;  // rooms, f32_margins
   if (f32) {  // its padded input was copied above: a.pad == 0
-    int32_t t = 0;
-    for (int64_t b = 0; b < B; ++b) t = std::max(t, *tops(b));
-    const uint32_t top = static_cast<uint32_t>(t);
     float X;
     std::memcpy(&X, &top, 4);
-    if (top >= 0x7F800000u) X = std::numeric_limits<float>::infinity();
+    if (static_cast<uint32_t>(top) >= 0x7F800000u) X = std::numeric_limits<float>::infinity();
     if (f32_margins(L, X, margin)) {
       a.wt32 = L.wt32.data();
       a.bias32 = L.bias32.data();
@@ -255,6 +268,7 @@ void run_float_layer(const FloatLayer& L, const float* x, int64_t rows, const fl
   parallel_for(nt, (rows + kRows - 1) / kRows, [&](int64_t ti, int) {
     fn(a, x, ti * kRows, std::min(rows, (ti + 1) * kRows), residual, out_f, out_q);
   });
+  return true;
 }
 
 // ------------------------------------------------------------------ maps

@@ -137,7 +137,8 @@ void Plan::exec(const PlanStep& st, int64_t T, const std::vector<void*>& ptrs, i
       const int64_t rows = st.kind == StepKind::ConvF32 ? st.count * T * L.args.Ho * L.args.Wo : st.count * T;
       uint8_t* codes[kMaxRequant] = {};
       for (size_t k = 0; k < st.codes.size(); ++k) codes[k] = static_cast<uint8_t*>(ptrs[st.codes[k]]);
-      run_float_layer(L, in_f(0), rows, in_f(1), st.codes.empty() ? out_f : nullptr, codes, nthreads);
+      if (!run_float_layer(L, in_f(0), rows, in_f(1), st.codes.empty() ? out_f : nullptr, codes, nthreads, st.nchw))
+        throw InputValueError("images contain NaN or Inf values");
       break;
     }
     case StepKind::BmmF32:

@@ -51,6 +51,7 @@ struct PlanStep {
                            // neg_sum_last, concat) or images (map kinds)
   int h = 0, w = 0, c = 0, ks = 1, stride = 1, pad = 0, n = 0, d = 0, ns = 0, way = 0;
   int64_t batch = 1;       // graph steps: graphs per task (each N x N / N x D on its own)
+  bool nchw = false;       // conv_f32: input 0 is the NCHW images (its layout change fused)
   int rows = 0, first_row = 0;   // label_scores: edge rows per task, first query row
   std::vector<int64_t> index;    // take_rows: the rows picked, each in [0, count)
   float l = 0.f, s = 1.f;  // quantize

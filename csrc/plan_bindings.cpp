@@ -302,6 +302,8 @@ PlanStep read_step(const py::dict& d, const Plan& p, size_t index) {
     case StepKind::ConvF32:
       need_inputs(1, 2);
       read_geometry(st, r);
+      st.nchw = r.has("nchw") && r.i32("nchw", 0, 1) == 1;
+      if (st.nchw && st.in.size() > 1 && st.in[1] >= 0) throw ArgError(r.where + ": an NCHW input takes no residual");
       read_flayer(st, r, p, true, outs);
       break;
     case StepKind::LinearF32:

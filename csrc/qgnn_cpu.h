@@ -447,10 +447,12 @@ void prepare_float_layer(FloatLayer& L, const float* weight, int O, int K, const
                          const float* post_scale, const float* post_shift, bool has_slope, float slope,
                          int ks, int stride, int pad, int H, int W, int C, int nq, const float* out_l,
                          const float* out_s, const int* out_bits);
-// rows output rows: linear x [rows, K]; conv x NHWC [rows / (Ho*Wo), H, W, C]; out_f fp32
-// [rows, O] or the nq out_q
-void run_float_layer(const FloatLayer& L, const float* x, int64_t rows, const float* residual, float* out_f,
-                     uint8_t* const* out_q, int nthreads);
+// rows output rows: linear x [rows, K]; conv x NHWC [rows / (Ho*Wo), H, W, C], or NCHW
+// with x_nchw (the episode's images: their layout change fused into the conv's padded copy).
+// out_f fp32 [rows, O] or the nq out_q. Returns false, computing nothing, when an x_nchw
+// input holds a NaN or Inf (as nchw_to_nhwc).
+bool run_float_layer(const FloatLayer& L, const float* x, int64_t rows, const float* residual, float* out_f,
+                     uint8_t* const* out_q, int nthreads, bool x_nchw = false);
 
 // ------------------------------------------------------------------ episode glue
 // The non-layer steps of ops/episode_ops.py on raw buffers (row-major, tasks first).

@@ -318,6 +318,11 @@ def test_plan_fuses_requantization_and_shortcuts_into_producers():
     by_name = {st.name.split(" + ")[0]: st for st in plan.steps}
     dtype = lambda b: plan.buffers[b].dtype  # noqa: E731
     assert len(by_name["backbone.conv1"].params["requant"]) == 2
+    # the stem reads the NCHW images itself: no layout-change step, no NHWC copy in the arena
+    stem = plan.steps[0]
+    assert stem.name == "backbone.conv1" and stem.params["nchw"] == 1
+    assert plan.buffers[stem.inputs[0]].role == "input" and plan.buffers[stem.inputs[0]].name == "images"
+    assert not any(st.kind == "nchw_to_nhwc" for st in plan.steps)
     for i, n in ((1, 2), (2, 2), (3, 3), (4, 0)):
         st = by_name[f"backbone.layer{i}.0.conv3"]
         assert st.name == f"backbone.layer{i}.0.conv3 + backbone.layer{i}.0.conv"
@@ -366,6 +371,7 @@ def _build(buffers, steps, arena):
 def test_native_plan_rejects_inconsistent_descriptions():
     buffers, steps, arena = native_description(compile_plan(fold(model_for(4))))
     _build(buffers, steps, arena)  # the real one builds
+    assert steps[0]["kind"] == "conv_f32" and steps[0]["nchw"] == 1
     k = next(i for i, s in enumerate(steps) if s["kind"] == "qconv")
     cases = {
         "unknown kind": lambda b, s: s[k].update(kind="conv9d"),
@@ -381,6 +387,8 @@ def test_native_plan_rejects_inconsistent_descriptions():
                                                                      if x[2] == 2 else x for x in b]),
         "reads before any write": lambda b, s: s.insert(0, dict(s[k])),
         "shape not its size": lambda b, s: b[0].append(7),
+        "NCHW input with a residual": lambda b, s: s[0].update(**{"in": [s[0]["in"][0]] * 2}),
+        "NCHW flag not 0 / 1": lambda b, s: s[0].update(nchw=2),
     }
     for what, edit in cases.items():
         b, s = copy.deepcopy(buffers), copy.deepcopy(steps)
@@ -418,12 +426,13 @@ def test_native_max_pool_step(threads, dtype, c, ks, stride, pad, h, w):
 
 
 @pytest.mark.parametrize("o", [8, 16, 24, 32])
-@pytest.mark.parametrize("w,pad", [(31, 1), (29, 2)])
+@pytest.mark.parametrize("w,pad", [(31, 1), (29, 2), (30, 0)])
 def test_native_fp32_stem_step_on_rows_of_any_length(o, w, pad):
     # output rows of 31 and 29 pixels: every remainder of the 6- and 3-pixel float32 calls
-    # (a pair, then one pixel) and the zero-bordered copy at pads 1 and 2, on every ISA path
-    # against the scalar one's float64 sums (test_plan_fp32_stem_widths_on_every_isa ties
-    # those to the reference)
+    # (a pair, then one pixel) and the zero-bordered copy at pads 0, 1 and 2, on every ISA
+    # path against the scalar one's float64 sums (test_plan_fp32_stem_widths_on_every_isa
+    # ties those to the reference); the same step on the NCHW input (``nchw``: the layout
+    # change inside its copy) gives the same codes, and finds a NaN / Inf anywhere in it
     b, h, c, tasks, ks = 2, 5, 3, 2, 2 * pad + 1
     g = torch.Generator().manual_seed(o + w)
     requant = [(-1.5, 0.26, 4), (-1.2, 0.23, 4)]
@@ -432,18 +441,28 @@ def test_native_fp32_stem_step_on_rows_of_any_length(o, w, pad):
                 weight=(torch.randn(o, ks, ks, c, generator=g) * 0.3).numpy(), post_scale=(torch.rand(o, generator=g) + 0.5).numpy(),
                 post_shift=torch.randn(o, generator=g).numpy(), slope=0.2, requant=requant,
                 **{"in": [0], "out": [1, 2]})
-    x = torch.randn(tasks * b, h, w, c, generator=g).numpy().reshape(-1)
+    x = torch.randn(tasks * b, h, w, c, generator=g)
+    x_nchw = np.ascontiguousarray(x.permute(0, 3, 1, 2).numpy()).reshape(-1)
+    x = x.numpy().reshape(-1)
     plan = _build(buffers, [step], 0)
+    plan_nchw = _build(buffers, [dict(step, nchw=1)], 0)
     try:
         runs = {}
         for isa in cpu_backend.available_isas():
             cpu_backend.force_isa(isa)
-            runs[isa] = plan.run(tasks, [x], 2)[0]
+            for threads in (1, 2):
+                runs[isa, threads] = plan.run(tasks, [x], threads)[0]
+                runs[isa, threads, "nchw"] = plan_nchw.run(tasks, [x_nchw], threads)[0]
+            for at in (0, x_nchw.size - 1, b * c * h * w + 7):  # first, last, in the second task
+                bad = x_nchw.copy()
+                bad[at] = np.inf if at else np.nan
+                with pytest.raises(cpu_backend._ext().InputValueError, match="NaN or Inf"):
+                    plan_nchw.run(tasks, [bad], 2)
     finally:
         cpu_backend.force_isa(None)
-    for isa, outs in runs.items():
+    for key, outs in runs.items():
         for k in (0, 1):
-            assert np.array_equal(outs[k], runs["scalar"][k]), (isa, k)
+            assert np.array_equal(outs[k], runs["scalar", 1][k]), (key, k)
 
 
 def test_native_plan_run_checks_its_inputs():

@@ -93,6 +93,7 @@ class PlanBuilder:
         self._fuse_requantization()
         self._fuse_shortcuts()
         self._residual_in_place()
+        self._fuse_input_layout()
         return self._compact(names, meta)
 
     def _readers(self) -> Dict[int, List[int]]:
@@ -188,6 +189,27 @@ class PlanBuilder:
             st.inputs[1] = sc.inputs[0]
             st.name = f"{st.name} + {sc.name}"
             drop.add(j)
+        self.steps = [st for i, st in enumerate(self.steps) if i not in drop]
+
+    def _fuse_input_layout(self) -> None:
+        """An images layout change (``nchw_to_nhwc``) whose only reader is an FP32 conv
+        without residual (the stem) runs inside that conv's zero-bordered copy (``nchw``):
+        one pass over the images instead of two, the NaN / Inf check with it, and no NHWC
+        copy of them in the arena."""
+        readers = self._readers()
+        drop = set()
+        for i, st in enumerate(self.steps):
+            if st.kind != "nchw_to_nhwc":
+                continue
+            y = st.outputs[0]
+            reads = readers.get(y, [])
+            conv = self.steps[reads[0]] if len(reads) == 1 else None
+            if (conv is None or conv.kind != "conv_f32" or conv.inputs[0] != y or self.buffers[y].role != "temp"
+                    or (len(conv.inputs) > 1 and conv.inputs[1] >= 0)):
+                continue
+            conv.inputs[0] = st.inputs[0]
+            conv.params["nchw"] = 1
+            drop.add(i)
         self.steps = [st for i, st in enumerate(self.steps) if i not in drop]
 
     def _compact(self, names: Dict[str, object], meta) -> Plan:

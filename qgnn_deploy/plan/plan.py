@@ -14,7 +14,8 @@ ops/reference.py for the exact semantics each reproduces):
 ``qlinear``                 quantized linear / pointwise conv over rows
 ``qbmm``                    quantized graph aggregation ``A @ V`` per graph (optional row offsets)
 ``node_rows``               per-node codes: codes minus the row minimum, and that minimum
-``conv_f32`` / ``linear_f32``  FP32 layers, products summed in float64
+``conv_f32`` / ``linear_f32``  FP32 layers, products summed in float64; a conv with ``nchw``
+                            reads the NCHW images (their layout change fused in)
 ``bmm_f32``                 FP32 aggregation, float64 sums
 ``nchw_to_nhwc``            layout change of the input images
 ``max_pool`` / ``mean_hw``  pooling of NHWC maps (fp32 or codes) / global average
