@@ -18,7 +18,9 @@ TREE="$OUT/tree"
 SAN="${QGNN_SANITIZE:-address,undefined}"
 TESTS=("$@")
 if [ ${#TESTS[@]} -eq 0 ]; then
-  TESTS=(tests/test_cpu_kernels.py tests/test_amx.py tests/test_fuzz_kernels.py tests/test_plan.py tests/test_node_bits.py)
+  TESTS=(tests/test_cpu_kernels.py tests/test_amx.py tests/test_fuzz_kernels.py tests/test_plan.py tests/test_node_bits.py
+         "tests/test_concurrency.py::test_thread_pool_runs_every_task_once"
+         "tests/test_concurrency.py::test_thread_pool_concurrent_callers_run_every_task_once")
 fi
 
 # fresh copy of the sources every time (no build outputs, no in-place extension)

@@ -313,3 +313,31 @@ def test_worker_sharing_the_callers_cpu_is_moved_off_it():
     finally:
         os.sched_setaffinity(0, allowed)
         cpu.set_num_threads(None)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+@pytest.mark.parametrize("tasks", [0, 1, 2, 3, 7, 64, 1001])
+def test_thread_pool_runs_every_task_once(threads, tasks):
+    """Each thread's contiguous share first, then the others' leftovers: every task runs
+    exactly once, on a thread id below the count asked for, whatever the split (more
+    threads than cores or tasks included); with one task per thread or fewer nothing is
+    lost either."""
+    _need("cpu")
+    from qgnn_deploy.backends import cpu
+    ext = cpu._ext()
+    for _ in range(20):  # the split moves with the timing of the workers
+        used, runs, by, bad_tid = ext.parallel_for_runs(threads, tasks)
+        assert runs == [1] * tasks and not bad_tid
+        assert 1 <= used <= max(1, min(threads, tasks))
+        assert all(0 <= t < threads for t in by)
+
+
+def test_thread_pool_concurrent_callers_run_every_task_once():
+    """A caller that finds the pool busy runs its loop on its own thread: no task is run
+    twice or lost when several Python threads call at once."""
+    _need("cpu")
+    from qgnn_deploy.backends import cpu
+    ext = cpu._ext()
+    results = _run_threads(lambda n: ext.parallel_for_runs(2, n), [5, 64, 257, 1000] * 2, 4)
+    for n, (used, runs, _, bad_tid) in zip([5, 64, 257, 1000] * 2, results):
+        assert runs == [1] * n and not bad_tid and used in (1, 2)
