@@ -263,6 +263,32 @@ void max_pool3s2_u8_avx512(const uint8_t* x, uint8_t* y, int64_t r0, int64_t r1,
   }
 }
 
+// Output rows [r0, r1) (b * Ho + oh) of a max-pool of fp32 NHWC maps, any window: each
+// window clipped to the input, its valid taps in row-major order on 16 channels at a time,
+// m = m < t ? t : m as max_pool_row (vmaxps(t, m) returns m unless t > m: NaN as there).
+void max_pool_f32_avx512(const float* x, float* y, int64_t r0, int64_t r1, int H, int W, int C, int ks, int stride,
+                         int pad) {
+  const int Ho = (H + 2 * pad - ks) / stride + 1, Wo = (W + 2 * pad - ks) / stride + 1;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / Ho;
+    const int oh = static_cast<int>(r % Ho);
+    const int ih0 = oh * stride - pad, i0 = ih0 < 0 ? -ih0 : 0, i1 = ks < H - ih0 ? ks : H - ih0;
+    for (int ow = 0; ow < Wo; ++ow) {
+      const int iw0 = ow * stride - pad, j0 = iw0 < 0 ? -iw0 : 0, j1 = ks < W - iw0 ? ks : W - iw0;
+      const float* in = x + ((b * H + ih0 + i0) * W + iw0 + j0) * C;  // the first valid tap
+      float* out = y + (r * Wo + ow) * C;
+      for (int c = 0; c < C; c += 16) {
+        const __mmask16 mk = C - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (C - c)) - 1u);
+        __m512 m = _mm512_maskz_loadu_ps(mk, in + c);
+        for (int i = 0; i < i1 - i0; ++i)
+          for (int j = 0; j < j1 - j0; ++j)
+            m = _mm512_max_ps(_mm512_maskz_loadu_ps(mk, in + (int64_t(i) * W + j) * C + c), m);
+        _mm512_mask_storeu_ps(out + c, mk, m);
+      }
+    }
+  }
+}
+
 int64_t quantize_avx512(const float* x, int64_t n, float l, float s, float qmax, uint8_t* out) {
   const __m512 vl = _mm512_set1_ps(l), vs = _mm512_set1_ps(s), vq = _mm512_set1_ps(qmax);
   const __m512 inf = _mm512_set1_ps(__builtin_inff());

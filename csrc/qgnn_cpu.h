@@ -463,6 +463,9 @@ bool nchw_to_nhwc(const float* x, int64_t B, int C, int H, int W, float* y, int 
 // AVX-512 (qgemm_avx512.cpp): output rows [r0, r1); v: max_pool3s2_vbytes(W, C) zero bytes
 inline int64_t max_pool3s2_vbytes(int W, int C) { return (int64_t(W) + 2 + 16) * C + 128; }
 void max_pool3s2_u8_avx512(const uint8_t* x, uint8_t* y, int64_t r0, int64_t r1, int H, int W, int C, uint8_t* v);
+// Any max-pool of fp32 maps on AVX-512, output rows [r0, r1) (max_pool_nhwc's order and NaN rule)
+void max_pool_f32_avx512(const float* x, float* y, int64_t r0, int64_t r1, int H, int W, int C, int ks, int stride,
+                         int pad);
 template <class T>
 void max_pool_nhwc(const T* x, int64_t B, int H, int W, int C, int ks, int stride, int pad, T* y, int nthreads);
 void mean_hw(const float* x, int64_t B, int H, int W, int C, float* y);
