@@ -175,17 +175,14 @@ bool run_float_layer(const FloatLayer& L, const float* x, int64_t rows, const fl
   constexpr int64_t kRows = 64;  // output rows per task
   const int nt = double(rows) * a.K * a.O < 1.0e6 ? 1 : nthreads;
   // float32 sums with the rounding check (f32_margins) for convs of <= 64 code outputs
-  // (prepare_float_layer builds their operands), measured in alternating processes or
-  // interleaved in one, as the stem step's time:
-  // - AVX2 at every width (4 float64 lanes against 8 float32 ones): on a Zen 3 the resnet12
-  //   stem ran 2x faster, egnn-tiny's (16 outputs) 1.17x, tiny's (16, two code outputs) the same;
-  // - AVX-512 on a Zen 4 (no AMX) at every width too: egnn-tiny's stem 1.62x, tiny's 1.27x;
-  // - AVX-512 on the AMX Xeon from 17 outputs: the resnet12 stem (64) 17% faster, but the
-  //   tiny stem 20% slower (redoing its pixels near a rounding boundary in float64 took 15%
-  //   of its time, and its float64 sums run four pixels at once).
-  static const bool amx_cpu = isa_blocker(Isa::Amx).empty();  // fixed for the process
-  const bool f32 = !L.wt32.empty() && !residual &&
-                   (fn == f64_rows_avx2 || (fn == f64_rows_avx512 && (a.O > 16 || !amx_cpu)));
+  // (prepare_float_layer builds their operands) on every vector path, measured as the stem
+  // step's time (alternating processes, or interleaved in one):
+  // - AVX2 (4 float64 lanes against 8 float32 ones): on a Zen 3 the resnet12 stem ran 2x
+  //   faster, egnn-tiny's (16 outputs) 1.17x, tiny's (16, two code outputs) the same;
+  // - AVX-512 on a Zen 4: egnn-tiny's stem 1.62x, tiny's 1.27x; on the AMX Xeon the
+  //   resnet12 stem 17% faster and tiny's 2.1x (182 -> 86 us at T=1, since the padded copy
+  //   and the epilogue changes; it was 20% slower before them).
+  const bool f32 = !L.wt32.empty() && !residual && fn != f64_rows_scalar;
   // A padded conv reads a zero-bordered copy of its input, when it has <= 16 outputs or
   // sums in float32: its border pixels then take the multi-pixel paths too (the one-pixel
   // path spent 36% of the tiny stem's float64 sums on its 12% border pixels; with 64

@@ -707,13 +707,16 @@ std::atomic<int> g_conv_algo{static_cast<int>(ConvAlgo::Auto)};
 std::atomic<int64_t> g_winograd_runs{0};
 
 // Whether the conv runs as Winograd F(2x2, 3x3) (qconv_winograd_avx512.cpp): a 3x3 stride-1
-// pad-1 conv with even output sizes, codes of <= 4 bits, its weights' transform packed and
-// the AVX-512 VNNI path active (AMX runs the long-K convs faster as direct GEMMs); under
-// Auto from 32 input channels, where its 2.25x fewer products outweigh the transforms
-// (16 channels: a 4-step K loop per element, the stores of M as long as the GEMM).
+// pad-1 conv with even output sizes, codes of <= 4 bits and its weights' transform packed;
+// under Auto from 32 input channels, where its 2.25x fewer products outweigh the transforms
+// (16 channels: a 4-step K loop per element, the stores of M as long as the GEMM). On the
+// AMX path only below 64 channels: from 64 the direct GEMM on tiles is faster (the AMX Xeon:
+// tiny's 64- and 128-channel convs 1.3-1.6x, resnet12's 64-640 1.5-2x), at 32 channels
+// (K = 288, the tiles' panel gathered and padded to 320) Winograd is 1.36x faster.
 bool use_winograd(const QLayer& L, Isa isa, int B) {
   const ConvAlgo algo = static_cast<ConvAlgo>(g_conv_algo.load());
-  if (algo == ConvAlgo::Direct || isa != Isa::Avx512Vnni || L.w->wino.empty()) return false;
+  if (algo == ConvAlgo::Direct || L.w->wino.empty()) return false;
+  if (isa != Isa::Avx512Vnni && !(isa == Isa::Amx && L.C < 64)) return false;
   if (L.ks != 3 || L.stride != 1 || L.pad != 1 || L.Ho % 2 || L.Wo % 2 || L.a_bits > 4 || B <= 0) return false;
   return algo == ConvAlgo::Winograd || L.C >= 32;
 }

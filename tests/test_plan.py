@@ -83,8 +83,7 @@ def test_plan_fp32_stem_requantization_ties(width):
     """The FP32 stem's fused requantization on outputs whose quotient (y - l) / s is exactly a
     half-integer while y * (1/s) rounds to the other code: codes as ref_quantize's IEEE
     division, whatever fast path the row kernels take (a reciprocal one that skipped its
-    fix-up fails here; the stem sums in float32 on AVX2 and AVX-512 -- on an AMX CPU's
-    AVX-512 from 17 outputs, so the 16-wide one there in float64 -- and must redo these
+    fix-up fails here; the stem sums in float32 on AVX2 and AVX-512 and must redo these
     pixels in float64)."""
     tiny = fold(model_for(4))
     im = copy.deepcopy(tiny if width == 16 else fold(model_for(4, widths=(64, 16, 16, 16))))
