@@ -290,8 +290,10 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("bits", [](const qgnn::PackedW& w) { return w.bits; })
       .def_property_readonly("taps", [](const qgnn::PackedW& w) { return w.taps; })
       .def_property_readonly("nbytes", [](const qgnn::PackedW& w) {
-        // every layout held (the AMX and ymm copies exist on CPUs that run them) and the sums
-        return w.data.size() + w.amx.size() + w.ymm.size() + (w.wsum.size() + w.tapsum.size()) * sizeof(int32_t);
+        // every layout held (the ymm copy exists on CPUs whose own path is a 256-bit one, the
+        // Winograd transform on AVX-512 VNNI ones) and the sums; the AMX tiles are a layer's (QLayer::wamx, derived with its zero points)
+        return w.data.size() + w.ymm.size() + w.wino.size() +
+               (w.wsum.size() + w.tapsum.size() + w.wino_corr.size()) * sizeof(int32_t);
       }, "bytes the repacked weights hold: every tile layout built for this CPU, plus the code sums");
 
   m.def("pack", [](const py::array& codes, int bits) {

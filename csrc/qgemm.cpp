@@ -17,9 +17,10 @@
 
 namespace qgnn {
 
-// GEMMs with shorter K run the AVX-512 tile on the AMX path: with a K loop of one to three
-// tile chunks the accumulator tiles' store and reload cost more than their MACs save
-// (1x1 convs: K = 64 0.8x, 128 and 256 1.0x, 512 1.3x the AVX-512 tile; 3x3 64: 1.2x).
+// GEMMs whose A rows are packed into panels run the AVX-512 tile on the AMX path below this
+// K: with a K loop of one to three tile chunks the panel packing and the accumulator tiles'
+// store and reload cost more than their MACs save (1x1 convs: K = 64 0.8x, 128 and 256
+// 1.0x, 512 1.3x the AVX-512 tile; 3x3 64: 1.2x). Convs read in place: prepare_amx.
 constexpr int kAmxMinK = 256;
 
 // ------------------------------------------------------------- canonical packing
@@ -139,23 +140,19 @@ void prepack(const uint8_t* packed, int O, int K, int bits, int taps, PackedW* w
           std::memcpy(w->ymm.data() + (static_cast<size_t>(ob) * 4 + q) * group + static_cast<size_t>(k4) * 64,
                       w->data.data() + static_cast<size_t>(ob) * w->Kp * 64 + static_cast<size_t>(k4) * 256 + q * 64, 64);
   }
-  if (w->Kp >= kAmxMinK && isa_blocker(Isa::Amx).empty()) {
-    w->amx.assign(static_cast<size_t>(w->Op) * amx_kq(w->Kp), 0);
-    amx_tiles(w->data.data(), w->Kp, w->Op, w->amx.data());
-  }
 }
 
-int amx_kq(int Kp) { return (Kp + 63) / 64 * 64; }
+int amx_chunks(int Kp, int seg) { return Kp / seg * ((seg + 63) / 64); }
 
-void amx_tiles(const int8_t* data, int Kp, int Op, int8_t* tiles) {
-  const int nk = amx_kq(Kp) / 64, k4n = Kp / 4;
+void amx_tiles(const int8_t* data, int Kp, int Op, int seg, int8_t* tiles) {
+  const int cps = (seg + 63) / 64, nk = amx_chunks(Kp, seg), k4n = Kp / 4, s4 = seg / 4;
   for (int ob = 0; ob < Op / 64; ++ob)
     for (int j = 0; j < 4; ++j)
       for (int k = 0; k < nk; ++k) {
         int8_t* dst = tiles + ((static_cast<size_t>(ob) * 4 + j) * nk + k) * 1024;
         for (int r = 0; r < 16; ++r) {
-          const int k4 = 16 * k + r;
-          if (k4 < k4n)
+          const int q4 = 16 * (k % cps) + r, k4 = s4 * (k / cps) + q4;
+          if (q4 < s4 && k4 < k4n)
             std::memcpy(dst + 64 * r, data + (static_cast<size_t>(ob) * k4n + k4) * 256 + 64 * j, 64);
           else
             std::memset(dst + 64 * r, 0, 64);
@@ -303,13 +300,14 @@ namespace {
 
 using TileFn = void (*)(const TileArgs&);
 
-// The tile of the active ISA path for a GEMM of Kp (padded) codes; throws (on the calling
-// thread, before any worker starts) when QGNN_CPU_ISA names a path this process cannot run.
-TileFn pick_tile(const PackedW& w, int Kp, int a_bits, int* pair_run) {
+// The tile of the active ISA path for a GEMM whose weights have (amx) or lack AMX tiles;
+// throws (on the calling thread, before any worker starts) when QGNN_CPU_ISA names a path
+// this process cannot run.
+TileFn pick_tile(const PackedW& w, int a_bits, bool amx, int* pair_run) {
   *pair_run = 1;
   const Isa isa = active_isa();
 #if defined(__x86_64__)
-  if (isa == Isa::Amx) return Kp >= kAmxMinK ? tile_amx : tile_avx512;
+  if (isa == Isa::Amx) return amx ? tile_amx : tile_avx512;
   if (isa == Isa::Avx512Vnni) return tile_avx512;
   if (isa == Isa::AvxVnni) return tile_avxvnni;
   if (isa == Isa::Avx2) {
@@ -323,13 +321,35 @@ TileFn pick_tile(const PackedW& w, int Kp, int a_bits, int* pair_run) {
   return tile_scalar;
 }
 
-// the weights in the layout `tile` reads (*ymm: in PackedW::ymm's)
-const int8_t* tile_weights(const PackedW& w, TileFn tile, bool* ymm) {
-  *ymm = (tile == tile_avx2 || tile == tile_avxvnni) && !w.ymm.empty();
-  if (*ymm) return w.ymm.data();
-  if (tile != tile_amx) return w.data.data();
-  if (w.amx.empty()) throw ArgError("these weights were packed without AMX tiles");  // prepack builds them
-  return w.amx.data();
+// A layer's tile on the active path and its weights in the layout that tile reads: the
+// AMX tiles (QLayer::wamx), the AVX-512 tile's centred copy (QLayer::wc), PackedW::ymm for
+// the 256-bit tiles, else PackedW::data. Sets e.centred where those weights are centred.
+struct LayerTile {
+  TileFn fn;
+  const int8_t* w;
+  bool ymm;
+  int run, amx_seg;
+  void set(TileArgs& t) const {
+    t.ymm_layout = ymm;
+    t.amx_seg = amx_seg;
+  }
+};
+LayerTile layer_tile(const QLayer& L, Epi& e) {
+  const PackedW& w = *L.w;
+  LayerTile lt{};
+  lt.fn = pick_tile(w, L.a_bits, !L.wamx.empty(), &lt.run);
+  lt.ymm = (lt.fn == tile_avx2 || lt.fn == tile_avxvnni) && !w.ymm.empty();
+  if (lt.fn == tile_amx) {
+    lt.w = L.wamx.data();
+    lt.amx_seg = L.amx_seg;
+    e.centred = L.amx_centred;
+  } else if (lt.fn == tile_avx512 && !L.wc.empty()) {
+    lt.w = L.wc.data();
+    e.centred = true;
+  } else {
+    lt.w = lt.ymm ? w.ymm.data() : w.data.data();
+  }
+  return lt;
 }
 
 // A layer's work in MAC-equivalents: its MACs plus, per output, the fused epilogue, which
@@ -433,6 +453,22 @@ void fuse_epilogue(QLayer& L) {
   e.fz = f;
 }
 
+// QLayer::wamx where AMX can run L: a k x k conv (k > 1) whose A tiles it reads in place at
+// any K (no panel to pack; tiny's 16-channel 3x3 conv, K = 144 in 3 chunks of 48 codes:
+// 1.03x the AVX-512 tile), else from K = kAmxMinK. Centred where L has wc: the epilogue then skips
+// the zw*AS term, as on the AVX-512 tile (resnet12's AMX convs 1-3% faster; reading
+// 160-channel kernel rows in place rather than packing panels: 2%).
+void prepare_amx(QLayer& L) {
+  const PackedW& w = *L.w;
+  L.wamx.clear();
+  L.amx_inplace = L.conv && L.C % 4 == 0 && L.Wo >= 16;
+  if (!isa_blocker(Isa::Amx).empty() || (w.Kp < kAmxMinK && !(L.amx_inplace && L.ks > 1))) return;
+  L.amx_seg = L.amx_inplace ? L.ks * L.C : w.Kp;
+  L.amx_centred = !L.wc.empty();
+  L.wamx.assign(static_cast<size_t>(w.Op) * 64 * amx_chunks(w.Kp, L.amx_seg), 0);
+  amx_tiles(L.amx_centred ? L.wc.data() : w.data.data(), w.Kp, w.Op, L.amx_seg, L.wamx.data());
+}
+
 }  // namespace
 
 void prepare_layer(QLayer& L, const PackedW& w, int a_bits, const LayerParams& p, int ks, int stride, int pad,
@@ -506,6 +542,7 @@ void prepare_layer(QLayer& L, const PackedW& w, int a_bits, const LayerParams& p
     e.P = 1;
     centre(e, w.wsum.data(), &cnt, 1, L.tables);
     fuse_epilogue(L);
+    prepare_amx(L);
     return;
   }
   L.conv = true;
@@ -564,6 +601,7 @@ void prepare_layer(QLayer& L, const PackedW& w, int a_bits, const LayerParams& p
     L.wino_cwz.assign(Op, 0);
     for (int o = 0; o < O; ++o) L.wino_cwz[o] = w.wino_cw - L.zw[o];
   }
+  prepare_amx(L);
 }
 
 namespace {
@@ -618,14 +656,6 @@ void gather_rows(const uint8_t* x, int K, int Kp, int m0, int rows, Isa isa, uin
   rowsums(isa, x0, rows, K, as, orv);
 }
 
-// The weights `tile` reads for L: its centred copy where the tile is the AVX-512 one and L
-// has it (then e.centred), else wt
-const int8_t* centred_weights(const QLayer& L, TileFn tile, Epi& e, const int8_t* wt) {
-  if (tile != tile_avx512 || L.wc.empty()) return wt;
-  e.centred = true;
-  return L.wc.data();
-}
-
 // A linear layer; with S, the layer whose fp32 output is L's residual (a ResNet block's
 // shortcut, same rows and outputs) runs inside the same tasks: per M-tile and column group
 // S's epilogue writes its outputs into a per-thread scratch tile, which L's epilogue adds as
@@ -634,16 +664,12 @@ void run_linear(const QLayer& L, const uint8_t* x, int M, Epi& e, int nthreads, 
                 const QLayer* S = nullptr, const uint8_t* xs = nullptr) {
   const PackedW& w = *L.w;
   const int K = w.K, Kp = w.Kp, nblk = w.Op / 64, O = w.O;
-  int run, run_s = 1;
-  TileFn tile = pick_tile(w, Kp, L.a_bits, &run);
-  TileFn tile_s = S ? pick_tile(*S->w, S->w->Kp, S->a_bits, &run_s) : nullptr;
-  bool ymm, ymm_s = false;
-  const int8_t* wt = centred_weights(L, tile, e, tile_weights(w, tile, &ymm));
+  const LayerTile lt = layer_tile(L, e);
   Epi es0 = S ? S->epi : Epi{};
-  const int8_t* wt_s = S ? centred_weights(*S, tile_s, es0, tile_weights(*S->w, tile_s, &ymm_s)) : nullptr;
+  const LayerTile lts = S ? layer_tile(*S, es0) : LayerTile{};
   const int Kmax = S ? std::max(Kp, S->w->Kp) : Kp;
   const double macs = double(M) * w.Op * (Kp + (S ? S->w->Kp : 0));
-  const bool amx = tile == tile_amx || tile_s == tile_amx;
+  const bool amx = lt.fn == tile_amx || lts.fn == tile_amx;
   const Split sp = pick_split(M, Kmax, nblk, nthreads, macs, amx);
   const int mb = sp.mb;
   const Isa isa = active_isa();
@@ -672,9 +698,9 @@ void run_linear(const QLayer& L, const uint8_t* x, int M, Epi& e, int nthreads, 
     uint8_t* ap = bf.apanel;
     if (!S) {
       gather_rows(x, K, Kp, m0, rows, isa, bf.panel, pr, as, &bf.orv[0]);
-      TileArgs t{pr, kOneTap, 1, Kp / 4, rows, m0, wt, Kp, ob0, nb, O, as, nullptr, &e, run, ap};
-      t.ymm_layout = ymm;
-      tile(t);
+      TileArgs t{pr, kOneTap, 1, Kp / 4, rows, m0, lt.w, Kp, ob0, nb, O, as, nullptr, &e, lt.run, ap};
+      lt.set(t);
+      lt.fn(t);
       return;
     }
     // the tile's rows indexed from 0: S writes scratch rows, L's outputs are offset to m0
@@ -683,17 +709,17 @@ void run_linear(const QLayer& L, const uint8_t* x, int M, Epi& e, int nthreads, 
     Epi es = es0;
     es.out_f = res;
     gather_rows(xs, sw.K, sw.Kp, m0, rows, isa, bf.panel, pr, as, &bf.orv[1]);
-    TileArgs ts{pr, kOneTap, 1, sw.Kp / 4, rows, 0, wt_s, sw.Kp, ob0, nb, O, as, nullptr, &es, run_s, ap};
-    ts.ymm_layout = ymm_s;
-    tile_s(ts);
+    TileArgs ts{pr, kOneTap, 1, sw.Kp / 4, rows, 0, lts.w, sw.Kp, ob0, nb, O, as, nullptr, &es, lts.run, ap};
+    lts.set(ts);
+    lts.fn(ts);
     Epi el = e;
     el.residual = res;
     if (el.out_f) el.out_f += static_cast<int64_t>(m0) * O;
     for (int k = 0; k < el.rq.nq; ++k) el.rq.out_q[k] += static_cast<int64_t>(m0) * O;
     gather_rows(x, K, Kp, m0, rows, isa, bf.panel, pr, as, &bf.orv[0]);
-    TileArgs t{pr, kOneTap, 1, Kp / 4, rows, 0, wt, Kp, ob0, nb, O, as, nullptr, &el, run, ap};
-    t.ymm_layout = ymm;
-    tile(t);
+    TileArgs t{pr, kOneTap, 1, Kp / 4, rows, 0, lt.w, Kp, ob0, nb, O, as, nullptr, &el, lt.run, ap};
+    lt.set(t);
+    lt.fn(t);
   });
   uint8_t orv_all = 0, orv_s = 0;
   for (int i = 0; i < sp.nt; ++i) {
@@ -794,12 +820,9 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
   const int P = Ho * Wo, K = ks * ks * C, Kp = w.Kp, taps = ks * ks, nblk = w.Op / 64;
   const int64_t M = static_cast<int64_t>(B) * P;
   const int64_t npix = static_cast<int64_t>(B) * H * W;
-  int run;
-  TileFn tile = pick_tile(w, Kp, L.a_bits, &run);
-  const bool amx = tile == tile_amx;
+  const LayerTile lt = layer_tile(L, e);
+  const bool amx = lt.fn == tile_amx;
   const Isa isa = active_isa();
-  bool ymm;
-  const int8_t* wt = tile_weights(w, tile, &ymm);
   const Split sp = pick_split(M, Kp, nblk, nthreads, double(M) * Kp * w.Op, amx);
   const int mb = sp.mb;
   // C % 4 == 0: the kernels read each tap's C codes in place, from x or (pad > 0) a
@@ -808,11 +831,13 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
   // ks*ks pointers per row, with a branch per tap at the borders, had been ~12% of a
   // 16-channel 3x3 conv.
   const bool direct = C % 4 == 0;
-  // AMX with whole 64-code chunks per tap and rows of >= 16 pixels: A tiles read in place
-  // from the (padded) input instead of packing every row's taps; a row tile of 16 pixels
-  // reads on across row ends, into slack after the copy unless Wo % 16 == 0
-  const bool inplace = amx && C % 64 == 0 && Wo >= 16;
-  const bool on_x = pad == 0 && (!inplace || Wo % 16 == 0);
+  // AMX on rows of >= 16 pixels: A tiles read in place from the (padded) input, a chunk
+  // from each kernel row's ks*C contiguous codes (QLayer::amx_inplace), instead of packing
+  // every row's taps; a row tile of 16 pixels reads on across row ends, and a kernel row's
+  // last chunk past its window, into slack after the copy unless Wo % 16 == 0 and the
+  // chunks end with the rows
+  const bool inplace = amx && L.amx_inplace;
+  const bool on_x = pad == 0 && (!inplace || (Wo % 16 == 0 && ks * C % 64 == 0));
   const int Hs = on_x ? H : H + 2 * pad, Ws = on_x ? W : W + 2 * pad;  // the source's dims
   Scratch ws;
   uint8_t* xpad = nullptr;
@@ -880,15 +905,14 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
   *bad_code = L.a_bits < 8 && (orv_all >> L.a_bits) != 0;
   if (*bad_code) return;
   if (use_winograd(L, isa, B)) return run_winograd(L, xs, B, asum, e, sp.nt);
-  wt = centred_weights(L, tile, e, wt);
   std::vector<int64_t> tap_off(taps);  // byte offset of each tap's codes from the top-left one's
   for (int i = 0; i < ks; ++i)
     for (int j = 0; j < ks; ++j) tap_off[i * ks + j] = (int64_t(i) * Ws + j) * C;
   std::vector<int64_t> aoff;
   AmxConv ac{};
   if (inplace) {
-    for (int tp = 0; tp < taps; ++tp)
-      for (int c = 0; c < C; c += 64) aoff.push_back(tap_off[tp] + c);
+    for (int i = 0; i < ks; ++i)
+      for (int q = 0; q < ks * C; q += 64) aoff.push_back(tap_off[i * ks] + q);
     ac = AmxConv{xs, aoff.data(), C, stride, Ho, Wo, Hs, Ws};
   }
   uint8_t* zeros = nullptr;
@@ -964,10 +988,10 @@ void run_conv(const QLayer& L, const uint8_t* x, int B, Epi& e, int nthreads, in
       }
     }
     TileArgs t{pr, direct ? tap_off.data() : kOneTap, direct ? taps : 1, direct ? C / 4 : Kp / 4, rows,
-               static_cast<int>(m0), wt, Kp, ob0, std::min(sp.bpg, nblk - ob0), w.O, asum + m0, rp, &e,
-               run, bufs[tid].apanel, inplace ? &ac : nullptr};
-    t.ymm_layout = ymm;
-    tile(t);
+               static_cast<int>(m0), lt.w, Kp, ob0, std::min(sp.bpg, nblk - ob0), w.O, asum + m0, rp, &e,
+               lt.run, bufs[tid].apanel, inplace ? &ac : nullptr};
+    lt.set(t);
+    lt.fn(t);
   });
 }
 
@@ -1054,7 +1078,7 @@ void qbmm(const uint8_t* a, const uint8_t* v, const uint8_t* v_off, int T, int N
   dummy.bits = v_bits;
   dummy.bias = bias;
   int run;
-  TileFn tile = pick_tile(dummy, Kp, a_bits, &run);
+  TileFn tile = pick_tile(dummy, a_bits, Kp >= kAmxMinK, &run);
   const bool amx = tile == tile_amx;
   // per thread, reused across its tasks and taken in a row (see run_winograd): A's panel and
   // row sums, V in the weight layout and its column sums, row pointers, AMX's panels, the ORs
@@ -1074,7 +1098,7 @@ void qbmm(const uint8_t* a, const uint8_t* v, const uint8_t* v_off, int T, int N
     bufs[i] = Bufs{ws.take<uint8_t>(static_cast<size_t>(N) * Kp), ws.take<int8_t>(static_cast<size_t>(Op) * Kp),
                    ws.take<int32_t>(N), ws.take<int32_t>(D), ws.take<const uint8_t*>(N),
                    amx ? ws.take<uint8_t>(amx_panel_bytes(N, Kp)) : nullptr,
-                   amx ? ws.take<int8_t>(static_cast<size_t>(Op) * amx_kq(Kp)) : nullptr, 0, 0};
+                   amx ? ws.take<int8_t>(static_cast<size_t>(Op) * 64 * amx_chunks(Kp, Kp)) : nullptr, 0, 0};
   std::vector<CentredTables> cts(nt);
   const bool avx512 = has_avx512(active_isa());
   const int32_t cnt = N;
@@ -1136,7 +1160,7 @@ void qbmm(const uint8_t* a, const uint8_t* v, const uint8_t* v_off, int T, int N
     if (vs_out) std::copy(vs, vs + D, vs_out + static_cast<size_t>(t) * D);
     const int8_t* wt = wd;
     if (amx) {
-      amx_tiles(wd, Kp, Op, bf.wtile);
+      amx_tiles(wd, Kp, Op, Kp, bf.wtile);
       wt = bf.wtile;
     }
     TileArgs ta{pr, kOneTap, 1, Kp / 4, N, 0, wt, Kp, 0, Op / 64, D, as, nullptr, &e, run, bf.apanel};

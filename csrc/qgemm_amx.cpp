@@ -8,14 +8,15 @@
 //
 //   tmm0..3  C[i][j]  int32 accumulators, 16 rows x 16 columns; i = row tile, j = column tile
 //   tmm4, 5  A[i]     16 rows x 64 K codes (u8) of the activation panel
-//   tmm6, 7  B[j]     16 k4-rows x (16 columns x 4 K codes) (s8): PackedW::amx
+//   tmm6, 7  B[j]     16 k4-rows x (16 columns x 4 K codes) (s8): amx_tiles
 //
 // Both operands are stored tile by tile, each tile a contiguous 1 KiB loaded with stride 64
 // (strided tiles share L1 sets across K chunks: a quarter of the speed in a tile-load
 // microbenchmark):
 //
 //   panel[rt][k][r][kk]  = row 16 rt + r of the tile, K code 64 k + kk  (zero beyond Kp / rows)
-//   amx[ob][j][k][r][..] = PackedW::amx (qgnn_cpu.h)
+//   wdata[ob][j][k][r][..] = amx_tiles (qgnn_cpu.h): QLayer::wamx, or qbmm's V; one K
+//                            segment for a panel, one per kernel row for a conv read in place
 //
 // 2 x 2 accumulators (32 rows x 32 columns) per K loop: 4 tile loads feed 4 tdpbusd; the
 // previous block's epilogue runs in slices inside that loop (Pending).
@@ -204,17 +205,17 @@ int conv_row_tiles(const TileArgs& t, RowTile* rts) {
 
 int64_t amx_panel_bytes(int rows, int Kp) {
   const int64_t nrt = (rows + kTileRows - 1) / kTileRows;
-  return nrt * kTileRows * amx_kq(Kp) + static_cast<int64_t>(rows) * sizeof(RowTile) + 64;
+  return nrt * kTileRows * 64 * amx_chunks(Kp, Kp) + static_cast<int64_t>(rows) * sizeof(RowTile) + 64;
 }
 
 void tile_amx(const TileArgs& t) {
   const Epi& e = *t.e;
   if (e.as_out && t.ob0 == 0)
     for (int r = 0; r < t.rows; ++r) e.as_out[t.m0 + r] = t.as[r];
-  const int nk = amx_kq(t.Kp) / kKChunk;
-  // the row-tile list after the panel (the conv path leaves the panel unused)
+  const int nk = amx_chunks(t.Kp, t.amx_seg ? t.amx_seg : t.Kp);
+  // the row-tile list after the panel, or (a conv read in place: no panel) in its place
   const int64_t panel_bytes = (t.rows + kTileRows - 1) / kTileRows * kTileRows * static_cast<int64_t>(nk) * kKChunk;
-  RowTile* rts = reinterpret_cast<RowTile*>(t.apanel + panel_bytes);
+  RowTile* rts = reinterpret_cast<RowTile*>(t.conv ? t.apanel : t.apanel + panel_bytes);
   const int nrt = t.conv ? conv_row_tiles(t, rts) : pack_panel(t, nk, rts);
   const AOperand A{t.conv ? t.conv->aoff : nullptr, t.conv ? static_cast<int64_t>(t.conv->stride) * t.conv->C : 64};
 
@@ -222,7 +223,7 @@ void tile_amx(const TileArgs& t) {
   _tile_loadconfig(&cfg);  // per call: torch's oneDNN may load its own config on this thread
   const EpiK ek(e);
   const int64_t tile_bytes = static_cast<int64_t>(nk) * 1024;
-  with_epi_flags<kFUSED>(e, [&](auto f) {
+  with_epi_flags<kCENT | kFUSED>(e, [&](auto f) {
     constexpr int F = decltype(f)::value;
     Pending ring[2];  // the block in flight, the one whose epilogue is pending
     Pending* prev = nullptr;

@@ -95,14 +95,6 @@ struct Aligned64 {
 // to a multiple of 64 with zero codes (zeros add nothing to ACC). bias = 128 for 8-bit
 // weights (codes 0..255 do not fit int8; raw ACC = kernel ACC + 128 * AS), else 0.
 //
-// Where AMX can run, the same values are also kept as AMX-INT8 B tiles (amx_tiles), each
-// a contiguous 1 KiB so a tile load is one sequential stream (read in place, the layout
-// above puts a tile's 16 rows 256 bytes apart, and every K chunk of a column tile in the
-// same 16 L1 sets):
-//
-//   amx[ob][j][k][r][c][i] = data[ob][16k + r][16j + c][i]     j < 4 column tiles of 16,
-//   k < Kq/64 chunks of 64 K codes, r < 16 k4-rows, c < 16, i < 4; k4-rows >= Kp/4 are 0
-//
 // Where the CPU's own path is a 256-bit one (AVX2, AVX-VNNI), also as that tile streams them,
 // each 16-column group's K run contiguous (read in place, a group's 64 bytes per k4 lie
 // 256 bytes apart: only a quarter of the L1 sets hold a group, which missed from K ~ 512):
@@ -111,7 +103,6 @@ struct Aligned64 {
 struct PackedW {
   int O = 0, K = 0, Kp = 0, Op = 0, bits = 0, taps = 1, bias = 0;
   std::vector<int8_t, Aligned64<int8_t>> data;   // Op/64 * Kp/4 * 256, 64-byte aligned
-  std::vector<int8_t, Aligned64<int8_t>> amx;    // Op * Kq (Kq = Kp rounded up to 64), or empty
   std::vector<int8_t, Aligned64<int8_t>> ymm;    // Op * Kp, or empty
   std::vector<int32_t> wsum;     // [O] sum_k code
   std::vector<int32_t> tapsum;   // [O][taps] per kernel tap (conv border WS)
@@ -127,9 +118,18 @@ struct PackedW {
 };
 
 void prepack(const uint8_t* packed, int O, int K, int bits, int taps, PackedW* out);
-// data (the layout above, Op columns, Kp codes) -> the AMX tiles (Op * amx_kq(Kp) bytes)
-int amx_kq(int Kp);
-void amx_tiles(const int8_t* data, int Kp, int Op, int8_t* tiles);
+// AMX-INT8 B tiles of weights in data's layout (Op columns, Kp codes), each a contiguous
+// 1 KiB so a tile load is one sequential stream (read in place, data puts a tile's 16 rows
+// 256 bytes apart, and every K chunk of a column tile in the same 16 L1 sets). K is cut
+// into segments of `seg` codes (Kp % seg == 0, seg % 4 == 0), each zero-padded to whole
+// chunks of 64: one segment (seg = Kp) for a packed A panel, one per kernel row (seg = ks*C,
+// contiguous in NHWC) for a conv whose A tiles are read in place (AmxConv):
+//
+//   tiles[ob][j][k][r][c][i] = data[ob][seg/4 * s + 16 q + r][16 j + c][i],  k = s * cps + q
+//   j < 4 column tiles of 16, s < Kp/seg segments, q < cps = ceil(seg/64) chunks each,
+//   r < 16 k4-rows, c < 16, i < 4; rows with 16 q + r >= seg/4 are 0
+int amx_chunks(int Kp, int seg);  // K chunks of 64 codes: Kp/seg * cps
+void amx_tiles(const int8_t* data, int Kp, int Op, int seg, int8_t* tiles);  // Op * 64 * amx_chunks bytes
 void unpack_row(const uint8_t* row, int K, int bits, uint8_t* codes);   // canonical -> codes
 void pack_row(const uint8_t* codes, int K, int bits, uint8_t* row);     // codes -> canonical
 
@@ -232,9 +232,10 @@ void centre(Epi& e, const int32_t* ws_raw, const int32_t* cnt, int npat, Centred
 
 // A conv's input for AMX A tiles read in place: NHWC [B, Hp, Wp, C] with the zero border
 // of the padding (Hp = H + 2 pad, Wp = W + 2 pad) and slack after it for the rows a short
-// row tile reads beyond its run; C % 64 == 0, so every 64-code K chunk lies in one tap.
-// aoff[k]: byte offset of chunk k (tap i*ks + j, channels 64c..) from a row tile's first
-// pixel: (i * Wp + j) * C + 64 c.
+// row tile reads beyond its run and for the last chunk of a kernel row, which reads up to
+// 63 codes past the window (their weights are zero). A kernel row's ks taps are ks*C
+// contiguous codes: aoff[k], the byte offset of chunk k = i * cps + q (kernel row i, codes
+// 64 q .. 64 q + 63 of it) from a row tile's first pixel, is i * Wp * C + 64 q.
 struct AmxConv {
   const uint8_t* xpad;
   const int64_t* aoff;
@@ -254,7 +255,7 @@ struct TileArgs {
   const uint8_t* const* ptrs;
   const int64_t* toff;
   int taps, c4n, rows, m0;
-  const int8_t* wdata;   // PackedW::data (AMX: PackedW::amx)
+  const int8_t* wdata;   // PackedW::data (or a copy of its layout: QLayer::wc; AMX: amx_tiles)
   int Kp, ob0, nblk, O;  // column blocks [ob0, ob0 + nblk) of 64; as_out is written when ob0 == 0
   const int32_t* as;     // [rows] activation sums
   const int32_t* rpat;   // [rows] border pattern of each row (== e->pid[m % P]), or null: 0
@@ -270,6 +271,7 @@ struct TileArgs {
   // AVX2 / AVX-VNNI only: wdata in PackedW::ymm's layout (else data's: qbmm's run-time V,
   // or weights packed where the CPU's own path is not a 256-bit one)
   bool ymm_layout = false;
+  int amx_seg = 0;  // AMX only: wdata's K segment (amx_tiles); 0: Kp, one segment
 };
 
 // One job of the Winograd conv (qconv_winograd_avx512.cpp): tile rows [tr0, tr0 + ntr) of all
@@ -335,6 +337,13 @@ struct QLayer {
   // (int8 where every zw <= 128 and codes have <= 4 bits, on a CPU with AVX-512 VNNI; else
   // empty), so the AVX-512 tile's ACC is ACC - zw*AS (Epi::centred)
   std::vector<int8_t, Aligned64<int8_t>> wc;
+  // where AMX can run a layer (K >= kAmxMinK, or a conv read in place): the AMX B tiles
+  // (amx_tiles) of wc (amx_centred) or else of PackedW::data, cut into segments of
+  // amx_seg codes: one kernel row each for a conv that reads its A tiles in place
+  // (amx_inplace: C % 4 == 0 and output rows of >= 16 pixels), all of K in one otherwise
+  std::vector<int8_t, Aligned64<int8_t>> wamx;
+  int amx_seg = 0;
+  bool amx_centred = false, amx_inplace = false;
   // a conv with PackedW::wino: WinoArgs::corr and ::cwz, derived here once
   std::vector<int32_t> wino_corr, wino_cwz;
   std::vector<float> fz_c1, fz_c3, fz_t24;  // FusedEpi's tables

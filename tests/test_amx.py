@@ -1,11 +1,16 @@
 """The AMX-INT8 tile path against the reference integer engine (atol 0).
 
-The AMX path has three ways of feeding its A tiles (csrc/qgemm_amx.cpp), and GEMMs with
-K < 256 fall back to the AVX-512 tile; each case below is chosen to land in one of them:
+The AMX path has three ways of feeding its A tiles (csrc/qgemm_amx.cpp), and GEMMs packed
+into panels (1x1 convs too) with K < 256 fall back to the AVX-512 tile; each case below is
+chosen to land in one of them:
 
-* in place from the conv input (C % 64 == 0, pad 0, Wo % 16 == 0),
-* in place from a zero-bordered copy (C % 64 == 0, Wo >= 16: pad > 0, or short runs),
-* packed panels (C % 64 != 0, Wo < 16, linear layers, aggregation with N >= 256).
+* in place from the conv input (C % 4 == 0, pad 0, Wo % 16 == 0, each kernel row's k*C
+  codes whole 64-code chunks),
+* in place from a zero-bordered copy (C % 4 == 0, Wo >= 16: pad > 0, short runs, or kernel
+  rows that end inside a chunk, whose last chunk reads past the window),
+* packed panels (C % 4 != 0, Wo < 16, linear layers, aggregation with N >= 256).
+
+The weights' tiles are centred (zero points taken out) for <= 4-bit weights, raw for 8-bit.
 
 Skipped, with the reason, where the CPU (or OS) cannot run AMX tiles.
 """
@@ -61,6 +66,12 @@ CONVS = [
     (2, 8, 8, 64, 96, 3, 1, 1),      # Wo < 16: packed panel, whole chunks per tap
     (2, 9, 7, 36, 50, 3, 1, 1),      # C % 64 != 0, K = 324 not a multiple of 64: packed
     (1, 5, 5, 256, 130, 3, 2, 0),    # stride 2, K = 2304, three column blocks
+    (2, 18, 32, 16, 16, 3, 1, 1),    # tiny's 16-channel conv: in place at K = 144, rows of 48 codes
+    (1, 17, 17, 32, 40, 3, 1, 1),    # kernel rows of 96 codes (2 chunks), runs of 16 + 1
+    (2, 18, 34, 20, 24, 3, 1, 0),    # pad 0, Wo = 32, rows of 60 codes: the copy, for the slack
+    (2, 33, 35, 48, 48, 3, 2, 1),    # stride 2, rows of 144 codes (64 + 64 + 16)
+    (1, 4, 18, 160, 70, 3, 1, 1),    # rows of 480 codes (7.5 chunks), two column blocks
+    (1, 9, 20, 8, 17, 5, 1, 2),      # 5x5: rows of 40 codes
 ]
 
 

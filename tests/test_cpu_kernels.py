@@ -605,12 +605,17 @@ def test_pack_cache_hits_aliases_and_sees_in_place_edits():
 def test_packed_weights_nbytes_counts_every_layout():
     # O=70 -> Op=128 (two 64-column blocks), K=72 -> Kp=72: the canonical tiles are
     # 2 * 18 * 256 bytes, plus the int32 code sums per output and per tap; a CPU detected
-    # as AVX2 / AVX-VNNI adds the same-sized ymm copy its tiles read; an AMX one adds tiles
-    # only from K = 256 (the second case: Kp = 288, rounded up to 320 per column)
+    # as AVX2 / AVX-VNNI adds the same-sized ymm copy its tiles read (AMX tiles are built per
+    # layer, with its zero points: not held here)
     ext = cpu._ext()
     ymm = cpu.detected_isa() in ("avx2", "avxvnni")
-    amx = not cpu.isa_blocker("amx")
     pw = ext.PackedWeights(np.zeros((70, 72), np.uint8), 8, 72, 9)
     assert pw.nbytes == 2 * 18 * 256 * (2 if ymm else 1) + (70 + 70 * 9) * 4
     pw = ext.PackedWeights(np.zeros((70, 288), np.uint8), 8, 288, 9)
-    assert pw.nbytes == 2 * 72 * 256 * (2 if ymm else 1) + (128 * 320 if amx else 0) + (70 + 70 * 9) * 4
+    assert pw.nbytes == 2 * 72 * 256 * (2 if ymm else 1) + (70 + 70 * 9) * 4
+    # 4-bit 3x3 codes, C = 8: where AVX-512 VNNI runs, also the Winograd transform (16 bytes
+    # per channel and column) and its 4 int32 corrections per column
+    wino = not cpu.isa_blocker("avx512vnni")
+    pw = ext.PackedWeights(np.zeros((70, 36), np.uint8), 4, 72, 9)
+    wino_bytes = 128 * 16 * 8 + 4 * 128 * 4 if wino else 0
+    assert pw.nbytes == 2 * 18 * 256 * (2 if ymm else 1) + (70 + 70 * 9) * 4 + wino_bytes
