@@ -291,7 +291,8 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("taps", [](const qgnn::PackedW& w) { return w.taps; })
       .def_property_readonly("nbytes", [](const qgnn::PackedW& w) {
         // every layout held (the ymm copy exists on CPUs whose own path is a 256-bit one, the
-        // Winograd transform on AVX-512 VNNI ones) and the sums; the AMX tiles are a layer's (QLayer::wamx, derived with its zero points)
+        // Winograd transform on AVX-512 VNNI ones) and the sums; AMX tiles are built per
+        // layer (QLayer::wamx, with its zero points)
         return w.data.size() + w.ymm.size() + w.wino.size() +
                (w.wsum.size() + w.tapsum.size() + w.wino_corr.size()) * sizeof(int32_t);
       }, "bytes the repacked weights hold: every tile layout built for this CPU, plus the code sums");

@@ -455,9 +455,9 @@ void fuse_epilogue(QLayer& L) {
 
 // QLayer::wamx where AMX can run L: a k x k conv (k > 1) whose A tiles it reads in place at
 // any K (no panel to pack; tiny's 16-channel 3x3 conv, K = 144 in 3 chunks of 48 codes:
-// 1.03x the AVX-512 tile), else from K = kAmxMinK. Centred where L has wc: the epilogue then skips
-// the zw*AS term, as on the AVX-512 tile (resnet12's AMX convs 1-3% faster; reading
-// 160-channel kernel rows in place rather than packing panels: 2%).
+// 1.03x the AVX-512 tile), else from K = kAmxMinK. Centred where L has wc: the epilogue
+// then skips the zw*AS term, as on the AVX-512 tile (resnet12's AMX convs 1-3% faster;
+// reading 160-channel kernel rows in place rather than packing panels: 2%).
 void prepare_amx(QLayer& L) {
   const PackedW& w = *L.w;
   L.wamx.clear();

@@ -337,7 +337,7 @@ struct QLayer {
   // (int8 where every zw <= 128 and codes have <= 4 bits, on a CPU with AVX-512 VNNI; else
   // empty), so the AVX-512 tile's ACC is ACC - zw*AS (Epi::centred)
   std::vector<int8_t, Aligned64<int8_t>> wc;
-  // where AMX can run a layer (K >= kAmxMinK, or a conv read in place): the AMX B tiles
+  // where AMX can run a layer (K >= kAmxMinK, or a k x k conv read in place, k > 1): its B tiles
   // (amx_tiles) of wc (amx_centred) or else of PackedW::data, cut into segments of
   // amx_seg codes: one kernel row each for a conv that reads its A tiles in place
   // (amx_inplace: C % 4 == 0 and output rows of >= 16 pixels), all of K in one otherwise
