@@ -281,7 +281,7 @@ void max_pool_f32_avx512(const float* x, float* y, int64_t r0, int64_t r1, int H
         const __mmask16 mk = C - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (C - c)) - 1u);
         __m512 m = _mm512_maskz_loadu_ps(mk, in + c);
         for (int i = 0; i < i1 - i0; ++i)
-          for (int j = 0; j < j1 - j0; ++j)
+          for (int j = i ? 0 : 1; j < j1 - j0; ++j)  // the first tap is m already
             m = _mm512_max_ps(_mm512_maskz_loadu_ps(mk, in + (int64_t(i) * W + j) * C + c), m);
         _mm512_mask_storeu_ps(out + c, mk, m);
       }
